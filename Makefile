@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast lint bench bench-deps clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# pinned first: a CPU wheel from local disk (unpinned torch would pull a multi-GB CUDA build)
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[model,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install  ## serve the default deployment (minilm, 2 replicas) on http://127.0.0.1:8000
+	$(BIN)/steadyserve run
+
+test: install  ## the whole suite: unit, component, integration (slow ones included)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## unit + component only
+	$(BIN)/python -m pytest tests/unit tests/component $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
+
+bench-deps: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m pip install -q fastapi
+
+bench: bench-deps  ## benchmarks/README.md says what each prints
+	$(BIN)/python benchmarks/serving.py
+
+clean:
+	rm -rf $(VENV) .steadyserve .pytest_cache .mypy_cache .ruff_cache

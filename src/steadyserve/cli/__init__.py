@@ -1,0 +1,1 @@
+"""The `steadyserve` command line: one module per noun."""

@@ -1,0 +1,6 @@
+"""Every exit code of the CLI, in one place."""
+
+OK = 0
+FAILURE = 1  # the server stopped because something went wrong at run time
+USAGE = 2  # argparse's own code for bad flags
+CONFIG = 3  # the configuration (file, flags, service class) is wrong

@@ -1,0 +1,57 @@
+"""`steadyserve` entry point: parse the verb, hand over to its module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import __version__
+from ..policies.balancing import BALANCERS
+from . import exit_codes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steadyserve",
+        description="Serve Python model classes as replicas behind a load-balancing gateway.",
+    )
+    parser.add_argument("--version", action="version", version=f"steadyserve {__version__}")
+    verbs = parser.add_subparsers(dest="verb", metavar="COMMAND")
+    run = verbs.add_parser(
+        "run", help="serve a service class, a steadyserve.toml, or the built-in embedding example",
+        description=(
+            "Serve TARGET ('path/to/file.py:Class' or 'module:Class') as one deployment; or, "
+            "with no TARGET, the deployments of --config (default ./steadyserve.toml if it "
+            "exists); or else the built-in all-MiniLM-L6-v2 embedding example as 'minilm' "
+            "with 2 replicas."
+        ),
+    )
+    run.add_argument("target", nargs="?", help="file.py:Class or module:Class")
+    run.add_argument("--config", help="steadyserve.toml with several deployments")
+    run.add_argument("--name", help="deployment name (default: from the class name)")
+    run.add_argument("--replicas", type=int, help="replica processes (default 1; 2 for the example)")
+    run.add_argument("--balancer", choices=sorted(BALANCERS), help="default power_of_two")
+    run.add_argument("--host", help="listen address (default 127.0.0.1)")
+    run.add_argument("--port", type=int, help="listen port (default 8000)")
+    run.add_argument("--max-body-bytes", type=int, dest="max_body_bytes",
+                     help="largest request body accepted (default 1 MiB)")
+    run.add_argument("--log-level", dest="log_level",
+                     choices=["debug", "info", "warning", "error"], help="default info")
+    run.add_argument("--log-format", dest="log_format", choices=["json", "text", "auto"],
+                     help="default auto: text on a terminal, JSON lines otherwise")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb == "run":
+        from .run import run
+
+        return run(args)
+    parser.print_help()
+    return exit_codes.USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

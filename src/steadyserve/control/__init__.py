@@ -1,0 +1,1 @@
+"""The control plane (runs in the gateway process): supervisor, launchers, health."""

@@ -1,0 +1,97 @@
+"""The one wrapper for replica subprocesses: start one with its socket pre-bound, signal it.
+
+The gateway binds 127.0.0.1:0 itself and hands the listening fd to the child, so it knows the
+port with no race and no stdout parsing; it then closes its own copy, so a dead replica's
+port refuses connections at once instead of queueing them in a backlog nobody reads.
+Children get their own session (Ctrl-C reaches only the gateway, which stages the
+shutdown) and die with the gateway (PR_SET_PDEATHSIG in the child).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+
+from ..config import Config, DeploymentConfig
+from ..errors import ConfigError
+
+
+@dataclass(slots=True)
+class LaunchedReplica:
+    process: asyncio.subprocess.Process
+    host: str
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def torch_threads(config: Config, deployment: DeploymentConfig, cores: int) -> int:
+    """replicas × threads ≤ cores by default, never below one thread."""
+    if deployment.torch_threads is not None:
+        return deployment.torch_threads
+    return max(1, cores // max(1, config.total_replicas))
+
+
+def _resolved_format(fmt: str) -> str:
+    if fmt == "auto":
+        return "text" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+class LocalLauncher:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.cores = usable_cores()
+
+    async def launch(self, deployment: DeploymentConfig, replica_id: str) -> LaunchedReplica:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(1024)
+            sock.set_inheritable(True)
+            port = sock.getsockname()[1]
+            threads = torch_threads(self.config, deployment, self.cores)
+            env = dict(os.environ)
+            env.update(deployment.env)
+            env["PYTHONUNBUFFERED"] = "1"
+            argv = [
+                sys.executable, "-m", "steadyserve.replica",
+                "--service", deployment.service, "--fd", str(sock.fileno()),
+                "--name", replica_id, "--threads", str(threads),
+                "--parent-pid", str(os.getpid()),
+                "--drain-timeout-s", str(self.config.supervisor.drain_timeout_s),
+                "--log-level", self.config.log_level,
+                "--log-format", _resolved_format(self.config.log_format),
+            ]
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *argv, pass_fds=(sock.fileno(),), start_new_session=True, env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot start replica of {deployment.name}: {exc}") from exc
+            return LaunchedReplica(process, "127.0.0.1", port)
+        finally:
+            sock.close()
+
+    @staticmethod
+    def signal(replica: LaunchedReplica, sig: signal.Signals) -> None:
+        if replica.process.returncode is None:
+            try:
+                os.kill(replica.pid, sig)
+            except ProcessLookupError:
+                pass

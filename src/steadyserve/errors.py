@@ -1,0 +1,153 @@
+"""The one exception tree of steadyserve, and its mapping to HTTP.
+
+    SteadyError                       root: everything we raise on purpose
+    ├── ClientError (4xx)             the caller sent something wrong
+    │   ├── NotFound (404)            unknown deployment / handler / route
+    │   ├── MethodNotAllowed (405)
+    │   ├── PayloadTooLarge (413)     body or input count over a limit
+    │   └── UnsupportedMediaType (415)
+    ├── Overloaded (503/429)          no capacity now; carries retry_after_s
+    │   └── NoReadyReplica (503)      the deployment has no replica in rotation
+    ├── ReplicaError (5xx)            a replica failed the request
+    │   ├── ReplicaUnavailable (502)  could not connect / connection died mid-request
+    │   ├── ReplicaTimeout (504)      the per-handler timeout passed
+    │   └── HandlerFailed (500)       service code raised, or a batch broke its contract
+    └── ConfigError                   bad configuration; raised at start, never per request
+
+`to_http` is the only place that turns an exception into a status code and a JSON body;
+routes pick the body shape (native or OpenAI) and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+class SteadyError(Exception):
+    """Root of every error steadyserve raises on purpose."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class ClientError(SteadyError):
+    """The request was wrong; the message says what to fix. Service code may raise it."""
+
+    status = 400
+    code = "invalid_request"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Overloaded(SteadyError):
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, status: int = 503) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.status = status
+
+
+class NoReadyReplica(Overloaded):
+    code = "no_ready_replica"
+
+
+class ReplicaError(SteadyError):
+    status = 502
+    code = "replica_error"
+
+
+class ReplicaUnavailable(ReplicaError):
+    """Connect failed or the connection died mid-request: safe to retry if idempotent."""
+
+    status = 502
+    code = "replica_unavailable"
+
+
+class ReplicaTimeout(ReplicaError):
+    status = 504
+    code = "timeout"
+
+
+class HandlerFailed(ReplicaError):
+    status = 500
+    code = "handler_failed"
+
+
+class ConfigError(SteadyError):
+    code = "config_error"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpError:
+    status: int
+    code: str
+    message: str
+    param: str | None
+    headers: tuple[tuple[bytes, bytes], ...]
+
+
+_BY_CODE: dict[str, type[SteadyError]] = {
+    cls.code: cls
+    for cls in (
+        SteadyError, ClientError, NotFound, MethodNotAllowed, PayloadTooLarge, UnsupportedMediaType,
+        Overloaded, NoReadyReplica, ReplicaError, ReplicaUnavailable, ReplicaTimeout,
+        HandlerFailed,
+    )
+}
+
+
+def to_http(exc: BaseException) -> HttpError:
+    """Map any exception to status, code, message and headers. Unknown ones become 500."""
+    if isinstance(exc, SteadyError):
+        headers: tuple[tuple[bytes, bytes], ...] = ()
+        if isinstance(exc, Overloaded):
+            retry = max(1, round(exc.retry_after_s))
+            headers = ((b"retry-after", str(retry).encode()),)
+        return HttpError(exc.status, exc.code, exc.message, exc.param, headers)
+    return HttpError(500, "internal_error", f"internal error: {type(exc).__name__}", None, ())
+
+
+def to_wire(exc: SteadyError) -> dict[str, Any]:
+    """Serialise an error for the replica → gateway hop."""
+    return {"code": exc.code, "message": exc.message, "param": exc.param, "status": exc.status}
+
+
+def from_wire(body: dict[str, Any]) -> SteadyError:
+    """Rebuild an error sent by a replica; unknown codes stay generic but keep the status."""
+    cls = _BY_CODE.get(str(body.get("code")), SteadyError)
+    message = str(body.get("message", "replica error"))
+    exc: SteadyError
+    if issubclass(cls, Overloaded):
+        exc = cls(message)
+    else:
+        exc = cls(message, param=body.get("param"))
+    status = body.get("status")
+    if isinstance(status, int) and 400 <= status <= 599:
+        exc.status = status
+    return exc

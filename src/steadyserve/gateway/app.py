@@ -1,0 +1,226 @@
+"""The gateway's ASGI app: the order of every step a request takes is decided here, once.
+
+    request id → route → [read + validate body → dispatch to a replica] → error mapping
+    → compression → send (with X-Request-ID) → metrics
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import orjson
+
+from ..config import Config
+from ..errors import MethodNotAllowed, NotFound, SteadyError, to_http
+from ..observe.aggregate import merge_replica_metrics
+from ..observe.metrics import GatewayMetrics
+from . import openai, routes
+from .dispatch import Dispatcher
+from .encoding import choose_encoding, compress
+from .http import Receive, Request, Response, Scope, Send, request_id_from
+from .membership import Deployment, Endpoint, Membership
+from .transport import Transport
+
+log = logging.getLogger("steadyserve.gateway")
+
+RouteFn = Callable[["Gateway", Request, dict[str, str]], Awaitable[Response]]
+
+EXACT: dict[tuple[str, str], RouteFn] = {
+    ("GET", "/healthz"): routes.healthz,
+    ("GET", "/readyz"): routes.readyz,
+    ("GET", "/metrics"): routes.metrics,
+    ("GET", "/v1/models"): openai.models,
+    ("POST", "/v1/embeddings"): openai.embeddings,
+    ("GET", "/v1/deployments"): routes.list_deployments,
+}
+DEPLOYMENTS_PREFIX = "/v1/deployments/"
+
+
+class ControlPlane(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def status(self, deployment: str) -> list[dict[str, Any]]: ...
+    def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None: ...
+
+
+class Gateway:
+    def __init__(
+        self, config: Config, *, transport: Transport, membership: Membership | None = None,
+        metrics: GatewayMetrics | None = None, control: ControlPlane | None = None,
+    ) -> None:
+        self.full_config = config
+        self.config = config.gateway
+        self.metrics = metrics or GatewayMetrics()
+        self.membership = membership or Membership(config.deployments)
+        self.transport = transport
+        self.control = control
+        self.dispatcher = Dispatcher(
+            transport, self.metrics,
+            on_unavailable=control.report_unavailable if control is not None else None,
+        )
+        self.draining = False
+        self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
+
+    # ASGI ----------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        req = Request(scope, receive, _request_id(scope))
+        try:
+            route, params = self._route(req.method, req.path)
+            resp = await route(self, req, params)
+        except Exception as exc:
+            resp = self._error(req, exc)
+        await self._send(req, resp, send)
+        self._observe(req, resp.status, time.perf_counter() - started)
+
+    def _route(self, method: str, path: str) -> tuple[RouteFn, dict[str, str]]:
+        route = EXACT.get((method, path))
+        if route is not None:
+            return route, {}
+        if path.startswith(DEPLOYMENTS_PREFIX):
+            parts = path[len(DEPLOYMENTS_PREFIX):].split("/")
+            if len(parts) == 2 and all(parts):
+                if method != "POST":
+                    raise _method_not_allowed(method, path, "POST")
+                return routes.invoke, {"deployment": parts[0], "handler": parts[1]}
+            if len(parts) == 1 and parts[0]:
+                if method != "GET":
+                    raise _method_not_allowed(method, path, "GET")
+                return routes.get_deployment, {"deployment": parts[0]}
+        for (m, p) in EXACT:
+            if p == path:
+                raise _method_not_allowed(method, path, m)
+        raise NotFound(f"no route {method} {path}")
+
+    def _error(self, req: Request, exc: BaseException) -> Response:
+        err = to_http(exc)
+        if not isinstance(exc, SteadyError):
+            log.error("unhandled error on %s %s", req.method, req.path, exc_info=exc,
+                      extra={"request_id": req.request_id})
+        if req.openai:
+            kind = "invalid_request_error" if err.status < 500 else "server_error"
+            body: dict[str, Any] = {"error": {"message": err.message, "type": kind,
+                                             "param": err.param, "code": err.code}}
+        else:
+            body = {"error": {"code": err.code, "message": err.message, "param": err.param,
+                              "request_id": req.request_id}}
+        return Response(err.status, orjson.dumps(body), headers=list(err.headers))
+
+    async def _send(self, req: Request, resp: Response, send: Send) -> None:
+        body = resp.body
+        headers = [(b"content-type", resp.content_type), (b"x-request-id", req.request_id.encode())]
+        headers.extend(resp.headers)
+        encoding = choose_encoding(req.header(b"accept-encoding"), len(body),
+                                   self.config.compress_min_bytes)
+        if encoding is not None:
+            body = compress(body, encoding)
+            headers.append((b"content-encoding", encoding.encode()))
+            headers.append((b"vary", b"accept-encoding"))
+        headers.append((b"content-length", str(len(body)).encode()))
+        self.metrics.response_bytes.labels(encoding or "identity").inc(len(body))
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _observe(self, req: Request, status: int, seconds: float) -> None:
+        key = (req.deployment, req.handler, status)
+        observe = self._observers.get(key)
+        if observe is None:
+            observe = self._observers[key] = self._make_observer(*key)
+        observe(seconds)
+
+    def _make_observer(self, deployment: str, handler: str, status: int) -> Callable[[float], None]:
+        m = self.metrics
+        count = m.requests.labels(deployment, handler, f"{status // 100}xx").inc
+        duration = m.duration.labels(deployment, handler).observe
+        error = m.errors.labels(deployment, handler, str(status)).inc if status >= 400 else None
+
+        def observe(seconds: float) -> None:
+            count()
+            duration(seconds)
+            if error is not None:
+                error()
+
+        return observe
+
+    # lifecycle -------------------------------------------------------------------------------
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    if self.control is not None:
+                        await self.control.start()
+                except Exception as exc:
+                    log.exception("gateway start failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.draining = True
+                try:
+                    if self.control is not None:
+                        await self.control.stop()
+                    await self.transport.close()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # status ------------------------------------------------------------------------------------
+    def describe(self, d: Deployment) -> dict[str, Any]:
+        return {
+            "name": d.name,
+            "service": d.service or d.config.service,
+            "version": d.version,
+            "desired_replicas": d.config.replicas,
+            "ready_replicas": len(d.endpoints),
+            "replicas": self.control.status(d.name) if self.control is not None else [
+                {"id": e.replica_id, "address": str(e.address), "state": "ready"}
+                for e in d.endpoints
+            ],
+            "handlers": {
+                name: {
+                    "route": f"{DEPLOYMENTS_PREFIX}{d.name}/{name}",
+                    "params": h.spec.params,
+                    "batch": h.spec.options.batch,
+                    "max_batch_size": h.spec.options.max_batch_size,
+                    "timeout_s": h.spec.options.timeout_s,
+                    "openai": h.spec.options.openai,
+                }
+                for name, h in d.handlers.items()
+            },
+        }
+
+    async def replica_metrics(self) -> bytes:
+        targets = [
+            (d.name, e) for d in self.membership.deployments.values() for e in d.endpoints
+        ]
+
+        async def fetch(endpoint: Endpoint) -> str | None:
+            try:
+                reply = await self.transport.request(endpoint.address, "GET", "/metrics", b"", [], 1.0)
+            except SteadyError:
+                return None
+            return reply.body.decode() if reply.status == 200 else None
+
+        bodies = await asyncio.gather(*(fetch(e) for _, e in targets))
+        texts = {(name, e.replica_id): text for (name, e), text in zip(targets, bodies, strict=True)
+                 if text is not None}
+        return merge_replica_metrics(texts)
+
+
+def _request_id(scope: Scope) -> str:
+    return request_id_from(scope["headers"])
+
+
+def _method_not_allowed(method: str, path: str, allowed: str) -> SteadyError:
+    return MethodNotAllowed(f"method {method} not allowed on {path}; use {allowed}")

@@ -1,0 +1,22 @@
+"""Wire a whole gateway process from a Config: metrics, transport, membership, supervisor."""
+
+from __future__ import annotations
+
+from ..config import Config
+from ..control.supervisor import Supervisor
+from ..observe.metrics import GatewayMetrics
+from .app import Gateway
+from .membership import Membership
+from .transport import HttpTransport
+
+
+def build_gateway(config: Config) -> tuple[Gateway, Supervisor]:
+    metrics = GatewayMetrics()
+    transport = HttpTransport(
+        max_connections=max(d.max_connections_per_replica for d in config.deployments),
+    )
+    membership = Membership(config.deployments)
+    supervisor = Supervisor(config, membership, transport, metrics)
+    gateway = Gateway(config, transport=transport, membership=membership, metrics=metrics,
+                      control=supervisor)
+    return gateway, supervisor

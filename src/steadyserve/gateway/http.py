@@ -1,0 +1,98 @@
+"""Small pure-ASGI helpers for the gateway: request context, bounded body reads, responses."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..errors import ClientError, PayloadTooLarge
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
+JSON = b"application/json"
+
+
+def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's X-Request-ID when it is sane (≤128 safe chars), else a fresh one."""
+    for key, value in headers:
+        if key == b"x-request-id":
+            if _REQUEST_ID.match(value):
+                return value.decode()
+            break
+    return os.urandom(12).hex()
+
+
+@dataclass(slots=True)
+class Request:
+    scope: Scope
+    receive: Receive
+    request_id: str
+    deployment: str = "-"
+    handler: str = "-"
+    openai: bool = False
+
+    @property
+    def method(self) -> str:
+        return str(self.scope["method"])
+
+    @property
+    def path(self) -> str:
+        return str(self.scope["path"])
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return bytes(value).decode("latin-1")
+        return None
+
+    async def body(self, limit: int) -> bytes:
+        declared = self.header(b"content-length")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    raise PayloadTooLarge(f"request body of {declared} bytes is over the "
+                                          f"limit of {limit} bytes")
+            except ValueError:
+                raise ClientError("invalid Content-Length header") from None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientError("client disconnected")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def json(self, limit: int) -> Any:
+        raw = await self.body(limit)
+        if not raw:
+            raise ClientError("request body is empty; send a JSON object")
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ClientError(f"invalid JSON: {exc}") from None
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY))

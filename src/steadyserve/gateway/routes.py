@@ -1,0 +1,95 @@
+"""Gateway routes: ops (/healthz, /readyz, /metrics), native handlers, deployment status.
+
+Native route: `POST /v1/deployments/{deployment}/{handler}` with a JSON object of the
+handler's parameters; the answer is the handler's result as JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import generate_latest
+
+from ..errors import ClientError, NoReadyReplica, NotFound, PayloadTooLarge
+from .http import Request, Response, json_response
+from .membership import Deployment, Handler
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+Route = Callable[["Gateway", Request, dict[str, str]], Awaitable[Response]]
+
+
+async def healthz(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    return json_response({"status": "alive"})
+
+
+async def readyz(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    ok, reason = gw.membership.readiness()
+    if gw.draining:
+        ok, reason = False, "draining: the gateway is shutting down"
+    resp = json_response({"status": "ready" if ok else "not ready", "reason": reason},
+                         200 if ok else 503)
+    if not ok:
+        resp.headers.append((b"retry-after", b"1"))
+    return resp
+
+
+async def metrics(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    body = generate_latest(gw.metrics.registry) + await gw.replica_metrics()
+    return Response(200, body, b"text/plain; version=0.0.4; charset=utf-8")
+
+
+async def list_deployments(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    return json_response({"deployments": [gw.describe(d) for d in gw.membership.deployments.values()]})
+
+
+async def get_deployment(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    return json_response(gw.describe(find_deployment(gw, params["deployment"])))
+
+
+def find_deployment(gw: Gateway, name: str) -> Deployment:
+    d = gw.membership.get(name)
+    if d is None:
+        known = ", ".join(sorted(gw.membership.deployments)) or "none"
+        raise NotFound(f"no deployment named {name!r} (deployments: {known})", param="model")
+    return d
+
+
+def find_handler(d: Deployment, name: str) -> Handler:
+    if not d.handlers:
+        raise NoReadyReplica(f"deployment {d.name!r} has no ready replica yet", retry_after_s=1)
+    h = d.handlers.get(name)
+    if h is None:
+        raise NotFound(f"deployment {d.name!r} has no handler {name!r} "
+                       f"(handlers: {', '.join(sorted(d.handlers))})")
+    return h
+
+
+def check_items(h: Handler, args: dict[str, Any], max_inputs: int) -> None:
+    """A batched handler's item list must be non-empty and within the per-request limit."""
+    if not h.item_param:
+        return
+    items = args[h.item_param]
+    if not items:
+        raise ClientError(f"'{h.item_param}' must not be empty", param=h.item_param)
+    if len(items) > max_inputs:
+        raise PayloadTooLarge(f"'{h.item_param}' has {len(items)} items; at most {max_inputs} "
+                              "per request", param=h.item_param)
+
+
+async def invoke(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    d = find_deployment(gw, params["deployment"])
+    req.deployment = d.name
+    h = find_handler(d, params["handler"])
+    req.handler = h.name
+    args = h.validate(await req.json(gw.config.max_body_bytes))
+    check_items(h, args, h.spec.options.max_inputs)
+    result = await gw.dispatcher.invoke(
+        d, h, args, request_id=req.request_id, timeout_s=gw.config.request_timeout_s
+    )
+    resp = Response(200, orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
+    resp.headers.append((b"x-steadyserve-version", d.version.encode()))
+    return resp

@@ -1,0 +1,45 @@
+"""Merge replicas' Prometheus text into the gateway's /metrics, adding deployment/replica labels.
+
+Why aggregate instead of listing per-replica scrape targets: replicas live on ephemeral
+loopback ports that Prometheus cannot discover, and one scrape of the gateway should show
+the whole deployment. Each replica's own /metrics stays available for direct scraping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+
+class _Merged:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def merge_replica_metrics(texts: Mapping[tuple[str, str], str]) -> bytes:
+    """`texts` maps (deployment, replica id) to that replica's exposition text."""
+    merged: dict[str, Metric] = {}
+    for (deployment, replica), text in sorted(texts.items()):
+        try:
+            families = list(text_string_to_metric_families(text))
+        except ValueError:
+            continue  # a replica that answered garbage is skipped, not the whole scrape
+        for fam in families:
+            target = merged.get(fam.name)
+            if target is None:
+                target = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for s in fam.samples:
+                labels = {**s.labels, "deployment": deployment, "replica": replica}
+                target.samples.append(Sample(s.name, labels, s.value, s.timestamp, s.exemplar))
+    if not merged:
+        return b""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(list(merged.values())))  # type: ignore[arg-type]
+    return generate_latest(registry)

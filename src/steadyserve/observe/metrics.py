@@ -1,0 +1,61 @@
+"""Gateway metrics: every name, label set and bucket declared here, once."""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+# model latencies run from ~1 ms (cache, echo) to a minute (long generations)
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+REPLICA_STATES = ("starting", "ready", "unhealthy", "backoff", "stopping")
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.requests = Counter(
+            "steadyserve_requests_total", "Client requests by outcome class",
+            ["deployment", "handler", "code"], registry=r,
+        )
+        self.errors = Counter(
+            "steadyserve_request_errors_total", "Client requests that failed, by error code",
+            ["deployment", "handler", "error"], registry=r,
+        )
+        self.duration = Histogram(
+            "steadyserve_request_duration_seconds", "Gateway request latency",
+            ["deployment", "handler"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inflight = Gauge(
+            "steadyserve_inflight_requests", "Requests in the gateway now", ["deployment"],
+            registry=r,
+        )
+        self.upstream = Counter(
+            "steadyserve_upstream_attempts_total", "Calls to replicas by outcome",
+            ["deployment", "outcome"], registry=r,
+        )
+        self.retries = Counter(
+            "steadyserve_upstream_retries_total", "Attempts retried on another replica",
+            ["deployment"], registry=r,
+        )
+        self.replicas = Gauge(
+            "steadyserve_replicas", "Replicas by lifecycle state", ["deployment", "state"],
+            registry=r,
+        )
+        self.restarts = Counter(
+            "steadyserve_replica_restarts_total", "Replica processes restarted after exiting",
+            ["deployment"], registry=r,
+        )
+        self.response_bytes = Counter(
+            "steadyserve_response_bytes_total", "Response body bytes sent, by content encoding",
+            ["encoding"], registry=r,
+        )

@@ -1,0 +1,1 @@
+"""Pure decisions: no asyncio, sockets, clocks or global randomness; time and rng are arguments."""

@@ -1,0 +1,1 @@
+"""Code that runs inside a replica process: server, batcher, runner."""

@@ -1,0 +1,88 @@
+"""Replica process entry: `python -m steadyserve.replica --service X --fd N ...`.
+
+Started by the gateway's supervisor with the listening socket already bound (passed as an
+inherited fd, so the gateway knows the port with no race). Dies with its parent: Linux's
+PR_SET_PDEATHSIG, plus a parent-pid check for the window before it was set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if parent_pid and os.getppid() != parent_pid:
+        os._exit(0)  # the gateway died before we could ask to die with it
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="steadyserve-replica")
+    parser.add_argument("--service", required=True)
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--name", default="replica")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--drain-timeout-s", type=float, default=10.0)
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-format", default="json")
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+
+    # thread counts must be in the environment before torch/tokenizers are imported
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ.setdefault(var, str(args.threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from ..observe.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format, replica=args.name)
+    log = logging.getLogger("steadyserve.replica")
+
+    import uvicorn
+
+    from ..loader import load_service_class
+    from ..service import handler_specs
+    from .server import ReplicaApp
+
+    try:
+        cls = load_service_class(args.service)
+        specs = handler_specs(cls)
+    except Exception as exc:
+        log.error("cannot load service %s: %s", args.service, exc)
+        return 3
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        torch.set_num_threads(args.threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+    app = ReplicaApp(cls(), specs, name=args.name)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:  # type: ignore[override]
+            app.draining = True  # /readyz says so at once; in-flight work finishes
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, fd=args.fd, loop="auto", http="httptools", lifespan="on", access_log=False,
+        log_config=None, timeout_graceful_shutdown=int(args.drain_timeout_s), timeout_keep_alive=75,
+    )
+    _Server(config).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The replica's HTTP app (pure ASGI): /invoke/<handler>, /healthz, /readyz, /info, /metrics.
+
+Bodies to and from the gateway are msgpack (`codec`). Errors travel as
+`{"error": {code, message, param, status}}` with the matching status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from prometheus_client import generate_latest
+
+from .. import codec
+from ..errors import ClientError, HandlerFailed, NotFound, ReplicaTimeout, SteadyError, to_wire
+from ..schema import compile_params
+from ..service import HandlerSpec, Service
+from .batcher import Batcher
+from .metrics import ReplicaMetrics
+from .runner import Runner
+
+log = logging.getLogger("steadyserve.replica")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+DEADLINE_HEADER = b"x-steadyserve-deadline-ms"  # remaining budget in ms when sent
+
+
+class _Handler:
+    def __init__(self, spec: HandlerSpec, fn: Callable[..., Any], batcher: Batcher | None) -> None:
+        self.spec = spec
+        self.fn = fn
+        self.batcher = batcher
+        self.validate = compile_params(spec.params)
+        self.item_param = spec.params[0]["name"] if spec.options.batch else ""
+
+
+class ReplicaApp:
+    def __init__(
+        self, service: Service, specs: dict[str, HandlerSpec], *, name: str = "",
+        metrics: ReplicaMetrics | None = None,
+    ) -> None:
+        self.service = service
+        self.specs = specs
+        self.name = name
+        self.metrics = metrics or ReplicaMetrics()
+        self.runner = Runner()
+        self.ready = False
+        self.draining = False
+        self.setup_error: str | None = None
+        self.handlers: dict[str, _Handler] = {}
+        self._info = codec.encode({
+            "service": type(service).__name__,
+            "version": type(service).version,
+            "handlers": [s.to_wire() for s in specs.values()],
+        })
+
+    # lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Run setup() off the loop, then build batchers; ready only when all of it worked."""
+        try:
+            await self.runner.run(self.service.setup)
+        except Exception as exc:
+            self.setup_error = f"{type(exc).__name__}: {exc}"
+            log.exception("setup() failed")
+            raise
+        for name, spec in self.specs.items():
+            fn = getattr(self.service, name)
+            batcher = None
+            if spec.options.batch:
+                batcher = Batcher(
+                    fn, self.runner, max_batch_size=spec.options.max_batch_size,
+                    max_wait_s=spec.options.max_wait_s, on_batch=self._observer(name),
+                )
+                batcher.start()
+            self.handlers[name] = _Handler(spec, fn, batcher)
+        self.ready = True
+
+    def _observer(self, name: str) -> Callable[[int, float], None]:
+        size = self.metrics.batch_size.labels(name)
+        duration = self.metrics.batch_duration.labels(name)
+
+        def observe(n: int, seconds: float) -> None:
+            size.observe(n)
+            duration.observe(seconds)
+
+        return observe
+
+    async def stop(self) -> None:
+        self.ready = False
+        for h in self.handlers.values():
+            if h.batcher is not None:
+                await h.batcher.stop()
+        try:
+            await self.runner.run(self.service.teardown)
+        except Exception:
+            log.exception("teardown() failed")
+        self.runner.shutdown()
+
+    # ASGI ----------------------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if method == "POST" and path.startswith("/invoke/"):
+            await self._invoke(path[8:], scope, receive, send)
+        elif path == "/healthz":
+            await _send(send, 200, b'{"status":"alive"}', b"application/json")
+        elif path == "/readyz":
+            ok = self.ready and not self.draining
+            reason = "ready" if ok else (
+                "draining" if self.draining else self.setup_error or "setup() running"
+            )
+            await _send(send, 200 if ok else 503, orjson.dumps({"status": reason}),
+                        b"application/json")
+        elif path == "/info":
+            await _send(send, 200, self._info, codec.CONTENT_TYPE)
+        elif path == "/metrics":
+            for name, h in self.handlers.items():
+                if h.batcher is not None:
+                    self.metrics.queue_depth.labels(name).set(h.batcher.depth)
+            await _send(send, 200, generate_latest(self.metrics.registry),
+                        b"text/plain; version=0.0.4; charset=utf-8")
+        else:
+            await _send(send, 404, orjson.dumps({"error": {"message": f"no route {path}"}}),
+                        b"application/json")
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                # setup runs in the background so /healthz answers while weights load
+                asyncio.get_running_loop().create_task(self._start_logged())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _start_logged(self) -> None:
+        try:
+            await self.start()
+            log.info("replica ready", extra={"replica": self.name})
+        except Exception:
+            # logged in start(); exit so the supervisor restarts us with backoff
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _invoke(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics = self.metrics
+        metrics.inflight.inc()
+        status = 200
+        try:
+            body = await _read_body(receive)
+            deadline = _deadline(scope)
+            result = await self._call(name, codec.decode(body), deadline)
+            payload = codec.encode({"result": result})
+        except Exception as exc:
+            err = exc if isinstance(exc, SteadyError) else HandlerFailed(
+                f"handler raised {type(exc).__name__}: {exc}")
+            if not isinstance(exc, SteadyError):
+                log.error("handler %s failed", name, exc_info=exc)
+            status = err.status
+            payload = codec.encode({"error": to_wire(err)})
+        finally:
+            metrics.inflight.dec()
+        metrics.requests.labels(name, f"{status // 100}xx").inc()
+        await _send(send, status, payload, codec.CONTENT_TYPE)
+
+    async def _call(self, name: str, body: Any, deadline: float | None) -> Any:
+        if not self.ready:
+            raise HandlerFailed("replica is not ready")
+        handler = self.handlers.get(name)
+        if handler is None:
+            raise NotFound(f"no handler {name!r}")
+        if not isinstance(body, dict):
+            raise ClientError("request body must be an object")
+        kwargs = handler.validate(body.get("args", {}))
+        if handler.batcher is not None:
+            items = kwargs[handler.item_param]
+            if not items:
+                raise ClientError(f"'{handler.item_param}' must not be empty",
+                                  param=handler.item_param)
+            return await handler.batcher.submit(items, deadline)
+        timeout = handler.spec.options.timeout_s
+        if deadline is not None:
+            timeout = min(timeout, deadline - time.monotonic())
+        try:
+            return await asyncio.wait_for(self.runner.run(handler.fn, **kwargs), timeout)
+        except TimeoutError:
+            raise ReplicaTimeout(f"handler {name} took longer than {timeout:.3f}s") from None
+
+
+def _deadline(scope: Scope) -> float | None:
+    for key, value in scope["headers"]:
+        if key == DEADLINE_HEADER:
+            try:
+                remaining_ms = float(value)
+            except ValueError:
+                return None
+            return time.monotonic() + max(0.0, remaining_ms) / 1000
+    return None
+
+
+async def _read_body(receive: Receive) -> bytes:
+    message = await receive()
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body"):
+        return body
+    chunks = [body]
+    while message.get("more_body"):
+        message = await receive()
+        chunks.append(message.get("body", b""))
+    return b"".join(chunks)
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())],
+    })
+    await send({"type": "http.response.body", "body": body})

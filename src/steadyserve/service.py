@@ -1,0 +1,120 @@
+"""How a user writes a service: subclass `Service`, load weights in `setup()`, decorate handlers.
+
+    class Echo(steadyserve.Service):
+        def setup(self) -> None: ...          # once per replica, before it is ready
+
+        @steadyserve.handler                  # POST /v1/deployments/<name>/echo {"text": "hi"}
+        def echo(self, text: str) -> dict: ...
+
+        @steadyserve.handler(batch=True, max_batch_size=32)
+        def embed(self, texts: list[str]) -> list[list[float]]: ...   # a list in, a list out
+
+Type hints become the request schema. A batched handler takes exactly one `list[T]`
+parameter and must return one result per item; items of concurrent requests are merged
+into one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, TypeVar, overload
+
+from .errors import ConfigError
+from .schema import describe_params
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_MARK = "__steadyserve_handler__"
+OPENAI_KINDS = ("embeddings",)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HandlerOptions:
+    batch: bool = False
+    max_batch_size: int = 32
+    max_wait_s: float = 0.0
+    timeout_s: float = 60.0
+    idempotent: bool = True
+    max_inputs: int = 2048
+    openai: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ConfigError("max_batch_size must be >= 1")
+        if self.max_wait_s < 0:
+            raise ConfigError("max_wait_s must be >= 0")
+        if self.timeout_s <= 0:
+            raise ConfigError("timeout_s must be > 0")
+        if self.max_inputs < 1:
+            raise ConfigError("max_inputs must be >= 1")
+        if self.openai is not None and self.openai not in OPENAI_KINDS:
+            raise ConfigError(f"openai= must be one of {OPENAI_KINDS}, got {self.openai!r}")
+
+
+@overload
+def handler(fn: F, /) -> F: ...
+@overload
+def handler(
+    *, batch: bool = ..., max_batch_size: int = ..., max_wait_s: float = ...,
+    timeout_s: float = ..., idempotent: bool = ..., max_inputs: int = ..., openai: str | None = ...,
+) -> Callable[[F], F]: ...
+
+
+def handler(fn: Any = None, /, **options: Any) -> Any:
+    """Mark a method as a handler. Options: see `HandlerOptions`."""
+    opts = HandlerOptions(**options)
+
+    def mark(f: F) -> F:
+        setattr(f, _MARK, opts)
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+class Service:
+    """Base class of a user service. One instance per replica process."""
+
+    #: reported to clients and part of cache keys; bump it when the model changes
+    version: ClassVar[str] = "1"
+
+    def setup(self) -> None:
+        """Load weights and warm up; runs once per replica, off the event loop."""
+
+    def teardown(self) -> None:
+        """Release resources at shutdown."""
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    name: str
+    options: HandlerOptions
+    params: list[dict[str, Any]]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"name": self.name, "options": asdict(self.options), "params": self.params}
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> HandlerSpec:
+        return cls(str(body["name"]), HandlerOptions(**body["options"]), list(body["params"]))
+
+
+def handler_specs(service_cls: type[Service]) -> dict[str, HandlerSpec]:
+    """Find and describe every handler of a service class; refuse malformed ones at start."""
+    specs: dict[str, HandlerSpec] = {}
+    for name in dir(service_cls):
+        fn = getattr(service_cls, name, None)
+        opts = getattr(fn, _MARK, None)
+        if not isinstance(opts, HandlerOptions) or fn is None:
+            continue
+        params = describe_params(fn)
+        if opts.batch:
+            if len(params) != 1 or params[0]["type"]["kind"] != "list":
+                raise ConfigError(
+                    f"{service_cls.__name__}.{name}: a batched handler takes exactly one "
+                    "list[...] parameter (the items) and returns one result per item"
+                )
+        specs[name] = HandlerSpec(name, opts, params)
+    if not specs:
+        raise ConfigError(f"{service_cls.__name__} has no @handler methods")
+    return specs

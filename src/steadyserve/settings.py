@@ -1,0 +1,127 @@
+"""The only reader of files, environment and flags. Precedence: defaults < file < env < flags.
+
+steadyserve.toml:
+
+    [gateway]                 # any GatewayConfig field
+    port = 8000
+    [supervisor]              # any SupervisorConfig field
+    restart_cap_s = 30
+    [deployments.minilm]      # one table per deployment; any DeploymentConfig field
+    service = "steadyserve.examples.embedding:Embedder"
+    replicas = 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_SERVICE, Config, DeploymentConfig, GatewayConfig, SupervisorConfig
+from .errors import ConfigError
+
+ENV_PREFIX = "STEADYSERVE_"
+DEFAULT_DEPLOYMENT = "minilm"
+DEFAULT_REPLICAS = 2
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    unknown = sorted(set(values) - _fields(cls))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting {unknown[0]!r}; known: {sorted(_fields(cls))}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def deployment_name_for(target: str) -> str:
+    cls = target.rpartition(":")[2]
+    name = re.sub(r"(?<!^)(?=[A-Z])", "-", cls).lower()
+    return re.sub(r"[^a-z0-9_.-]", "-", name) or "service"
+
+
+def load_config(
+    *,
+    target: str | None = None,
+    config_path: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Config:
+    """Build the Config. `flags` holds CLI values (None = not given)."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = env or {}
+    cwd = cwd or Path.cwd()
+    file: dict[str, Any] = {}
+    if config_path is None and target is None and (cwd / "steadyserve.toml").is_file():
+        config_path = str(cwd / "steadyserve.toml")
+    if config_path is not None:
+        file = read_toml(Path(config_path))
+    unknown = sorted(set(file) - {"gateway", "supervisor", "deployments", "data_dir",
+                                  "log_level", "log_format"})
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
+
+    gateway = dict(file.get("gateway", {}))
+    for key, cast in (("host", str), ("port", int)):
+        if ENV_PREFIX + key.upper() in env:
+            try:
+                gateway[key] = cast(env[ENV_PREFIX + key.upper()])
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{key.upper()} must be {cast.__name__}") from None
+    for key in ("host", "port", "max_body_bytes"):
+        if key in flags:
+            gateway[key] = flags[key]
+
+    top: dict[str, Any] = {k: file[k] for k in ("data_dir", "log_level", "log_format") if k in file}
+    for key in ("data_dir", "log_level", "log_format"):
+        if ENV_PREFIX + key.upper() in env:
+            top[key] = env[ENV_PREFIX + key.upper()]
+        if key in flags:
+            top[key] = flags[key]
+
+    deployments: list[DeploymentConfig] = []
+    if target is not None:
+        values: dict[str, Any] = {"name": flags.get("name") or deployment_name_for(target),
+                                  "service": target, "replicas": flags.get("replicas", 1)}
+        if "balancer" in flags:
+            values["balancer"] = flags["balancer"]
+        deployments.append(_build(DeploymentConfig, values, "command line"))
+    elif file.get("deployments"):
+        for name, table in file["deployments"].items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{config_path}: [deployments.{name}] must be a table")
+            values = {"name": name, **table}
+            if "env" in values:
+                values["env"] = tuple((str(k), str(v)) for k, v in values["env"].items())
+            deployments.append(_build(DeploymentConfig, values, f"[deployments.{name}]"))
+    else:
+        deployments.append(DeploymentConfig(
+            name=flags.get("name") or DEFAULT_DEPLOYMENT, service=DEFAULT_SERVICE,
+            replicas=flags.get("replicas", DEFAULT_REPLICAS),
+            balancer=flags.get("balancer", "power_of_two"),
+        ))
+
+    return Config(
+        deployments=tuple(deployments),
+        gateway=_build(GatewayConfig, gateway, "[gateway]"),
+        supervisor=_build(SupervisorConfig, file.get("supervisor", {}), "[supervisor]"),
+        **top,
+    )
