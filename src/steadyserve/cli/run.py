@@ -20,6 +20,7 @@ from ..control.supervisor import Supervisor
 from ..errors import ConfigError
 from ..gateway.app import Gateway
 from ..gateway.assemble import build_gateway
+from ..netutil import NoDelayHttpToolsProtocol
 from ..observe.logs import configure_logging
 from ..settings import load_config
 from . import exit_codes
@@ -92,7 +93,7 @@ async def serve(config: Config, out: TextIO = sys.stderr) -> int:
     started = time.monotonic()
     gateway, supervisor = build_gateway(config)
     uv_config = uvicorn.Config(
-        gateway, host=config.gateway.host, port=config.gateway.port, http="httptools",
+        gateway, host=config.gateway.host, port=config.gateway.port, http=NoDelayHttpToolsProtocol,
         lifespan="on", access_log=False, log_config=None, backlog=4096,
         timeout_graceful_shutdown=int(config.gateway.graceful_shutdown_s) or None,
         timeout_keep_alive=75,

@@ -44,7 +44,7 @@ class Embedder(steadyserve.Service):
             self.model = self.model.half()
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=MAX_SEQ_LENGTH)
-        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")  # noqa: S106
+        self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self.embed(["warm up the kernels once before serving"])
 
     @steadyserve.handler(batch=True, max_batch_size=64, openai="embeddings")

@@ -109,8 +109,9 @@ class Gateway:
                       extra={"request_id": req.request_id})
         if req.openai:
             kind = "invalid_request_error" if err.status < 500 else "server_error"
+            code = "model_not_found" if (err.code, err.param) == ("not_found", "model") else err.code
             body: dict[str, Any] = {"error": {"message": err.message, "type": kind,
-                                             "param": err.param, "code": err.code}}
+                                             "param": err.param, "code": code}}
         else:
             body = {"error": {"code": err.code, "message": err.message, "param": err.param,
                               "request_id": req.request_id}}

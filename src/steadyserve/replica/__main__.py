@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from ..loader import load_service_class
+    from ..netutil import NoDelayHttpToolsProtocol
     from ..service import handler_specs
     from .server import ReplicaApp
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        app, fd=args.fd, loop="auto", http="httptools", lifespan="on", access_log=False,
+        app, fd=args.fd, loop="auto", http=NoDelayHttpToolsProtocol, lifespan="on", access_log=False,
         log_config=None, timeout_graceful_shutdown=int(args.drain_timeout_s), timeout_keep_alive=75,
     )
     _Server(config).run()
