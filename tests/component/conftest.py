@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from steadyserve.config import Config, DeploymentConfig, GatewayConfig
+from steadyserve.gateway.app import Gateway
+from steadyserve.gateway.transport import InProcessTransport
+from steadyserve.service import Service
+from steadyserve.testing import InProcessDeployment, start_inprocess
+
+Factory = Callable[..., Awaitable[tuple[Gateway, httpx.AsyncClient, dict[str, InProcessDeployment]]]]
+
+
+@pytest.fixture
+async def make_gateway() -> AsyncIterator[Factory]:
+    """Build a gateway whose replicas are ReplicaApps in this process (no sockets)."""
+    started: list[tuple[httpx.AsyncClient, list[InProcessDeployment]]] = []
+
+    async def factory(
+        services: dict[str, tuple[type[Service], int]], **gateway_overrides: Any
+    ) -> tuple[Gateway, httpx.AsyncClient, dict[str, InProcessDeployment]]:
+        config = Config(
+            deployments=tuple(
+                DeploymentConfig(name=name, service=f"tests:{cls.__name__}", replicas=n)
+                for name, (cls, n) in services.items()
+            ),
+            gateway=GatewayConfig(**gateway_overrides),
+        )
+        gateway = Gateway(config, transport=InProcessTransport())
+        deployments = {
+            name: await start_inprocess(gateway, name, cls, replicas=n)
+            for name, (cls, n) in services.items()
+        }
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gw")
+        started.append((client, list(deployments.values())))
+        return gateway, client, deployments
+
+    yield factory
+    for client, deployments in started:
+        await client.aclose()
+        for d in deployments:
+            await d.stop()

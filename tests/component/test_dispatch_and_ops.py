@@ -1,0 +1,86 @@
+"""Dispatch across replicas (retry once elsewhere), readiness, and the /metrics exposition."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .services import Echo
+
+pytestmark = pytest.mark.asyncio
+
+
+async def test_a_dead_replica_is_retried_once_on_another(make_gateway):
+    gateway, client, deployments = await make_gateway({"echo": (Echo, 2)})
+    deployments["echo"].kill("echo-0")  # still in membership: the gateway does not know yet
+    for _ in range(20):
+        r = await client.post("/v1/deployments/echo/echo", json={"text": "x"})
+        assert r.status_code == 200
+    retries = gateway.metrics.retries.labels("echo")._value.get()
+    assert retries >= 1
+
+
+async def test_non_idempotent_handlers_are_not_retried(make_gateway):
+    _, client, deployments = await make_gateway({"echo": (Echo, 2)})
+    deployments["echo"].kill("echo-0")
+    deployments["echo"].kill("echo-1")
+    r = await client.post("/v1/deployments/echo/charge", json={"amount": 3})
+    assert r.status_code == 502
+    assert r.json()["error"]["code"] == "replica_unavailable"
+
+
+async def test_all_replicas_dead_gives_502_then_503_once_out_of_rotation(make_gateway):
+    gateway, client, deployments = await make_gateway({"echo": (Echo, 2)})
+    for rid in ("echo-0", "echo-1"):
+        deployments["echo"].kill(rid)
+    r = await client.post("/v1/deployments/echo/echo", json={"text": "x"})
+    assert r.status_code == 502
+    for rid in ("echo-0", "echo-1"):
+        gateway.membership.remove("echo", rid)
+    r = await client.post("/v1/deployments/echo/echo", json={"text": "x"})
+    assert r.status_code == 503
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "no_ready_replica"
+
+
+async def test_readyz_follows_membership_of_every_deployment(make_gateway):
+    gateway, client, _ = await make_gateway({"a": (Echo, 1), "b": (Echo, 1)})
+    assert (await client.get("/readyz")).status_code == 200
+    assert (await client.get("/healthz")).json() == {"status": "alive"}
+    gateway.membership.remove("b", "b-0")
+    r = await client.get("/readyz")
+    assert r.status_code == 503
+    assert "b" in r.json()["reason"] and "a," not in r.json()["reason"]
+
+
+async def test_balancer_spreads_load_over_replicas(make_gateway):
+    _, client, deployments = await make_gateway({"echo": (Echo, 2)})
+    await asyncio.gather(*(
+        client.post("/v1/deployments/echo/echo", json={"text": "x"}) for _ in range(40)
+    ))
+    calls = [app.service.calls for app in deployments["echo"].apps.values()]
+    assert sum(calls) == 40
+    assert min(calls) >= 5
+
+
+async def test_metrics_parse_and_include_gateway_and_replica_series(make_gateway):
+    _, client, _ = await make_gateway({"echo": (Echo, 2)})
+    await client.post("/v1/deployments/echo/upper", json={"texts": ["a", "b"]})
+    await client.post("/v1/deployments/echo/echo", json={"text": 1})
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    requests = families["steadyserve_requests"]
+    by_code = {(s.labels["handler"], s.labels["code"]): s.value for s in requests.samples
+               if s.name == "steadyserve_requests_total"}
+    assert by_code[("upper", "2xx")] == 1
+    assert by_code[("echo", "4xx")] == 1
+    assert "steadyserve_request_duration_seconds" in families
+    batch = families["steadyserve_replica_batch_size"]
+    replicas = {s.labels["replica"] for s in batch.samples}
+    assert replicas == {"echo-0", "echo-1"}
+    assert all(s.labels["deployment"] == "echo" for s in batch.samples)
+    assert "steadyserve_replica_queue_depth" in families
+    assert "steadyserve_replica_process_resident_memory_bytes" in families

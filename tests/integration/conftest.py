@@ -1,0 +1,120 @@
+"""Start real `steadyserve run` processes on free loopback ports; stop them and check that
+nothing they started is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+HERE = Path(__file__).parent
+STEADYSERVE = [sys.executable, "-m", "steadyserve.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Running:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+
+    def replica_pids(self) -> list[int]:
+        return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+
+    def status(self, deployment: str) -> dict:
+        return httpx.get(f"{self.url}/v1/deployments/{deployment}", timeout=5).json()
+
+    def wait_ready(self, timeout_s: float) -> float:
+        started = time.monotonic()
+        deadline = started + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited early:\n{self.log.read_text()[-4000:]}")
+            try:
+                # /readyz needs one replica per deployment; tests want every replica up
+                listing = httpx.get(f"{self.url}/v1/deployments", timeout=1).json()["deployments"]
+                if all(d["ready_replicas"] == d["desired_replicas"] for d in listing):
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not ready in {timeout_s}s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> list[int]:
+        """Signal the gateway, wait for it, and return the replica pids still alive."""
+        children = self.replica_pids() if self.proc.poll() is None else []
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+                raise AssertionError("gateway did not stop in time") from None
+        deadline = time.monotonic() + 10
+        alive = children
+        while time.monotonic() < deadline:
+            alive = [p for p in children if _alive(p)]
+            if not alive:
+                break
+            time.sleep(0.05)
+        return alive
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> Running:
+    port = free_port()
+    log = tmp_path / f"gateway-{port}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(
+        [*STEADYSERVE, "run", *args, "--port", str(port), "--log-format", "json"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path, env=full_env,
+    )
+    return Running(proc, f"http://127.0.0.1:{port}", log)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    started: list[Running] = []
+
+    def factory(args: list[str], ready_timeout_s: float = 60, **kw) -> Running:
+        running = start(args, tmp_path, **kw)
+        started.append(running)
+        running.wait_ready(ready_timeout_s)
+        return running
+
+    yield factory
+    for running in started:
+        leftover = running.stop(signal.SIGTERM)
+        for pid in leftover:  # never leave our own children behind, even when a test failed
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+ECHO = str(HERE / "services" / "echo.py") + ":Echo"
