@@ -103,12 +103,12 @@ async def serve(config: Config, out: TextIO = sys.stderr) -> int:
 
     async def watch() -> None:
         nonlocal progress
-        while not server.started and not server.should_exit:
+        while not server.started and not server.should_exit:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         if server.started:
             progress = asyncio.create_task(show_progress(config, gateway, supervisor, out, started))
 
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(watch())  # uvicorn offers no "started" hook to await
     try:
         await server.serve()
     finally:

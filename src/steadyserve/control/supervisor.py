@@ -107,7 +107,7 @@ class Supervisor:
             self.launcher.signal(s.replica, signal.SIGTERM)
         waits = [s.replica.process.wait() for s in live if s.replica]
         if waits:
-            done, pending = await asyncio.wait(
+            _, pending = await asyncio.wait(
                 [asyncio.ensure_future(w) for w in waits], timeout=self.cfg.drain_timeout_s + 1
             )
             if pending:

@@ -34,7 +34,8 @@ class _Layer(nn.Module):
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         ctx = ctx.transpose(1, 2).reshape(b, t, h)
         x = self.attn_norm(x + self.attn_out(ctx))
-        return self.ffn_norm(x + self.ffn_out(F.gelu(self.ffn_in(x))))
+        out: torch.Tensor = self.ffn_norm(x + self.ffn_out(F.gelu(self.ffn_in(x))))
+        return out
 
 
 class BertEncoder(nn.Module):
@@ -53,7 +54,7 @@ class BertEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         t = ids.shape[1]
         pos = torch.arange(t, device=ids.device)
-        x = self.word(ids) + self.position(pos)[None] + self.token_type.weight[0]
+        x: torch.Tensor = self.word(ids) + self.position(pos)[None] + self.token_type.weight[0]
         x = self.norm(x)
         # additive mask over keys: 0 where attended, a large negative where padding
         bias = (1.0 - mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
@@ -102,4 +103,5 @@ def mean_pool_normalize(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
     m = mask.unsqueeze(-1).to(hidden.dtype)
     summed = (hidden * m).sum(dim=1)
     counts = m.sum(dim=1).clamp(min=1e-9)
-    return F.normalize(summed / counts, p=2, dim=1)
+    out: torch.Tensor = F.normalize(summed / counts, p=2, dim=1)
+    return out

@@ -103,7 +103,8 @@ class _Connection(asyncio.Protocol):
         if self.transport is None or self._closed:
             raise ReplicaUnavailable(f"connection to {address} is closed")
         loop = asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
+        waiter: asyncio.Future[Reply] = loop.create_future()
+        self._waiter = waiter
         self._body = []
         if len(body) < 65536:
             self.transport.write(head + body)

@@ -41,5 +41,5 @@ def merge_replica_metrics(texts: Mapping[tuple[str, str], str]) -> bytes:
     if not merged:
         return b""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(list(merged.values())))  # type: ignore[arg-type]
+    registry.register(_Merged(list(merged.values())))
     return generate_latest(registry)

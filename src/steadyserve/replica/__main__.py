@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from types import FrameType
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     app = ReplicaApp(cls(), specs, name=args.name)
 
     class _Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: object) -> None:  # type: ignore[override]
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             app.draining = True  # /readyz says so at once; in-flight work finishes
             super().handle_exit(sig, frame)
 

@@ -1,0 +1,903 @@
+"""Serving benchmark for steadyserve: throughput, latency, memory, start time, wire sizes.
+
+    .venv/bin/python benchmarks/serving.py            # the full run (≤ ~6 minutes)
+    .venv/bin/python benchmarks/serving.py --quick    # a ~1 minute smoke run
+    .venv/bin/python benchmarks/serving.py --only echo --duration-s 10
+
+Parts (--only picks one):
+  embed        raw model in process (batch 1/8/32/64, 2 and 1 torch threads), then
+               `steadyserve run` (minilm, 2 replicas) and a FastAPI peer under the same wrk load
+  echo         steadyserve gateway + 1 echo replica vs a FastAPI echo app, wrk -c64 and -c1
+  memory       launch → /readyz 200 time; idle RSS of the gateway and of each replica
+  compression  body sizes and µs: identity / gzip / zstd; msgpack vs JSON for the replica hop
+
+Prints a table (every figure with its ratio and target) and writes
+benchmarks/results/serving-<timestamp>.json. Targets are reported, never asserted: the
+exit status is non-zero only when something failed to start. Everything listens on
+127.0.0.1 only; every load run is bounded in time; only processes started here are stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import datetime as dt
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+RESULTS = BENCH / "results"
+LUA = BENCH / "wrk" / "corpus.lua"
+ECHO_SERVICE = "benchmarks/services/echo.py:Echo"
+PEERS = BENCH / "peers"
+BIN = Path(sys.executable).parent
+MiB = 1024 * 1024
+
+TARGETS = {
+    "served_over_raw": 0.90,        # served embeddings / best raw in-process sentences/s (≥)
+    "echo_rps": 2500.0,             # steadyserve echo, wrk -c64 (≥)
+    "echo_p50_ms": 0.6,             # steadyserve echo, wrk -c1, p50 (≤)
+    "ready_s": 15.0,                # launch → /readyz 200 for the default minilm (≤)
+    "replica_rss_mib": 600.0,       # idle RSS per replica (≤)
+    "gateway_rss_mib": 150.0,       # idle RSS of the gateway (≤)
+}
+
+# A fixed list of common English words; the corpus is seeded sampling over it.
+WORDS = """
+the of and to a in is it you that he was for on are with as his they be at one have this
+from or had by hot word but what some we can out other were all there when up use your how
+said an each she which do their time if will way about many then them write would like so
+these her long make thing see him two has look more day could go come did number sound no
+most people my over know water than call first who may down side been now find any new work
+part take get place made live where after back little only round man year came show every
+good me give our under name very through just form sentence great think say help low line
+differ turn cause much mean before move right boy old too same tell does set three want air
+well also play small end put home read hand port large spell add even land here must big
+high such follow act why ask men change went light kind off need house picture try us again
+animal point mother world near build self earth father head stand own page should country
+found answer school grow study still learn plant cover food sun four between state keep eye
+never last let thought city tree cross farm hard start might story saw far sea draw left
+late run while press close night real life few north open seem together next white children
+begin got walk example ease paper group always music those both mark often letter until
+mile river car feet care second book carry took science eat room friend began idea fish
+mountain stop once base hear horse cut sure watch color face wood main enough plain girl
+usual young ready above ever red list though feel talk bird soon body dog family direct
+pose leave song measure door product black short numeral class wind question happen
+complete ship area half rock order fire south problem piece told knew pass since top whole
+king space heard best hour better true during hundred five remember step early hold west
+ground interest reach fast verb sing listen six table travel less morning ten simple
+several vowel toward war lay against pattern slow center love person money serve appear
+road map rain rule govern pull cold notice voice unit power town fine certain fly fall
+lead cry dark machine note wait plan figure star box noun field rest correct able pound
+done beauty drive stood contain front teach week final gave green oh quick develop ocean
+warm free minute strong special mind behind clear tail produce fact street inch multiply
+nothing course stay wheel full force blue object decide surface deep moon island foot
+system busy test record boat common gold possible plane stead dry wonder laugh thousand
+ago ran check game shape equate miss brought heat snow tire bring yes distant fill east
+paint language among
+""".split()
+
+_children: list[subprocess.Popen[bytes]] = []
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def make_corpus(n: int, seed: int) -> list[str]:
+    """n sentences of 8–30 words; about one in ten has a "quoted" word (exercises escaping)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(8, 30))]
+        if rng.random() < 0.1:
+            i = rng.randrange(len(words))
+            words[i] = f'"{words[i]}"'
+        words[0] = words[0].capitalize()
+        out.append(" ".join(words) + ".")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(port: int, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def timed(fn: Callable[[], Any], min_time_s: float = 0.2, repeats: int = 5) -> float:
+    """Best-of-`repeats` seconds per call, each repeat looping for at least min_time_s."""
+    loops = 1
+    while True:
+        t = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        took = time.perf_counter() - t
+        if took >= min_time_s / 4:
+            break
+        loops *= 4
+    loops = max(1, int(loops * (min_time_s / max(took, 1e-9))))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        best = min(best, (time.perf_counter() - t) / loops)
+    return best
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> dict[str, Any]:
+    """SIGTERM, wait up to grace_s, then SIGKILL. Returns how it went."""
+    if proc.poll() is not None:
+        return {"exit_code": proc.returncode, "stop_s": 0.0, "killed": False, "already_exited": True}
+    t = time.monotonic()
+    killed = False
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        killed = True
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=10)
+    if proc in _children:
+        _children.remove(proc)
+    return {"exit_code": proc.returncode, "stop_s": round(time.monotonic() - t, 3),
+            "killed": killed, "already_exited": False}
+
+
+@atexit.register
+def _stop_all() -> None:
+    for proc in list(_children):
+        stop_process(proc)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every `finally`, which stops our servers
+
+
+# ---------------------------------------------------------------------------------------------
+# servers
+
+class StartFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    port: int
+    log_path: Path
+    env: dict[str, str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    launched_at: float = 0.0
+    ready_s: float | None = None
+    child_pids: list[int] = field(default_factory=list)
+
+    def start(self, ready_timeout_s: float = 120.0) -> float:
+        if not _port_free(self.port):
+            raise StartFailed(f"{self.name}: port {self.port} is already in use")
+        env = dict(os.environ)
+        env.update(self.env or {})
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        logf = open(self.log_path, "wb")  # noqa: SIM115 (lives as long as the process)
+        log(f"start {self.name}: {' '.join(self.argv)}")
+        self.launched_at = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, cwd=REPO, env=env, stdout=logf,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        logf.close()
+        _children.append(self.proc)
+        deadline = self.launched_at + ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise StartFailed(f"{self.name} exited with {self.proc.returncode} before it was "
+                                  f"ready; see {self.log_path}:\n{_tail(self.log_path)}")
+            try:
+                status, _ = http_get(self.port, "/readyz", timeout=1.0)
+                if status == 200:
+                    self.ready_s = time.monotonic() - self.launched_at
+                    log(f"{self.name} ready in {self.ready_s:.2f} s on 127.0.0.1:{self.port}")
+                    self.child_pids = [c.pid for c in self.children()]
+                    return self.ready_s
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise StartFailed(f"{self.name} not ready after {ready_timeout_s:.0f} s; "
+                          f"see {self.log_path}:\n{_tail(self.log_path)}")
+
+    def children(self) -> list[Any]:
+        import psutil
+
+        assert self.proc is not None
+        try:
+            return list(psutil.Process(self.proc.pid).children(recursive=True))
+        except psutil.NoSuchProcess:
+            return []
+
+    def memory(self) -> dict[str, Any]:
+        """RSS (and USS: memory private to the process) of this process and each child."""
+        import psutil
+
+        assert self.proc is not None
+
+        def one(p: Any) -> dict[str, Any]:
+            try:
+                info = p.memory_full_info()
+                return {"pid": p.pid, "rss_mib": info.rss / MiB, "uss_mib": info.uss / MiB,
+                        "cmd": " ".join(p.cmdline()[1:8])}
+            except psutil.Error as exc:
+                return {"pid": p.pid, "error": str(exc)}
+
+        return {"self": one(psutil.Process(self.proc.pid)),
+                "children": [one(c) for c in self.children()]}
+
+    def stop(self) -> dict[str, Any]:
+        if self.proc is None:
+            return {}
+        out = stop_process(self.proc)
+        # the gateway stops its replicas: check none is left behind
+        import psutil
+
+        time.sleep(0.2)
+        left = [pid for pid in self.child_pids if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        out["children_left"] = left
+        if left:
+            log(f"WARNING: {self.name} exited but left children {left}; killing them")
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        log(f"stopped {self.name}: exit {out['exit_code']} in {out['stop_s']:.2f} s"
+            + (" (SIGKILL)" if out["killed"] else ""))
+        return out
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def running(server: Server, into: dict[str, Any]) -> Iterator[Server]:
+    try:
+        into["ready_s"] = round(server.start(), 3)
+        yield server
+    finally:
+        into["stop"] = server.stop()
+
+
+def steadyserve_argv(target: str | None, replicas: int | None, port: int) -> list[str]:
+    exe = BIN / "steadyserve"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "steadyserve.cli.main"]
+    cmd.append("run")
+    if target:
+        cmd.append(target)
+    if replicas is not None:
+        cmd += ["--replicas", str(replicas)]
+    return cmd + ["--port", str(port), "--log-format", "json"]
+
+
+def uvicorn_argv(app: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "--app-dir", str(PEERS), app,
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--log-level", "warning", "--no-access-log"]
+
+
+# ---------------------------------------------------------------------------------------------
+# wrk
+
+@dataclass
+class Bench:
+    duration_s: int
+    warm_embed_s: int
+    warm_echo_s: int
+    raw_s: float
+    corpus_path: Path
+    log_dir: Path
+    peer_mode: str
+    failures: list[str] = field(default_factory=list)
+
+    def wrk(self, label: str, port: int, path: str, conns: int, seconds: int, fld: str,
+            model: str | None = None) -> dict[str, Any]:
+        argv = ["wrk", "-t1", f"-c{conns}", f"-d{max(1, int(seconds))}s", "--timeout", "10s",
+                "-s", str(LUA), f"http://127.0.0.1:{port}{path}", "--",
+                str(self.corpus_path), fld] + ([model] if model else [])
+        log(f"wrk {label}: -c{conns} {seconds}s {path}")
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
+                              check=False)
+        (self.log_dir / f"wrk-{label}.txt").write_text(
+            " ".join(argv) + "\n\n" + proc.stdout + proc.stderr)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise StartFailed(f"wrk {label} failed (exit {proc.returncode}):\n"
+                              f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        r = json.loads(line[len("WRK_RESULT "):])
+        secs = r["duration_us"] / 1e6
+        socket_errors = r["connect"] + r["read"] + r["write"] + r["timeout"]
+        out = {
+            "connections": conns, "duration_s": round(secs, 3), "requests": r["requests"],
+            "rps": r["requests"] / secs if secs else 0.0,
+            "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
+            "p99_ms": r["p99_us"] / 1000, "mean_ms": r["mean_us"] / 1000,
+            "max_ms": r["max_us"] / 1000, "ok_2xx_3xx": r["requests"] - r["status"],
+            "non_2xx_3xx": r["status"], "socket_errors": socket_errors,
+            "errors": r["status"] + socket_errors,
+            "socket_error_detail": {k: r[k] for k in ("connect", "read", "write", "timeout")},
+            "bytes_per_response": r["bytes"] / r["requests"] if r["requests"] else 0,
+        }
+        log(f"  {out['rps']:.0f} req/s  p50 {out['p50_ms']:.2f} ms  p99 {out['p99_ms']:.2f} ms  "
+            f"errors {out['errors']} (non-2xx {out['non_2xx_3xx']}, socket {socket_errors})")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# workers (run as subprocesses of this script so torch's thread pools start clean)
+
+def worker_raw(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    from steadyserve.examples.embedding import Embedder
+
+    corpus = Path(args.corpus).read_text().splitlines()
+    e = Embedder()
+    t = time.perf_counter()
+    e.setup()
+    setup_s = time.perf_counter() - t
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "setup_s": setup_s, "batches": {}}
+    pos = 0
+
+    def next_batch(n: int) -> list[str]:
+        nonlocal pos
+        batch = [corpus[(pos + i) % len(corpus)] for i in range(n)]
+        pos = (pos + n) % len(corpus)
+        return batch
+
+    for bs in [int(b) for b in args.batches.split(",")]:
+        for _ in range(2):  # warm the shapes
+            e.embed(next_batch(bs))
+        done = 0
+        calls = 0
+        t = time.perf_counter()
+        while True:
+            e.embed(next_batch(bs))  # tokenisation included, as in a replica
+            done += bs
+            calls += 1
+            elapsed = time.perf_counter() - t
+            if elapsed >= args.seconds and calls >= 3:
+                break
+        out["batches"][str(bs)] = {"sentences_per_s": done / elapsed, "calls": calls,
+                                   "ms_per_call": elapsed / calls * 1000}
+    return out
+
+
+def worker_wire(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import orjson
+    import torch
+    import zstandard
+
+    torch.set_num_threads(1)
+    from steadyserve import codec
+    from steadyserve.examples.embedding import Embedder
+    from steadyserve.gateway.encoding import compress
+    from steadyserve.gateway.http import json_response
+
+    corpus = Path(args.corpus).read_text().splitlines()
+    e = Embedder()
+    e.setup()
+    n = 32
+    results = e.embed(corpus[:n])
+
+    def openai_body(items: list[dict[str, Any]]) -> bytes:
+        # what gateway/openai.py builds, serialised the way the gateway sends it
+        data = [{"object": "embedding", "index": i,
+                 "embedding": np.asarray(r["embedding"], dtype=np.float32)}
+                for i, r in enumerate(items)]
+        tokens = sum(int(r["tokens"]) for r in items)
+        return json_response({"object": "list", "data": data, "model": "minilm",
+                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).body
+
+    body = openai_body(results)
+    one = openai_body(results[:1])
+    gz = compress(body, "gzip")
+    zs = compress(body, "zstd")
+    assert gzip.decompress(gz) == body
+    assert zstandard.ZstdDecompressor().decompress(zs) == body
+    edge = {
+        "sentences": n,
+        "identity_bytes": len(body),
+        "single_sentence_body_bytes": len(one),
+        "gzip_bytes": len(gz), "zstd_bytes": len(zs),
+        "gzip_us": timed(lambda: compress(body, "gzip")) * 1e6,
+        "zstd_us": timed(lambda: compress(body, "zstd")) * 1e6,
+        "orjson_body_us": timed(lambda: openai_body(results)) * 1e6,
+    }
+
+    packed = codec.encode(results)
+    as_json = orjson.dumps(results, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def json_decode() -> list[dict[str, Any]]:
+        # back to the same objects the msgpack path yields: float32 arrays, not lists
+        return [{"embedding": np.asarray(r["embedding"], dtype=np.float32), "tokens": r["tokens"]}
+                for r in orjson.loads(as_json)]
+
+    back_m = codec.decode(packed)
+    back_j = json_decode()
+    hop = {
+        "msgpack_bytes": len(packed), "json_bytes": len(as_json),
+        "msgpack_encode_us": timed(lambda: codec.encode(results)) * 1e6,
+        "msgpack_decode_us": timed(lambda: codec.decode(packed)) * 1e6,
+        "json_encode_us": timed(
+            lambda: orjson.dumps(results, option=orjson.OPT_SERIALIZE_NUMPY)) * 1e6,
+        "json_decode_us": timed(json_decode) * 1e6,
+        "msgpack_lossless": all(np.array_equal(a["embedding"], b["embedding"])
+                                and a["tokens"] == b["tokens"] for a, b in zip(results, back_m)),
+        "json_lossless": all(np.array_equal(a["embedding"], b["embedding"])
+                             for a, b in zip(results, back_j)),
+    }
+    return {"edge": edge, "hop": hop}
+
+
+def run_worker(kind: str, extra: list[str], env_threads: int, timeout_s: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        env[var] = str(env_threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"  # as in a replica
+    argv = [sys.executable, str(Path(__file__).resolve()), "--_worker", kind] + extra
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False,
+                          env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise StartFailed(f"{kind} worker failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics scraped from the gateway
+
+def scrape(port: int) -> dict[str, float]:
+    """A few counters from the gateway's /metrics, summed over labels (by replica for batches)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        status, body = http_get(port, "/metrics", timeout=5.0)
+    except OSError:
+        return {}
+    if status != 200:
+        return {}
+    out: dict[str, float] = {}
+    wanted = ("steadyserve_replica_batch_size_sum", "steadyserve_replica_batch_size_count",
+              "steadyserve_upstream_retries_total", "steadyserve_replica_restarts_total",
+              "steadyserve_request_errors_total", "steadyserve_upstream_attempts_total")
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            if s.name not in wanted:
+                continue
+            key = s.name
+            if s.name.startswith("steadyserve_replica_batch_size"):
+                key += f"{{replica={s.labels.get('replica', '?')}}}"
+            elif s.name == "steadyserve_upstream_attempts_total":
+                key += f"{{outcome={s.labels.get('outcome', '?')}}}"
+            elif s.name == "steadyserve_request_errors_total":
+                key += f"{{error={s.labels.get('error', '?')}}}"
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
+
+
+def batch_sizes(d: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if k.startswith("steadyserve_replica_batch_size_sum"):
+            replica = k[k.index("{"):]
+            count = d.get("steadyserve_replica_batch_size_count" + replica, 0.0)
+            if count:
+                out[replica[len("{replica="):-1]] = v / count
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+Row = tuple[str, str, str, str, str]  # section, what, value, target, verdict
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    return "ok" if ok else "MISS"
+
+
+def section_raw(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    cores = len(os.sched_getaffinity(0))
+    runs = {}
+    for threads in sorted({cores, 1}, reverse=True):
+        log(f"raw model in process: {threads} torch thread(s), batches 1/8/32/64, "
+            f"{b.raw_s:g} s each")
+        runs[str(threads)] = run_worker(
+            "raw", ["--threads", str(threads), "--seconds", str(b.raw_s),
+                    "--corpus", str(b.corpus_path), "--batches", "1,8,32,64"],
+            threads, timeout_s=120 + 8 * b.raw_s)
+        for bs, r in runs[str(threads)]["batches"].items():
+            log(f"  batch {bs:>2}: {r['sentences_per_s']:.1f} sentences/s")
+    best_bs, best = max(((bs, r["sentences_per_s"]) for bs, r in runs[str(cores)]["batches"].items()),
+                        key=lambda x: x[1])
+    res["raw"] = {"cores": cores, "runs": runs, "best_sentences_per_s": best,
+                  "best_batch": int(best_bs)}
+    for threads, run in runs.items():
+        for bs, r in run["batches"].items():
+            rows.append(("raw model", f"{threads} thread(s), batch {bs}",
+                         f"{r['sentences_per_s']:.1f} sent/s", "", ""))
+    rows.append(("raw model", f"best ({cores} threads)", f"{best:.1f} sent/s (batch {best_bs})",
+                 "", ""))
+
+
+def section_served(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    out: dict[str, Any] = {}
+    res["served"] = out
+    port = free_port()
+    srv = Server("steadyserve-minilm", steadyserve_argv(None, None, port), port,
+                 b.log_dir / "steadyserve-minilm.log")
+    with running(srv, out):
+        out["memory_idle"] = srv.memory()
+        b.wrk("served-warmup", port, "/v1/embeddings", 64, b.warm_embed_s, "input", "minilm")
+        before = scrape(port)
+        out["wrk"] = w = b.wrk("served", port, "/v1/embeddings", 64, b.duration_s, "input",
+                               "minilm")
+        out["metrics_delta"] = d = delta(scrape(port), before)
+        out["mean_batch_size"] = batch_sizes(d)
+        out["memory_after_load"] = srv.memory()
+    raw_best = res.get("raw", {}).get("best_sentences_per_s")
+    ratio = w["rps"] / raw_best if raw_best else None
+    out["served_over_raw"] = ratio
+    rows.append(("served embeddings", "sentences/s (wrk -c64, 1 sentence/request)",
+                 f"{w['rps']:.1f}", "", ""))
+    rows.append(("served embeddings", "latency p50 / p99",
+                 f"{w['p50_ms']:.1f} / {w['p99_ms']:.1f} ms", "", ""))
+    rows.append(("served embeddings", "errors (non-2xx + socket)",
+                 f"{w['errors']} ({w['non_2xx_3xx']} + {w['socket_errors']})", "0",
+                 "ok" if w["errors"] == 0 else "MISS"))
+    rows.append(("served embeddings", "served/raw",
+                 f"{ratio:.2f}" if ratio is not None else "n/a",
+                 f"≥ {TARGETS['served_over_raw']:.2f}",
+                 verdict(ratio, TARGETS["served_over_raw"], True)))
+    if out["mean_batch_size"]:
+        sizes = ", ".join(f"{v:.1f}" for v in out["mean_batch_size"].values())
+        rows.append(("served embeddings", "mean batch size per replica", sizes, "", ""))
+
+
+def section_peer_embed(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    out: dict[str, Any] = {"mode": b.peer_mode}
+    res["peer_embed"] = out
+    port = free_port()
+    cores = len(os.sched_getaffinity(0))
+    srv = Server("fastapi-embed", uvicorn_argv("fastapi_embed:app", port), port,
+                 b.log_dir / "fastapi-embed.log",
+                 env={"BENCH_TORCH_THREADS": str(cores), "BENCH_PEER_MODE": b.peer_mode,
+                      "TOKENIZERS_PARALLELISM": "false"})
+    with running(srv, out):
+        b.wrk("peer-embed-warmup", port, "/v1/embeddings", 64, b.warm_embed_s, "input", "minilm")
+        out["wrk"] = w = b.wrk("peer-embed", port, "/v1/embeddings", 64, b.duration_s, "input",
+                               "minilm")
+    served = res.get("served", {}).get("wrk", {}).get("rps")
+    ratio = served / w["rps"] if served and w["rps"] else None
+    out["served_over_peer"] = ratio
+    rows.append(("fastapi peer (embed)", f"sentences/s (1 forward/request, {cores} threads)",
+                 f"{w['rps']:.1f}", "", ""))
+    rows.append(("fastapi peer (embed)", "latency p50 / p99",
+                 f"{w['p50_ms']:.1f} / {w['p99_ms']:.1f} ms", "", ""))
+    rows.append(("fastapi peer (embed)", "errors (non-2xx + socket)",
+                 f"{w['errors']} ({w['non_2xx_3xx']} + {w['socket_errors']})", "", ""))
+    rows.append(("fastapi peer (embed)", "served/peer",
+                 f"{ratio:.2f}" if ratio is not None else "n/a", "", ""))
+
+
+def section_echo(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    out: dict[str, Any] = {}
+    res["echo"] = out
+    path = "/v1/deployments/echo/echo"
+    port = free_port()
+    srv = Server("steadyserve-echo", steadyserve_argv(ECHO_SERVICE, 1, port), port,
+                 b.log_dir / "steadyserve-echo.log")
+    ss: dict[str, Any] = {}
+    out["steadyserve"] = ss
+    with running(srv, ss):
+        b.wrk("echo-warmup", port, path, 64, b.warm_echo_s, "text")
+        before = scrape(port)
+        ss["c64"] = b.wrk("echo-c64", port, path, 64, b.duration_s, "text")
+        ss["c1"] = b.wrk("echo-c1", port, path, 1, b.duration_s, "text")
+        ss["metrics_delta"] = delta(scrape(port), before)
+    port = free_port()
+    peer = Server("fastapi-echo", uvicorn_argv("fastapi_echo:app", port), port,
+                  b.log_dir / "fastapi-echo.log")
+    fa: dict[str, Any] = {}
+    out["fastapi"] = fa
+    with running(peer, fa):
+        b.wrk("peer-echo-warmup", port, path, 64, b.warm_echo_s, "text")
+        fa["c64"] = b.wrk("peer-echo-c64", port, path, 64, b.duration_s, "text")
+        fa["c1"] = b.wrk("peer-echo-c1", port, path, 1, b.duration_s, "text")
+    rps, p50 = ss["c64"]["rps"], ss["c1"]["p50_ms"]
+    out["rps_ratio"] = rps / fa["c64"]["rps"]
+    out["p50_ratio"] = p50 / fa["c1"]["p50_ms"] if fa["c1"]["p50_ms"] else None
+    rows.append(("echo", "steadyserve req/s (c64)", f"{rps:.0f}",
+                 f"≥ {TARGETS['echo_rps']:.0f}", verdict(rps, TARGETS["echo_rps"], True)))
+    rows.append(("echo", "steadyserve p50 / p99 (c64)",
+                 f"{ss['c64']['p50_ms']:.2f} / {ss['c64']['p99_ms']:.2f} ms", "", ""))
+    rows.append(("echo", "steadyserve p50 (c1)", f"{p50:.3f} ms",
+                 f"≤ {TARGETS['echo_p50_ms']:.1f} ms", verdict(p50, TARGETS["echo_p50_ms"], False)))
+    rows.append(("echo", "steadyserve p99 (c1)", f"{ss['c1']['p99_ms']:.3f} ms", "", ""))
+    errors = ss["c64"]["errors"] + ss["c1"]["errors"]
+    rows.append(("echo", "steadyserve errors (non-2xx + socket)", str(errors), "0",
+                 "ok" if errors == 0 else "MISS"))
+    rows.append(("echo", "fastapi direct req/s (c64)", f"{fa['c64']['rps']:.0f}", "", ""))
+    rows.append(("echo", "fastapi direct p50 (c1)", f"{fa['c1']['p50_ms']:.3f} ms", "", ""))
+    rows.append(("echo", "steadyserve/fastapi-direct req/s (c64)", f"{out['rps_ratio']:.2f}",
+                 "", ""))
+    rows.append(("echo", "steadyserve/fastapi-direct p50 (c1)",
+                 f"{out['p50_ratio']:.2f}" if out["p50_ratio"] else "n/a", "", ""))
+
+
+def section_memory(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    out: dict[str, Any] = {}
+    res["memory"] = out
+    port = free_port()
+    srv = Server("steadyserve-minilm-start", steadyserve_argv(None, None, port), port,
+                 b.log_dir / "steadyserve-minilm-start.log")
+    with running(srv, out):
+        time.sleep(3.0)  # let start-up garbage settle; no requests are sent
+        out["idle"] = mem = srv.memory()
+    ready = out["ready_s"]
+    gw = mem["self"].get("rss_mib")
+    replicas = [c for c in mem["children"] if "steadyserve.replica" in c.get("cmd", "")]
+    others = [c for c in mem["children"] if c not in replicas]
+    rows.append(("memory & start", "launch → /readyz 200 (minilm, 2 replicas)", f"{ready:.2f} s",
+                 f"≤ {TARGETS['ready_s']:.0f} s", verdict(ready, TARGETS["ready_s"], False)))
+    rows.append(("memory & start", "gateway idle RSS (USS)",
+                 f"{gw:.0f} MiB ({mem['self'].get('uss_mib', 0):.0f})",
+                 f"≤ {TARGETS['gateway_rss_mib']:.0f} MiB",
+                 verdict(gw, TARGETS["gateway_rss_mib"], False)))
+    for i, c in enumerate(replicas):
+        rows.append(("memory & start", f"replica {i} idle RSS (USS)",
+                     f"{c.get('rss_mib', 0):.0f} MiB ({c.get('uss_mib', 0):.0f})",
+                     f"≤ {TARGETS['replica_rss_mib']:.0f} MiB",
+                     verdict(c.get("rss_mib"), TARGETS["replica_rss_mib"], False)))
+    for c in others:
+        rows.append(("memory & start", f"other child {c['pid']} RSS",
+                     f"{c.get('rss_mib', 0):.0f} MiB", "", ""))
+    rows.append(("memory & start", "SIGTERM → exit",
+                 f"{out['stop'].get('stop_s', 0):.2f} s, exit {out['stop'].get('exit_code')}"
+                 + (f", left {out['stop']['children_left']}"
+                    if out["stop"].get("children_left") else ""), "", ""))
+
+
+def section_compression(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    log("compression and wire encoding (in process)")
+    out = run_worker("wire", ["--corpus", str(b.corpus_path)], 1, timeout_s=180)
+    res["compression"] = out
+    e, h = out["edge"], out["hop"]
+    ident = e["identity_bytes"]
+    rows.append(("compression", f"{e['sentences']}-sentence /v1/embeddings body, identity",
+                 f"{ident:,} B", "", ""))
+    rows.append(("compression", "gzip level 5", f"{e['gzip_bytes']:,} B "
+                 f"(×{ident / e['gzip_bytes']:.2f} smaller), {e['gzip_us']:.0f} µs", "", ""))
+    rows.append(("compression", "zstd level 3", f"{e['zstd_bytes']:,} B "
+                 f"(×{ident / e['zstd_bytes']:.2f} smaller), {e['zstd_us']:.0f} µs", "", ""))
+    rows.append(("compression", "orjson of the body (for scale)", f"{e['orjson_body_us']:.0f} µs",
+                 "", ""))
+    rows.append(("replica hop", "msgpack (codec.encode) bytes",
+                 f"{h['msgpack_bytes']:,} B", "", ""))
+    rows.append(("replica hop", "JSON float text bytes",
+                 f"{h['json_bytes']:,} B (msgpack is ×{h['json_bytes'] / h['msgpack_bytes']:.2f} "
+                 "smaller)", "", ""))
+    rows.append(("replica hop", "msgpack encode / decode",
+                 f"{h['msgpack_encode_us']:.1f} / {h['msgpack_decode_us']:.1f} µs", "", ""))
+    rows.append(("replica hop", "JSON encode / decode (to arrays)",
+                 f"{h['json_encode_us']:.1f} / {h['json_decode_us']:.1f} µs", "", ""))
+    if not (h["msgpack_lossless"] and h["json_lossless"]):
+        rows.append(("replica hop", "round trip lossless (msgpack, json)",
+                     f"{h['msgpack_lossless']}, {h['json_lossless']}", "True, True", "MISS"))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def print_table(rows: list[Row]) -> str:
+    headers = ("section", "measure", "value", "target", "")
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(5)]
+    lines = []
+    sep = "  "
+    lines.append(sep.join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    lines.append(sep.join("-" * w for w in widths).rstrip())
+    last = None
+    for r in rows:
+        cells = list(r)
+        if cells[0] == last:
+            cells[0] = ""
+        else:
+            last = cells[0]
+        lines.append(sep.join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def machine_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(Exception):
+        import torch
+
+        info["torch"] = torch.__version__
+    with contextlib.suppress(Exception):
+        import steadyserve
+
+        info["steadyserve"] = steadyserve.__version__
+    with contextlib.suppress(Exception):
+        info["git"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                     capture_output=True, text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=REPO,
+                               capture_output=True, text=True, check=False).stdout.strip()
+        info["src_dirty"] = bool(dirty)
+    with contextlib.suppress(Exception):
+        info["wrk"] = subprocess.run(["wrk", "--version"], capture_output=True, text=True,
+                                     check=False).stdout.splitlines()[0].strip()
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short smoke run, about a minute")
+    p.add_argument("--only", choices=["echo", "embed", "memory", "compression"],
+                   help="run one part (embed = raw model + served + FastAPI peer)")
+    p.add_argument("--duration-s", type=int, help="seconds per measured wrk run "
+                   "(default 30; 5 with --quick)")
+    p.add_argument("--peer-mode", choices=["async", "threadpool"], default="async",
+                   help="how the FastAPI embedding peer runs its forward (see peers/)")
+    p.add_argument("--sentences", type=int, default=2000, help="corpus size")
+    p.add_argument("--seed", type=int, default=20240601, help="corpus seed")
+    p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/"
+                   "serving-<timestamp>.json)")
+    # internal: the in-process model measurements run as subprocesses of this script
+    p.add_argument("--_worker", choices=["raw", "wire"], help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--seconds", type=float, default=3.0, help=argparse.SUPPRESS)
+    p.add_argument("--corpus", help=argparse.SUPPRESS)
+    p.add_argument("--batches", default="1,8,32,64", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args._worker:
+        result = worker_raw(args) if args._worker == "raw" else worker_wire(args)
+        print(json.dumps(result))
+        return 0
+
+    if shutil.which("wrk") is None and args.only not in ("memory", "compression"):
+        print("wrk is not installed (make bench-deps installs it)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_signal)
+    started = time.monotonic()
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log_dir = RESULTS / f"logs-{stamp}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    corpus = make_corpus(args.sentences, args.seed)
+    corpus_path = RESULTS / f"corpus-{args.sentences}-{args.seed}.txt"
+    corpus_path.write_text("\n".join(corpus) + "\n")
+    words = [len(s.split()) for s in corpus]
+
+    quick = args.quick
+    b = Bench(
+        duration_s=args.duration_s or (5 if quick else 30),
+        warm_embed_s=2 if quick else 5,
+        warm_echo_s=2 if quick else 3,
+        raw_s=0.75 if quick else 3.0,
+        corpus_path=corpus_path, log_dir=log_dir, peer_mode=args.peer_mode,
+    )
+    res: dict[str, Any] = {
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info(),
+        "settings": {"quick": quick, "only": args.only, "duration_s": b.duration_s,
+                     "warm_embed_s": b.warm_embed_s, "warm_echo_s": b.warm_echo_s,
+                     "raw_s_per_point": b.raw_s, "wrk": "-t1, --timeout 10s",
+                     "peer_mode": b.peer_mode},
+        "targets": TARGETS,
+        "corpus": {"sentences": len(corpus), "seed": args.seed, "path": str(corpus_path),
+                   "sha256": hashlib.sha256(corpus_path.read_bytes()).hexdigest(),
+                   "words_min": min(words), "words_max": max(words),
+                   "words_mean": statistics.mean(words)},
+        "failures": [],
+    }
+    rows: list[Row] = []
+    plan: list[tuple[str, Callable[[Bench, dict[str, Any], list[Row]], None]]] = []
+    if args.only in (None, "compression"):
+        plan.append(("compression", section_compression))
+    if args.only in (None, "embed"):
+        plan += [("raw", section_raw), ("served", section_served),
+                 ("peer_embed", section_peer_embed)]
+    if args.only in (None, "echo"):
+        plan.append(("echo", section_echo))
+    if args.only in (None, "memory"):
+        plan.append(("memory", section_memory))
+
+    try:
+        for name, fn in plan:
+            try:
+                fn(b, res, rows)
+            except (StartFailed, subprocess.TimeoutExpired) as exc:
+                msg = f"{name}: {exc}"
+                log(f"FAILED {msg}")
+                res["failures"].append(msg)
+                rows.append((name, "FAILED", str(exc).splitlines()[0][:80], "", "FAIL"))
+    finally:
+        _stop_all()
+        res["elapsed_s"] = round(time.monotonic() - started, 1)
+        out_path = args.out or RESULTS / f"serving-{stamp}.json"
+        print()
+        print(f"steadyserve serving benchmark, {res['started']}, "
+              f"{res['machine'].get('cores')} cores ({res['machine'].get('cpu', '?')}), "
+              f"{'--quick' if quick else 'full'} run, wrk {b.duration_s} s per measurement, "
+              f"{res['elapsed_s']:.0f} s in all")
+        res["table"] = print_table(rows)
+        res["rows"] = rows
+        out_path.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        print(f"\nJSON: {out_path}\nlogs: {log_dir}")
+    return 1 if res["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

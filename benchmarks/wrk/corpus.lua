@@ -1,0 +1,73 @@
+-- wrk script: POST one sentence of a corpus file per request, cycling through the file.
+--
+--   wrk -t1 -c64 -d30s --timeout 10s -s benchmarks/wrk/corpus.lua URL -- CORPUS FIELD [MODEL]
+--
+-- CORPUS: a text file, one sentence per line (benchmarks/serving.py writes it).
+-- FIELD:  the JSON key the sentence goes under ("input" for /v1/embeddings, "text" for echo).
+-- MODEL:  if given, also sends "model": MODEL (OpenAI shape).
+-- Every request is built once in init(); request() only hands them out, so the Lua side
+-- costs wrk almost nothing. There is no response() callback (it would slow wrk down):
+-- non-2xx/3xx answers are wrk's own summary.errors.status ("Non-2xx or 3xx responses").
+-- done() prints one line, "WRK_RESULT {json}", that serving.py parses.
+
+local requests = {}
+local count = 0
+local index = 0
+
+local escapes = { ['"'] = '\\"', ['\\'] = '\\\\', ['\b'] = '\\b', ['\f'] = '\\f',
+                  ['\n'] = '\\n', ['\r'] = '\\r', ['\t'] = '\\t' }
+
+local function json_string(s)
+  local escaped = s:gsub('[%c"\\]', function(c)
+    return escapes[c] or string.format('\\u%04x', c:byte())
+  end)
+  return '"' .. escaped .. '"'
+end
+
+function init(args)
+  local path, field, model = args[1], args[2], args[3]
+  if path == nil or field == nil then
+    error("usage: wrk ... -s corpus.lua URL -- CORPUS FIELD [MODEL]")
+  end
+  local file = assert(io.open(path, "r"))
+  local prefix = "{"
+  if model ~= nil and model ~= "" then
+    prefix = prefix .. '"model":' .. json_string(model) .. ","
+  end
+  prefix = prefix .. json_string(field) .. ":"
+  local headers = { ["Content-Type"] = "application/json" }
+  for line in file:lines() do
+    line = line:gsub("\r$", "")
+    if line ~= "" then
+      count = count + 1
+      requests[count] = wrk.format("POST", nil, headers, prefix .. json_string(line) .. "}")
+    end
+  end
+  file:close()
+  if count == 0 then
+    error("corpus " .. path .. " has no sentences")
+  end
+  -- every thread starts at the first sentence: runs are repeatable
+  index = 0
+end
+
+function request()
+  index = index % count + 1
+  return requests[index]
+end
+
+function done(summary, latency, requests_stats)
+  local e = summary.errors
+  io.write(string.format(
+    "WRK_RESULT {\"requests\":%.0f,\"duration_us\":%.0f,\"bytes\":%.0f," ..
+    "\"connect\":%.0f,\"read\":%.0f,\"write\":%.0f,\"status\":%.0f,\"timeout\":%.0f," ..
+    "\"p50_us\":%.0f,\"p90_us\":%.0f,\"p99_us\":%.0f,\"mean_us\":%.1f,\"max_us\":%.0f}\n",
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max))
+  io.write(string.format("latency p50 %.2f ms  p90 %.2f ms  p99 %.2f ms;  " ..
+    "2xx/3xx %.0f  non-2xx/3xx %.0f  socket errors %.0f\n",
+    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
+    summary.requests - e.status, e.status, e.connect + e.read + e.write + e.timeout))
+end
