@@ -17,8 +17,10 @@ CONTENT_TYPE = b"application/msgpack"
 
 def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
-        arr = np.ascontiguousarray(obj)
-        header = msgpack.packb([arr.dtype.str, list(arr.shape)])
+        if obj.dtype.hasobject:
+            raise TypeError("cannot encode an object-dtype array for the wire; convert it first")
+        arr = obj if obj.flags.c_contiguous else np.ascontiguousarray(obj)
+        header = msgpack.packb([arr.dtype.str, list(obj.shape)])
         return msgpack.ExtType(_NDARRAY, header + arr.tobytes())
     if isinstance(obj, np.generic):
         return obj.item()

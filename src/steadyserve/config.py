@@ -27,7 +27,7 @@ class DeploymentConfig:
     env: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
+        if not _NAME.fullmatch(self.name):
             raise ConfigError(
                 f"deployment name {self.name!r}: use lowercase letters, digits, '-', '_', '.'"
             )

@@ -20,6 +20,7 @@ routes pick the body shape (native or OpenAI) and nothing else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +118,7 @@ _BY_CODE: dict[str, type[SteadyError]] = {
     for cls in (
         SteadyError, ClientError, NotFound, MethodNotAllowed, PayloadTooLarge, UnsupportedMediaType,
         Overloaded, NoReadyReplica, ReplicaError, ReplicaUnavailable, ReplicaTimeout,
-        HandlerFailed,
+        HandlerFailed, ConfigError,
     )
 }
 
@@ -127,7 +128,7 @@ def to_http(exc: BaseException) -> HttpError:
     if isinstance(exc, SteadyError):
         headers: tuple[tuple[bytes, bytes], ...] = ()
         if isinstance(exc, Overloaded):
-            retry = max(1, round(exc.retry_after_s))
+            retry = max(1, math.ceil(exc.retry_after_s))
             headers = ((b"retry-after", str(retry).encode()),)
         return HttpError(exc.status, exc.code, exc.message, exc.param, headers)
     return HttpError(500, "internal_error", f"internal error: {type(exc).__name__}", None, ())
@@ -135,7 +136,11 @@ def to_http(exc: BaseException) -> HttpError:
 
 def to_wire(exc: SteadyError) -> dict[str, Any]:
     """Serialise an error for the replica → gateway hop."""
-    return {"code": exc.code, "message": exc.message, "param": exc.param, "status": exc.status}
+    wire: dict[str, Any] = {"code": exc.code, "message": exc.message, "param": exc.param,
+                            "status": exc.status}
+    if isinstance(exc, Overloaded):
+        wire["retry_after_s"] = exc.retry_after_s
+    return wire
 
 
 def from_wire(body: dict[str, Any]) -> SteadyError:
@@ -144,7 +149,11 @@ def from_wire(body: dict[str, Any]) -> SteadyError:
     message = str(body.get("message", "replica error"))
     exc: SteadyError
     if issubclass(cls, Overloaded):
-        exc = cls(message)
+        try:
+            retry_after_s = float(body.get("retry_after_s", 1.0))
+        except (TypeError, ValueError):
+            retry_after_s = 1.0
+        exc = cls(message, retry_after_s=retry_after_s)
     else:
         exc = cls(message, param=body.get("param"))
     status = body.get("status")

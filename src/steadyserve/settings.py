@@ -78,6 +78,9 @@ def load_config(
                                   "log_level", "log_format"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
+    for section in ("gateway", "supervisor", "deployments"):
+        if section in file and not isinstance(file[section], dict):
+            raise ConfigError(f"{config_path}: [{section}] must be a table")
 
     gateway = dict(file.get("gateway", {}))
     for key, cast in (("host", str), ("port", int)):
@@ -110,6 +113,8 @@ def load_config(
                 raise ConfigError(f"{config_path}: [deployments.{name}] must be a table")
             values = {"name": name, **table}
             if "env" in values:
+                if not isinstance(values["env"], dict):
+                    raise ConfigError(f"{config_path}: [deployments.{name}] env must be a table")
                 values["env"] = tuple((str(k), str(v)) for k, v in values["env"].items())
             deployments.append(_build(DeploymentConfig, values, f"[deployments.{name}]"))
     else:

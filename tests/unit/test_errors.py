@@ -97,11 +97,6 @@ def test_retry_after_at_least_one(retry_after_s, header):
     assert err.headers == ((b"retry-after", header),)
 
 
-@pytest.mark.xfail(
-    reason="BUG: to_http uses round() (banker's rounding) instead of math.ceil, so Retry-After "
-    "tells clients to come back before retry_after_s (2.2 -> 2, 2.5 -> 2, 1.4 -> 1)",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("retry_after_s", "header"),
     [
@@ -207,11 +202,6 @@ def test_unknown_code_maps_to_internal_error_at_the_edge():
     assert (err.status, err.code, err.message) == (503, "internal_error", "m")
 
 
-@pytest.mark.xfail(
-    reason="BUG: to_wire drops Overloaded.retry_after_s and from_wire rebuilds it with the default "
-    "1.0, so a service's Overloaded(retry_after_s=30) reaches the client as Retry-After: 1",
-    strict=True,
-)
 def test_wire_round_trip_keeps_retry_after():
     back = from_wire(to_wire(Overloaded("gpu busy", retry_after_s=30)))
     assert back.retry_after_s == 30  # type: ignore[attr-defined]

@@ -85,7 +85,7 @@ class Handlers:
     def echo(self, text: str, times: int = 1) -> str:
         return text * times
 
-    def untyped(self, x, y=2):  # noqa: ANN001
+    def untyped(self, x, y=2):
         return x
 
     def star(self, *texts: str) -> None: ...

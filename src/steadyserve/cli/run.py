@@ -15,7 +15,7 @@ import orjson
 
 from .. import __version__
 from ..config import Config
-from ..control.launcher import torch_threads, usable_cores
+from ..control.launcher import LocalLauncher, torch_threads, usable_cores
 from ..control.supervisor import Supervisor
 from ..errors import ConfigError
 from ..gateway.app import Gateway
@@ -87,11 +87,11 @@ async def show_progress(config: Config, gateway: Gateway, supervisor: Supervisor
     out.flush()
 
 
-async def serve(config: Config, out: TextIO = sys.stderr) -> int:
+async def serve(config: Config, out: TextIO = sys.stderr, launcher: LocalLauncher | None = None) -> int:
     import uvicorn
 
     started = time.monotonic()
-    gateway, supervisor = build_gateway(config)
+    gateway, supervisor = build_gateway(config, launcher)
     uv_config = uvicorn.Config(
         gateway, host=config.gateway.host, port=config.gateway.port, http=NoDelayHttpToolsProtocol,
         lifespan="on", access_log=False, log_config=None, backlog=4096,

@@ -68,6 +68,8 @@ class LocalLauncher:
             env = dict(os.environ)
             env.update(deployment.env)
             env["PYTHONUNBUFFERED"] = "1"
+            env["STEADYSERVE_REPLICA_ID"] = replica_id
+            env["STEADYSERVE_DEPLOYMENT"] = deployment.name
             argv = [
                 sys.executable, "-m", "steadyserve.replica",
                 "--service", deployment.service, "--fd", str(sock.fileno()),

@@ -24,7 +24,7 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     """The client's X-Request-ID when it is sane (≤128 safe chars), else a fresh one."""
     for key, value in headers:
         if key == b"x-request-id":
-            if _REQUEST_ID.match(value):
+            if _REQUEST_ID.fullmatch(value):
                 return value.decode()
             break
     return os.urandom(12).hex()

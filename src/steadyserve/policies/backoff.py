@@ -13,7 +13,9 @@ class Backoff:
 
     def ceiling(self, attempt: int) -> float:
         """Upper bound of the delay before restart number `attempt` (0-based)."""
-        return min(self.cap_s, self.base_s * self.multiplier ** max(0, attempt))
+        # clamp the exponent: a replica crash-looping for hours must not overflow the float
+        exponent = min(max(0, attempt), 64)
+        return min(self.cap_s, self.base_s * self.multiplier**exponent)
 
     def delay(self, attempt: int, rand01: float) -> float:
         """Delay in seconds; `rand01` in [0, 1) is the caller's randomness.
