@@ -51,7 +51,7 @@ class GatewayConfig:
     port: int = 8000
     max_body_bytes: int = 1 * MiB
     compress_min_bytes: int = 1024  # responses smaller than this are never compressed
-    request_timeout_s: float = 60.0  # upper bound on any one client request
+    request_timeout_s: float = 60.0  # upper bound on any one client request (and on its header)
     graceful_shutdown_s: float = 10.0  # drain in-flight requests on SIGTERM for at most this
 
     def __post_init__(self) -> None:
@@ -73,6 +73,9 @@ class SupervisorConfig:
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
     unhealthy_after: int = 3  # consecutive failed /readyz before leaving rotation
+    deep_health_interval_s: float = 5.0  # canary inference through the batcher this often
+    deep_health_timeout_s: float = 10.0
+    restart_unhealthy_after_s: float = 15.0  # unhealthy this long (wedged) → killed, restarted
     drain_timeout_s: float = 10.0  # SIGTERM'd replicas get this long before SIGKILL
     reconcile_interval_s: float = 0.2
 
@@ -80,10 +83,60 @@ class SupervisorConfig:
         if self.restart_base_s <= 0 or self.restart_cap_s < self.restart_base_s:
             raise ConfigError("need 0 < restart_base_s <= restart_cap_s")
         if min(self.ready_timeout_s, self.health_interval_s, self.health_timeout_s,
-               self.drain_timeout_s, self.reconcile_interval_s) <= 0:
+               self.drain_timeout_s, self.reconcile_interval_s, self.deep_health_interval_s,
+               self.deep_health_timeout_s, self.restart_unhealthy_after_s) <= 0:
             raise ConfigError("supervisor intervals and timeouts must be > 0")
         if self.unhealthy_after < 1:
             raise ConfigError("unhealthy_after must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ResilienceConfig:
+    """Retries, hedging, outlier ejection, admission control, quarantine (docs/configuration.md)."""
+
+    max_attempts: int = 2  # per request, hedges included; retries only for idempotent handlers
+    retry_budget_ratio: float = 0.2  # retries ≤ this share of requests over the window…
+    retry_budget_window_s: float = 10.0
+    retry_budget_min_per_s: float = 3.0  # …plus this floor
+    retry_backoff_base_s: float = 0.005
+    retry_backoff_cap_s: float = 0.05
+    per_try_timeout_min_s: float = 1.0  # per-try timeout = max(this, multiple × observed p99)
+    per_try_timeout_p99_multiple: float = 3.0
+    hedge_min_delay_s: float = 0.005  # hedges fire after max(this, observed p95)
+    outlier_consecutive_failures: int = 5
+    outlier_base_ejection_s: float = 30.0
+    outlier_max_ejection_s: float = 300.0
+    outlier_max_ejection_share: float = 0.5
+    slow_start_s: float = 10.0
+    admission: bool = True  # adaptive concurrency limit + priority wait queue per deployment
+    limit_initial: int | None = None  # None: replicas × max(4, largest max_batch_size)
+    limit_max: int = 10_000
+    limit_backoff: float = 0.9
+    limit_tolerance: float = 1.0  # queueing allowed, in service times (non-batched handlers)
+    limit_batch_tolerance: float = 2.0  # the same for batched handlers
+    queue_max: int = 1000  # requests waiting for a slot, per deployment
+    queue_target_s: float = 0.005  # CoDel target queue wait
+    queue_interval_s: float = 0.1  # CoDel interval; also the longest wait when not overloaded
+    batch_queue_share: float = 0.5  # batch-priority requests may fill at most this share
+    quarantine_crashes: float = 2.0
+    quarantine_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts must be >= 1")
+        if not 0 <= self.retry_budget_ratio <= 1 or self.retry_budget_min_per_s < 0:
+            raise ConfigError("retry_budget_ratio must be in [0, 1] and retry_budget_min_per_s >= 0")
+        if not 0 < self.outlier_max_ejection_share <= 1:
+            raise ConfigError("outlier_max_ejection_share must be in (0, 1]")
+        if not 0 < self.limit_backoff < 1:
+            raise ConfigError("limit_backoff must be in (0, 1)")
+        if not 0 <= self.batch_queue_share <= 1:
+            raise ConfigError("batch_queue_share must be in [0, 1]")
+        if min(self.retry_budget_window_s, self.per_try_timeout_min_s, self.queue_target_s,
+               self.queue_interval_s, self.outlier_base_ejection_s, self.quarantine_crashes) <= 0:
+            raise ConfigError("resilience durations and thresholds must be > 0")
+        if self.outlier_consecutive_failures < 1 or self.queue_max < 0 or self.limit_max < 1:
+            raise ConfigError("outlier_consecutive_failures, limit_max >= 1 and queue_max >= 0")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -91,6 +144,7 @@ class Config:
     deployments: tuple[DeploymentConfig, ...]
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     data_dir: str = ".steadyserve"
     log_level: str = "info"
     log_format: str = "auto"  # json | text | auto (text on a terminal)

@@ -5,6 +5,7 @@
     │   ├── NotFound (404)            unknown deployment / handler / route
     │   ├── MethodNotAllowed (405)
     │   ├── PayloadTooLarge (413)     body or input count over a limit
+    │   ├── Quarantined (422)         this input crashed replicas; refused for a while
     │   └── UnsupportedMediaType (415)
     ├── Overloaded (503/429)          no capacity now; carries retry_after_s
     │   └── NoReadyReplica (503)      the deployment has no replica in rotation
@@ -100,6 +101,13 @@ class HandlerFailed(ReplicaError):
     code = "handler_failed"
 
 
+class Quarantined(ClientError):
+    """This exact input crashed replicas; it is refused for a while instead of crashing more."""
+
+    status = 422
+    code = "input_quarantined"
+
+
 class ConfigError(SteadyError):
     code = "config_error"
 
@@ -118,7 +126,7 @@ _BY_CODE: dict[str, type[SteadyError]] = {
     for cls in (
         SteadyError, ClientError, NotFound, MethodNotAllowed, PayloadTooLarge, UnsupportedMediaType,
         Overloaded, NoReadyReplica, ReplicaError, ReplicaUnavailable, ReplicaTimeout,
-        HandlerFailed, ConfigError,
+        HandlerFailed, ConfigError, Quarantined,
     )
 }
 

@@ -38,6 +38,9 @@ class HandlerOptions:
     idempotent: bool = True
     max_inputs: int = 2048
     openai: str | None = None
+    hedge: bool = False  # after the observed p95, send a second attempt to another replica
+    per_try_timeout_s: float | None = None  # None: the whole deadline (adaptive when hedging)
+    canary: dict[str, Any] | None = None  # tiny request the deep health check sends
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -48,6 +51,10 @@ class HandlerOptions:
             raise ConfigError("timeout_s must be > 0")
         if self.max_inputs < 1:
             raise ConfigError("max_inputs must be >= 1")
+        if self.per_try_timeout_s is not None and self.per_try_timeout_s <= 0:
+            raise ConfigError("per_try_timeout_s must be > 0")
+        if self.hedge and not self.idempotent:
+            raise ConfigError("hedge=True needs an idempotent handler")
         if self.openai is not None and self.openai not in OPENAI_KINDS:
             raise ConfigError(f"openai= must be one of {OPENAI_KINDS}, got {self.openai!r}")
 
@@ -58,6 +65,7 @@ def handler(fn: F, /) -> F: ...
 def handler(
     *, batch: bool = ..., max_batch_size: int = ..., max_wait_s: float = ...,
     timeout_s: float = ..., idempotent: bool = ..., max_inputs: int = ..., openai: str | None = ...,
+    hedge: bool = ..., canary: dict[str, Any] | None = ..., per_try_timeout_s: float | None = ...,
 ) -> Callable[[F], F]: ...
 
 

@@ -20,7 +20,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_SERVICE, Config, DeploymentConfig, GatewayConfig, SupervisorConfig
+from .config import (
+    DEFAULT_SERVICE,
+    Config,
+    DeploymentConfig,
+    GatewayConfig,
+    ResilienceConfig,
+    SupervisorConfig,
+)
 from .errors import ConfigError
 
 ENV_PREFIX = "STEADYSERVE_"
@@ -74,11 +81,11 @@ def load_config(
         config_path = str(cwd / "steadyserve.toml")
     if config_path is not None:
         file = read_toml(Path(config_path))
-    unknown = sorted(set(file) - {"gateway", "supervisor", "deployments", "data_dir",
-                                  "log_level", "log_format"})
+    unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "deployments",
+                                  "data_dir", "log_level", "log_format"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
-    for section in ("gateway", "supervisor", "deployments"):
+    for section in ("gateway", "supervisor", "resilience", "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
@@ -128,5 +135,6 @@ def load_config(
         deployments=tuple(deployments),
         gateway=_build(GatewayConfig, gateway, "[gateway]"),
         supervisor=_build(SupervisorConfig, file.get("supervisor", {}), "[supervisor]"),
+        resilience=_build(ResilienceConfig, file.get("resilience", {}), "[resilience]"),
         **top,
     )

@@ -46,14 +46,15 @@ def test_kill_9_a_replica_under_load_loses_no_request_and_it_comes_back(serve):
         with gw.client(timeout=10) as c:
             while not stop.is_set():
                 try:
-                    r = c.post("/v1/deployments/echo/slow", json={"seconds": 0.02})
+                    r = c.post("/v1/deployments/echo/slow", json={"seconds": 0.01})
                     if r.status_code != 200:
                         errors.append(f"{r.status_code} {r.text}")
                 except httpx.HTTPError as exc:
                     errors.append(repr(exc))
                 done += 1
 
-    threads = [threading.Thread(target=load) for _ in range(6)]
+    # below capacity (1.5 concurrent on 2 replicas): this test is about crashes, not overload
+    threads = [threading.Thread(target=load) for _ in range(3)]
     for t in threads:
         t.start()
     time.sleep(1.0)

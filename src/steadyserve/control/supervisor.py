@@ -2,26 +2,31 @@
 
 Each deployment has `replicas` slots. A slot walks
     backoff → starting → ready ⇄ unhealthy → (exit) → backoff → …
-A replica process that exits is taken out of rotation the moment its exit is seen
-(a watcher task per process), and restarted after an exponential, jittered backoff that
-resets once it has stayed ready for a while. It returns to rotation only when its /readyz
-says so. Every loop iteration catches and logs its own errors: the loop never dies silently.
+A replica process that exits is taken out of rotation the moment its exit is seen (a
+watcher task per process) and restarted after an exponential, jittered backoff that resets
+once it has stayed ready for a while. It returns to rotation only when its /readyz says so.
+Health: /readyz every second and a deep check (the model thread plus each handler's canary,
+through the batcher) every few seconds; a replica unhealthy for too long — a wedged event
+loop or model — is killed and restarted. Rollouts replace a deployment's replicas one at a
+time: start new, wait ready, shift, drain old. Every loop iteration catches and logs its own
+errors, and probes run as their own tasks: a slow replica never stalls the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from .. import codec
 from ..config import Config, DeploymentConfig
-from ..errors import ReplicaUnavailable, SteadyError
+from ..errors import ClientError, ConfigError, ReplicaUnavailable, SteadyError
 from ..gateway.membership import Endpoint, Membership
 from ..gateway.transport import Address, Transport
 from ..observe.metrics import REPLICA_STATES, GatewayMetrics
@@ -31,6 +36,8 @@ from .launcher import LaunchedReplica, LocalLauncher
 log = logging.getLogger("steadyserve.supervisor")
 
 STABLE_AFTER_S = 30.0  # ready this long → the next crash restarts with the shortest backoff
+ROLLOUT_FIELDS = ("service", "replicas", "balancer", "torch_threads", "env",
+                  "max_connections_per_replica")
 
 
 @dataclass(slots=True, eq=False)
@@ -46,10 +53,15 @@ class Slot:
     ready_at: float = 0.0
     health_failures: int = 0
     last_health_at: float = 0.0
+    last_deep_at: float = 0.0
+    unhealthy_since: float = 0.0
     info: dict[str, Any] | None = None
+    endpoint: Endpoint | None = None
     restarts: int = 0
     last_exit_code: int | None = None
+    retired: bool = False  # replaced by a rollout: drain, exit, never restart
     watcher: asyncio.Task[None] | None = None
+    probe: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> Address | None:
@@ -74,8 +86,11 @@ class Supervisor:
         self.slots = [
             Slot(d, f"{d.name}-{i}") for d in config.deployments for i in range(d.replicas)
         ]
+        self.revisions = {d.name: 0 for d in config.deployments}
+        self.crash_listeners: list[Callable[[str, Endpoint], None]] = []
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._rollout_locks: dict[str, asyncio.Lock] = {}
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,58 +114,63 @@ class Supervisor:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        live = [s for s in self.slots if s.replica and s.replica.process.returncode is None]
-        for s in live:
-            self.membership.remove(s.deployment.name, s.replica_id)
-            s.state = "stopping"
-            assert s.replica is not None
-            self.launcher.signal(s.replica, signal.SIGTERM)
-        waits = [s.replica.process.wait() for s in live if s.replica]
-        if waits:
-            _, pending = await asyncio.wait(
-                [asyncio.ensure_future(w) for w in waits], timeout=self.cfg.drain_timeout_s + 1
-            )
-            if pending:
-                log.warning("%d replica(s) did not drain in time; killing", len(pending))
-                for s in live:
-                    if s.replica:
-                        self.launcher.signal(s.replica, signal.SIGKILL)
-                await asyncio.wait(pending, timeout=5)
+        await self._terminate([s for s in self.slots if s.replica is not None])
         for s in self.slots:
-            if s.watcher is not None:
-                s.watcher.cancel()
+            for task in (s.watcher, s.probe):
+                if task is not None:
+                    task.cancel()
         self._export_states()
 
     # reconcile -------------------------------------------------------------------------
     async def reconcile_once(self) -> None:
         now = self.clock()
-        probes = []
-        for slot in self.slots:
+        for slot in list(self.slots):
+            if slot.retired:
+                continue
             if slot.state == "backoff" and now >= slot.next_start_at:
                 await self._spawn(slot, now)
             elif slot.state == "starting":
                 if now - slot.started_at > self.cfg.ready_timeout_s:
-                    log.error("replica not ready after %.0fs; killing it", self.cfg.ready_timeout_s,
-                              extra={"replica": slot.replica_id})
-                    if slot.replica:
-                        self.launcher.signal(slot.replica, signal.SIGKILL)
+                    self._kill(slot, f"not ready after {self.cfg.ready_timeout_s:.0f}s")
                 else:
-                    probes.append(self._probe_starting(slot))
+                    self._probe(slot, self._probe_starting(slot))
             elif slot.state in ("ready", "unhealthy"):
-                if now - slot.last_health_at >= self.cfg.health_interval_s:
+                if slot.state == "unhealthy" and \
+                        now - slot.unhealthy_since >= self.cfg.restart_unhealthy_after_s:
+                    self._kill(slot, f"unhealthy for {now - slot.unhealthy_since:.0f}s (wedged?)")
+                elif now - slot.last_deep_at >= self.cfg.deep_health_interval_s:
+                    slot.last_deep_at = slot.last_health_at = now
+                    self._probe(slot, self._check_health(slot, deep=True))
+                elif now - slot.last_health_at >= self.cfg.health_interval_s:
                     slot.last_health_at = now
-                    probes.append(self._check_health(slot))
-        if probes:
-            for result in await asyncio.gather(*probes, return_exceptions=True):
-                if isinstance(result, Exception):
-                    log.error("replica probe failed", exc_info=result)
+                    self._probe(slot, self._check_health(slot, deep=False))
         self._export_states()
+
+    def _probe(self, slot: Slot, probe: Coroutine[Any, Any, None]) -> None:
+        """Run a probe as its own task, one at a time per slot, so the loop never waits on it."""
+        if slot.probe is not None and not slot.probe.done():
+            probe.close()
+            return
+        slot.probe = asyncio.get_running_loop().create_task(self._logged(probe))
+
+    @staticmethod
+    async def _logged(probe: Coroutine[Any, Any, None]) -> None:
+        try:
+            await probe
+        except Exception:
+            log.exception("replica probe failed")
+
+    def _kill(self, slot: Slot, why: str) -> None:
+        log.error("killing replica: %s", why, extra={"replica": slot.replica_id})
+        if slot.replica:
+            self.launcher.signal(slot.replica, signal.SIGKILL)
 
     async def _spawn(self, slot: Slot, now: float) -> None:
         slot.generation += 1
         slot.state = "starting"
         slot.started_at = now
         slot.health_failures = 0
+        slot.endpoint = None
         try:
             slot.replica = await self.launcher.launch(slot.deployment, slot.replica_id)
         except SteadyError as exc:
@@ -172,6 +192,14 @@ class Supervisor:
         slot.last_exit_code = code
         if self.stopping:
             return
+        if slot.retired:
+            if slot in self.slots:
+                self.slots.remove(slot)
+            self._export_states()
+            return
+        if slot.endpoint is not None and slot.endpoint.inflight:
+            for listener in self.crash_listeners:  # not stopped by us: blame what was on it
+                listener(slot.deployment.name, slot.endpoint)
         self.metrics.restarts.labels(slot.deployment.name).inc()
         slot.restarts += 1
         delay = self._schedule_restart(slot, self.clock())
@@ -189,20 +217,21 @@ class Supervisor:
         slot.next_start_at = now + delay
         return delay
 
-    async def _get(self, slot: Slot, path: str) -> tuple[int, bytes] | None:
+    async def _get(self, slot: Slot, path: str, timeout_s: float) -> tuple[int, bytes] | None:
         address = slot.address
         if address is None:
             return None
-        reply = await self.transport.request(address, "GET", path, b"", [], self.cfg.health_timeout_s)
+        reply = await self.transport.request(address, "GET", path, b"", [], timeout_s)
         return reply.status, reply.body
 
     async def _probe_starting(self, slot: Slot) -> None:
         generation = slot.generation
+        timeout = self.cfg.health_timeout_s
         try:
-            got = await self._get(slot, "/readyz")
+            got = await self._get(slot, "/readyz", timeout)
             if got is None or got[0] != 200:
                 return
-            info = await self._get(slot, "/info")
+            info = await self._get(slot, "/info", timeout)
         except SteadyError:
             return  # still loading (or not listening yet)
         if info is None or slot.generation != generation or slot.state != "starting":
@@ -217,38 +246,138 @@ class Supervisor:
         slot.state = "ready"
         slot.ready_at = slot.ready_at or self.clock()
         slot.health_failures = 0
-        self.membership.add(slot.deployment.name, Endpoint(slot.replica_id, slot.address), slot.info)
+        slot.unhealthy_since = 0.0
+        if slot.endpoint is None:
+            slot.endpoint = Endpoint(slot.replica_id, slot.address)
+        self.membership.add(slot.deployment.name, slot.endpoint, slot.info)
 
-    async def _check_health(self, slot: Slot) -> None:
+    async def _check_health(self, slot: Slot, *, deep: bool) -> None:
         generation = slot.generation
+        path, timeout = ("/healthz/deep", self.cfg.deep_health_timeout_s) if deep else \
+            ("/readyz", self.cfg.health_timeout_s)
+        refused = False
         try:
-            got = await self._get(slot, "/readyz")
+            got = await self._get(slot, path, timeout)
             healthy = got is not None and got[0] == 200
-            refused = False
-        except ReplicaUnavailable:
-            healthy, refused = False, True
-        except SteadyError:
-            healthy, refused = False, False
-        if slot.generation != generation or slot.state not in ("ready", "unhealthy"):
+            reason = "" if healthy or got is None else got[1].decode(errors="replace")[:200]
+        except ReplicaUnavailable as exc:
+            healthy, refused, reason = False, True, exc.message
+        except SteadyError as exc:
+            healthy, reason = False, exc.message
+        if slot.generation != generation or slot.state not in ("ready", "unhealthy") \
+                or slot.retired:
             return
         if healthy:
             if slot.state == "unhealthy":
-                log.info("replica healthy again; back in rotation", extra={"replica": slot.replica_id})
+                log.info("replica healthy again; back in rotation",
+                         extra={"replica": slot.replica_id})
                 self._enter_rotation(slot)
             slot.health_failures = 0
             return
         slot.health_failures += 1
         if slot.state == "ready" and (refused or slot.health_failures >= self.cfg.unhealthy_after):
-            log.warning("replica failed health checks; out of rotation",
+            log.warning("replica failed %s health checks; out of rotation: %s",
+                        "deep" if deep else "readiness", reason,
                         extra={"replica": slot.replica_id, "failures": slot.health_failures})
             slot.state = "unhealthy"
+            slot.unhealthy_since = self.clock()
             self.membership.remove(slot.deployment.name, slot.replica_id)
+            if slot.address is not None:  # requests stuck on it are retried elsewhere now
+                self.transport.forget(slot.address)
 
     def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None:
         """Passive health: the data plane could not reach a replica; check it on the next tick."""
         for slot in self.slots:
             if slot.replica_id == endpoint.replica_id:
                 slot.last_health_at = 0.0
+
+    # rollout -----------------------------------------------------------------------------------
+    async def rollout(self, deployment: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Replace every replica of a deployment, one at a time, with no gap in service:
+        start a new one, wait until ready (it joins rotation), then drain and stop an old one.
+        A new replica that fails to become ready aborts the rollout; the old ones keep serving."""
+        unknown = sorted(set(changes) - set(ROLLOUT_FIELDS))
+        if unknown:
+            raise ClientError(f"cannot roll out {unknown[0]!r}; settable: {list(ROLLOUT_FIELDS)}",
+                              param=unknown[0])
+        lock = self._rollout_locks.setdefault(deployment, asyncio.Lock())
+        if lock.locked():
+            raise ClientError(f"a rollout of {deployment!r} is already running")
+        async with lock:
+            old_cfg = self.membership.deployments[deployment].config
+            values = dict(changes)
+            if "env" in values:
+                if not isinstance(values["env"], dict):
+                    raise ClientError("'env' must be an object of strings", param="env")
+                values["env"] = tuple((str(k), str(v)) for k, v in values["env"].items())
+            try:
+                new_cfg = dataclasses.replace(old_cfg, **values)
+            except (ConfigError, TypeError) as exc:
+                raise ClientError(f"invalid rollout: {exc}") from None
+            self.revisions[deployment] += 1
+            rev = self.revisions[deployment]
+            old = [s for s in self.slots if s.deployment.name == deployment and not s.retired]
+            started = self.clock()
+            log.info("rollout started", extra={"deployment": deployment, "revision": rev})
+            for i in range(new_cfg.replicas):
+                slot = Slot(new_cfg, f"{deployment}-r{rev}-{i}")
+                self.slots.append(slot)
+                if not await self._wait_ready(slot):
+                    await self._retire([s for s in self.slots if s.deployment is new_cfg])
+                    log.error("rollout aborted: a new replica did not become ready",
+                              extra={"deployment": deployment, "revision": rev})
+                    raise ClientError(
+                        f"rollout of {deployment!r} aborted: replica {slot.replica_id} did not "
+                        f"become ready (last exit code {slot.last_exit_code}); old replicas "
+                        "still serve")
+                if i == 0:
+                    self.membership.reconfigure(new_cfg)
+                if old:
+                    await self._retire([old.pop(0)])
+            await self._retire(old)  # scaled down: the rest go too
+            log.info("rollout finished in %.1fs", self.clock() - started,
+                     extra={"deployment": deployment, "revision": rev})
+            return {"deployment": deployment, "revision": rev, "replicas": self.status(deployment),
+                    "duration_s": round(self.clock() - started, 2)}
+
+    async def _wait_ready(self, slot: Slot) -> bool:
+        deadline = self.clock() + self.cfg.ready_timeout_s
+        while self.clock() < deadline and not self.stopping:
+            if slot.state == "ready":
+                return True
+            if slot.restarts >= 2:
+                return False  # crash-looping: the new version is broken
+            await asyncio.sleep(0.05)
+        return False
+
+    async def _retire(self, slots: list[Slot]) -> None:
+        """Replaced by a rollout: drain and stop, never restart."""
+        for slot in slots:
+            slot.retired = True
+        await self._terminate(slots)
+        for slot in slots:
+            if slot in self.slots:
+                self.slots.remove(slot)
+        self._export_states()
+
+    async def _terminate(self, slots: list[Slot]) -> None:
+        """Staged: out of rotation at once, SIGTERM (in-flight work drains), wait, SIGKILL."""
+        live = [s for s in slots if s.replica is not None and s.replica.process.returncode is None]
+        for slot in live:
+            self.membership.remove(slot.deployment.name, slot.replica_id)
+            slot.state = "stopping"
+            assert slot.replica is not None
+            self.launcher.signal(slot.replica, signal.SIGTERM)
+        if not live:
+            return
+        waits = [asyncio.ensure_future(s.replica.process.wait()) for s in live if s.replica]
+        _, pending = await asyncio.wait(waits, timeout=self.cfg.drain_timeout_s + 1)
+        if pending:
+            log.warning("%d replica(s) did not drain in time; killing", len(pending))
+            for slot in live:
+                if slot.replica is not None:
+                    self.launcher.signal(slot.replica, signal.SIGKILL)
+            await asyncio.wait(pending, timeout=5)
 
     # views -----------------------------------------------------------------------------------
     def status(self, deployment: str) -> list[dict[str, Any]]:
@@ -262,15 +391,16 @@ class Supervisor:
                 "restarts": s.restarts,
                 "last_exit_code": s.last_exit_code,
                 "ready_for_s": round(now - s.ready_at, 1) if s.state == "ready" else 0.0,
+                "ejected": bool(s.endpoint and s.endpoint.health.ejected_until > 0),
             }
             for s in self.slots if s.deployment.name == deployment
         ]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
+        out: dict[str, dict[str, int]] = {d: dict.fromkeys(REPLICA_STATES, 0)
+                                          for d in self.membership.deployments}
         for s in self.slots:
-            by_state = out.setdefault(s.deployment.name, dict.fromkeys(REPLICA_STATES, 0))
-            by_state[s.state] += 1
+            out[s.deployment.name][s.state] += 1
         return out
 
     def pids(self) -> list[int]:

@@ -37,6 +37,7 @@ EXACT: dict[tuple[str, str], RouteFn] = {
     ("POST", "/v1/embeddings"): openai.embeddings,
     ("GET", "/v1/deployments"): routes.list_deployments,
 }
+ADMIN_PREFIX = "/v1/admin/deployments/"
 DEPLOYMENTS_PREFIX = "/v1/deployments/"
 
 
@@ -45,6 +46,7 @@ class ControlPlane(Protocol):
     async def stop(self) -> None: ...
     def status(self, deployment: str) -> list[dict[str, Any]]: ...
     def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None: ...
+    async def rollout(self, deployment: str, changes: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class Gateway:
@@ -59,9 +61,10 @@ class Gateway:
         self.transport = transport
         self.control = control
         self.dispatcher = Dispatcher(
-            transport, self.metrics,
+            transport, self.metrics, config.resilience,
             on_unavailable=control.report_unavailable if control is not None else None,
         )
+        self.membership.on_change = self.dispatcher.resize
         self.draining = False
         self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
 
@@ -87,6 +90,12 @@ class Gateway:
         route = EXACT.get((method, path))
         if route is not None:
             return route, {}
+        if path.startswith(ADMIN_PREFIX) and path.endswith("/rollout"):
+            name = path[len(ADMIN_PREFIX):-len("/rollout")]
+            if name and "/" not in name:
+                if method != "POST":
+                    raise _method_not_allowed(method, path, "POST")
+                return routes.rollout, {"deployment": name}
         if path.startswith(DEPLOYMENTS_PREFIX):
             parts = path[len(DEPLOYMENTS_PREFIX):].split("/")
             if len(parts) == 2 and all(parts):
@@ -200,6 +209,14 @@ class Gateway:
                 for name, h in d.handlers.items()
             },
         }
+
+    def export_admission(self) -> None:
+        m = self.metrics
+        for d in self.membership.deployments.values():
+            adm = self.dispatcher.state(d).admission
+            m.admission_limit.labels(d.name).set(adm.limit.limit)
+            m.admission_inflight.labels(d.name).set(adm.inflight)
+            m.admission_queued.labels(d.name).set(adm.queued)
 
     async def replica_metrics(self) -> bytes:
         targets = [

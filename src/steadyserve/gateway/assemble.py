@@ -23,4 +23,5 @@ def build_gateway(
     supervisor = Supervisor(config, membership, transport, metrics, launcher)
     gateway = Gateway(config, transport=transport, membership=membership, metrics=metrics,
                       control=supervisor)
+    supervisor.crash_listeners.append(gateway.dispatcher.on_replica_crash)
     return gateway, supervisor

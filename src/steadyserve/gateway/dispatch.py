@@ -1,26 +1,79 @@
-"""Send one call to a replica of a deployment: pick, call, retry once elsewhere if safe.
+"""Send one request to a deployment's replicas and get one answer back, whatever happens.
 
-A connect failure or a connection that dies mid-request (a replica killed, a replica
-draining) is retried once on another replica when the handler is idempotent (the default
-for inference). Any other answer, good or bad, is final.
+    admission slot ─► pick a replica (balancer over the ones in rotation, ejected ones out,
+    a due ejected one gets one live probe, returned ones ramp up) ─► attempt with a per-try
+    timeout ─► [hedge: after the observed p95, a second attempt elsewhere; first good answer
+    wins; the loser is cancelled] ─► on connect errors, resets, 500/502/503 and per-try
+    timeouts of idempotent handlers: retry on another replica (never the one that just
+    failed) after a short jittered pause, if the retry budget allows and the deadline has room.
+
+Every attempt updates the replica's outlier state (passive health), its latency estimates
+(balancer, hedging, per-try timeout) and the deployment's concurrency limit.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import itertools
+import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import codec
-from ..errors import NoReadyReplica, ReplicaError, ReplicaUnavailable, from_wire
+from ..config import ResilienceConfig
+from ..errors import (
+    NoReadyReplica,
+    Quarantined,
+    ReplicaError,
+    ReplicaTimeout,
+    ReplicaUnavailable,
+    SteadyError,
+    from_wire,
+)
 from ..observe.metrics import GatewayMetrics
 from ..policies.balancing import update_peak_ewma
+from ..policies.latency import LatencyWindow
+from ..policies.outlier import OutlierPolicy, record, slow_start_weight, start_probe
+from ..policies.quarantine import Quarantine
+from ..policies.retry import RetryBudget, retry_backoff_s
 from ..replica.server import DEADLINE_HEADER
+from .admission import Admission
 from .membership import Deployment, Endpoint, Handler
 from .transport import Transport
 
+log = logging.getLogger("steadyserve.dispatch")
+
 REQUEST_ID_HEADER = b"x-request-id"
+RETRYABLE_STATUS = frozenset({500, 502, 503})
+
+
+class _Retryable(Exception):
+    """An attempt failed in a way another replica may not: carries the error to report."""
+
+    def __init__(self, error: SteadyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(slots=True)
+class _DeploymentState:
+    budget: RetryBudget
+    admission: Admission
+    latency: dict[str, LatencyWindow] = field(default_factory=dict)
+
+    def window(self, handler: str) -> LatencyWindow:
+        w = self.latency.get(handler)
+        if w is None:
+            w = self.latency[handler] = LatencyWindow()
+        return w
+
+
+def input_key(handler: str, body: bytes) -> str:
+    return hashlib.blake2b(handler.encode() + b"\0" + body, digest_size=12).hexdigest()
 
 
 class Dispatcher:
@@ -28,6 +81,7 @@ class Dispatcher:
         self,
         transport: Transport,
         metrics: GatewayMetrics,
+        cfg: ResilienceConfig | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
@@ -35,68 +89,265 @@ class Dispatcher:
     ) -> None:
         self.transport = transport
         self.metrics = metrics
+        self.cfg = cfg or ResilienceConfig()
         self.clock = clock
         self.rand = rand
         self.on_unavailable = on_unavailable
+        self.outlier = OutlierPolicy(
+            consecutive_failures=self.cfg.outlier_consecutive_failures,
+            base_ejection_s=self.cfg.outlier_base_ejection_s,
+            max_ejection_s=self.cfg.outlier_max_ejection_s,
+            max_ejection_share=self.cfg.outlier_max_ejection_share,
+            slow_start_s=self.cfg.slow_start_s,
+        )
+        self.quarantine = Quarantine(crashes=self.cfg.quarantine_crashes,
+                                     quarantine_s=self.cfg.quarantine_s)
+        self._states: dict[str, _DeploymentState] = {}
+        self._ids = itertools.count()
 
+    # state ----------------------------------------------------------------------------------
+    def state(self, d: Deployment) -> _DeploymentState:
+        st = self._states.get(d.name)
+        if st is None:
+            st = self._states[d.name] = _DeploymentState(
+                RetryBudget(ratio=self.cfg.retry_budget_ratio, window_s=self.cfg.retry_budget_window_s,
+                            min_per_s=self.cfg.retry_budget_min_per_s),
+                Admission(self.cfg, replicas=d.config.replicas, clock=self.clock),
+            )
+        return st
+
+    def resize(self, d: Deployment) -> None:
+        """Called when a deployment's replicas or handlers change."""
+        batch = max((h.spec.options.max_batch_size for h in d.handlers.values()
+                     if h.spec.options.batch), default=1)
+        self.state(d).admission.resize(d.config.replicas, batch)
+
+    def on_replica_crash(self, deployment: str, endpoint: Endpoint) -> None:
+        """A replica died on its own while these inputs were on it: blame them."""
+        newly = self.quarantine.on_crash(list(endpoint.inflight.values()), self.clock())
+        for key in newly:
+            self.metrics.quarantined.labels(deployment).inc()
+            log.warning("input quarantined after crashing replicas",
+                        extra={"deployment": deployment, "input_key": key})
+
+    # the request ------------------------------------------------------------------------------
     async def invoke(
         self, deployment: Deployment, handler: Handler, args: dict[str, Any],
-        *, request_id: str, timeout_s: float,
+        *, request_id: str, timeout_s: float, priority: str = "interactive",
     ) -> Any:
+        now = self.clock()
+        deadline = now + min(timeout_s, handler.spec.options.timeout_s)
         body = codec.encode({"args": args})
-        path = "/invoke/" + handler.name
-        timeout_s = min(timeout_s, handler.spec.options.timeout_s)
-        deadline = self.clock() + timeout_s
-        attempts = 2 if handler.spec.options.idempotent else 1
-        failed: Endpoint | None = None
-        last_error: ReplicaError | None = None
-        for attempt in range(attempts):
-            endpoints = deployment.endpoints
-            if failed is not None:
-                endpoints = [e for e in endpoints if e is not failed]
-            if not endpoints:
-                break
-            if attempt:
-                self.metrics.retries.labels(deployment.name).inc()
-            endpoint = endpoints[deployment.balancer.pick(endpoints, self.rand)]
-            remaining = deadline - self.clock()
-            headers = [
-                (REQUEST_ID_HEADER, request_id.encode()),
-                (DEADLINE_HEADER, str(int(remaining * 1000)).encode()),
-                (b"content-type", codec.CONTENT_TYPE),
-            ]
-            endpoint.outstanding += 1
-            started = self.clock()
+        key = input_key(handler.name, body)
+        if self.quarantine.blocked(key, now):
+            raise Quarantined("this input crashed replicas repeatedly and is refused for "
+                              f"{self.cfg.quarantine_s:.0f} s; the replicas are fine")
+        if not deployment.endpoints:
+            raise NoReadyReplica(f"deployment {deployment.name!r} has no ready replica",
+                                 retry_after_s=1)
+        st = self.state(deployment)
+        if self.cfg.admission:
             try:
-                reply = await self.transport.request(
-                    endpoint.address, "POST", path, body, headers, remaining
-                )
-            except ReplicaUnavailable as exc:
-                self.metrics.upstream.labels(deployment.name, "unavailable").inc()
-                if self.on_unavailable is not None:
-                    self.on_unavailable(deployment.name, endpoint)
-                failed, last_error = endpoint, exc
-                continue
-            except ReplicaError:
-                self.metrics.upstream.labels(deployment.name, "timeout").inc()
+                await st.admission.acquire(priority, deadline)
+            except SteadyError:
+                self.metrics.shed.labels(deployment.name, priority).inc()
                 raise
-            finally:
-                endpoint.outstanding -= 1
-            now = self.clock()
-            endpoint.ewma_latency_s = update_peak_ewma(
-                endpoint.ewma_latency_s, endpoint.ewma_at, now - started, now
-            )
-            endpoint.ewma_at = now
-            message = codec.decode(reply.body)
-            if reply.status == 200:
-                self.metrics.upstream.labels(deployment.name, "ok").inc()
-                return message["result"]
-            error = from_wire(message.get("error", {}) if isinstance(message, dict) else {})
-            self.metrics.upstream.labels(deployment.name, f"{reply.status // 100}xx").inc()
-            if isinstance(error, ReplicaUnavailable):  # not ready / draining: safe elsewhere
-                failed, last_error = endpoint, error
+        try:
+            return await self._attempts(deployment, handler, st, body, key, request_id, deadline)
+        finally:
+            if self.cfg.admission:
+                st.admission.release()
+
+    async def _attempts(
+        self, d: Deployment, h: Handler, st: _DeploymentState, body: bytes, key: str,
+        request_id: str, deadline: float,
+    ) -> Any:
+        st.budget.record_request(self.clock())
+        max_attempts = self.cfg.max_attempts if h.spec.options.idempotent else 1
+        tried: list[Endpoint] = []
+        last: SteadyError | None = None
+        while len(tried) < max_attempts:
+            if tried:
+                now = self.clock()
+                if not st.budget.try_spend(now):
+                    self.metrics.budget_exhausted.labels(d.name).inc()
+                    break
+                pause = retry_backoff_s(len(tried), self.rand(), self.cfg.retry_backoff_base_s,
+                                        self.cfg.retry_backoff_cap_s)
+                if now + pause >= deadline:
+                    break
+                if pause > 0.0005:
+                    await asyncio.sleep(pause)
+                self.metrics.retries.labels(d.name).inc()
+            endpoint = self._pick(d, tried)
+            if endpoint is None:
+                break
+            tried.append(endpoint)
+            try:
+                if h.spec.options.hedge and len(tried) < max_attempts:
+                    return await self._hedged(d, h, st, endpoint, tried, body, key, request_id,
+                                              deadline)
+                return await self._try(d, h, st, endpoint, body, key, request_id, deadline)
+            except _Retryable as exc:
+                last = exc.error
+        if last is not None:
+            raise last
+        raise NoReadyReplica(f"deployment {d.name!r} has no replica left to try", retry_after_s=1)
+
+    async def _hedged(
+        self, d: Deployment, h: Handler, st: _DeploymentState, first: Endpoint,
+        tried: list[Endpoint], body: bytes, key: str, request_id: str, deadline: float,
+    ) -> Any:
+        loop = asyncio.get_running_loop()
+        tasks = {loop.create_task(self._try(d, h, st, first, body, key, request_id, deadline))}
+        try:
+            p95 = st.window(h.name).quantile(0.95)
+            delay = max(self.cfg.hedge_min_delay_s, p95) if p95 is not None else None
+            done: set[asyncio.Task[Any]] = set()
+            if delay is not None:
+                done, _ = await asyncio.wait(tasks, timeout=min(delay, deadline - self.clock()))
+            if not done and delay is not None and st.budget.try_spend(self.clock()):
+                second = self._pick(d, tried)
+                if second is not None:
+                    tried.append(second)
+                    self.metrics.hedges.labels(d.name).inc()
+                    tasks.add(loop.create_task(
+                        self._try(d, h, st, second, body, key, request_id, deadline)))
+            last: BaseException | None = None
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    exc = task.exception()
+                    if exc is None:
+                        return task.result()
+                    if not isinstance(exc, _Retryable):
+                        raise exc
+                    last = exc
+            assert last is not None
+            raise last
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()  # the loser: closing its connection cancels it at the replica
+
+    def _pick(self, d: Deployment, tried: list[Endpoint]) -> Endpoint | None:
+        now = self.clock()
+        candidates: list[Endpoint] = []
+        ramping: list[Endpoint] = []
+        ejected: list[Endpoint] = []
+        for e in d.endpoints:
+            if e in tried:
                 continue
-            raise error
-        if last_error is not None:
-            raise last_error
-        raise NoReadyReplica(f"deployment {deployment.name!r} has no ready replica", retry_after_s=1)
+            health = e.health
+            if health.ejected_until > 0:
+                if health.due_for_probe(now):
+                    e.health = start_probe(health)  # one live request decides its return
+                    return e
+                ejected.append(e)
+                continue
+            weight = slow_start_weight(health, now, self.outlier)
+            if weight < 1.0 and self.rand() > weight:
+                ramping.append(e)
+                continue
+            candidates.append(e)
+        pool = candidates or ramping or ejected  # panic mode: better an ejected one than none
+        if not pool:
+            return None
+        return pool[d.balancer.pick(pool, self.rand)] if len(pool) > 1 else pool[0]
+
+    def per_try_timeout(self, st: _DeploymentState, h: Handler, remaining: float) -> float:
+        """The handler's own per_try_timeout_s; for hedged handlers max(floor, 3 × p99);
+        otherwise the whole remaining deadline. (A latency-derived timeout on every handler
+        would cut legitimately large requests — 2,000 texts to embed — and retry them.)"""
+        options = h.spec.options
+        if options.per_try_timeout_s is not None:
+            return min(remaining, options.per_try_timeout_s)
+        if not options.hedge:
+            return remaining
+        p99 = st.window(h.name).quantile(0.99)
+        floor = self.cfg.per_try_timeout_min_s
+        adaptive = floor if p99 is None else max(floor, self.cfg.per_try_timeout_p99_multiple * p99)
+        return min(remaining, adaptive)
+
+    async def _try(
+        self, d: Deployment, h: Handler, st: _DeploymentState, endpoint: Endpoint, body: bytes,
+        key: str, request_id: str, deadline: float,
+    ) -> Any:
+        started = self.clock()
+        remaining = deadline - started
+        if remaining <= 0:
+            raise ReplicaTimeout("deadline exceeded before the request could be sent")
+        per_try = self.per_try_timeout(st, h, remaining)
+        headers = [
+            (REQUEST_ID_HEADER, request_id.encode()),
+            (DEADLINE_HEADER, str(int(per_try * 1000)).encode()),
+            (b"content-type", codec.CONTENT_TYPE),
+        ]
+        attempt_id = next(self._ids)
+        endpoint.outstanding += 1
+        endpoint.inflight[attempt_id] = key
+        try:
+            reply = await self.transport.request(
+                endpoint.address, "POST", "/invoke/" + h.name, body, headers, per_try)
+        except ReplicaUnavailable as exc:
+            self._failed(d, endpoint, "unavailable")
+            if self.on_unavailable is not None:
+                self.on_unavailable(d.name, endpoint)
+            raise _Retryable(exc) from None
+        except ReplicaTimeout as exc:
+            self._failed(d, endpoint, "timeout")
+            st.admission.on_failure(self.clock() - started)
+            if per_try < remaining - 0.001:  # a per-try timeout: another replica may answer
+                raise _Retryable(exc) from None
+            raise ReplicaTimeout(f"no answer within the request's deadline ({remaining:.3f}s)") \
+                from None
+        finally:
+            endpoint.outstanding -= 1
+            endpoint.inflight.pop(attempt_id, None)
+        now = self.clock()
+        message = codec.decode(reply.body)
+        if not isinstance(message, dict):
+            self._failed(d, endpoint, "malformed")
+            raise _Retryable(ReplicaUnavailable(f"replica {endpoint.replica_id} sent a malformed reply"))
+        if reply.status == 200:
+            self._succeeded(d, endpoint, now)
+            latency = now - started
+            st.window(h.name).add(latency)
+            endpoint.ewma_latency_s = update_peak_ewma(endpoint.ewma_latency_s, endpoint.ewma_at,
+                                                       latency, now)
+            endpoint.ewma_at = now
+            st.admission.on_sample(queue_s=float(message.get("q", 0.0)),
+                                   service_s=float(message.get("s", 0.0)),
+                                   batched=h.spec.options.batch, rtt_s=latency)
+            return message["result"]
+        error = from_wire(message.get("error") or {})
+        if reply.status >= 500:
+            self._failed(d, endpoint, f"{reply.status // 100}xx")
+            if reply.status in RETRYABLE_STATUS and isinstance(error, (ReplicaError, SteadyError)):
+                raise _Retryable(error)
+        else:
+            self._succeeded(d, endpoint, now)  # a 4xx is the request's fault, not the replica's
+        raise error
+
+    def _succeeded(self, d: Deployment, endpoint: Endpoint, now: float) -> None:
+        self.metrics.upstream.labels(d.name, "ok").inc()
+        health, event = record(endpoint.health, True, now, self.outlier, may_eject=False)
+        endpoint.health = health
+        if event == "returned":
+            self.metrics.outlier_events.labels(d.name, "returned").inc()
+            log.info("replica back in rotation after its probe succeeded",
+                     extra={"replica": endpoint.replica_id})
+
+    def _failed(self, d: Deployment, endpoint: Endpoint, outcome: str) -> None:
+        self.metrics.upstream.labels(d.name, outcome).inc()
+        now = self.clock()
+        ejected = sum(1 for e in d.endpoints if e.health.ejected_until > 0)
+        may = self.outlier.may_eject(len(d.endpoints), ejected)
+        health, event = record(endpoint.health, False, now, self.outlier, may_eject=may)
+        endpoint.health = health
+        if event == "ejected":
+            self.metrics.outlier_events.labels(d.name, "ejected").inc()
+            log.warning("replica ejected for %.0fs after repeated failures",
+                        health.ejected_until - now,
+                        extra={"replica": endpoint.replica_id, "ejections": health.ejections})

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import DeploymentConfig
 from ..policies.balancing import Balancer, make_balancer
+from ..policies.outlier import HostHealth
 from ..schema import compile_params
 from ..service import HandlerSpec
 from .transport import Address
@@ -24,6 +25,8 @@ class Endpoint:
     outstanding: int = 0
     ewma_latency_s: float = 0.0
     ewma_at: float = 0.0
+    health: HostHealth = field(default_factory=HostHealth)  # outlier detection (passive)
+    inflight: dict[int, str] = field(default_factory=dict)  # attempt id → input key (quarantine)
 
 
 @dataclass(slots=True, eq=False)
@@ -65,6 +68,17 @@ class Membership:
         self.deployments: dict[str, Deployment] = {
             d.name: Deployment(d, make_balancer(d.balancer)) for d in deployments
         }
+        self.on_change: Callable[[Deployment], None] | None = None
+
+    def reconfigure(self, config: DeploymentConfig) -> None:
+        """A rollout changed the deployment's config (replicas, service)."""
+        d = self.deployments[config.name]
+        d.config = config
+        self._changed(d)
+
+    def _changed(self, d: Deployment) -> None:
+        if self.on_change is not None:
+            self.on_change(d)
 
     def get(self, name: str) -> Deployment | None:
         return self.deployments.get(name)
@@ -77,12 +91,14 @@ class Membership:
             d.service = str(info.get("service", ""))
             d.version = str(info.get("version", ""))
         d.endpoints = [e for e in d.endpoints if e.replica_id != endpoint.replica_id] + [endpoint]
+        self._changed(d)
 
     def remove(self, deployment: str, replica_id: str) -> Endpoint | None:
         d = self.deployments[deployment]
         for e in d.endpoints:
             if e.replica_id == replica_id:
                 d.endpoints = [x for x in d.endpoints if x is not e]  # new list: safe mid-iteration
+                self._changed(d)
                 return e
         return None
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ClientError, HandlerFailed, NotFound
 from .http import Request, Response, json_response
-from .routes import check_items, find_deployment, find_handler
+from .routes import call, check_items, find_deployment, find_handler
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -76,9 +76,7 @@ async def embeddings(gw: Gateway, req: Request, params: dict[str, str]) -> Respo
     req.handler = h.name
     args = {h.item_param: texts}
     check_items(h, args, h.spec.options.max_inputs)
-    results = await gw.dispatcher.invoke(
-        d, h, args, request_id=req.request_id, timeout_s=gw.config.request_timeout_s
-    )
+    results = await call(gw, req, d, h, args)
     data = []
     tokens = 0
     for i, r in enumerate(results):

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from prometheus_client import generate_latest
 
+from ..asgi import cancel_on_disconnect
 from ..errors import ClientError, NoReadyReplica, NotFound, PayloadTooLarge
+from .admission import parse_priority
 from .http import Request, Response, json_response
 from .membership import Deployment, Handler
 
@@ -38,6 +40,7 @@ async def readyz(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
 
 
 async def metrics(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    gw.export_admission()
     body = generate_latest(gw.metrics.registry) + await gw.replica_metrics()
     return Response(200, body, b"text/plain; version=0.0.4; charset=utf-8")
 
@@ -80,6 +83,40 @@ def check_items(h: Handler, args: dict[str, Any], max_inputs: int) -> None:
                               "per request", param=h.item_param)
 
 
+def request_timeout_s(gw: Gateway, req: Request) -> float:
+    """The client's X-Request-Timeout-Ms, bounded by the gateway's request_timeout_s."""
+    ceiling = gw.config.request_timeout_s
+    raw = req.header(b"x-request-timeout-ms")
+    if raw is None:
+        return ceiling
+    try:
+        ms = int(raw.strip())
+    except ValueError:
+        raise ClientError(f"X-Request-Timeout-Ms must be a whole number of milliseconds, "
+                          f"got {raw[:40]!r}", param="x-request-timeout-ms") from None
+    if ms <= 0:
+        raise ClientError("X-Request-Timeout-Ms must be > 0", param="x-request-timeout-ms")
+    return min(ceiling, ms / 1000)
+
+
+async def call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[str, Any]) -> Any:
+    """Dispatch with the request's deadline and priority; a client that hangs up cancels it."""
+    timeout = request_timeout_s(gw, req)
+    priority = parse_priority(req.header(b"x-priority"))
+    return await cancel_on_disconnect(req.receive, gw.dispatcher.invoke(
+        d, h, args, request_id=req.request_id, timeout_s=timeout, priority=priority))
+
+
+async def rollout(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    d = find_deployment(gw, params["deployment"])
+    body = await req.json(gw.config.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ClientError("request body must be a JSON object of deployment settings to change")
+    if gw.control is None:
+        raise ClientError("this gateway has no control plane to roll out with")
+    return json_response(await gw.control.rollout(d.name, body))
+
+
 async def invoke(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     d = find_deployment(gw, params["deployment"])
     req.deployment = d.name
@@ -87,9 +124,7 @@ async def invoke(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     req.handler = h.name
     args = h.validate(await req.json(gw.config.max_body_bytes))
     check_items(h, args, h.spec.options.max_inputs)
-    result = await gw.dispatcher.invoke(
-        d, h, args, request_id=req.request_id, timeout_s=gw.config.request_timeout_s
-    )
+    result = await call(gw, req, d, h, args)
     resp = Response(200, orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
     resp.headers.append((b"x-steadyserve-version", d.version.encode()))
     return resp

@@ -43,7 +43,8 @@ class Transport(Protocol):
     ) -> Reply: ...
 
     def forget(self, address: Address) -> None:
-        """Drop pooled connections to a replica that went away."""
+        """Close every connection to a replica that left rotation (in-flight requests fail
+        with ReplicaUnavailable and are retried elsewhere)."""
 
     async def close(self) -> None: ...
 
@@ -128,6 +129,7 @@ class _Pool:
     def __init__(self, address: Address, max_connections: int, connect_timeout_s: float) -> None:
         self.address = address
         self.idle: deque[_Connection] = deque()
+        self.busy: set[_Connection] = set()
         self.size = 0
         self.max_connections = max_connections
         self.connect_timeout_s = connect_timeout_s
@@ -137,6 +139,7 @@ class _Pool:
         while self.idle:
             conn = self.idle.pop()  # most recently used: warm, least likely closed
             if conn.usable:
+                self.busy.add(conn)
                 return conn
             self.size -= 1
         return None
@@ -149,7 +152,9 @@ class _Pool:
             if self.size < self.max_connections:
                 self.size += 1
                 try:
-                    return await self._connect()
+                    conn = await self._connect()
+                    self.busy.add(conn)
+                    return conn
                 except BaseException:
                     self.size -= 1
                     self._wake_one()
@@ -172,6 +177,7 @@ class _Pool:
         return conn
 
     def release(self, conn: _Connection) -> None:
+        self.busy.discard(conn)
         if conn.usable:
             self.idle.append(conn)
         else:
@@ -186,7 +192,9 @@ class _Pool:
                 return
 
     def close(self) -> None:
-        for conn in self.idle:
+        """Close every connection, busy ones too: their requests fail as 'connection lost'
+        (retryable), which is what a replica taken out of rotation needs."""
+        for conn in (*self.idle, *self.busy):
             conn.close()
         self.idle.clear()
 

@@ -47,6 +47,37 @@ class GatewayMetrics:
             "steadyserve_upstream_retries_total", "Attempts retried on another replica",
             ["deployment"], registry=r,
         )
+        self.hedges = Counter(
+            "steadyserve_upstream_hedges_total", "Second attempts sent after the p95 delay",
+            ["deployment"], registry=r,
+        )
+        self.budget_exhausted = Counter(
+            "steadyserve_retry_budget_exhausted_total", "Retries not sent: the budget was spent",
+            ["deployment"], registry=r,
+        )
+        self.outlier_events = Counter(
+            "steadyserve_outlier_events_total", "Replicas ejected from / returned to rotation",
+            ["deployment", "event"], registry=r,
+        )
+        self.shed = Counter(
+            "steadyserve_shed_requests_total", "Requests rejected by admission control",
+            ["deployment", "priority"], registry=r,
+        )
+        self.quarantined = Counter(
+            "steadyserve_quarantined_inputs_total", "Inputs quarantined after crashing replicas",
+            ["deployment"], registry=r,
+        )
+        self.admission_limit = Gauge(
+            "steadyserve_admission_limit", "Adaptive concurrency limit", ["deployment"], registry=r,
+        )
+        self.admission_inflight = Gauge(
+            "steadyserve_admission_inflight", "Requests holding an admission slot", ["deployment"],
+            registry=r,
+        )
+        self.admission_queued = Gauge(
+            "steadyserve_admission_queued", "Requests waiting for an admission slot",
+            ["deployment"], registry=r,
+        )
         self.replicas = Gauge(
             "steadyserve_replicas", "Replicas by lifecycle state", ["deployment", "state"],
             registry=r,

@@ -5,7 +5,7 @@ outage this caps upstream attempts near (1 + ratio) × client requests: no retry
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(kw_only=True, slots=True)
@@ -14,6 +14,9 @@ class RetryBudget:
     window_s: float = 10.0
     min_per_s: float = 3.0
     buckets: int = 10
+    _requests: list[int] = field(default_factory=list, repr=False)
+    _retries: list[int] = field(default_factory=list, repr=False)
+    _epoch: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self._requests = [0] * self.buckets
@@ -56,4 +59,5 @@ class RetryBudget:
 
 def retry_backoff_s(attempt: int, rand01: float, base_s: float = 0.005, cap_s: float = 0.05) -> float:
     """Short jittered pause before retry `attempt` (1-based): full jitter under a doubling cap."""
-    return min(cap_s, base_s * 2 ** max(0, attempt - 1)) * rand01
+    ceiling: float = min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
+    return ceiling * rand01

@@ -29,6 +29,13 @@ class _Entry:
     future: asyncio.Future[Any]
     enqueued_at: float
     deadline: float | None
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    queue_s: float  # longest wait of the request's items before their batch started
+    service_s: float  # compute time of the (last) batch that held them
 
 
 @dataclass(slots=True)
@@ -56,6 +63,7 @@ class Batcher:
         self._clock = clock
         self._on_batch = on_batch
         self._queue: deque[_Entry] = deque()
+        self._last_service_s = 0.0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = BatchStats()
@@ -81,16 +89,27 @@ class Batcher:
 
     async def submit(self, items: list[Any], deadline: float | None = None) -> list[Any]:
         """Queue a request's items and wait for their results (in order)."""
+        return (await self.submit_timed(items, deadline))[0]
+
+    async def submit_timed(
+        self, items: list[Any], deadline: float | None = None
+    ) -> tuple[list[Any], Timing]:
         loop = asyncio.get_running_loop()
         now = self._clock()
-        futures = [loop.create_future() for _ in items]
-        self._queue.extend(_Entry(i, f, now, deadline) for i, f in zip(items, futures, strict=True))
+        entries = [_Entry(i, loop.create_future(), now, deadline) for i in items]
+        self._queue.extend(entries)
         self._wakeup.set()
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(e.future for e in entries), return_exceptions=True)
+        except asyncio.CancelledError:
+            for e in entries:  # the caller went away: its items are skipped, never computed
+                e.future.cancel()
+            raise
         for r in results:
             if isinstance(r, BaseException):
                 raise r
-        return results
+        queue_s = max(e.started_at - e.enqueued_at for e in entries)
+        return results, Timing(max(0.0, queue_s), self._last_service_s)
 
     async def _loop(self) -> None:
         while True:
@@ -146,6 +165,8 @@ class Batcher:
 
     async def _run(self, batch: list[_Entry]) -> None:
         started = self._clock()
+        for e in batch:
+            e.started_at = started
         try:
             results = await self._runner.run(self._fn, [e.item for e in batch])
             if not isinstance(results, Sequence) or isinstance(results, (str, bytes)):
@@ -167,10 +188,11 @@ class Batcher:
                     e.future.set_exception(error)
             return
         finally:
+            self._last_service_s = self._clock() - started
             self.stats.batches += 1
             self.stats.items += len(batch)
             if self._on_batch is not None:
-                self._on_batch(len(batch), self._clock() - started)
+                self._on_batch(len(batch), self._last_service_s)
         for e, r in zip(batch, results, strict=True):
             if not e.future.done():
                 e.future.set_result(r)

@@ -18,7 +18,16 @@ import orjson
 from prometheus_client import generate_latest
 
 from .. import codec
-from ..errors import ClientError, HandlerFailed, NotFound, ReplicaTimeout, SteadyError, to_wire
+from ..asgi import ClientGone, cancel_on_disconnect
+from ..errors import (
+    ClientError,
+    HandlerFailed,
+    NotFound,
+    ReplicaTimeout,
+    ReplicaUnavailable,
+    SteadyError,
+    to_wire,
+)
 from ..schema import compile_params
 from ..service import HandlerSpec, Service
 from .batcher import Batcher
@@ -55,6 +64,7 @@ class ReplicaApp:
         self.runner = Runner()
         self.ready = False
         self.draining = False
+        self.deep_timeout_s = 10.0
         self.setup_error: str | None = None
         self.handlers: dict[str, _Handler] = {}
         self._info = codec.encode({
@@ -118,6 +128,10 @@ class ReplicaApp:
             await self._invoke(path[8:], scope, receive, send)
         elif path == "/healthz":
             await _send(send, 200, b'{"status":"alive"}', b"application/json")
+        elif path == "/healthz/deep":
+            ok, reason = await self._deep_health()
+            await _send(send, 200 if ok else 503, orjson.dumps({"status": reason}),
+                        b"application/json")
         elif path == "/readyz":
             ok = self.ready and not self.draining
             reason = "ready" if ok else (
@@ -157,6 +171,24 @@ class ReplicaApp:
             # logged in start(); exit so the supervisor restarts us with backoff
             os.kill(os.getpid(), signal.SIGTERM)
 
+    async def _deep_health(self) -> tuple[bool, str]:
+        """Exercise the real path: the model thread, and each handler's canary through its
+        batcher. A wedged model thread or event loop fails this while /readyz still passes."""
+        if not self.ready:
+            return False, self.setup_error or "setup() running"
+        try:
+            await asyncio.wait_for(self.runner.run(_noop), self.deep_timeout_s)
+            for name, h in self.handlers.items():
+                canary = h.spec.options.canary
+                if canary is not None:
+                    await asyncio.wait_for(self._call(name, {"args": canary}, None),
+                                           self.deep_timeout_s)
+        except TimeoutError:
+            return False, f"canary took longer than {self.deep_timeout_s:.1f}s"
+        except Exception as exc:
+            return False, f"canary failed: {type(exc).__name__}: {exc}"
+        return True, "ok"
+
     async def _invoke(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         metrics = self.metrics
         metrics.inflight.inc()
@@ -164,8 +196,13 @@ class ReplicaApp:
         try:
             body = await _read_body(receive)
             deadline = _deadline(scope)
-            result = await self._call(name, codec.decode(body), deadline)
-            payload = codec.encode({"result": result})
+            call = self._call(name, codec.decode(body), deadline)
+            result, queue_s, service_s = await cancel_on_disconnect(receive, call)
+            payload = codec.encode({"result": result, "q": queue_s, "s": service_s})
+        except ClientGone:
+            metrics.inflight.dec()
+            metrics.requests.labels(name, "cancelled").inc()
+            return  # the gateway hung up (hedge lost, client gone): nobody to answer
         except Exception as exc:
             err = exc if isinstance(exc, SteadyError) else HandlerFailed(
                 f"handler raised {type(exc).__name__}: {exc}")
@@ -178,9 +215,11 @@ class ReplicaApp:
         metrics.requests.labels(name, f"{status // 100}xx").inc()
         await _send(send, status, payload, codec.CONTENT_TYPE)
 
-    async def _call(self, name: str, body: Any, deadline: float | None) -> Any:
+    async def _call(self, name: str, body: Any, deadline: float | None) -> tuple[Any, float, float]:
+        """Run a handler; returns (result, queue_s, service_s)."""
+        arrived = time.monotonic()
         if not self.ready:
-            raise HandlerFailed("replica is not ready")
+            raise ReplicaUnavailable("replica is not ready")
         handler = self.handlers.get(name)
         if handler is None:
             raise NotFound(f"no handler {name!r}")
@@ -192,14 +231,21 @@ class ReplicaApp:
             if not items:
                 raise ClientError(f"'{handler.item_param}' must not be empty",
                                   param=handler.item_param)
-            return await handler.batcher.submit(items, deadline)
+            results, timing = await handler.batcher.submit_timed(items, deadline)
+            return results, timing.queue_s, timing.service_s
         timeout = handler.spec.options.timeout_s
         if deadline is not None:
-            timeout = min(timeout, deadline - time.monotonic())
+            timeout = min(timeout, deadline - arrived)
         try:
-            return await asyncio.wait_for(self.runner.run(handler.fn, **kwargs), timeout)
+            result, started, finished = await asyncio.wait_for(
+                self.runner.run_timed(handler.fn, **kwargs), timeout)
         except TimeoutError:
             raise ReplicaTimeout(f"handler {name} took longer than {timeout:.3f}s") from None
+        return result, max(0.0, started - arrived), finished - started
+
+
+def _noop() -> None:
+    return None
 
 
 def _deadline(scope: Scope) -> float | None:

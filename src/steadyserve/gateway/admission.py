@@ -1,0 +1,145 @@
+"""Admission control per deployment: an adaptive concurrency limit (`policies.limit`) in
+front of the replicas, and a bounded, two-class wait queue with CoDel (`policies.codel`).
+
+    acquire(priority) ── under the limit, nobody waiting ──► go (the fast path: no await)
+          │ otherwise
+          ├─ batch, and the queue is overloaded or its batch share is full ──► 503 at once
+          ├─ queue full ──► an interactive request evicts the newest batch waiter, else 503
+          └─ wait ≤ CoDel's allowance (5 ms when overloaded, 100 ms otherwise) ──► go or 503
+    release() hands the freed slot to the oldest interactive waiter, then to batch ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import ResilienceConfig
+from ..errors import ClientError, Overloaded
+from ..policies.codel import CoDel
+from ..policies.limit import AimdLimit
+
+PRIORITIES = ("interactive", "batch")
+
+
+def parse_priority(value: str | None) -> str:
+    if value is None or value == "":
+        return "interactive"
+    value = value.strip().lower()
+    if value not in PRIORITIES:
+        raise ClientError(f"X-Priority must be 'interactive' or 'batch', got {value[:40]!r}",
+                          param="x-priority")
+    return value
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    future: asyncio.Future[None]
+    enqueued_at: float
+
+
+class Admission:
+    def __init__(self, cfg: ResilienceConfig, *, replicas: int, max_batch_size: int = 1,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        initial = cfg.limit_initial or replicas * max(4, max_batch_size)
+        self.limit = AimdLimit(
+            limit=float(initial), min_limit=max(1, replicas), max_limit=cfg.limit_max,
+            backoff=cfg.limit_backoff, tolerance=cfg.limit_tolerance,
+            batch_tolerance=cfg.limit_batch_tolerance,
+        )
+        self.codel = CoDel(target_s=cfg.queue_target_s, interval_s=cfg.queue_interval_s)
+        self.inflight = 0
+        self.queues: dict[str, deque[_Waiter]] = {p: deque() for p in PRIORITIES}
+        self.shed = {p: 0 for p in PRIORITIES}
+
+    def resize(self, replicas: int, max_batch_size: int) -> None:
+        """Replica count or batch size changed (start, rollout): keep every replica busy."""
+        self.limit.min_limit = max(1, replicas)
+        if self.cfg.limit_initial is None and self.inflight == 0 and not self.queued:
+            self.limit.limit = max(self.limit.limit, float(replicas * max(4, max_batch_size)))
+        self.limit.limit = max(self.limit.limit, float(self.limit.min_limit))
+
+    @property
+    def queued(self) -> int:
+        return len(self.queues["interactive"]) + len(self.queues["batch"])
+
+    async def acquire(self, priority: str, deadline: float) -> None:
+        if self.inflight < self.limit.limit and not self.queued:
+            self.inflight += 1
+            return
+        now = self.clock()
+        if priority == "batch":
+            batch_cap = int(self.cfg.queue_max * self.cfg.batch_queue_share)
+            if self.codel.overloaded or len(self.queues["batch"]) >= batch_cap:
+                self._reject("batch")
+        if self.queued >= self.cfg.queue_max:
+            if priority == "interactive" and self.queues["batch"]:
+                evicted = self.queues["batch"].pop()
+                if not evicted.future.done():
+                    self.shed["batch"] += 1
+                    evicted.future.set_exception(self._overloaded("batch"))
+            else:
+                self._reject(priority)
+        waiter = _Waiter(asyncio.get_running_loop().create_future(), now)
+        self.queues[priority].append(waiter)
+        allowance = min(self.codel.max_wait_s(), max(0.0, deadline - now))
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), allowance)
+        except TimeoutError:
+            if waiter.future.done() and not waiter.future.cancelled() \
+                    and waiter.future.exception() is None:
+                return  # the slot arrived at the last moment: keep it
+            waiter.future.cancel()
+            self._remove(priority, waiter)
+            self._reject(priority)
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled() \
+                    and waiter.future.exception() is None:
+                self.release()  # we were handed a slot but are going away: pass it on
+            waiter.future.cancel()
+            self._remove(priority, waiter)
+            raise
+
+    def _remove(self, priority: str, waiter: _Waiter) -> None:
+        try:
+            self.queues[priority].remove(waiter)
+        except ValueError:
+            pass
+
+    def _overloaded(self, priority: str) -> Overloaded:
+        return Overloaded(f"overloaded: {priority} request shed by admission control "
+                          f"(limit {self.limit.limit:.0f}, {self.queued} waiting)", retry_after_s=1)
+
+    def _reject(self, priority: str) -> None:
+        self.shed[priority] += 1
+        raise self._overloaded(priority)
+
+    def release(self) -> None:
+        self.inflight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self.inflight < self.limit.limit and self.queued:
+            queue = self.queues["interactive"] or self.queues["batch"]
+            waiter = queue.popleft()
+            if waiter.future.done():
+                continue
+            now = self.clock()
+            self.codel.on_dequeue(now - waiter.enqueued_at, now)
+            self.inflight += 1
+            waiter.future.set_result(None)
+        if not self.queued:
+            self.codel.on_empty()
+
+    def on_sample(self, *, queue_s: float, service_s: float, batched: bool, rtt_s: float) -> None:
+        self.limit.on_sample(queue_s=queue_s, service_s=service_s, batched=batched,
+                             inflight=self.inflight, rtt_s=rtt_s, now=self.clock())
+        self._wake()
+
+    def on_failure(self, rtt_s: float) -> None:
+        self.limit.on_failure(self.clock(), rtt_s)
