@@ -8,15 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from steadyserve.config import Config, DeploymentConfig, GatewayConfig, SupervisorConfig
+from steadyserve.config import (
+    Config,
+    DeploymentConfig,
+    GatewayConfig,
+    ResilienceConfig,
+    SupervisorConfig,
+)
+from steadyserve.service import HandlerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cls", [Config, GatewayConfig, SupervisorConfig, DeploymentConfig])
+@pytest.mark.parametrize("cls", [Config, GatewayConfig, SupervisorConfig, ResilienceConfig,
+                                 DeploymentConfig, HandlerOptions])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    skip = {"deployments", "gateway", "supervisor", "name"}
+    skip = {"deployments", "gateway", "supervisor", "resilience", "name"}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in skip
                and f"`{f.name}`" not in doc]
     assert missing == []
