@@ -39,6 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=["debug", "info", "warning", "error"], help="default info")
     run.add_argument("--log-format", dest="log_format", choices=["json", "text", "auto"],
                      help="default auto: text on a terminal, JSON lines otherwise")
+    url_help = "gateway URL (default http://127.0.0.1:8000)"
+    st = verbs.add_parser("status", help="show a running gateway's deployments and replicas")
+    st.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
+    ro = verbs.add_parser(
+        "rollout", help="replace a deployment's replicas one by one with no downtime",
+        description=("Start a new replica, wait until it is ready, shift traffic, drain an old "
+                     "one; repeat. With no change, restarts every replica (e.g. to load new "
+                     "code or weights). Aborts, keeping the old replicas, if a new one fails."),
+    )
+    ro.add_argument("deployment")
+    ro.add_argument("--service", help="new file.py:Class or module:Class")
+    ro.add_argument("--replicas", type=int, help="new replica count")
+    ro.add_argument("--env", action="append", metavar="KEY=VALUE", help="replica environment")
+    ro.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
+    ro.add_argument("--timeout-s", type=float, default=600.0, dest="timeout_s")
     return parser
 
 
@@ -49,6 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         from .run import run
 
         return run(args)
+    if args.verb == "status":
+        from .admin import status
+
+        return status(args)
+    if args.verb == "rollout":
+        from .admin import rollout
+
+        return rollout(args)
     parser.print_help()
     return exit_codes.USAGE
 

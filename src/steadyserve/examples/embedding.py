@@ -47,7 +47,8 @@ class Embedder(steadyserve.Service):
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self.embed(["warm up the kernels once before serving"])
 
-    @steadyserve.handler(batch=True, max_batch_size=64, openai="embeddings")
+    @steadyserve.handler(batch=True, max_batch_size=64, openai="embeddings",
+                         canary={"texts": ["health check"]})
     def embed(self, texts: list[str]) -> list[dict[str, Any]]:
         """One result per text: {"embedding": float32[384], "tokens": int}."""
         from steadyserve.examples.bert import mean_pool_normalize

@@ -30,3 +30,17 @@ class Other(steadyserve.Service):
     @steadyserve.handler
     def ping(self) -> str:
         return "pong"
+
+
+class Wedge(steadyserve.Service):
+    """`block` occupies the single model thread for good, as a deadlocked model would:
+    /readyz still answers, the deep health check (canary through the model thread) does not."""
+
+    @steadyserve.handler(canary={"text": "canary"})
+    def echo(self, text: str) -> dict[str, Any]:
+        return {"text": text, "pid": os.getpid()}
+
+    @steadyserve.handler
+    def block(self) -> str:
+        time.sleep(3600)
+        return "never"
