@@ -37,6 +37,7 @@ class HandlerOptions:
     timeout_s: float = 60.0
     idempotent: bool = True
     max_inputs: int = 2048
+    max_queue: int = 8192  # items waiting in the replica's batch queue at most (503 beyond)
     openai: str | None = None
     hedge: bool = False  # after the observed p95, send a second attempt to another replica
     per_try_timeout_s: float | None = None  # None: the whole deadline (adaptive when hedging)
@@ -51,6 +52,8 @@ class HandlerOptions:
             raise ConfigError("timeout_s must be > 0")
         if self.max_inputs < 1:
             raise ConfigError("max_inputs must be >= 1")
+        if self.max_queue < self.max_inputs:
+            raise ConfigError("max_queue must be >= max_inputs (one request must fit)")
         if self.per_try_timeout_s is not None and self.per_try_timeout_s <= 0:
             raise ConfigError("per_try_timeout_s must be > 0")
         if self.hedge and not self.idempotent:
@@ -64,7 +67,8 @@ def handler(fn: F, /) -> F: ...
 @overload
 def handler(
     *, batch: bool = ..., max_batch_size: int = ..., max_wait_s: float = ...,
-    timeout_s: float = ..., idempotent: bool = ..., max_inputs: int = ..., openai: str | None = ...,
+    timeout_s: float = ..., idempotent: bool = ..., max_inputs: int = ..., max_queue: int = ...,
+    openai: str | None = ...,
     hedge: bool = ..., canary: dict[str, Any] | None = ..., per_try_timeout_s: float | None = ...,
 ) -> Callable[[F], F]: ...
 

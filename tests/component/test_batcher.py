@@ -126,3 +126,20 @@ async def test_items_past_their_deadline_are_dropped_before_compute(runner):
     assert all(5 not in batch for batch in svc.batches)
     assert b.stats.dropped_expired == 1
     await b.stop()
+
+
+async def test_the_queue_is_bounded_and_refuses_with_overloaded(runner):
+    from steadyserve.errors import Overloaded
+
+    svc = Gate()
+    svc.setup()
+    b = await _started(svc.work, runner, max_queue=4)
+    first = asyncio.create_task(b.submit([1]))  # computing, blocked on the gate
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(b.submit([2, 3, 4]))
+    await asyncio.sleep(0.01)
+    with pytest.raises(Overloaded):
+        await b.submit([5, 6])
+    svc.gate.set()
+    assert await first == [10] and await queued == [20, 30, 40]
+    await b.stop()

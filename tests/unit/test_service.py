@@ -187,7 +187,7 @@ def test_handler_options_edges_accepted(kwargs):
 def test_handler_options_defaults():
     assert dataclasses.asdict(HandlerOptions()) == {
         "batch": False, "max_batch_size": 32, "max_wait_s": 0.0, "timeout_s": 60.0,
-        "idempotent": True, "max_inputs": 2048, "openai": None, "hedge": False,
+        "idempotent": True, "max_inputs": 2048, "max_queue": 8192, "openai": None, "hedge": False,
         "canary": None, "per_try_timeout_s": None,
     }
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import HandlerFailed, ReplicaTimeout, SteadyError
+from ..errors import HandlerFailed, Overloaded, ReplicaTimeout, SteadyError
 from ..policies.batching import Idle, RunNow, WaitUntil, decide
 from .runner import Runner
 
@@ -53,6 +53,7 @@ class Batcher:
         *,
         max_batch_size: int,
         max_wait_s: float,
+        max_queue: int = 8192,
         clock: Callable[[], float] = time.monotonic,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
@@ -60,6 +61,7 @@ class Batcher:
         self._runner = runner
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
+        self._max_queue = max_queue
         self._clock = clock
         self._on_batch = on_batch
         self._queue: deque[_Entry] = deque()
@@ -94,6 +96,9 @@ class Batcher:
     async def submit_timed(
         self, items: list[Any], deadline: float | None = None
     ) -> tuple[list[Any], Timing]:
+        if len(self._queue) + len(items) > self._max_queue:
+            raise Overloaded(f"replica batch queue is full ({len(self._queue)} items waiting)",
+                             retry_after_s=1)
         loop = asyncio.get_running_loop()
         now = self._clock()
         entries = [_Entry(i, loop.create_future(), now, deadline) for i in items]

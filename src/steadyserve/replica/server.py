@@ -88,7 +88,8 @@ class ReplicaApp:
             if spec.options.batch:
                 batcher = Batcher(
                     fn, self.runner, max_batch_size=spec.options.max_batch_size,
-                    max_wait_s=spec.options.max_wait_s, on_batch=self._observer(name),
+                    max_wait_s=spec.options.max_wait_s, max_queue=spec.options.max_queue,
+                    on_batch=self._observer(name),
                 )
                 batcher.start()
             self.handlers[name] = _Handler(spec, fn, batcher)
