@@ -25,6 +25,7 @@ class LaunchedReplica:
     process: asyncio.subprocess.Process
     host: str
     port: int
+    flight_recorder: str | None = None  # file naming the inputs it is executing
 
     @property
     def pid(self) -> int:
@@ -65,6 +66,7 @@ class LocalLauncher:
             sock.set_inheritable(True)
             port = sock.getsockname()[1]
             threads = torch_threads(self.config, deployment, self.cores)
+            recorder = os.path.join(self.config.data_dir, "flight", f"{replica_id}.keys")
             env = dict(os.environ)
             env.update(deployment.env)
             env["PYTHONUNBUFFERED"] = "1"
@@ -78,6 +80,7 @@ class LocalLauncher:
                 "--drain-timeout-s", str(self.config.supervisor.drain_timeout_s),
                 "--log-level", self.config.log_level,
                 "--log-format", _resolved_format(self.config.log_format),
+                "--flight-recorder", recorder,
             ]
             try:
                 process = await asyncio.create_subprocess_exec(
@@ -86,7 +89,7 @@ class LocalLauncher:
                 )
             except OSError as exc:
                 raise ConfigError(f"cannot start replica of {deployment.name}: {exc}") from exc
-            return LaunchedReplica(process, "127.0.0.1", port)
+            return LaunchedReplica(process, "127.0.0.1", port, recorder)
         finally:
             sock.close()
 

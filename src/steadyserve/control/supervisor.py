@@ -31,6 +31,7 @@ from ..gateway.membership import Endpoint, Membership
 from ..gateway.transport import Address, Transport
 from ..observe.metrics import REPLICA_STATES, GatewayMetrics
 from ..policies.backoff import Backoff
+from ..replica.blackbox import read_flight_record
 from .launcher import LaunchedReplica, LocalLauncher
 
 log = logging.getLogger("steadyserve.supervisor")
@@ -87,7 +88,7 @@ class Supervisor:
             Slot(d, f"{d.name}-{i}") for d in config.deployments for i in range(d.replicas)
         ]
         self.revisions = {d.name: 0 for d in config.deployments}
-        self.crash_listeners: list[Callable[[str, Endpoint], None]] = []
+        self.crash_listeners: list[Callable[[str, list[str]], None]] = []
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
         self._rollout_locks: dict[str, asyncio.Lock] = {}
@@ -197,9 +198,10 @@ class Supervisor:
                 self.slots.remove(slot)
             self._export_states()
             return
-        if slot.endpoint is not None and slot.endpoint.inflight:
-            for listener in self.crash_listeners:  # not stopped by us: blame what was on it
-                listener(slot.deployment.name, slot.endpoint)
+        executing = read_flight_record(replica.flight_recorder)
+        if executing:  # it died on its own while running these inputs: blame them
+            for listener in self.crash_listeners:
+                listener(slot.deployment.name, executing)
         self.metrics.restarts.labels(slot.deployment.name).inc()
         slot.restarts += 1
         delay = self._schedule_restart(slot, self.clock())

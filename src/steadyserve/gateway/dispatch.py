@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import logging
 import random
 import time
@@ -40,7 +39,7 @@ from ..policies.latency import LatencyWindow
 from ..policies.outlier import OutlierPolicy, record, slow_start_weight, start_probe
 from ..policies.quarantine import Quarantine
 from ..policies.retry import RetryBudget, retry_backoff_s
-from ..replica.server import DEADLINE_HEADER
+from ..replica.server import DEADLINE_HEADER, INPUT_KEY_HEADER
 from .admission import Admission
 from .membership import Deployment, Endpoint, Handler
 from .transport import Transport
@@ -103,7 +102,6 @@ class Dispatcher:
         self.quarantine = Quarantine(crashes=self.cfg.quarantine_crashes,
                                      quarantine_s=self.cfg.quarantine_s)
         self._states: dict[str, _DeploymentState] = {}
-        self._ids = itertools.count()
 
     # state ----------------------------------------------------------------------------------
     def state(self, d: Deployment) -> _DeploymentState:
@@ -122,9 +120,9 @@ class Dispatcher:
                      if h.spec.options.batch), default=1)
         self.state(d).admission.resize(d.config.replicas, batch)
 
-    def on_replica_crash(self, deployment: str, endpoint: Endpoint) -> None:
-        """A replica died on its own while these inputs were on it: blame them."""
-        newly = self.quarantine.on_crash(list(endpoint.inflight.values()), self.clock())
+    def on_replica_crash(self, deployment: str, keys: list[str]) -> None:
+        """A replica died while its model was executing these inputs: blame them."""
+        newly = self.quarantine.on_crash(keys, self.clock())
         for key in newly:
             self.metrics.quarantined.labels(deployment).inc()
             log.warning("input quarantined after crashing replicas",
@@ -282,11 +280,10 @@ class Dispatcher:
         headers = [
             (REQUEST_ID_HEADER, request_id.encode()),
             (DEADLINE_HEADER, str(int(per_try * 1000)).encode()),
+            (INPUT_KEY_HEADER, key.encode()),
             (b"content-type", codec.CONTENT_TYPE),
         ]
-        attempt_id = next(self._ids)
         endpoint.outstanding += 1
-        endpoint.inflight[attempt_id] = key
         try:
             reply = await self.transport.request(
                 endpoint.address, "POST", "/invoke/" + h.name, body, headers, per_try)
@@ -304,7 +301,6 @@ class Dispatcher:
                 from None
         finally:
             endpoint.outstanding -= 1
-            endpoint.inflight.pop(attempt_id, None)
         now = self.clock()
         message = codec.decode(reply.body)
         if not isinstance(message, dict):

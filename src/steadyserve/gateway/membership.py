@@ -26,7 +26,6 @@ class Endpoint:
     ewma_latency_s: float = 0.0
     ewma_at: float = 0.0
     health: HostHealth = field(default_factory=HostHealth)  # outlier detection (passive)
-    inflight: dict[int, str] = field(default_factory=dict)  # attempt id → input key (quarantine)
 
 
 @dataclass(slots=True, eq=False)

@@ -1,7 +1,8 @@
 """Poison-request quarantine: an input that keeps crashing replicas is refused for a while.
 
-When a replica dies while requests are on it (and not because we stopped it), each of them
-takes 1/N of the blame (N in flight). An input whose blame reaches `crashes` (2: it crashed
+When a replica dies while its model is executing a call or batch (the replica's flight
+recorder says which requests were in it; queued ones are innocent), each of those N
+requests takes 1/N of the blame. An input whose blame reaches `crashes` (2: it crashed
 a replica, then the one it was retried on) is refused with a 4xx for `quarantine_s`. Distinct
 innocent inputs that happen to be in flight during unrelated crashes never accumulate.
 """

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout-s", type=float, default=10.0)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="json")
+    parser.add_argument("--flight-recorder", default=None, help="file of the keys being executed")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..loader import load_service_class
     from ..netutil import NoDelayHttpToolsProtocol
     from ..service import handler_specs
+    from .blackbox import FlightRecorder
     from .server import ReplicaApp
 
     try:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass
-    app = ReplicaApp(cls(), specs, name=args.name)
+    app = ReplicaApp(cls(), specs, name=args.name, recorder=FlightRecorder(args.flight_recorder))
 
     class _Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -29,6 +29,7 @@ class _Entry:
     future: asyncio.Future[Any]
     enqueued_at: float
     deadline: float | None
+    key: str | None = None
     started_at: float = 0.0
 
 
@@ -94,14 +95,14 @@ class Batcher:
         return (await self.submit_timed(items, deadline))[0]
 
     async def submit_timed(
-        self, items: list[Any], deadline: float | None = None
+        self, items: list[Any], deadline: float | None = None, key: str | None = None
     ) -> tuple[list[Any], Timing]:
         if len(self._queue) + len(items) > self._max_queue:
             raise Overloaded(f"replica batch queue is full ({len(self._queue)} items waiting)",
                              retry_after_s=1)
         loop = asyncio.get_running_loop()
         now = self._clock()
-        entries = [_Entry(i, loop.create_future(), now, deadline) for i in items]
+        entries = [_Entry(i, loop.create_future(), now, deadline, key) for i in items]
         self._queue.extend(entries)
         self._wakeup.set()
         try:
@@ -173,7 +174,8 @@ class Batcher:
         for e in batch:
             e.started_at = started
         try:
-            results = await self._runner.run(self._fn, [e.item for e in batch])
+            keys = sorted({e.key for e in batch if e.key})
+            results = await self._runner.run(self._fn, [e.item for e in batch], keys=keys)
             if not isinstance(results, Sequence) or isinstance(results, (str, bytes)):
                 raise HandlerFailed(
                     f"batched handler must return a list, got {type(results).__name__}"

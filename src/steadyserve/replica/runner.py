@@ -10,27 +10,51 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .blackbox import FlightRecorder
+
 
 class Runner:
-    def __init__(self) -> None:
+    def __init__(self, recorder: FlightRecorder | None = None) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steadyserve-model")
+        self._recorder = recorder or FlightRecorder(None)
 
-    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    async def run(self, fn: Callable[..., Any], *args: Any, keys: list[str] | None = None) -> Any:
+        """Run model code on the model thread; `keys` go to the flight recorder meanwhile."""
         if inspect.iscoroutinefunction(fn):
-            return await fn(*args, **kwargs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+            return await fn(*args)
+        recorder = self._recorder
 
-    async def run_timed(self, fn: Callable[..., Any], **kwargs: Any) -> tuple[Any, float, float]:
+        def recorded() -> Any:
+            if keys:
+                recorder.record(keys)
+            try:
+                return fn(*args)
+            finally:
+                if keys:
+                    recorder.clear()
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, recorded)
+
+    async def run_timed(
+        self, fn: Callable[..., Any], kwargs: dict[str, Any], keys: list[str] | None = None
+    ) -> tuple[Any, float, float]:
         """Run and return (result, started, finished) on the monotonic clock: the wait for the
         model thread is queueing, the rest is service time (the admission limit's signal)."""
         if inspect.iscoroutinefunction(fn):
             started = time.monotonic()
             return await fn(**kwargs), started, time.monotonic()
+        recorder = self._recorder
 
         def timed() -> tuple[Any, float, float]:
             started = time.monotonic()
-            result = fn(**kwargs)
+            if keys:
+                recorder.record(keys)
+            try:
+                result = fn(**kwargs)
+            finally:
+                if keys:
+                    recorder.clear()
             return result, started, time.monotonic()
 
         loop = asyncio.get_running_loop()

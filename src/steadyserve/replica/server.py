@@ -31,6 +31,7 @@ from ..errors import (
 from ..schema import compile_params
 from ..service import HandlerSpec, Service
 from .batcher import Batcher
+from .blackbox import FlightRecorder
 from .metrics import ReplicaMetrics
 from .runner import Runner
 
@@ -41,6 +42,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 DEADLINE_HEADER = b"x-steadyserve-deadline-ms"  # remaining budget in ms when sent
+INPUT_KEY_HEADER = b"x-steadyserve-input-key"  # the gateway's hash of the input (quarantine)
 
 
 class _Handler:
@@ -55,13 +57,13 @@ class _Handler:
 class ReplicaApp:
     def __init__(
         self, service: Service, specs: dict[str, HandlerSpec], *, name: str = "",
-        metrics: ReplicaMetrics | None = None,
+        metrics: ReplicaMetrics | None = None, recorder: FlightRecorder | None = None,
     ) -> None:
         self.service = service
         self.specs = specs
         self.name = name
         self.metrics = metrics or ReplicaMetrics()
-        self.runner = Runner()
+        self.runner = Runner(recorder)
         self.ready = False
         self.draining = False
         self.deep_timeout_s = 10.0
@@ -196,8 +198,8 @@ class ReplicaApp:
         status = 200
         try:
             body = await _read_body(receive)
-            deadline = _deadline(scope)
-            call = self._call(name, codec.decode(body), deadline)
+            deadline, key = _call_headers(scope)
+            call = self._call(name, codec.decode(body), deadline, key)
             result, queue_s, service_s = await cancel_on_disconnect(receive, call)
             payload = codec.encode({"result": result, "q": queue_s, "s": service_s})
         except ClientGone:
@@ -216,7 +218,9 @@ class ReplicaApp:
         metrics.requests.labels(name, f"{status // 100}xx").inc()
         await _send(send, status, payload, codec.CONTENT_TYPE)
 
-    async def _call(self, name: str, body: Any, deadline: float | None) -> tuple[Any, float, float]:
+    async def _call(
+        self, name: str, body: Any, deadline: float | None, key: str | None = None
+    ) -> tuple[Any, float, float]:
         """Run a handler; returns (result, queue_s, service_s)."""
         arrived = time.monotonic()
         if not self.ready:
@@ -232,14 +236,14 @@ class ReplicaApp:
             if not items:
                 raise ClientError(f"'{handler.item_param}' must not be empty",
                                   param=handler.item_param)
-            results, timing = await handler.batcher.submit_timed(items, deadline)
+            results, timing = await handler.batcher.submit_timed(items, deadline, key)
             return results, timing.queue_s, timing.service_s
         timeout = handler.spec.options.timeout_s
         if deadline is not None:
             timeout = min(timeout, deadline - arrived)
         try:
             result, started, finished = await asyncio.wait_for(
-                self.runner.run_timed(handler.fn, **kwargs), timeout)
+                self.runner.run_timed(handler.fn, kwargs, [key] if key else None), timeout)
         except TimeoutError:
             raise ReplicaTimeout(f"handler {name} took longer than {timeout:.3f}s") from None
         return result, max(0.0, started - arrived), finished - started
@@ -249,15 +253,19 @@ def _noop() -> None:
     return None
 
 
-def _deadline(scope: Scope) -> float | None:
-    for key, value in scope["headers"]:
-        if key == DEADLINE_HEADER:
+def _call_headers(scope: Scope) -> tuple[float | None, str | None]:
+    """(absolute deadline, input key) from the gateway's headers."""
+    deadline: float | None = None
+    key: str | None = None
+    for name, value in scope["headers"]:
+        if name == DEADLINE_HEADER:
             try:
-                remaining_ms = float(value)
+                deadline = time.monotonic() + max(0.0, float(value)) / 1000
             except ValueError:
-                return None
-            return time.monotonic() + max(0.0, remaining_ms) / 1000
-    return None
+                pass
+        elif name == INPUT_KEY_HEADER and len(value) <= 64:
+            key = value.decode("ascii", errors="replace")
+    return deadline, key
 
 
 async def _read_body(receive: Receive) -> bytes:
