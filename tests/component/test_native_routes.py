@@ -55,7 +55,7 @@ async def test_request_id_is_kept_when_sane_and_generated_otherwise(make_gateway
          "unknown-deployment", "unknown-handler"],
 )
 async def test_bad_input_gets_a_4xx_naming_the_problem(make_gateway, path, body, status, param, fragment):
-    _, client, deployments = await make_gateway({"echo": (Echo, 1)})
+    _, client, _ = await make_gateway({"echo": (Echo, 1)})
     r = await client.post(path, content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]

@@ -85,25 +85,29 @@ class Admission:
                     evicted.future.set_exception(self._overloaded("batch"))
             else:
                 self._reject(priority)
-        waiter = _Waiter(asyncio.get_running_loop().create_future(), now)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop.create_future(), now)
         self.queues[priority].append(waiter)
         allowance = min(self.codel.max_wait_s(), max(0.0, deadline - now))
+        # a timer, not asyncio.wait_for: on 3.11 wait_for can swallow a cancellation that
+        # races with the slot being handed over (cpython gh-86296)
+        timer = loop.call_later(allowance, self._expire, priority, waiter)
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), allowance)
-        except TimeoutError:
-            if waiter.future.done() and not waiter.future.cancelled() \
-                    and waiter.future.exception() is None:
-                return  # the slot arrived at the last moment: keep it
-            waiter.future.cancel()
-            self._remove(priority, waiter)
-            self._reject(priority)
+            await waiter.future
         except asyncio.CancelledError:
-            if waiter.future.done() and not waiter.future.cancelled() \
-                    and waiter.future.exception() is None:
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
                 self.release()  # we were handed a slot but are going away: pass it on
-            waiter.future.cancel()
             self._remove(priority, waiter)
             raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, priority: str, waiter: _Waiter) -> None:
+        if not waiter.future.done():
+            self._remove(priority, waiter)
+            self.shed[priority] += 1
+            waiter.future.set_exception(self._overloaded(priority))
 
     def _remove(self, priority: str, waiter: _Waiter) -> None:
         try:

@@ -45,7 +45,18 @@ class Quarantine:
             if blame >= self.crashes - 1e-9 and key not in self._until:
                 self._until[key] = now + self.quarantine_s
                 newly.append(key)
-        if len(self._blame) > self.max_entries:  # bounded memory: drop the oldest half
-            for k in sorted(self._blame, key=lambda k: self._blame[k][1])[: self.max_entries // 2]:
-                del self._blame[k]
+        self._trim(now)
         return newly
+
+    def _trim(self, now: float) -> None:
+        """Bounded memory: expired quarantines go, then the oldest blame down to half the cap."""
+        for k in [k for k, until in self._until.items() if now >= until]:
+            del self._until[k]
+        if len(self._blame) > self.max_entries:
+            keep = max(0, self.max_entries // 2)
+            oldest_first = sorted(self._blame, key=lambda k: self._blame[k][1])
+            for k in oldest_first[: len(oldest_first) - keep]:
+                del self._blame[k]
+        if len(self._until) > self.max_entries:
+            for k in sorted(self._until, key=self._until.__getitem__)[: len(self._until) - self.max_entries]:
+                del self._until[k]

@@ -59,5 +59,5 @@ class RetryBudget:
 
 def retry_backoff_s(attempt: int, rand01: float, base_s: float = 0.005, cap_s: float = 0.05) -> float:
     """Short jittered pause before retry `attempt` (1-based): full jitter under a doubling cap."""
-    ceiling: float = min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
+    ceiling: float = min(cap_s, base_s * 2.0 ** min(max(0, attempt - 1), 64))
     return ceiling * rand01

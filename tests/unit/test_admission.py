@@ -1,0 +1,415 @@
+"""gateway/admission.py: Admission (concurrency limit + two-class CoDel wait queue), parse_priority.
+
+No sleeps: tasks are driven with `asyncio.sleep(0)` yields and time is a FakeClock, except
+for the one test of a real (10 ms) wait allowance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from steadyserve.config import ResilienceConfig
+from steadyserve.errors import ClientError, Overloaded
+from steadyserve.gateway.admission import Admission, parse_priority
+from steadyserve.testing import FakeClock
+
+LONG = 10.0  # a deadline and queue allowance no test reaches
+
+
+def admission(clock: FakeClock, **overrides) -> Admission:
+    cfg = dict(limit_initial=2, queue_target_s=LONG, queue_interval_s=LONG)
+    cfg.update(overrides)
+    return Admission(ResilienceConfig(**cfg), replicas=2, clock=clock)
+
+
+async def settle(rounds: int = 10) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def cleanup(adm: Admission, *tasks: asyncio.Task) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# parse_priority ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(None, "interactive", id="missing"),
+        pytest.param("", "interactive", id="empty"),
+        pytest.param("interactive", "interactive", id="interactive"),
+        pytest.param("batch", "batch", id="batch"),
+        pytest.param("BATCH ", "batch", id="upper-with-space"),
+        pytest.param(" Interactive\t", "interactive", id="mixed-case-tab"),
+    ],
+)
+def test_parse_priority_ok(value, expected):
+    assert parse_priority(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param("high", id="unknown"),
+        pytest.param("   ", id="blank"),
+        pytest.param("interactive,batch", id="list"),
+        pytest.param("bat ch", id="inner-space"),
+        pytest.param("x" * 1000, id="long"),
+    ],
+)
+def test_parse_priority_rejects(value):
+    with pytest.raises(ClientError) as info:
+        parse_priority(value)
+    assert info.value.param == "x-priority"
+    assert info.value.status == 400
+    assert len(info.value.message) < 200  # long values are cut
+
+
+# the fast path -------------------------------------------------------------------------------
+
+
+async def test_under_the_limit_acquire_returns_at_once():
+    clock = FakeClock()
+    adm = admission(clock)
+    for _ in range(2):
+        coro = adm.acquire("interactive", clock.now + LONG)
+        with pytest.raises(StopIteration):  # completes without ever suspending
+            coro.send(None)
+    assert adm.inflight == 2
+    assert adm.queued == 0
+
+
+async def test_third_waits_and_gets_the_slot_on_release():
+    clock = FakeClock()
+    adm = admission(clock)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("batch", clock.now + LONG)
+    third = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    assert not third.done()
+    assert adm.queued == 1
+    adm.release()
+    await settle()
+    assert third.done() and third.exception() is None
+    assert adm.inflight == 2
+    assert adm.queued == 0
+    adm.release()
+    adm.release()
+    assert adm.inflight == 0
+
+
+async def test_new_arrivals_queue_behind_waiters_even_when_a_slot_is_free():
+    clock = FakeClock()
+    adm = admission(clock)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    waiter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    adm.limit.limit = 3.0  # room now, but someone is waiting: no overtaking on the fast path
+    late = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    assert not late.done()
+    adm.release()
+    await settle()
+    assert waiter.done() and late.done()
+    assert adm.inflight == 3
+    await cleanup(adm, waiter, late)
+
+
+# priorities ------------------------------------------------------------------------------------
+
+
+async def test_interactive_waiters_go_before_earlier_batch_waiters():
+    clock = FakeClock()
+    adm = admission(clock)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    order: list[str] = []
+
+    async def client(name: str, priority: str) -> None:
+        await adm.acquire(priority, clock.now + LONG)
+        order.append(name)
+
+    tasks = []
+    for name, priority in [("b1", "batch"), ("b2", "batch"), ("i1", "interactive"),
+                           ("i2", "interactive")]:
+        tasks.append(asyncio.create_task(client(name, priority)))
+        await settle(1)
+        clock.advance(0.001)
+    await settle()
+    assert order == []
+    for expected in (["i1"], ["i1", "i2"], ["i1", "i2", "b1"], ["i1", "i2", "b1", "b2"]):
+        adm.release()
+        await settle()
+        assert order == expected
+        assert adm.inflight == 2
+    await cleanup(adm, *tasks)
+
+
+async def test_batch_refused_at_once_when_codel_is_overloaded_interactive_queues():
+    clock = FakeClock()
+    adm = admission(clock)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    adm.codel.overloaded = True
+    with pytest.raises(Overloaded) as info:
+        await adm.acquire("batch", clock.now + LONG)
+    assert info.value.status == 503
+    assert adm.shed == {"interactive": 0, "batch": 1}
+    interactive = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    assert not interactive.done()
+    assert adm.queued == 1
+    adm.release()
+    await settle()
+    assert interactive.done() and interactive.exception() is None
+    await cleanup(adm, interactive)
+
+
+async def test_batch_served_on_the_fast_path_even_when_codel_is_overloaded():
+    clock = FakeClock()
+    adm = admission(clock)
+    adm.codel.overloaded = True
+    await adm.acquire("batch", clock.now + LONG)
+    assert adm.inflight == 1
+
+
+async def test_batch_share_of_the_queue_is_capped():
+    clock = FakeClock()
+    adm = admission(clock, queue_max=4, batch_queue_share=0.5)  # at most 2 batch waiters
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    waiters = [asyncio.create_task(adm.acquire("batch", clock.now + LONG)) for _ in range(2)]
+    await settle()
+    with pytest.raises(Overloaded):
+        await adm.acquire("batch", clock.now + LONG)
+    inter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    assert adm.queued == 3 and not inter.done()
+    await cleanup(adm, *waiters, inter)
+
+
+# a full queue ----------------------------------------------------------------------------------
+
+
+async def test_full_queue_interactive_evicts_the_newest_batch_waiter():
+    clock = FakeClock()
+    adm = admission(clock, queue_max=2, batch_queue_share=1.0)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    older = asyncio.create_task(adm.acquire("batch", clock.now + LONG))
+    await settle()
+    newer = asyncio.create_task(adm.acquire("batch", clock.now + LONG))
+    await settle()
+    assert adm.queued == 2
+    inter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    assert newer.done() and isinstance(newer.exception(), Overloaded)
+    assert not older.done() and not inter.done()
+    assert adm.queued == 2
+    assert adm.shed == {"interactive": 0, "batch": 1}
+    adm.release()
+    await settle()
+    assert inter.done() and not older.done()  # the interactive one goes first
+    adm.release()
+    await settle()
+    assert older.done() and older.exception() is None
+    assert adm.inflight == 2
+    await cleanup(adm, older, newer, inter)
+
+
+@pytest.mark.parametrize("priority", ["batch", "interactive"])
+async def test_full_queue_without_batch_waiters_refuses(priority):
+    clock = FakeClock()
+    adm = admission(clock, queue_max=2, batch_queue_share=1.0)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    queued = [asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+              for _ in range(2)]
+    await settle()
+    with pytest.raises(Overloaded):
+        await adm.acquire(priority, clock.now + LONG)
+    assert adm.shed[priority] == 1
+    assert adm.queued == 2
+    assert not any(t.done() for t in queued)
+    await cleanup(adm, *queued)
+
+
+async def test_full_queue_batch_arrival_refused_even_with_batch_waiters():
+    clock = FakeClock()
+    adm = admission(clock, queue_max=2, batch_queue_share=1.0)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    queued = [asyncio.create_task(adm.acquire(p, clock.now + LONG))
+              for p in ("interactive", "batch")]
+    await settle()
+    with pytest.raises(Overloaded):
+        await adm.acquire("batch", clock.now + LONG)
+    assert not any(t.done() for t in queued)  # nobody was evicted for it
+    await cleanup(adm, *queued)
+
+
+async def test_queue_max_zero_refuses_everything_past_the_limit():
+    clock = FakeClock()
+    adm = admission(clock, queue_max=0)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    for priority in ("interactive", "batch"):
+        with pytest.raises(Overloaded):
+            await adm.acquire(priority, clock.now + LONG)
+    assert adm.queued == 0
+
+
+# waiting too long ------------------------------------------------------------------------------
+
+
+async def test_waiter_refused_when_its_allowance_passes():
+    clock = FakeClock()
+    adm = admission(clock, queue_target_s=0.005, queue_interval_s=0.01)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    started = time.monotonic()
+    with pytest.raises(Overloaded):
+        await adm.acquire("interactive", clock.now + LONG)
+    assert time.monotonic() - started < 0.1
+    assert adm.queued == 0
+    assert adm.inflight == 2
+    assert adm.shed["interactive"] == 1
+    adm.release()  # the slot is not handed to the one that left
+    assert adm.inflight == 1
+
+
+@pytest.mark.parametrize("deadline_in", [0.0, -1.0], ids=["deadline-now", "deadline-passed"])
+async def test_waiter_with_no_time_left_refused_at_once(deadline_in):
+    clock = FakeClock()
+    adm = admission(clock)  # the queue would allow 10 s; the deadline allows nothing
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    started = time.monotonic()
+    with pytest.raises(Overloaded):
+        await adm.acquire("interactive", clock.now + deadline_in)
+    assert time.monotonic() - started < 0.05
+    assert adm.queued == 0
+
+
+async def test_dequeue_feeds_codel_with_the_fake_clock_wait():
+    clock = FakeClock()
+    adm = admission(clock, queue_target_s=0.005, queue_interval_s=LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    tasks = [asyncio.create_task(adm.acquire("interactive", clock.now + LONG)) for _ in range(2)]
+    await settle()
+    clock.advance(0.5)
+    adm.release()
+    await settle()
+    assert adm.codel.first_above_at == clock.now  # waited 0.5 s > 5 ms target
+    adm.release()
+    await settle()
+    assert adm.codel.first_above_at is None  # the queue drained: on_empty
+    await cleanup(adm, *tasks)
+
+
+# cancellation --------------------------------------------------------------------------------
+
+
+async def test_cancelled_waiter_leaves_the_queue():
+    clock = FakeClock()
+    adm = admission(clock)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    waiter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    waiter.cancel()
+    await settle()
+    assert waiter.cancelled()
+    assert adm.queued == 0
+    adm.release()
+    adm.release()
+    assert adm.inflight == 0
+
+
+async def test_cancelled_waiter_that_was_just_handed_a_slot_passes_it_on():
+    clock = FakeClock()
+    adm = admission(clock)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    doomed = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    nxt = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    try:
+        doomed.cancel()  # cancelled, and before it runs again ...
+        adm.release()  # ... the freed slot is handed to it
+        await settle()
+        assert doomed.cancelled()
+        assert nxt.done() and nxt.exception() is None  # it passed the slot on
+        assert adm.inflight == 2
+        adm.release()
+        adm.release()
+        assert adm.inflight == 0
+        assert adm.queued == 0
+    finally:
+        await cleanup(adm, doomed, nxt)
+
+
+async def test_waiter_cancelled_just_after_the_handover_is_still_cancelled():
+    clock = FakeClock()
+    adm = admission(clock)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    doomed = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    nxt = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    try:
+        adm.release()  # the freed slot is handed to `doomed` ...
+        doomed.cancel()  # ... which is cancelled before it runs again
+        await settle()
+        assert doomed.cancelled()
+        assert nxt.done() and nxt.exception() is None
+        assert adm.inflight == 2
+    finally:
+        await cleanup(adm, doomed, nxt)
+        if not doomed.cancelled() and doomed.exception() is None:
+            adm.release()  # it kept the slot: give it back so the accounting stays whole
+
+
+async def test_inflight_consistent_after_a_mixed_run():
+    clock = FakeClock()
+    adm = admission(clock, queue_max=3, batch_queue_share=1.0)
+    holders = 0
+    for _ in range(2):
+        await adm.acquire("interactive", clock.now + LONG)
+        holders += 1
+    tasks = {
+        "b1": asyncio.create_task(adm.acquire("batch", clock.now + LONG)),
+        "i1": asyncio.create_task(adm.acquire("interactive", clock.now + LONG)),
+        "b2": asyncio.create_task(adm.acquire("batch", clock.now + LONG)),
+    }
+    await settle()
+    tasks["i2"] = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))  # evicts b2
+    await settle()
+    tasks["i1"].cancel()  # cancelled while waiting
+    await settle()
+    for _ in range(4):  # every holder, old and new, releases once it has its slot
+        adm.release()
+        holders -= 1
+        await settle()
+        for name, t in list(tasks.items()):
+            if t.done():
+                del tasks[name]
+                if not t.cancelled() and t.exception() is None:
+                    holders += 1
+    assert not tasks
+    assert adm.inflight == holders
+    for _ in range(holders):
+        adm.release()
+    assert adm.inflight == 0
+    assert adm.queued == 0

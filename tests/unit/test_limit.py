@@ -1,0 +1,213 @@
+"""policies/limit.py: AimdLimit, AIMD on the replicas' queueing signal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from steadyserve.policies.limit import AimdLimit
+
+MS = 0.001
+T0 = 1000.0
+SERVICE = 20 * MS
+RTT = 20 * MS
+
+
+def sample(lim: AimdLimit, *, queue_s: float, inflight: int, now: float,
+           batched: bool = False, rtt_s: float = RTT) -> float:
+    return lim.on_sample(queue_s=queue_s, service_s=SERVICE, batched=batched,
+                         inflight=inflight, rtt_s=rtt_s, now=now)
+
+
+OVERLOADED = 100 * MS  # queue far over any tolerance
+CALM = 0.0
+
+
+# overloaded ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("queue_ms", "batched", "overloaded"),
+    [
+        pytest.param(0, False, False, id="no-queue"),
+        pytest.param(10, False, False, id="plain-10ms-half-a-service"),
+        pytest.param(20, False, False, id="plain-20ms-one-service"),
+        pytest.param(21.9, False, False, id="plain-within-slack"),
+        pytest.param(22.1, False, True, id="plain-just-over-slack"),
+        pytest.param(25, False, True, id="plain-25ms"),
+        pytest.param(25, True, False, id="batched-25ms"),
+        pytest.param(35, True, False, id="batched-35ms"),
+        pytest.param(41.9, True, False, id="batched-within-slack"),
+        pytest.param(42.1, True, True, id="batched-just-over-slack"),
+        pytest.param(45, True, True, id="batched-45ms"),
+    ],
+)
+def test_overloaded_table(queue_ms, batched, overloaded):
+    lim = AimdLimit(limit=10.0)  # tolerance 1, batch tolerance 2, slack 2 ms
+    assert lim.overloaded(queue_ms * MS, SERVICE, batched) is overloaded
+
+
+def test_overloaded_uses_configured_tolerances():
+    lim = AimdLimit(limit=10.0, tolerance=0.5, batch_tolerance=4.0, slack_s=0.0)
+    assert lim.overloaded(11 * MS, SERVICE, False)
+    assert not lim.overloaded(79 * MS, SERVICE, True)
+    assert lim.overloaded(81 * MS, SERVICE, True)
+
+
+# on_sample: decrease -------------------------------------------------------------------------
+
+
+def test_overloaded_sample_decreases_by_backoff():
+    lim = AimdLimit(limit=10.0, backoff=0.9)
+    assert sample(lim, queue_s=OVERLOADED, inflight=10, now=T0) == pytest.approx(9.0)
+    assert lim.last_decrease_at == T0
+
+
+@pytest.mark.parametrize(
+    ("gap_ms", "decreases"),
+    [
+        pytest.param(1, 1, id="1ms-apart-one-decrease"),
+        pytest.param(19, 1, id="19ms-apart-one-decrease"),
+        pytest.param(21, 2, id="over-one-rtt-apart-two-decreases"),
+        pytest.param(50, 2, id="later-two-decreases"),
+    ],
+)
+def test_at_most_one_decrease_per_rtt(gap_ms, decreases):
+    lim = AimdLimit(limit=100.0, backoff=0.5)
+    sample(lim, queue_s=OVERLOADED, inflight=100, now=T0)
+    sample(lim, queue_s=OVERLOADED, inflight=100, now=T0 + gap_ms * MS)
+    assert lim.limit == pytest.approx(100.0 * 0.5**decreases)
+
+
+def test_overloaded_within_rtt_does_not_increase_either():
+    lim = AimdLimit(limit=10.0, backoff=0.5)
+    sample(lim, queue_s=OVERLOADED, inflight=10, now=T0)
+    assert sample(lim, queue_s=OVERLOADED, inflight=10, now=T0 + MS) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("start", [3.0, 3.2, 4.0, 50.0])
+def test_never_below_min_limit(start):
+    lim = AimdLimit(limit=start, min_limit=3, backoff=0.5)
+    for i in range(40):
+        sample(lim, queue_s=OVERLOADED, inflight=0, now=T0 + i * RTT)
+        assert lim.limit >= 3.0
+    assert lim.limit == 3.0
+
+
+# on_sample: increase -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("limit", "inflight", "after"),
+    [
+        pytest.param(10.0, 9, 11.0, id="at-limit-minus-one-binding"),
+        pytest.param(10.0, 10, 11.0, id="at-limit-binding"),
+        pytest.param(10.5, 10, 11.5, id="fractional-binding"),
+        pytest.param(10.0, 8, 10.0, id="two-below-not-binding"),
+        pytest.param(10.0, 1, 10.0, id="far-below-not-binding"),
+        pytest.param(10.0, 0, 10.0, id="idle-not-binding"),
+    ],
+)
+def test_increase_by_one_only_when_binding(limit, inflight, after):
+    lim = AimdLimit(limit=limit)
+    assert sample(lim, queue_s=CALM, inflight=inflight, now=T0) == pytest.approx(after)
+
+
+def test_calm_binding_samples_add_one_each():
+    lim = AimdLimit(limit=5.0)
+    for i in range(5):
+        sample(lim, queue_s=CALM, inflight=int(lim.limit), now=T0 + i * MS)
+    assert lim.limit == 10.0
+
+
+@pytest.mark.parametrize("start", [9.0, 9.5, 10.0])
+def test_never_above_max_limit(start):
+    lim = AimdLimit(limit=start, max_limit=10)
+    for i in range(5):
+        sample(lim, queue_s=CALM, inflight=100, now=T0 + i * MS)
+        assert lim.limit <= 10.0
+    assert lim.limit == 10.0
+
+
+def test_tolerated_queue_counts_as_calm():
+    lim = AimdLimit(limit=10.0)
+    assert sample(lim, queue_s=35 * MS, inflight=10, now=T0, batched=True) == 11.0
+    assert sample(lim, queue_s=35 * MS, inflight=11, now=T0 + MS, batched=False) < 11.0
+
+
+# on_failure ----------------------------------------------------------------------------------
+
+
+def test_failure_decreases_like_congestion():
+    lim = AimdLimit(limit=10.0, backoff=0.9)
+    assert lim.on_failure(T0, RTT) == pytest.approx(9.0)
+    assert lim.on_failure(T0 + MS, RTT) == pytest.approx(9.0)  # same round trip
+    assert lim.on_failure(T0 + RTT + MS, RTT) == pytest.approx(8.1)  # the next one
+
+
+def test_failure_and_overload_share_the_once_per_rtt_gate():
+    lim = AimdLimit(limit=10.0, backoff=0.5)
+    lim.on_failure(T0, RTT)
+    assert sample(lim, queue_s=OVERLOADED, inflight=5, now=T0 + MS) == pytest.approx(5.0)
+    lim = AimdLimit(limit=10.0, backoff=0.5)
+    sample(lim, queue_s=OVERLOADED, inflight=10, now=T0)
+    assert lim.on_failure(T0 + MS, RTT) == pytest.approx(5.0)
+
+
+def test_failure_never_below_min_limit():
+    lim = AimdLimit(limit=4.0, min_limit=3, backoff=0.5)
+    for i in range(5):
+        lim.on_failure(T0 + i * RTT, RTT)
+    assert lim.limit == 3.0
+
+
+# a tiny closed loop ----------------------------------------------------------------------------
+
+REPLICAS = 3
+DEMAND = 20
+
+
+def closed_loop(initial: float, samples: int = 200) -> list[float]:
+    """3 replicas, each computing one request at a time for 20 ms; 20 clients always waiting.
+
+    The gateway admits while inflight < limit, spread evenly over the replicas. Responses
+    arrive one every 20/3 ms, from the replicas in turn, and report how long a request waits
+    on that replica: (its inflight - 1) service times. Returns the limit after each sample.
+    """
+    lim = AimdLimit(limit=initial, min_limit=REPLICAS)
+    history = []
+    for step in range(samples):
+        inflight = min(DEMAND, math.ceil(lim.limit))
+        per_replica = [inflight // REPLICAS + (1 if r < inflight % REPLICAS else 0)
+                       for r in range(REPLICAS)]
+        replica = step % REPLICAS
+        queue_s = max(0, per_replica[replica] - 1) * SERVICE
+        now = T0 + step * SERVICE / REPLICAS
+        sample(lim, queue_s=queue_s, inflight=inflight, now=now)
+        history.append(lim.limit)
+    return history
+
+
+@pytest.mark.parametrize("initial", [3.0, 12.0, 20.0, 40.0], ids=lambda v: f"start={v:g}")
+def test_closed_loop_converges_near_the_knee(initial):
+    history = closed_loop(initial)
+    settled = history[100:]
+    # The knee is 2 per replica (6): one waiting behind one computing is tolerated, two are
+    # not. AIMD saws around it: it may admit a third request on a replica (limit < 9),
+    # then backs off; it never falls to the floor or drifts back up towards the demand.
+    assert all(3.0 <= v <= 9.0 for v in settled), (min(settled), max(settled))
+    assert all(math.ceil(v) <= 3 * REPLICAS for v in settled)
+    mean = sum(settled) / len(settled)
+    assert 6.0 <= mean <= 9.0
+    assert max(settled) - min(settled) < 3.0
+
+
+def test_closed_loop_limit_stops_growing_once_demand_no_longer_binds():
+    """No queueing at all: the limit grows until it exceeds the demand, then stays put."""
+    lim = AimdLimit(limit=3.0, min_limit=REPLICAS)
+    for step in range(200):
+        lim.on_sample(queue_s=0.0, service_s=SERVICE, batched=False,
+                      inflight=min(DEMAND, math.ceil(lim.limit)), rtt_s=RTT,
+                      now=T0 + step * SERVICE / REPLICAS)
+    assert DEMAND <= lim.limit <= DEMAND + 2
