@@ -94,7 +94,7 @@ class SupervisorConfig:
 class ResilienceConfig:
     """Retries, hedging, outlier ejection, admission control, quarantine (docs/configuration.md)."""
 
-    max_attempts: int = 2  # per request, hedges included; retries only for idempotent handlers
+    max_attempts: int = 3  # per request, hedges included; retries only for idempotent handlers
     retry_budget_ratio: float = 0.2  # retries ≤ this share of requests over the window…
     retry_budget_window_s: float = 10.0
     retry_budget_min_per_s: float = 3.0  # …plus this floor

@@ -89,6 +89,11 @@ class ReplicaUnavailable(ReplicaError):
 
     status = 502
     code = "replica_unavailable"
+    refused = False  # True only when nothing listens (connect refused): the process is gone
+
+
+class ConnectionRefused(ReplicaUnavailable):
+    refused = True
 
 
 class ReplicaTimeout(ReplicaError):

@@ -30,6 +30,22 @@ async def settle(rounds: int = 10) -> None:
         await asyncio.sleep(0)
 
 
+def at_once(coro) -> None:
+    """Run `acquire` to its end without letting it suspend: returns if it went through,
+    raises what it raised; fails the test if it would have waited."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return
+    coro.close()
+    raise AssertionError("acquire waited instead of answering at once")
+
+
+async def promptly(coro, within_s: float = 1.0):
+    """Await `coro`, failing the test (TimeoutError) if it takes longer than `within_s`."""
+    return await asyncio.wait_for(coro, within_s)
+
+
 async def cleanup(adm: Admission, *tasks: asyncio.Task) -> None:
     for t in tasks:
         t.cancel()
@@ -79,9 +95,7 @@ async def test_under_the_limit_acquire_returns_at_once():
     clock = FakeClock()
     adm = admission(clock)
     for _ in range(2):
-        coro = adm.acquire("interactive", clock.now + LONG)
-        with pytest.raises(StopIteration):  # completes without ever suspending
-            coro.send(None)
+        at_once(adm.acquire("interactive", clock.now + LONG))
     assert adm.inflight == 2
     assert adm.queued == 0
 
@@ -160,7 +174,7 @@ async def test_batch_refused_at_once_when_codel_is_overloaded_interactive_queues
     await adm.acquire("interactive", clock.now + LONG)
     adm.codel.overloaded = True
     with pytest.raises(Overloaded) as info:
-        await adm.acquire("batch", clock.now + LONG)
+        at_once(adm.acquire("batch", clock.now + LONG))
     assert info.value.status == 503
     assert adm.shed == {"interactive": 0, "batch": 1}
     interactive = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
@@ -177,7 +191,7 @@ async def test_batch_served_on_the_fast_path_even_when_codel_is_overloaded():
     clock = FakeClock()
     adm = admission(clock)
     adm.codel.overloaded = True
-    await adm.acquire("batch", clock.now + LONG)
+    at_once(adm.acquire("batch", clock.now + LONG))
     assert adm.inflight == 1
 
 
@@ -189,7 +203,7 @@ async def test_batch_share_of_the_queue_is_capped():
     waiters = [asyncio.create_task(adm.acquire("batch", clock.now + LONG)) for _ in range(2)]
     await settle()
     with pytest.raises(Overloaded):
-        await adm.acquire("batch", clock.now + LONG)
+        at_once(adm.acquire("batch", clock.now + LONG))
     inter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
     await settle()
     assert adm.queued == 3 and not inter.done()
@@ -235,7 +249,7 @@ async def test_full_queue_without_batch_waiters_refuses(priority):
               for _ in range(2)]
     await settle()
     with pytest.raises(Overloaded):
-        await adm.acquire(priority, clock.now + LONG)
+        at_once(adm.acquire(priority, clock.now + LONG))
     assert adm.shed[priority] == 1
     assert adm.queued == 2
     assert not any(t.done() for t in queued)
@@ -251,7 +265,7 @@ async def test_full_queue_batch_arrival_refused_even_with_batch_waiters():
               for p in ("interactive", "batch")]
     await settle()
     with pytest.raises(Overloaded):
-        await adm.acquire("batch", clock.now + LONG)
+        at_once(adm.acquire("batch", clock.now + LONG))
     assert not any(t.done() for t in queued)  # nobody was evicted for it
     await cleanup(adm, *queued)
 
@@ -263,7 +277,7 @@ async def test_queue_max_zero_refuses_everything_past_the_limit():
     await adm.acquire("interactive", clock.now + LONG)
     for priority in ("interactive", "batch"):
         with pytest.raises(Overloaded):
-            await adm.acquire(priority, clock.now + LONG)
+            at_once(adm.acquire(priority, clock.now + LONG))
     assert adm.queued == 0
 
 
@@ -277,7 +291,7 @@ async def test_waiter_refused_when_its_allowance_passes():
     await adm.acquire("interactive", clock.now + LONG)
     started = time.monotonic()
     with pytest.raises(Overloaded):
-        await adm.acquire("interactive", clock.now + LONG)
+        await promptly(adm.acquire("interactive", clock.now + LONG), 0.5)
     assert time.monotonic() - started < 0.1
     assert adm.queued == 0
     assert adm.inflight == 2
@@ -294,7 +308,7 @@ async def test_waiter_with_no_time_left_refused_at_once(deadline_in):
     await adm.acquire("interactive", clock.now + LONG)
     started = time.monotonic()
     with pytest.raises(Overloaded):
-        await adm.acquire("interactive", clock.now + deadline_in)
+        await promptly(adm.acquire("interactive", clock.now + deadline_in), 0.5)
     assert time.monotonic() - started < 0.05
     assert adm.queued == 0
 

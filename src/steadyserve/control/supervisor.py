@@ -262,8 +262,8 @@ class Supervisor:
             got = await self._get(slot, path, timeout)
             healthy = got is not None and got[0] == 200
             reason = "" if healthy or got is None else got[1].decode(errors="replace")[:200]
-        except ReplicaUnavailable as exc:
-            healthy, refused, reason = False, True, exc.message
+        except ReplicaUnavailable as exc:  # refused: nothing listens; a reset may be a blip
+            healthy, refused, reason = False, exc.refused, exc.message
         except SteadyError as exc:
             healthy, reason = False, exc.message
         if slot.generation != generation or slot.state not in ("ready", "unhealthy") \

@@ -234,8 +234,11 @@ class Dispatcher:
         candidates: list[Endpoint] = []
         ramping: list[Endpoint] = []
         ejected: list[Endpoint] = []
+        last = tried[-1] if tried else None
+        untried = len(tried) < len(d.endpoints)
         for e in d.endpoints:
-            if e in tried:
+            # every replica once; then any but the one that just failed
+            if (untried and e in tried) or e is last:
                 continue
             health = e.health
             if health.ejected_until > 0:

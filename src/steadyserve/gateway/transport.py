@@ -18,7 +18,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from ..errors import ReplicaTimeout, ReplicaUnavailable
+from ..errors import ConnectionRefused, ReplicaTimeout, ReplicaUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +172,8 @@ class _Pool:
             )
         except TimeoutError:
             raise ReplicaUnavailable(f"connect to {self.address} timed out") from None
+        except ConnectionRefusedError as exc:
+            raise ConnectionRefused(f"cannot connect to {self.address}: {exc}") from exc
         except OSError as exc:
             raise ReplicaUnavailable(f"cannot connect to {self.address}: {exc}") from exc
         return conn

@@ -1,0 +1,1 @@
+"""Chaos-test harness: fault proxies in front of replicas, a chaos service, open-loop load."""
