@@ -112,10 +112,11 @@ class ResilienceConfig:
     limit_initial: int | None = None  # None: replicas × max(4, largest max_batch_size)
     limit_max: int = 10_000
     limit_backoff: float = 0.9
-    limit_tolerance: float = 1.0  # queueing allowed, in service times (non-batched handlers)
+    limit_tolerance: float = 0.5  # queueing allowed, in service times (non-batched handlers)
     limit_batch_tolerance: float = 2.0  # the same for batched handlers
     queue_max: int = 1000  # requests waiting for a slot, per deployment
-    queue_target_s: float = 0.005  # CoDel target queue wait
+    queue_target_s: float = 0.005  # CoDel target queue wait (batch class)
+    interactive_queue_target_s: float = 0.05  # the same for interactive: shed only if it alone overloads
     queue_interval_s: float = 0.1  # CoDel interval; also the longest wait when not overloaded
     batch_queue_share: float = 0.5  # batch-priority requests may fill at most this share
     quarantine_crashes: float = 2.0
@@ -133,6 +134,7 @@ class ResilienceConfig:
         if not 0 <= self.batch_queue_share <= 1:
             raise ConfigError("batch_queue_share must be in [0, 1]")
         if min(self.retry_budget_window_s, self.per_try_timeout_min_s, self.queue_target_s,
+               self.interactive_queue_target_s,
                self.queue_interval_s, self.outlier_base_ejection_s, self.quarantine_crashes) <= 0:
             raise ConfigError("resilience durations and thresholds must be > 0")
         if self.outlier_consecutive_failures < 1 or self.queue_max < 0 or self.limit_max < 1:

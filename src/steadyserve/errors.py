@@ -96,6 +96,10 @@ class ConnectionRefused(ReplicaUnavailable):
     refused = True
 
 
+class ConnectionLost(ReplicaUnavailable):
+    """The connection died while the replica had the request: it may have crashed on it."""
+
+
 class ReplicaTimeout(ReplicaError):
     status = 504
     code = "timeout"

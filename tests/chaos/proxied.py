@@ -117,7 +117,7 @@ class ProxiedLauncher(LocalLauncher):
         )
         self._reapers.add(task)
         task.add_done_callback(self._reapers.discard)
-        return LaunchedReplica(replica.process, replica.host, proxy_port)
+        return LaunchedReplica(replica.process, replica.host, proxy_port, replica.flight_recorder)
 
     async def _reap(self, replica_id: str, replica: asyncio.subprocess.Process,
                     proxy: asyncio.subprocess.Process) -> None:

@@ -167,19 +167,21 @@ async def test_interactive_waiters_go_before_earlier_batch_waiters():
     await cleanup(adm, *tasks)
 
 
-async def test_batch_refused_at_once_when_codel_is_overloaded_interactive_queues():
+async def test_overloaded_batch_class_waits_only_the_target_interactive_the_interval():
     clock = FakeClock()
-    adm = admission(clock)
+    adm = admission(clock, queue_target_s=0.01)
     await adm.acquire("interactive", clock.now + LONG)
     await adm.acquire("interactive", clock.now + LONG)
-    adm.codel.overloaded = True
+    adm.codels["batch"].overloaded = True
+    started = time.monotonic()
     with pytest.raises(Overloaded) as info:
-        at_once(adm.acquire("batch", clock.now + LONG))
+        await promptly(adm.acquire("batch", clock.now + LONG), 0.5)
+    assert time.monotonic() - started < 0.2  # the 10 ms target, not the long interval
     assert info.value.status == 503
     assert adm.shed == {"interactive": 0, "batch": 1}
     interactive = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
-    await settle()
-    assert not interactive.done()
+    await asyncio.sleep(0.05)
+    assert not interactive.done()  # still waiting: its class is calm
     assert adm.queued == 1
     adm.release()
     await settle()
@@ -190,7 +192,7 @@ async def test_batch_refused_at_once_when_codel_is_overloaded_interactive_queues
 async def test_batch_served_on_the_fast_path_even_when_codel_is_overloaded():
     clock = FakeClock()
     adm = admission(clock)
-    adm.codel.overloaded = True
+    adm.codels["batch"].overloaded = True
     at_once(adm.acquire("batch", clock.now + LONG))
     assert adm.inflight == 1
 
@@ -323,10 +325,10 @@ async def test_dequeue_feeds_codel_with_the_fake_clock_wait():
     clock.advance(0.5)
     adm.release()
     await settle()
-    assert adm.codel.first_above_at == clock.now  # waited 0.5 s > 5 ms target
+    assert adm.codels["interactive"].first_above_at == clock.now  # waited 0.5 s > 5 ms target
     adm.release()
     await settle()
-    assert adm.codel.first_above_at is None  # the queue drained: on_empty
+    assert adm.codels["interactive"].empty_since == clock.now  # the queue drained
     await cleanup(adm, *tasks)
 
 

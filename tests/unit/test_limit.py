@@ -101,30 +101,30 @@ def test_never_below_min_limit(start):
 @pytest.mark.parametrize(
     ("limit", "inflight", "after"),
     [
-        pytest.param(10.0, 9, 11.0, id="at-limit-minus-one-binding"),
-        pytest.param(10.0, 10, 11.0, id="at-limit-binding"),
-        pytest.param(10.5, 10, 11.5, id="fractional-binding"),
+        pytest.param(10.0, 9, 10.1, id="at-limit-minus-one-binding"),
+        pytest.param(10.0, 10, 10.1, id="at-limit-binding"),
+        pytest.param(10.5, 10, 10.5 + 1 / 10.5, id="fractional-binding"),
         pytest.param(10.0, 8, 10.0, id="two-below-not-binding"),
         pytest.param(10.0, 1, 10.0, id="far-below-not-binding"),
         pytest.param(10.0, 0, 10.0, id="idle-not-binding"),
     ],
 )
-def test_increase_by_one_only_when_binding(limit, inflight, after):
+def test_increase_by_one_per_round_trip_only_when_binding(limit, inflight, after):
     lim = AimdLimit(limit=limit)
     assert sample(lim, queue_s=CALM, inflight=inflight, now=T0) == pytest.approx(after)
 
 
-def test_calm_binding_samples_add_one_each():
+def test_a_limits_worth_of_calm_binding_samples_adds_about_one():
     lim = AimdLimit(limit=5.0)
     for i in range(5):
         sample(lim, queue_s=CALM, inflight=int(lim.limit), now=T0 + i * MS)
-    assert lim.limit == 10.0
+    assert 5.9 <= lim.limit <= 6.0
 
 
 @pytest.mark.parametrize("start", [9.0, 9.5, 10.0])
 def test_never_above_max_limit(start):
     lim = AimdLimit(limit=start, max_limit=10)
-    for i in range(5):
+    for i in range(50):
         sample(lim, queue_s=CALM, inflight=100, now=T0 + i * MS)
         assert lim.limit <= 10.0
     assert lim.limit == 10.0
@@ -132,7 +132,7 @@ def test_never_above_max_limit(start):
 
 def test_tolerated_queue_counts_as_calm():
     lim = AimdLimit(limit=10.0)
-    assert sample(lim, queue_s=35 * MS, inflight=10, now=T0, batched=True) == 11.0
+    assert sample(lim, queue_s=35 * MS, inflight=10, now=T0, batched=True) == pytest.approx(10.1)
     assert sample(lim, queue_s=35 * MS, inflight=11, now=T0 + MS, batched=False) < 11.0
 
 

@@ -3,9 +3,9 @@ front of the replicas, and a bounded, two-class wait queue with CoDel (`policies
 
     acquire(priority) ── under the limit, nobody waiting ──► go (the fast path: no await)
           │ otherwise
-          ├─ batch, and the queue is overloaded or its batch share is full ──► 503 at once
+          ├─ batch, and the batch queue is at its share of queue_max ──► 503 at once
           ├─ queue full ──► an interactive request evicts the newest batch waiter, else 503
-          └─ wait ≤ CoDel's allowance (5 ms when overloaded, 100 ms otherwise) ──► go or 503
+          └─ wait ≤ its class's CoDel allowance (5 ms overloaded, else 100 ms) ──► go or 503
     release() hands the freed slot to the oldest interactive waiter, then to batch ones.
 """
 
@@ -52,7 +52,13 @@ class Admission:
             backoff=cfg.limit_backoff, tolerance=cfg.limit_tolerance,
             batch_tolerance=cfg.limit_batch_tolerance,
         )
-        self.codel = CoDel(target_s=cfg.queue_target_s, interval_s=cfg.queue_interval_s)
+        # one CoDel per class: interactive waiters, served first, barely wait; if they shared
+        # the state they would keep resetting it while the batch queue stands
+        self.codels = {
+            "interactive": CoDel(target_s=cfg.interactive_queue_target_s,
+                                 interval_s=cfg.queue_interval_s),
+            "batch": CoDel(target_s=cfg.queue_target_s, interval_s=cfg.queue_interval_s),
+        }
         self.inflight = 0
         self.queues: dict[str, deque[_Waiter]] = {p: deque() for p in PRIORITIES}
         self.shed = {p: 0 for p in PRIORITIES}
@@ -75,7 +81,7 @@ class Admission:
         now = self.clock()
         if priority == "batch":
             batch_cap = int(self.cfg.queue_max * self.cfg.batch_queue_share)
-            if self.codel.overloaded or len(self.queues["batch"]) >= batch_cap:
+            if len(self.queues["batch"]) >= batch_cap:
                 self._reject("batch")
         if self.queued >= self.cfg.queue_max:
             if priority == "interactive" and self.queues["batch"]:
@@ -88,7 +94,9 @@ class Admission:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), now)
         self.queues[priority].append(waiter)
-        allowance = min(self.codel.max_wait_s(), max(0.0, deadline - now))
+        codel = self.codels[priority]
+        codel.on_enqueue()
+        allowance = min(codel.max_wait_s(now), max(0.0, deadline - now))
         # a timer, not asyncio.wait_for: on 3.11 wait_for can swallow a cancellation that
         # races with the slot being handed over (cpython gh-86296)
         timer = loop.call_later(allowance, self._expire, priority, waiter)
@@ -107,6 +115,10 @@ class Admission:
         if not waiter.future.done():
             self._remove(priority, waiter)
             self.shed[priority] += 1
+            now = self.clock()
+            self.codels[priority].on_wait(now - waiter.enqueued_at, now)
+            if not self.queues[priority]:
+                self.codels[priority].on_empty(now)
             waiter.future.set_exception(self._overloaded(priority))
 
     def _remove(self, priority: str, waiter: _Waiter) -> None:
@@ -129,16 +141,17 @@ class Admission:
 
     def _wake(self) -> None:
         while self.inflight < self.limit.limit and self.queued:
-            queue = self.queues["interactive"] or self.queues["batch"]
-            waiter = queue.popleft()
+            priority = "interactive" if self.queues["interactive"] else "batch"
+            waiter = self.queues[priority].popleft()
             if waiter.future.done():
                 continue
             now = self.clock()
-            self.codel.on_dequeue(now - waiter.enqueued_at, now)
+            self.codels[priority].on_wait(now - waiter.enqueued_at, now)
             self.inflight += 1
             waiter.future.set_result(None)
-        if not self.queued:
-            self.codel.on_empty()
+        for priority, queue in self.queues.items():
+            if not queue:
+                self.codels[priority].on_empty(self.clock())
 
     def on_sample(self, *, queue_s: float, service_s: float, batched: bool, rtt_s: float) -> None:
         self.limit.on_sample(queue_s=queue_s, service_s=service_s, batched=batched,

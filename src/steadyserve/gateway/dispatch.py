@@ -25,6 +25,7 @@ from typing import Any
 from .. import codec
 from ..config import ResilienceConfig
 from ..errors import (
+    ConnectionLost,
     NoReadyReplica,
     Quarantined,
     ReplicaError,
@@ -164,7 +165,13 @@ class Dispatcher:
         max_attempts = self.cfg.max_attempts if h.spec.options.idempotent else 1
         tried: list[Endpoint] = []
         last: SteadyError | None = None
+        lost = 0  # attempts whose replica connection died while it had the request
         while len(tried) < max_attempts:
+            if lost >= 2:
+                # two replicas died holding this request: it may be a poison input; never
+                # feed it a third (the flight recorders tell the quarantine)
+                self.metrics.poison_stops.labels(d.name).inc()
+                break
             if tried:
                 now = self.clock()
                 if not st.budget.try_spend(now):
@@ -188,6 +195,7 @@ class Dispatcher:
                 return await self._try(d, h, st, endpoint, body, key, request_id, deadline)
             except _Retryable as exc:
                 last = exc.error
+                lost += isinstance(exc.error, ConnectionLost)
         if last is not None:
             raise last
         raise NoReadyReplica(f"deployment {d.name!r} has no replica left to try", retry_after_s=1)

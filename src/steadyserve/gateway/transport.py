@@ -18,7 +18,7 @@ from typing import Any, Protocol, cast
 
 import httptools
 
-from ..errors import ConnectionRefused, ReplicaTimeout, ReplicaUnavailable
+from ..errors import ConnectionLost, ConnectionRefused, ReplicaTimeout, ReplicaUnavailable
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._fail(ReplicaUnavailable("connection to replica lost mid-request"))
+        self._fail(ConnectionLost("connection to replica lost mid-request"))
 
     # httptools callbacks
     def on_body(self, body: bytes) -> None:

@@ -63,6 +63,11 @@ class GatewayMetrics:
             "steadyserve_shed_requests_total", "Requests rejected by admission control",
             ["deployment", "priority"], registry=r,
         )
+        self.poison_stops = Counter(
+            "steadyserve_poison_stops_total",
+            "Requests not retried further because two replicas died holding them",
+            ["deployment"], registry=r,
+        )
         self.quarantined = Counter(
             "steadyserve_quarantined_inputs_total", "Inputs quarantined after crashing replicas",
             ["deployment"], registry=r,

@@ -6,8 +6,9 @@ exactly when batching pays off. Replicas report, per response, how long the requ
 before compute (`queue_s`) and how long compute took (`service_s`). A replica is overloaded
 when requests queue longer than `tolerance` service times (non-batched: waiting behind more
 than one other request; batched: missing the next batch). Then the limit shrinks by
-`backoff`, at most once per round trip (like TCP); while the limit is binding and replicas
-are not overloaded it grows by one per response. `min_limit` keeps every replica busy.
+`backoff`, at most once per round trip; while the limit is binding and replicas are not
+overloaded it grows by one per round trip (1/limit per response) — TCP's AIMD. `min_limit`
+keeps every replica busy.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class AimdLimit:
                 self.limit = max(float(self.min_limit), self.limit * self.backoff)
                 self.last_decrease_at = now
         elif inflight + 1 >= self.limit:  # the limit was binding: probe for more
-            self.limit = min(float(self.max_limit), self.limit + 1)
+            # +1 per limit's worth of responses, i.e. +1 per round trip, like TCP's
+            # congestion avoidance: growth and the once-per-RTT decrease then balance
+            self.limit = min(float(self.max_limit), self.limit + 1 / self.limit)
         return self.limit
 
     def on_failure(self, now: float, rtt_s: float) -> float:
