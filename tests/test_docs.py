@@ -12,6 +12,7 @@ from steadyserve.config import (
     Config,
     DeploymentConfig,
     GatewayConfig,
+    ObservabilityConfig,
     ResilienceConfig,
     SupervisorConfig,
 )
@@ -21,10 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("cls", [Config, GatewayConfig, SupervisorConfig, ResilienceConfig,
-                                 DeploymentConfig, HandlerOptions])
+                                 ObservabilityConfig, DeploymentConfig, HandlerOptions])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    skip = {"deployments", "gateway", "supervisor", "resilience", "name"}
+    skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "name"}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in skip
                and f"`{f.name}`" not in doc]
     assert missing == []

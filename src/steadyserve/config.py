@@ -142,11 +142,24 @@ class ResilienceConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ObservabilityConfig:
+    access_log: bool = True  # one JSON line per request (logger steadyserve.access)
+    otlp_endpoint: str | None = None  # e.g. http://127.0.0.1:4318: export traces over OTLP/HTTP
+    service_name: str = "steadyserve"
+
+    def __post_init__(self) -> None:
+        if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(
+                ("http://", "https://")):
+            raise ConfigError("otlp_endpoint must be an http(s):// URL")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     deployments: tuple[DeploymentConfig, ...]
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     data_dir: str = ".steadyserve"
     log_level: str = "info"
     log_format: str = "auto"  # json | text | auto (text on a terminal)

@@ -25,6 +25,7 @@ from .config import (
     Config,
     DeploymentConfig,
     GatewayConfig,
+    ObservabilityConfig,
     ResilienceConfig,
     SupervisorConfig,
 )
@@ -81,11 +82,11 @@ def load_config(
         config_path = str(cwd / "steadyserve.toml")
     if config_path is not None:
         file = read_toml(Path(config_path))
-    unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "deployments",
-                                  "data_dir", "log_level", "log_format"})
+    unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
+                                  "deployments", "data_dir", "log_level", "log_format"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
-    for section in ("gateway", "supervisor", "resilience", "deployments"):
+    for section in ("gateway", "supervisor", "resilience", "observability", "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
@@ -136,5 +137,7 @@ def load_config(
         gateway=_build(GatewayConfig, gateway, "[gateway]"),
         supervisor=_build(SupervisorConfig, file.get("supervisor", {}), "[supervisor]"),
         resilience=_build(ResilienceConfig, file.get("resilience", {}), "[resilience]"),
+        observability=_build(ObservabilityConfig, file.get("observability", {}),
+                             "[observability]"),
         **top,
     )

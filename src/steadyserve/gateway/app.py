@@ -16,8 +16,10 @@ import orjson
 
 from ..config import Config
 from ..errors import MethodNotAllowed, NotFound, SteadyError, to_http
+from ..observe import tracing
 from ..observe.aggregate import merge_replica_metrics
 from ..observe.metrics import GatewayMetrics
+from ..observe.otlp import OtlpExporter
 from . import openai, routes
 from .dispatch import Dispatcher
 from .encoding import choose_encoding, compress
@@ -26,6 +28,7 @@ from .membership import Deployment, Endpoint, Membership
 from .transport import Transport
 
 log = logging.getLogger("steadyserve.gateway")
+access = logging.getLogger("steadyserve.access")
 
 RouteFn = Callable[["Gateway", Request, dict[str, str]], Awaitable[Response]]
 
@@ -66,6 +69,11 @@ class Gateway:
         )
         self.membership.on_change = self.dispatcher.resize
         self.draining = False
+        obs = config.observability
+        self.access_log = obs.access_log
+        self.exporter = OtlpExporter(obs.otlp_endpoint, obs.service_name) \
+            if obs.otlp_endpoint else None
+        self._background: list[asyncio.Task[None]] = []
         self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
 
     # ASGI ----------------------------------------------------------------------------------
@@ -78,13 +86,31 @@ class Gateway:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         req = Request(scope, receive, _request_id(scope))
+        trace = req.call.trace = tracing.parse(req.header(b"traceparent"), req.header(b"tracestate"))
+        span = trace.start("gateway", trace.parent_id)
+        req.call.parent_span = span.span_id
         try:
             route, params = self._route(req.method, req.path)
             resp = await route(self, req, params)
         except Exception as exc:
             resp = self._error(req, exc)
+        resp.headers.append((b"traceparent", trace.header(span)))
         await self._send(req, resp, send)
-        self._observe(req, resp.status, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self._observe(req, resp.status, elapsed)
+        span.attributes.update({"http.status_code": resp.status, "deployment": req.deployment,
+                                "handler": req.handler, "request_id": req.request_id})
+        span.end(error=resp.status >= 500)
+        if self.exporter is not None and req.deployment != "-":
+            self.exporter.submit(trace)
+        if self.access_log and req.deployment != "-":
+            access.info("request", extra={
+                "request_id": req.request_id, "trace_id": trace.trace_id,
+                "deployment": req.deployment, "handler": req.handler,
+                "replica": req.call.replica, "attempts": req.call.attempts,
+                "status": resp.status, "duration_ms": round(elapsed * 1000, 3),
+                "cache": "-", "method": req.method, "path": req.path,
+            })
 
     def _route(self, method: str, path: str) -> tuple[RouteFn, dict[str, str]]:
         route = EXACT.get((method, path))
@@ -168,6 +194,9 @@ class Gateway:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
+                    if self.exporter is not None:
+                        self._background.append(asyncio.get_running_loop().create_task(
+                            self.exporter.run(), name="otlp-export"))
                     if self.control is not None:
                         await self.control.start()
                 except Exception as exc:
@@ -178,6 +207,8 @@ class Gateway:
             elif message["type"] == "lifespan.shutdown":
                 self.draining = True
                 try:
+                    for task in self._background:
+                        task.cancel()
                     if self.control is not None:
                         await self.control.stop()
                     await self.transport.close()

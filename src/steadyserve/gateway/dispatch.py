@@ -35,6 +35,7 @@ from ..errors import (
     from_wire,
 )
 from ..observe.metrics import GatewayMetrics
+from ..observe.tracing import Span, TraceContext
 from ..policies.balancing import update_peak_ewma
 from ..policies.latency import LatencyWindow
 from ..policies.outlier import OutlierPolicy, record, slow_start_weight, start_probe
@@ -70,6 +71,16 @@ class _DeploymentState:
         if w is None:
             w = self.latency[handler] = LatencyWindow()
         return w
+
+
+@dataclass(slots=True)
+class CallInfo:
+    """What the access log and the trace want to know about one client request's dispatch."""
+
+    trace: TraceContext | None = None
+    parent_span: str | None = None
+    replica: str = "-"
+    attempts: int = 0
 
 
 def input_key(handler: str, body: bytes) -> str:
@@ -133,6 +144,7 @@ class Dispatcher:
     async def invoke(
         self, deployment: Deployment, handler: Handler, args: dict[str, Any],
         *, request_id: str, timeout_s: float, priority: str = "interactive",
+        call: CallInfo | None = None,
     ) -> Any:
         now = self.clock()
         deadline = now + min(timeout_s, handler.spec.options.timeout_s)
@@ -152,14 +164,15 @@ class Dispatcher:
                 self.metrics.shed.labels(deployment.name, priority).inc()
                 raise
         try:
-            return await self._attempts(deployment, handler, st, body, key, request_id, deadline)
+            return await self._attempts(deployment, handler, st, body, key, request_id, deadline,
+                                        call or CallInfo())
         finally:
             if self.cfg.admission:
                 st.admission.release()
 
     async def _attempts(
         self, d: Deployment, h: Handler, st: _DeploymentState, body: bytes, key: str,
-        request_id: str, deadline: float,
+        request_id: str, deadline: float, call: CallInfo,
     ) -> Any:
         st.budget.record_request(self.clock())
         max_attempts = self.cfg.max_attempts if h.spec.options.idempotent else 1
@@ -191,8 +204,8 @@ class Dispatcher:
             try:
                 if h.spec.options.hedge and len(tried) < max_attempts:
                     return await self._hedged(d, h, st, endpoint, tried, body, key, request_id,
-                                              deadline)
-                return await self._try(d, h, st, endpoint, body, key, request_id, deadline)
+                                              deadline, call)
+                return await self._try(d, h, st, endpoint, body, key, request_id, deadline, call)
             except _Retryable as exc:
                 last = exc.error
                 lost += isinstance(exc.error, ConnectionLost)
@@ -203,9 +216,11 @@ class Dispatcher:
     async def _hedged(
         self, d: Deployment, h: Handler, st: _DeploymentState, first: Endpoint,
         tried: list[Endpoint], body: bytes, key: str, request_id: str, deadline: float,
+        call: CallInfo,
     ) -> Any:
         loop = asyncio.get_running_loop()
-        tasks = {loop.create_task(self._try(d, h, st, first, body, key, request_id, deadline))}
+        tasks = {loop.create_task(
+            self._try(d, h, st, first, body, key, request_id, deadline, call))}
         try:
             p95 = st.window(h.name).quantile(0.95)
             delay = max(self.cfg.hedge_min_delay_s, p95) if p95 is not None else None
@@ -218,7 +233,8 @@ class Dispatcher:
                     tried.append(second)
                     self.metrics.hedges.labels(d.name).inc()
                     tasks.add(loop.create_task(
-                        self._try(d, h, st, second, body, key, request_id, deadline)))
+                        self._try(d, h, st, second, body, key, request_id, deadline, call,
+                                  hedge=True)))
             last: BaseException | None = None
             pending = set(tasks)
             while pending:
@@ -281,7 +297,29 @@ class Dispatcher:
 
     async def _try(
         self, d: Deployment, h: Handler, st: _DeploymentState, endpoint: Endpoint, body: bytes,
-        key: str, request_id: str, deadline: float,
+        key: str, request_id: str, deadline: float, call: CallInfo, hedge: bool = False,
+    ) -> Any:
+        call.attempts += 1
+        span = None
+        if call.trace is not None:
+            span = call.trace.start("hedge" if hedge else "attempt", call.parent_span)
+            span.attributes.update({"replica": endpoint.replica_id, "handler": h.name,
+                                    "attempt": call.attempts})
+        ok = False
+        try:
+            result = await self._attempt(d, h, st, endpoint, body, key, request_id, deadline,
+                                         span, call.trace)
+            ok = True
+            call.replica = endpoint.replica_id
+            return result
+        finally:
+            if span is not None:
+                span.end(error=not ok)
+
+    async def _attempt(
+        self, d: Deployment, h: Handler, st: _DeploymentState, endpoint: Endpoint, body: bytes,
+        key: str, request_id: str, deadline: float, span: Span | None,
+        trace: TraceContext | None,
     ) -> Any:
         started = self.clock()
         remaining = deadline - started
@@ -294,6 +332,10 @@ class Dispatcher:
             (INPUT_KEY_HEADER, key.encode()),
             (b"content-type", codec.CONTENT_TYPE),
         ]
+        if span is not None and trace is not None:
+            headers.append((b"traceparent", trace.header(span)))
+            if trace.tracestate:
+                headers.append((b"tracestate", trace.tracestate.encode()))
         endpoint.outstanding += 1
         try:
             reply = await self.transport.request(

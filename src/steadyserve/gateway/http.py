@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from ..errors import ClientError, PayloadTooLarge
+from .dispatch import CallInfo
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -38,6 +39,7 @@ class Request:
     deployment: str = "-"
     handler: str = "-"
     openai: bool = False
+    call: CallInfo = field(default_factory=CallInfo)
 
     @property
     def method(self) -> str:

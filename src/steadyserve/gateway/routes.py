@@ -104,7 +104,8 @@ async def call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[
     timeout = request_timeout_s(gw, req)
     priority = parse_priority(req.header(b"x-priority"))
     return await cancel_on_disconnect(req.receive, gw.dispatcher.invoke(
-        d, h, args, request_id=req.request_id, timeout_s=timeout, priority=priority))
+        d, h, args, request_id=req.request_id, timeout_s=timeout, priority=priority,
+        call=req.call))
 
 
 async def rollout(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
