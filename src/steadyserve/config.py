@@ -113,7 +113,7 @@ class ResilienceConfig:
     limit_max: int = 10_000
     limit_backoff: float = 0.9
     limit_tolerance: float = 0.5  # queueing allowed, in service times (non-batched handlers)
-    limit_batch_tolerance: float = 2.0  # the same for batched handlers
+    limit_batch_tolerance: int = 0  # batched handlers: full batches a request may sit out
     queue_max: int = 1000  # requests waiting for a slot, per deployment
     queue_target_s: float = 0.005  # CoDel target queue wait (batch class)
     interactive_queue_target_s: float = 0.05  # the same for interactive: shed only if it alone overloads

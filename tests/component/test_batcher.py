@@ -143,3 +143,20 @@ async def test_the_queue_is_bounded_and_refuses_with_overloaded(runner):
     svc.gate.set()
     assert await first == [10] and await queued == [20, 30, 40]
     await b.stop()
+
+
+async def test_it_counts_whole_batches_a_request_sat_out(runner):
+    svc = Gate()
+    svc.setup()
+    b = await _started(svc.work, runner, max_batch_size=2)
+    first = asyncio.create_task(b.submit_timed([1]))  # batch 1 computes, gate closed
+    await asyncio.sleep(0.05)
+    rest = [asyncio.create_task(b.submit_timed([i])) for i in range(2, 7)]
+    await asyncio.sleep(0.01)
+    svc.gate.set()
+    (_, t1), *timed = [await first] + [await t for t in rest]
+    missed = [t.missed_batches for _, t in timed]
+    assert t1.missed_batches == 0
+    # items 2,3 join batch 2 (they only waited out batch 1); 4,5 sit out batch 2; 6 sits out 2 and 3
+    assert missed == [0, 0, 1, 1, 2]
+    await b.stop()

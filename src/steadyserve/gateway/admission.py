@@ -153,9 +153,11 @@ class Admission:
             if not queue:
                 self.codels[priority].on_empty(self.clock())
 
-    def on_sample(self, *, queue_s: float, service_s: float, batched: bool, rtt_s: float) -> None:
+    def on_sample(self, *, queue_s: float, service_s: float, batched: bool, rtt_s: float,
+                  missed_batches: int = 0) -> None:
         self.limit.on_sample(queue_s=queue_s, service_s=service_s, batched=batched,
-                             inflight=self.inflight, rtt_s=rtt_s, now=self.clock())
+                             inflight=self.inflight, rtt_s=rtt_s, now=self.clock(),
+                             missed_batches=missed_batches)
         self._wake()
 
     def on_failure(self, rtt_s: float) -> None:

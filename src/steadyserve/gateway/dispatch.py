@@ -368,7 +368,8 @@ class Dispatcher:
             endpoint.ewma_at = now
             st.admission.on_sample(queue_s=float(message.get("q", 0.0)),
                                    service_s=float(message.get("s", 0.0)),
-                                   batched=h.spec.options.batch, rtt_s=latency)
+                                   batched=h.spec.options.batch, rtt_s=latency,
+                                   missed_batches=int(message.get("m", 0)))
             return message["result"]
         error = from_wire(message.get("error") or {})
         if reply.status >= 500:

@@ -30,13 +30,16 @@ class _Entry:
     enqueued_at: float
     deadline: float | None
     key: str | None = None
+    seq: int = 0  # batches started when it arrived (the one computing included)
     started_at: float = 0.0
+    missed: int = 0  # whole batches it sat out before its own
 
 
 @dataclass(frozen=True, slots=True)
 class Timing:
     queue_s: float  # longest wait of the request's items before their batch started
     service_s: float  # compute time of the (last) batch that held them
+    missed_batches: int = 0  # most whole batches one of its items sat out (overload signal)
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class Batcher:
         self._on_batch = on_batch
         self._queue: deque[_Entry] = deque()
         self._last_service_s = 0.0
+        self._started = 0  # batches started so far
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = BatchStats()
@@ -102,7 +106,8 @@ class Batcher:
                              retry_after_s=1)
         loop = asyncio.get_running_loop()
         now = self._clock()
-        entries = [_Entry(i, loop.create_future(), now, deadline, key) for i in items]
+        entries = [_Entry(i, loop.create_future(), now, deadline, key, self._started)
+                   for i in items]
         self._queue.extend(entries)
         self._wakeup.set()
         try:
@@ -115,7 +120,8 @@ class Batcher:
             if isinstance(r, BaseException):
                 raise r
         queue_s = max(e.started_at - e.enqueued_at for e in entries)
-        return results, Timing(max(0.0, queue_s), self._last_service_s)
+        missed = max(e.missed for e in entries)
+        return results, Timing(max(0.0, queue_s), self._last_service_s, missed)
 
     async def _loop(self) -> None:
         while True:
@@ -171,8 +177,10 @@ class Batcher:
 
     async def _run(self, batch: list[_Entry]) -> None:
         started = self._clock()
+        self._started += 1
         for e in batch:
             e.started_at = started
+            e.missed = max(0, self._started - e.seq - 1)
         try:
             keys = sorted({e.key for e in batch if e.key})
             results = await self._runner.run(self._fn, [e.item for e in batch], keys=keys)

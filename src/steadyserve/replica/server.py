@@ -200,8 +200,8 @@ class ReplicaApp:
             body = await _read_body(receive)
             deadline, key = _call_headers(scope)
             call = self._call(name, codec.decode(body), deadline, key)
-            result, queue_s, service_s = await cancel_on_disconnect(receive, call)
-            payload = codec.encode({"result": result, "q": queue_s, "s": service_s})
+            result, queue_s, service_s, missed = await cancel_on_disconnect(receive, call)
+            payload = codec.encode({"result": result, "q": queue_s, "s": service_s, "m": missed})
         except ClientGone:
             metrics.inflight.dec()
             metrics.requests.labels(name, "cancelled").inc()
@@ -220,8 +220,8 @@ class ReplicaApp:
 
     async def _call(
         self, name: str, body: Any, deadline: float | None, key: str | None = None
-    ) -> tuple[Any, float, float]:
-        """Run a handler; returns (result, queue_s, service_s)."""
+    ) -> tuple[Any, float, float, int]:
+        """Run a handler; returns (result, queue_s, service_s, missed_batches)."""
         arrived = time.monotonic()
         if not self.ready:
             raise ReplicaUnavailable("replica is not ready")
@@ -237,7 +237,7 @@ class ReplicaApp:
                 raise ClientError(f"'{handler.item_param}' must not be empty",
                                   param=handler.item_param)
             results, timing = await handler.batcher.submit_timed(items, deadline, key)
-            return results, timing.queue_s, timing.service_s
+            return results, timing.queue_s, timing.service_s, timing.missed_batches
         timeout = handler.spec.options.timeout_s
         if deadline is not None:
             timeout = min(timeout, deadline - arrived)
@@ -246,7 +246,7 @@ class ReplicaApp:
                 self.runner.run_timed(handler.fn, kwargs, [key] if key else None), timeout)
         except TimeoutError:
             raise ReplicaTimeout(f"handler {name} took longer than {timeout:.3f}s") from None
-        return result, max(0.0, started - arrived), finished - started
+        return result, max(0.0, started - arrived), finished - started, 0
 
 
 def _noop() -> None:
