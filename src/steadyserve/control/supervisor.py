@@ -88,6 +88,7 @@ class Supervisor:
             Slot(d, f"{d.name}-{i}") for d in config.deployments for i in range(d.replicas)
         ]
         self.revisions = {d.name: 0 for d in config.deployments}
+        self.previous: dict[str, DeploymentConfig] = {}  # the config before the last rollout
         self.crash_listeners: list[Callable[[str, list[str]], None]] = []
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -318,6 +319,7 @@ class Supervisor:
                 raise ClientError(f"invalid rollout: {exc}") from None
             self.revisions[deployment] += 1
             rev = self.revisions[deployment]
+            self.previous[deployment] = old_cfg
             old = [s for s in self.slots if s.deployment.name == deployment and not s.retired]
             started = self.clock()
             log.info("rollout started", extra={"deployment": deployment, "revision": rev})
@@ -380,6 +382,27 @@ class Supervisor:
                 if slot.replica is not None:
                     self.launcher.signal(slot.replica, signal.SIGKILL)
             await asyncio.wait(pending, timeout=5)
+
+    async def rollback(self, deployment: str) -> dict[str, Any]:
+        """Roll back to the config before the last rollout."""
+        previous = self.previous.get(deployment)
+        if previous is None:
+            raise ClientError(f"{deployment!r} has had no rollout to roll back")
+        changes = {f: getattr(previous, f) for f in ROLLOUT_FIELDS}
+        changes["env"] = dict(previous.env)
+        return await self.rollout(deployment, changes)
+
+    def restart(self, replica_id: str) -> bool:
+        """Restart one replica (an automatic response): out of rotation, SIGTERM so in-flight
+        work drains, and the watcher starts a fresh process."""
+        for slot in self.slots:
+            if slot.replica_id == replica_id and slot.replica is not None \
+                    and slot.replica.process.returncode is None and not slot.retired:
+                self.membership.remove(slot.deployment.name, slot.replica_id)
+                slot.state = "stopping"
+                self.launcher.signal(slot.replica, signal.SIGTERM)
+                return True
+        return False
 
     # views -----------------------------------------------------------------------------------
     def status(self, deployment: str) -> list[dict[str, Any]]:

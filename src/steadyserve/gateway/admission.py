@@ -60,6 +60,7 @@ class Admission:
             "batch": CoDel(target_s=cfg.queue_target_s, interval_s=cfg.queue_interval_s),
         }
         self.inflight = 0
+        self.shed_batch_until = 0.0  # an automatic response: refuse batch traffic until then
         self.queues: dict[str, deque[_Waiter]] = {p: deque() for p in PRIORITIES}
         self.shed = {p: 0 for p in PRIORITIES}
 
@@ -75,6 +76,8 @@ class Admission:
         return len(self.queues["interactive"]) + len(self.queues["batch"])
 
     async def acquire(self, priority: str, deadline: float) -> None:
+        if priority == "batch" and self.shed_batch_until and self.clock() < self.shed_batch_until:
+            self._reject("batch")
         if self.inflight < self.limit.limit and not self.queued:
             self.inflight += 1
             return

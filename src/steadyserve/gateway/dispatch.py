@@ -140,6 +140,19 @@ class Dispatcher:
             log.warning("input quarantined after crashing replicas",
                         extra={"deployment": deployment, "input_key": key})
 
+    def eject(self, d: Deployment, replica_id: str, now: float) -> bool:
+        """Eject a replica as if it had failed `consecutive_failures` times (an automatic
+        response); the usual share limit and probe-then-slow-start return apply."""
+        ejected = sum(1 for e in d.endpoints if e.health.ejected_until > 0)
+        if not self.outlier.may_eject(len(d.endpoints), ejected):
+            return False
+        for e in d.endpoints:
+            if e.replica_id == replica_id and e.health.ejected_until == 0:
+                for _ in range(self.outlier.consecutive_failures):
+                    e.health, _event = record(e.health, False, now, self.outlier, may_eject=True)
+                return e.health.ejected_until > 0
+        return False
+
     # the request ------------------------------------------------------------------------------
     async def invoke(
         self, deployment: Deployment, handler: Handler, args: dict[str, Any],

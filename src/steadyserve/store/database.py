@@ -1,0 +1,557 @@
+"""The one wrapper around the database (SQLAlchemy Core, sync engine).
+
+The gateway calls it from worker threads (`asyncio.to_thread`); an instance is thread-safe.
+Every SQLAlchemy / driver / file-system error leaves this module as `DatabaseUnavailable`
+(503) raised `from` the original, so callers handle one exception type.
+
+URLs:
+  sqlite:///path/to/file.db     default `sqlite:///.steadyserve/steadyserve.db`; the parent
+                                directory is created; WAL journal and a busy timeout are set
+  sqlite:///:memory:            one shared in-memory database (tests, throw-away runs)
+  postgresql://user@host/db     rewritten to the psycopg (3) driver; query parameters are passed
+                                to the driver (e.g. `?options=-csearch_path%3Dmyschema`)
+
+Tables are created if missing at construction and stamped in `schema_version`. A later schema
+change adds a function to `_MIGRATIONS` under the new version number and bumps
+`SCHEMA_VERSION`: tables that do not exist yet are created in their newest shape before the
+migrations run, so a migration only alters tables that existed before it.
+
+Every read has a limit (clamped to `MAX_ROWS`) and `prune` deletes in bounded batches, so no
+call does unbounded work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from ..errors import ConfigError, SteadyError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///.steadyserve/steadyserve.db"
+SCHEMA_VERSION = 1
+MAX_ROWS = 10_000  # the most rows any read returns
+INSERT_CHUNK_ROWS = 1_000  # rows per executemany round trip
+PRUNE_BATCH_ROWS = 5_000  # rows per DELETE statement in prune
+_PG_SCHEMA_LOCK = 0x5734_D5E4  # advisory lock key: serialises schema creation across gateways
+
+SeriesPoint = tuple[str, Mapping[str, Any], float, float]
+"""(name, labels, t epoch seconds, value) as written by `add_series_points`."""
+
+
+class DatabaseUnavailable(SteadyError):
+    """The database could not be reached or refused the operation; the message says which."""
+
+    status = 503
+    code = "database_unavailable"
+
+
+# ---- schema ------------------------------------------------------------------------------
+
+# A 64-bit key on PostgreSQL; SQLite only makes INTEGER PRIMARY KEY an auto-increment rowid.
+_Id = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),  # always 1: a single row
+    Column("version", Integer, nullable=False),
+)
+
+alert_transitions = Table(
+    "alert_transitions", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("rule", Text, nullable=False),
+    Column("labels", Text, nullable=False),  # JSON object, keys sorted
+    Column("fingerprint", Text, nullable=False),
+    Column("from_state", Text, nullable=False),
+    Column("to_state", Text, nullable=False),
+    Column("at", Double, nullable=False),  # epoch seconds
+    Column("value", Double, nullable=True),
+    Column("description", Text, nullable=True),
+    Column("severity", Text, nullable=True),
+    Index("ix_alert_transitions_at", "at"),
+    Index("ix_alert_transitions_rule_at", "rule", "at"),
+)
+
+alert_actions = Table(
+    "alert_actions", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("action", Text, nullable=False),
+    Column("deployment", Text, nullable=True),
+    Column("target", Text, nullable=True),
+    Column("alert_fingerprint", Text, nullable=True),
+    Column("rule", Text, nullable=True),
+    Column("at", Double, nullable=False),
+    Column("dry_run", Boolean, nullable=False),
+    Column("outcome", Text, nullable=False),
+    Column("detail", Text, nullable=True),  # JSON
+    Index("ix_alert_actions_at", "at"),
+)
+
+silences = Table(
+    "silences", metadata,
+    Column("id", Text, primary_key=True),
+    Column("matchers", Text, nullable=False),  # JSON
+    Column("starts_at", Double, nullable=False),
+    Column("ends_at", Double, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("comment", Text, nullable=False),
+    Index("ix_silences_ends_at", "ends_at"),
+)
+
+series_points_table = Table(
+    "series_points", metadata,
+    Column("id", _Id, primary_key=True, autoincrement=True),
+    Column("name", Text, nullable=False),
+    Column("labels", Text, nullable=False),  # JSON object, keys sorted
+    Column("t", Double, nullable=False),
+    Column("value", Double, nullable=False),
+    Index("ix_series_points_name_t", "name", "t"),
+    Index("ix_series_points_t", "t"),  # prune scans by time across names
+)
+
+kv = Table(
+    "kv", metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", Text, nullable=False),  # JSON
+)
+
+# version -> function that brings a database from version-1 to version (none yet).
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+# ---- helpers -----------------------------------------------------------------------------
+
+def _dumps(obj: Any) -> str:
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError as exc:
+        raise ValueError(f"not JSON-serialisable: {exc}") from exc
+
+
+def _loads(raw: str | None) -> Any:
+    return None if raw is None else orjson.loads(raw)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _clamp_limit(limit: int) -> int:
+    return max(1, min(int(limit), MAX_ROWS))
+
+
+def _normalise_url(url: str) -> URL:
+    """Parse the URL and pick the driver; unsupported or malformed URLs are a ConfigError."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(f"database URL is not valid: {exc}") from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "psycopg"):
+            raise ConfigError(
+                f"database driver {parsed.drivername!r} is not supported; use postgresql://"
+            )
+        return parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite":
+        if driver not in ("", "pysqlite"):
+            raise ConfigError(f"database driver {parsed.drivername!r} is not supported; use sqlite://")
+        return parsed.set(drivername="sqlite+pysqlite")
+    raise ConfigError(
+        f"database URL scheme {backend!r} is not supported; use sqlite:///path.db or postgresql://…"
+    )
+
+
+# ---- the wrapper -------------------------------------------------------------------------
+
+class Database:
+    """All database access of steadyserve. Construct once per process; `close()` at shutdown."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        connect_timeout_s: float = 5.0,
+        busy_timeout_s: float = 5.0,
+        statement_timeout_s: float = 30.0,
+    ) -> None:
+        self._url = _normalise_url(url)
+        self.url = self._url.render_as_string(hide_password=True)
+        self.dialect = "postgresql" if self._url.drivername.startswith("postgresql") else "sqlite"
+        self._closed = False
+        self._lock = threading.Lock()  # guards _closed against a concurrent close()
+        with self._mapped("open"):
+            self._engine = self._make_engine(connect_timeout_s, busy_timeout_s, statement_timeout_s)
+        try:
+            with self._mapped("schema setup"):
+                self._init_schema()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # -- engine and schema --
+
+    def _make_engine(
+        self, connect_timeout_s: float, busy_timeout_s: float, statement_timeout_s: float
+    ) -> Engine:
+        if self.dialect == "postgresql":
+            engine = create_engine(
+                self._url,
+                pool_size=5,
+                max_overflow=5,
+                pool_timeout=connect_timeout_s,
+                pool_pre_ping=True,
+                pool_recycle=1800,
+                # libpq takes whole seconds (and treats 1 as 2)
+                connect_args={"connect_timeout": max(1, math.ceil(connect_timeout_s))},
+            )
+            statement_ms = max(1, int(statement_timeout_s * 1000))
+
+            @event.listens_for(engine, "connect")
+            def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute(f"SET statement_timeout = {statement_ms}")
+                cur.close()
+                dbapi_conn.commit()
+
+            return engine
+
+        database = self._url.database or ""
+        in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+        if not in_memory:
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        busy_ms = max(0, int(busy_timeout_s * 1000))
+        if in_memory:
+            # one connection shared by all threads, or each thread would see its own database
+            engine = create_engine(
+                self._url,
+                poolclass=StaticPool,
+                connect_args={"check_same_thread": False, "timeout": busy_timeout_s},
+            )
+        else:
+            engine = create_engine(
+                self._url,
+                pool_size=5,
+                max_overflow=5,
+                pool_timeout=connect_timeout_s,
+                connect_args={"check_same_thread": False, "timeout": busy_timeout_s},
+            )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            if not in_memory:
+                cur.execute("PRAGMA journal_mode = WAL")
+                cur.execute("PRAGMA synchronous = NORMAL")
+            cur.close()
+
+        return engine
+
+    def _init_schema(self) -> None:
+        with self._engine.begin() as conn:
+            if self.dialect == "postgresql":
+                # CREATE TABLE IF NOT EXISTS still races on PostgreSQL's catalog; serialise it.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_SCHEMA_LOCK})
+            for table in metadata.sorted_tables:
+                conn.execute(CreateTable(table, if_not_exists=True))
+                for index in sorted(table.indexes, key=lambda ix: str(ix.name)):
+                    conn.execute(CreateIndex(index, if_not_exists=True))
+            current = conn.execute(
+                select(schema_version.c.version).where(schema_version.c.id == 1)
+            ).scalar_one_or_none()
+            if current is None:
+                conn.execute(self._insert_ignore(schema_version, {"id": 1, "version": SCHEMA_VERSION}))
+                current = conn.execute(
+                    select(schema_version.c.version).where(schema_version.c.id == 1)
+                ).scalar_one()
+            if current > SCHEMA_VERSION:
+                raise ConfigError(
+                    f"the database schema is version {current}, newer than this steadyserve "
+                    f"understands ({SCHEMA_VERSION}); upgrade steadyserve"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                log.info("migrating database schema", extra={"schema_version": version})
+                _MIGRATIONS[version](conn)
+                conn.execute(
+                    update(schema_version).where(schema_version.c.id == 1).values(version=version)
+                )
+
+    def schema_version(self) -> int:
+        """The schema version stamped in the database."""
+        with self._connect("schema_version") as conn:
+            return int(
+                conn.execute(select(schema_version.c.version).where(schema_version.c.id == 1))
+                .scalar_one()
+            )
+
+    def _insert_ignore(self, table: Table, values: Mapping[str, Any]) -> Any:
+        if self.dialect == "postgresql":
+            return pg_dialect.insert(table).values(dict(values)).on_conflict_do_nothing()
+        return sqlite_dialect.insert(table).values(dict(values)).on_conflict_do_nothing()
+
+    def _upsert(self, table: Table, values: Mapping[str, Any], keys: Sequence[str]) -> Any:
+        if self.dialect == "postgresql":
+            pg_stmt = pg_dialect.insert(table).values(dict(values))
+            return pg_stmt.on_conflict_do_update(
+                index_elements=list(keys),
+                set_={c: pg_stmt.excluded[c] for c in values if c not in keys},
+            )
+        lite_stmt = sqlite_dialect.insert(table).values(dict(values))
+        return lite_stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={c: lite_stmt.excluded[c] for c in values if c not in keys},
+        )
+
+    # -- error mapping --
+
+    @contextmanager
+    def _mapped(self, operation: str) -> Iterator[None]:
+        try:
+            yield
+        except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DatabaseUnavailable(f"database {operation} failed ({self.url}): {detail}") from exc
+
+    @contextmanager
+    def _connect(self, operation: str, *, write: bool = False) -> Iterator[Connection]:
+        """A connection in a transaction (committed on success), with errors mapped."""
+        with self._lock:
+            if self._closed:
+                raise DatabaseUnavailable(f"database {operation} failed: the database is closed")
+        with self._mapped(operation):
+            ctx = self._engine.begin() if write else self._engine.connect()
+            with ctx as conn:
+                yield conn
+
+    # -- alert transitions --
+
+    def add_transitions(self, transitions: Sequence[Mapping[str, Any]]) -> int:
+        """Record alert state changes. Each needs rule, labels (dict), fingerprint, from_state,
+        to_state, at (epoch s); value, description and severity are optional. Returns the count."""
+        rows = [
+            {
+                "rule": str(t["rule"]),
+                "labels": _dumps(t.get("labels") or {}),
+                "fingerprint": str(t["fingerprint"]),
+                "from_state": str(t["from_state"]),
+                "to_state": str(t["to_state"]),
+                "at": float(t["at"]),
+                "value": _opt_float(t.get("value")),
+                "description": _opt_str(t.get("description")),
+                "severity": _opt_str(t.get("severity")),
+            }
+            for t in transitions
+        ]
+        if rows:
+            with self._connect("add_transitions", write=True) as conn:
+                for i in range(0, len(rows), INSERT_CHUNK_ROWS):
+                    conn.execute(insert(alert_transitions), rows[i : i + INSERT_CHUNK_ROWS])
+        return len(rows)
+
+    def recent_transitions(
+        self, limit: int = 100, since: float | None = None, rule: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Newest first; at most `limit` (≤ MAX_ROWS); `since` is inclusive."""
+        t = alert_transitions
+        stmt = select(t).order_by(t.c.at.desc(), t.c.id.desc()).limit(_clamp_limit(limit))
+        if since is not None:
+            stmt = stmt.where(t.c.at >= float(since))
+        if rule is not None:
+            stmt = stmt.where(t.c.rule == rule)
+        with self._connect("recent_transitions") as conn:
+            rows = conn.execute(stmt).mappings().all()
+        return [{**row, "labels": _loads(row["labels"])} for row in rows]
+
+    # -- automatic actions --
+
+    def add_action(self, action: Mapping[str, Any]) -> int:
+        """Record an automatic response. Needs action, at, outcome; deployment, target,
+        alert_fingerprint, rule, dry_run (default False) and detail (any JSON) are optional.
+        Returns the new row's id."""
+        row = {
+            "action": str(action["action"]),
+            "deployment": _opt_str(action.get("deployment")),
+            "target": _opt_str(action.get("target")),
+            "alert_fingerprint": _opt_str(action.get("alert_fingerprint")),
+            "rule": _opt_str(action.get("rule")),
+            "at": float(action["at"]),
+            "dry_run": bool(action.get("dry_run", False)),
+            "outcome": str(action["outcome"]),
+            "detail": None if action.get("detail") is None else _dumps(action["detail"]),
+        }
+        with self._connect("add_action", write=True) as conn:
+            new_id = conn.execute(insert(alert_actions).returning(alert_actions.c.id), row).scalar_one()
+        return int(new_id)
+
+    def recent_actions(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Newest first; at most `limit` (≤ MAX_ROWS)."""
+        a = alert_actions
+        stmt = select(a).order_by(a.c.at.desc(), a.c.id.desc()).limit(_clamp_limit(limit))
+        with self._connect("recent_actions") as conn:
+            rows = conn.execute(stmt).mappings().all()
+        return [{**row, "dry_run": bool(row["dry_run"]), "detail": _loads(row["detail"])} for row in rows]
+
+    # -- silences --
+
+    def put_silence(self, silence: Mapping[str, Any]) -> None:
+        """Create or replace a silence: id, matchers (any JSON), starts_at, ends_at,
+        created_by and comment (default "")."""
+        row = {
+            "id": str(silence["id"]),
+            "matchers": _dumps(silence["matchers"]),
+            "starts_at": float(silence["starts_at"]),
+            "ends_at": float(silence["ends_at"]),
+            "created_by": str(silence.get("created_by") or ""),
+            "comment": str(silence.get("comment") or ""),
+        }
+        with self._connect("put_silence", write=True) as conn:
+            conn.execute(self._upsert(silences, row, ["id"]))
+
+    def expire_silence(self, silence_id: str, now: float) -> bool:
+        """End the silence at `now`. False if it does not exist or had already ended."""
+        stmt = (
+            update(silences)
+            .where(silences.c.id == silence_id, silences.c.ends_at > float(now))
+            .values(ends_at=float(now))
+        )
+        with self._connect("expire_silence", write=True) as conn:
+            return conn.execute(stmt).rowcount > 0
+
+    def active_silences(self, now: float, limit: int = 1000) -> list[dict[str, Any]]:
+        """Silences with starts_at ≤ now < ends_at, soonest to end first."""
+        s = silences
+        stmt = (
+            select(s)
+            .where(s.c.starts_at <= float(now), s.c.ends_at > float(now))
+            .order_by(s.c.ends_at, s.c.id)
+            .limit(_clamp_limit(limit))
+        )
+        with self._connect("active_silences") as conn:
+            rows = conn.execute(stmt).mappings().all()
+        return [{**row, "matchers": _loads(row["matchers"])} for row in rows]
+
+    # -- time series --
+
+    def add_series_points(self, points: Sequence[SeriesPoint]) -> int:
+        """Append (name, labels, t, value) points. Returns the count."""
+        rows = [
+            {"name": str(name), "labels": _dumps(labels or {}), "t": float(t), "value": float(value)}
+            for name, labels, t, value in points
+        ]
+        if rows:
+            with self._connect("add_series_points", write=True) as conn:
+                for i in range(0, len(rows), INSERT_CHUNK_ROWS):
+                    conn.execute(insert(series_points_table), rows[i : i + INSERT_CHUNK_ROWS])
+        return len(rows)
+
+    def series_points(
+        self, name: str, since: float, until: float, limit: int = MAX_ROWS
+    ) -> list[tuple[str, dict[str, Any], float, float]]:
+        """Points of `name` with since ≤ t < until, oldest first, at most `limit` (≤ MAX_ROWS).
+        To page, call again with since = the last t returned (points at that t repeat)."""
+        p = series_points_table
+        stmt = (
+            select(p.c.name, p.c.labels, p.c.t, p.c.value)
+            .where(p.c.name == name, p.c.t >= float(since), p.c.t < float(until))
+            .order_by(p.c.t, p.c.id)
+            .limit(_clamp_limit(limit))
+        )
+        with self._connect("series_points") as conn:
+            rows = conn.execute(stmt).all()
+        return [(str(n), _loads(lab), float(t), float(v)) for n, lab, t, v in rows]
+
+    # -- small state (the alert book across restarts) --
+
+    def put_state(self, key: str, obj: Any) -> None:
+        """Store any JSON-serialisable object under `key`, replacing what was there."""
+        with self._connect("put_state", write=True) as conn:
+            conn.execute(self._upsert(kv, {"key": str(key), "value": _dumps(obj)}, ["key"]))
+
+    def get_state(self, key: str) -> Any:
+        """The object stored under `key`, or None."""
+        with self._connect("get_state") as conn:
+            raw = conn.execute(select(kv.c.value).where(kv.c.key == key)).scalar_one_or_none()
+        return _loads(raw)
+
+    # -- housekeeping --
+
+    def prune(self, older_than_t: float, max_rows: int = 100_000) -> dict[str, int]:
+        """Delete series points with t < older_than_t and alert transitions with
+        at < older_than_t, in batches, at most `max_rows` per table per call (call again if a
+        count equals max_rows). Actions and silences are kept. Returns the counts deleted."""
+        cutoff = float(older_than_t)
+        deleted: dict[str, int] = {}
+        for table, column in ((series_points_table, series_points_table.c.t),
+                              (alert_transitions, alert_transitions.c.at)):
+            total = 0
+            while total < max_rows:
+                batch = min(PRUNE_BATCH_ROWS, max_rows - total)
+                ids = select(table.c.id).where(column < cutoff).order_by(table.c.id).limit(batch)
+                stmt = delete(table).where(table.c.id.in_(ids.scalar_subquery()))
+                with self._connect("prune", write=True) as conn:
+                    count = conn.execute(stmt).rowcount
+                total += count
+                if count < batch:
+                    break
+            deleted[table.name] = total
+        return deleted
+
+    def ping(self) -> None:
+        """Cheap health check (SELECT 1); raises DatabaseUnavailable when it fails."""
+        with self._connect("ping") as conn:
+            conn.execute(text("SELECT 1")).scalar_one()
+
+    def close(self) -> None:
+        """Release all connections. Later calls raise DatabaseUnavailable. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with self._mapped("close"):
+            self._engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"Database({self.url!r})"
