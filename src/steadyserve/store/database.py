@@ -26,6 +26,7 @@ import logging
 import math
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -182,6 +183,25 @@ def _clamp_limit(limit: int) -> int:
     return max(1, min(int(limit), MAX_ROWS))
 
 
+def _enable_wal(cur: Any, busy_timeout_s: float) -> None:
+    """Switch a SQLite file to WAL (persistent in the file, so usually a no-op). The switch
+    needs an exclusive lock and SQLite answers "locked" at once, without its busy handler,
+    when another connection is opening the same new file: retry until the busy timeout."""
+    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + busy_timeout_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _normalise_url(url: str) -> URL:
     """Parse the URL and pick the driver; unsupported or malformed URLs are a ConfigError."""
     try:
@@ -284,7 +304,7 @@ class Database:
             cur = dbapi_conn.cursor()
             cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
             if not in_memory:
-                cur.execute("PRAGMA journal_mode = WAL")
+                _enable_wal(cur, busy_timeout_s)
                 cur.execute("PRAGMA synchronous = NORMAL")
             cur.close()
 
@@ -423,8 +443,9 @@ class Database:
             "detail": None if action.get("detail") is None else _dumps(action["detail"]),
         }
         with self._connect("add_action", write=True) as conn:
-            new_id = conn.execute(insert(alert_actions).returning(alert_actions.c.id), row).scalar_one()
-        return int(new_id)
+            key = conn.execute(insert(alert_actions).values(row)).inserted_primary_key
+        assert key is not None  # a single-row INSERT always reports its key
+        return int(key[0])
 
     def recent_actions(self, limit: int = 100) -> list[dict[str, Any]]:
         """Newest first; at most `limit` (≤ MAX_ROWS)."""
