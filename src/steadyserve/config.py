@@ -154,12 +154,42 @@ class ObservabilityConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class AlertingConfig:
+    """Alert rules (the built-in defaults), notifications and automatic responses."""
+
+    enabled: bool = True
+    evaluation_interval_s: float = 5.0
+    slo_target: float = 0.999  # availability SLO per deployment (error-budget burn alerts)
+    webhook_urls: tuple[str, ...] = ()
+    alertmanager_url: str | None = None
+    dry_run: bool = False  # record what automatic responses would do, do nothing
+    action_cooldown_s: float = 300.0
+    actions_per_hour: int = 3
+    fast_window_s: float = 60.0  # window of the fast per-replica error rule
+    fast_for_s: float = 15.0  # how long it must hold before firing
+    external_url: str = ""  # shown in notifications as where to look
+
+    def __post_init__(self) -> None:
+        if self.evaluation_interval_s <= 0 or self.fast_window_s <= 0 or self.fast_for_s < 0:
+            raise ConfigError("alerting intervals must be > 0")
+        if not 0.5 < self.slo_target < 1:
+            raise ConfigError("slo_target must be between 0.5 and 1, e.g. 0.999")
+        for url in (*self.webhook_urls, *( [self.alertmanager_url] if self.alertmanager_url else [])):
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"notification URL must be http(s)://, got {url!r}")
+        if self.actions_per_hour < 0 or self.action_cooldown_s < 0:
+            raise ConfigError("action guards must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     deployments: tuple[DeploymentConfig, ...]
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
+    alerting: AlertingConfig = field(default_factory=AlertingConfig)
+    database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
     data_dir: str = ".steadyserve"
     log_level: str = "info"
     log_format: str = "auto"  # json | text | auto (text on a terminal)
@@ -181,6 +211,10 @@ class Config:
             if d.name == name:
                 return d
         raise KeyError(name)
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir}/steadyserve.db"
 
     @property
     def total_replicas(self) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 from .config import (
     DEFAULT_SERVICE,
+    AlertingConfig,
     Config,
     DeploymentConfig,
     GatewayConfig,
@@ -48,6 +49,17 @@ def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
         return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _tuples(table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """TOML arrays arrive as lists; frozen config holds tuples."""
+    out = dict(table)
+    for key in keys:
+        if key in out:
+            if not isinstance(out[key], list):
+                raise ConfigError(f"{key} must be a list")
+            out[key] = tuple(str(v) for v in out[key])
+    return out
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -83,10 +95,12 @@ def load_config(
     if config_path is not None:
         file = read_toml(Path(config_path))
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
-                                  "deployments", "data_dir", "log_level", "log_format"})
+                                  "alerting", "deployments", "data_dir", "database_url",
+                                  "log_level", "log_format"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
-    for section in ("gateway", "supervisor", "resilience", "observability", "deployments"):
+    for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
+                    "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
@@ -101,8 +115,9 @@ def load_config(
         if key in flags:
             gateway[key] = flags[key]
 
-    top: dict[str, Any] = {k: file[k] for k in ("data_dir", "log_level", "log_format") if k in file}
-    for key in ("data_dir", "log_level", "log_format"):
+    top: dict[str, Any] = {k: file[k] for k in ("data_dir", "database_url", "log_level", "log_format")
+                           if k in file}
+    for key in ("data_dir", "database_url", "log_level", "log_format"):
         if ENV_PREFIX + key.upper() in env:
             top[key] = env[ENV_PREFIX + key.upper()]
         if key in flags:
@@ -139,5 +154,7 @@ def load_config(
         resilience=_build(ResilienceConfig, file.get("resilience", {}), "[resilience]"),
         observability=_build(ObservabilityConfig, file.get("observability", {}),
                              "[observability]"),
+        alerting=_build(AlertingConfig, _tuples(file.get("alerting", {}), ("webhook_urls",)),
+                        "[alerting]"),
         **top,
     )

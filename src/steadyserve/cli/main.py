@@ -54,6 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--env", action="append", metavar="KEY=VALUE", help="replica environment")
     ro.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     ro.add_argument("--timeout-s", type=float, default=600.0, dest="timeout_s")
+    al = verbs.add_parser("alerts", help="active alerts, silences, recent actions and history")
+    al.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
+    al.add_argument("--json", action="store_true", help="print the API's JSON")
+    si = verbs.add_parser("silence", help="mute matching alerts for a while")
+    si.add_argument("--match", action="append", required=True, metavar="LABEL=VALUE",
+                    help="e.g. --match alertname=LatencyAnomaly --match deployment=minilm")
+    si.add_argument("--for", dest="duration", default="1h", help="30m, 2h, 1d … (default 1h)")
+    si.add_argument("--comment", default="")
+    si.add_argument("--by", default="cli", help="who is silencing")
+    si.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
+    ex = verbs.add_parser("export", help="export configuration for other systems")
+    ex.add_argument("what", choices=["prometheus-rules"])
+    ex.add_argument("--config", help="steadyserve.toml (for the SLO and rule settings)")
+    ex.add_argument("--out", help="file to write (default: stdout)")
     return parser
 
 
@@ -72,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         from .admin import rollout
 
         return rollout(args)
+    if args.verb in ("alerts", "silence", "export"):
+        from . import alerts as alert_cli
+
+        return int(getattr(alert_cli, args.verb)(args))
     parser.print_help()
     return exit_codes.USAGE
 

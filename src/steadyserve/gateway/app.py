@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -19,6 +19,9 @@ from ..errors import MethodNotAllowed, NotFound, SteadyError, to_http
 from ..observe import tracing
 from ..observe.aggregate import merge_replica_metrics
 from ..observe.metrics import GatewayMetrics
+
+if TYPE_CHECKING:
+    from ..observe.alerting import AlertEngine
 from ..observe.otlp import OtlpExporter
 from . import openai, routes
 from .dispatch import Dispatcher
@@ -39,7 +42,10 @@ EXACT: dict[tuple[str, str], RouteFn] = {
     ("GET", "/v1/models"): openai.models,
     ("POST", "/v1/embeddings"): openai.embeddings,
     ("GET", "/v1/deployments"): routes.list_deployments,
+    ("GET", "/v1/alerts"): routes.alerts,
+    ("POST", "/v1/silences"): routes.create_silence,
 }
+SILENCES_PREFIX = "/v1/silences/"
 ADMIN_PREFIX = "/v1/admin/deployments/"
 DEPLOYMENTS_PREFIX = "/v1/deployments/"
 
@@ -74,6 +80,7 @@ class Gateway:
         self.exporter = OtlpExporter(obs.otlp_endpoint, obs.service_name) \
             if obs.otlp_endpoint else None
         self._background: list[asyncio.Task[None]] = []
+        self.alerting: AlertEngine | None = None
         self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
 
     # ASGI ----------------------------------------------------------------------------------
@@ -116,6 +123,10 @@ class Gateway:
         route = EXACT.get((method, path))
         if route is not None:
             return route, {}
+        if path.startswith(SILENCES_PREFIX) and len(path) > len(SILENCES_PREFIX):
+            if method != "DELETE":
+                raise _method_not_allowed(method, path, "DELETE")
+            return routes.expire_silence, {"silence": path[len(SILENCES_PREFIX):]}
         if path.startswith(ADMIN_PREFIX) and path.endswith("/rollout"):
             name = path[len(ADMIN_PREFIX):-len("/rollout")]
             if name and "/" not in name:
@@ -199,6 +210,8 @@ class Gateway:
                             self.exporter.run(), name="otlp-export"))
                     if self.control is not None:
                         await self.control.start()
+                    if self.alerting is not None:
+                        await self.alerting.start()
                 except Exception as exc:
                     log.exception("gateway start failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -209,6 +222,8 @@ class Gateway:
                 try:
                     for task in self._background:
                         task.cancel()
+                    if self.alerting is not None:
+                        await self.alerting.stop()
                     if self.control is not None:
                         await self.control.stop()
                     await self.transport.close()

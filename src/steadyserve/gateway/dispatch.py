@@ -394,7 +394,7 @@ class Dispatcher:
         raise error
 
     def _succeeded(self, d: Deployment, endpoint: Endpoint, now: float) -> None:
-        self.metrics.upstream.labels(d.name, "ok").inc()
+        self.metrics.upstream.labels(d.name, endpoint.replica_id, "ok").inc()
         health, event = record(endpoint.health, True, now, self.outlier, may_eject=False)
         endpoint.health = health
         if event == "returned":
@@ -403,7 +403,7 @@ class Dispatcher:
                      extra={"replica": endpoint.replica_id})
 
     def _failed(self, d: Deployment, endpoint: Endpoint, outcome: str) -> None:
-        self.metrics.upstream.labels(d.name, outcome).inc()
+        self.metrics.upstream.labels(d.name, endpoint.replica_id, outcome).inc()
         now = self.clock()
         ejected = sum(1 for e in d.endpoints if e.health.ejected_until > 0)
         may = self.outlier.may_eject(len(d.endpoints), ejected)

@@ -97,4 +97,4 @@ class Response:
 
 
 def json_response(obj: Any, status: int = 200) -> Response:
-    return Response(status, orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY))
+    return Response(status, orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS))

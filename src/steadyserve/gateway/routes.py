@@ -6,6 +6,7 @@ handler's parameters; the answer is the handler's result as JSON.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -14,11 +15,13 @@ from prometheus_client import generate_latest
 
 from ..asgi import cancel_on_disconnect
 from ..errors import ClientError, NoReadyReplica, NotFound, PayloadTooLarge
+from ..store import DatabaseUnavailable
 from .admission import parse_priority
 from .http import Request, Response, json_response
 from .membership import Deployment, Handler
 
 if TYPE_CHECKING:
+    from ..observe.alerting import AlertEngine
     from .app import Gateway
 
 Route = Callable[["Gateway", Request, dict[str, str]], Awaitable[Response]]
@@ -129,3 +132,63 @@ async def invoke(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     resp = Response(200, orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))
     resp.headers.append((b"x-steadyserve-version", d.version.encode()))
     return resp
+
+
+def _alerting(gw: Gateway) -> AlertEngine:
+    if gw.alerting is None:
+        raise NotFound("alerting is disabled on this gateway ([alerting] enabled = false)")
+    return gw.alerting
+
+
+async def alerts(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    """Active alerts, silences, recent automatic actions, and (from the database) history."""
+    engine = _alerting(gw)
+    body = engine.status()
+    history: list[dict[str, Any]] = []
+    if engine.db is not None:
+        try:
+            history = await asyncio.to_thread(engine.db.recent_transitions, 100)
+            if not body["actions"]:
+                body["actions"] = await asyncio.to_thread(engine.db.recent_actions, 50)
+        except DatabaseUnavailable as exc:
+            body["history_error"] = exc.message
+    body["history"] = history
+    return json_response(body)
+
+
+async def create_silence(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    engine = _alerting(gw)
+    body = await req.json(gw.config.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ClientError("send a JSON object: matchers, duration_s, created_by, comment")
+    matchers = body.get("matchers")
+    if not isinstance(matchers, dict) or not matchers or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in matchers.items()):
+        raise ClientError("'matchers' must be a non-empty object of label: value strings",
+                          param="matchers")
+    duration = body.get("duration_s")
+    if not isinstance(duration, (int, float)) or isinstance(duration, bool) \
+            or not 0 < duration <= 30 * 86_400:
+        raise ClientError("'duration_s' must be a number of seconds in (0, 30 days]",
+                          param="duration_s")
+    created_by = str(body.get("created_by", "api"))[:100]
+    comment = str(body.get("comment", ""))[:1000]
+    silence = engine.add_silence(matchers, float(duration), created_by, comment)
+    if engine.db is not None:
+        try:
+            await asyncio.to_thread(engine.db.put_silence, silence.to_dict())
+        except DatabaseUnavailable:
+            pass  # kept in memory and in the alert book's saved state
+    return json_response(silence.to_dict(), 201)
+
+
+async def expire_silence(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    engine = _alerting(gw)
+    if not engine.book.expire_silence(params["silence"], engine.wall()):
+        raise NotFound(f"no active silence {params['silence']!r}")
+    if engine.db is not None:
+        try:
+            await asyncio.to_thread(engine.db.expire_silence, params["silence"], engine.wall())
+        except DatabaseUnavailable:
+            pass
+    return json_response({"expired": params["silence"]})

@@ -41,7 +41,7 @@ class GatewayMetrics:
         )
         self.upstream = Counter(
             "steadyserve_upstream_attempts_total", "Calls to replicas by outcome",
-            ["deployment", "outcome"], registry=r,
+            ["deployment", "replica", "outcome"], registry=r,
         )
         self.retries = Counter(
             "steadyserve_upstream_retries_total", "Attempts retried on another replica",
@@ -90,6 +90,24 @@ class GatewayMetrics:
         self.restarts = Counter(
             "steadyserve_replica_restarts_total", "Replica processes restarted after exiting",
             ["deployment"], registry=r,
+        )
+        self.loop_lag = Gauge(
+            "steadyserve_event_loop_lag_seconds", "Worst event-loop lag of the last second",
+            registry=r,
+        )
+        self.database_up = Gauge(
+            "steadyserve_database_up", "1 when the state database answers, else 0", registry=r,
+        )
+        self.alerts_firing = Gauge(
+            "steadyserve_alerts_firing", "Alerts firing now", ["severity"], registry=r,
+        )
+        self.actions = Counter(
+            "steadyserve_automatic_actions_total", "Automatic responses by action and outcome",
+            ["action", "outcome"], registry=r,
+        )
+        self.notifications = Counter(
+            "steadyserve_alert_notifications_total", "Notifications handed to the notifiers",
+            registry=r,
         )
         self.response_bytes = Counter(
             "steadyserve_response_bytes_total", "Response body bytes sent, by content encoding",

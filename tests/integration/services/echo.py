@@ -44,3 +44,13 @@ class Wedge(steadyserve.Service):
     def block(self) -> str:
         time.sleep(3600)
         return "never"
+
+
+class Flaky(steadyserve.Service):
+    """Replica `flaky-0` fails every call (until restarted… and after: it is a bad replica)."""
+
+    @steadyserve.handler
+    def work(self, x: str) -> dict[str, Any]:
+        if os.environ.get("STEADYSERVE_REPLICA_ID") == "flaky-0":
+            raise RuntimeError("this replica is broken")
+        return {"x": x, "pid": os.getpid()}

@@ -1,0 +1,121 @@
+"""Automatic emergency responses: what a firing alert's rule names, guarded and recorded.
+
+The engine calls `respond(alert, actions)` when an alert starts firing. Each action is
+checked by `policies.actions.ActionGuard` (cool-down, hourly cap, minimum serving replicas),
+then done — or, in dry-run mode, only recorded — and every decision, done or refused, goes to
+the log, the database and the status API with the alert that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..policies.actions import ActionGuard, PastAction
+from ..policies.alert_lifecycle import Alert
+from ..store import Database, DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from ..gateway.app import Gateway
+    from .supervisor import Supervisor
+
+log = logging.getLogger("steadyserve.responder")
+
+SHED_BATCH_S = 300.0
+
+
+class Responder:
+    def __init__(self, gateway: Gateway, supervisor: Supervisor | None, guard: ActionGuard,
+                 db: Database | None, *, dry_run: bool = False,
+                 wall: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self.gateway = gateway
+        self.supervisor = supervisor
+        self.guard = guard
+        self.db = db
+        self.dry_run = dry_run
+        self.wall = wall
+        self.monotonic = monotonic
+        self.history: deque[PastAction] = deque(maxlen=1000)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=200)
+
+    async def respond(self, alert: Alert, actions: tuple[str, ...]) -> list[dict[str, Any]]:
+        records = []
+        for action in actions:
+            try:
+                records.append(await self._one(alert, action))
+            except Exception:  # one failed action never stops the others, nor the engine
+                log.exception("automatic action %s failed", action)
+        return records
+
+    async def _one(self, alert: Alert, action: str) -> dict[str, Any]:
+        deployment = alert.labels.get("deployment", "")
+        target = alert.labels.get("replica", deployment) if action in (
+            "restart_replica", "eject_replica") else deployment
+        now = self.wall()
+        serving = self._serving(deployment)
+        allowed, reason = self.guard.check(action, target, list(self.history), now,
+                                           serving=serving, dry_run=self.dry_run)
+        if not allowed:
+            outcome, detail = "refused", reason
+        elif self.dry_run:
+            outcome, detail = "dry_run", f"would {action} {target}"
+        else:
+            outcome, detail = await self._do(action, deployment, target)
+        if allowed:
+            self.history.append(PastAction(action, target, now, self.dry_run))
+        record = {
+            "action": action, "deployment": deployment, "target": target,
+            "alert_fingerprint": alert.key, "rule": alert.rule, "at": now,
+            "dry_run": self.dry_run, "outcome": outcome, "detail": detail,
+        }
+        self.recent.appendleft(record)
+        self.gateway.metrics.actions.labels(action, outcome).inc()
+        log.warning("automatic response %s on %s: %s (%s)", action, target, outcome, detail,
+                    extra={"alert": alert.key, "rule": alert.rule})
+        if self.db is not None:
+            try:
+                await asyncio.to_thread(self.db.add_action, record)
+            except DatabaseUnavailable as exc:
+                log.error("could not record action: %s", exc)
+        return record
+
+    def _serving(self, deployment: str) -> int:
+        d = self.gateway.membership.get(deployment)
+        return len(d.endpoints) if d is not None else 0
+
+    async def _do(self, action: str, deployment: str, target: str) -> tuple[str, str]:
+        d = self.gateway.membership.get(deployment)
+        if action == "restart_replica":
+            if self.supervisor is None or not self.supervisor.restart(target):
+                return "failed", f"no running replica {target!r}"
+            return "done", f"restarting {target}"
+        if action == "eject_replica":
+            if d is None or not self.gateway.dispatcher.eject(d, target, self.monotonic()):
+                return "failed", f"cannot eject {target!r} (share limit or not in rotation)"
+            return "done", f"ejected {target}"
+        if action == "shed_batch":
+            if d is None:
+                return "failed", f"no deployment {deployment!r}"
+            adm = self.gateway.dispatcher.state(d).admission
+            adm.shed_batch_until = self.monotonic() + SHED_BATCH_S
+            return "done", f"shedding batch traffic of {deployment} for {SHED_BATCH_S:.0f}s"
+        if action == "rollback":
+            if self.supervisor is None or deployment not in self.supervisor.previous:
+                return "skipped", f"{deployment!r} has had no rollout to roll back"
+            asyncio.get_running_loop().create_task(self._rollback(deployment))
+            return "started", f"rolling back {deployment}"
+        if action in ("scale_up", "serve_stale"):
+            return "unavailable", f"{action} needs autoscaling / the response cache, not built yet"
+        return "failed", f"unknown action {action!r}"
+
+    async def _rollback(self, deployment: str) -> None:
+        assert self.supervisor is not None
+        try:
+            await self.supervisor.rollback(deployment)
+        except Exception:
+            log.exception("automatic rollback of %s failed", deployment)

@@ -1,0 +1,120 @@
+"""The rules every deployment gets with no configuration, each with its runbook line and the
+automatic responses it triggers. `rule_actions` maps a rule name to action names
+(see policies/actions.py); the responder runs them when the alert starts firing.
+
+Not here, and why: "cache L2 down" — there is no response cache or Redis tier yet (issue 3).
+"""
+
+from __future__ import annotations
+
+from ..config import AlertingConfig
+from ..policies.alert_lifecycle import Inhibit
+from ..policies.alert_rules import (
+    BurnRate,
+    EwmaAnomaly,
+    Rule,
+    Threshold,
+    gauge,
+    histogram_quantile,
+    rate,
+    ratio,
+)
+
+REQUESTS = "steadyserve_requests_total"
+UPSTREAM = "steadyserve_upstream_attempts_total"
+
+
+def default_rules(cfg: AlertingConfig) -> list[Rule]:
+    fast = cfg.fast_window_s
+    return [
+        Threshold(
+            name="ReplicaCrashLooping", severity="page",
+            expr=rate("steadyserve_replica_restarts_total", 300, by=("deployment",)),
+            op=">", threshold=3 / 300,
+            annotations={
+                "summary": "replicas of {deployment} restarted more than 3 times in 5 minutes",
+                "runbook": "Read the replica logs around the exits (`steadyserve status` shows "
+                           "exit codes); if it began with a rollout, roll back "
+                           "(`steadyserve rollout {deployment} --service <previous>`); "
+                           "an OOM shows as exit code -9.",
+            },
+        ),
+        Threshold(
+            name="DeploymentNotReady", severity="page", for_s=30,
+            expr=gauge("steadyserve_replicas", match={"state": "ready"}),
+            op="<", threshold=1,
+            annotations={
+                "summary": "{deployment} has no ready replica",
+                "runbook": "Every request to {deployment} gets 503. `steadyserve status`: are "
+                           "replicas starting (slow setup?), in backoff (crashing at start?) "
+                           "or unhealthy (failing checks)? Their logs say why.",
+            },
+        ),
+        Threshold(
+            name="ReplicaErrors", severity="ticket", for_s=cfg.fast_for_s,
+            expr=ratio(UPSTREAM, UPSTREAM, fast, numerator_filter={"outcome": "5xx"},
+                       by=("deployment", "replica")),
+            op=">", threshold=0.5,
+            annotations={
+                "summary": "replica {replica} of {deployment} fails {value:.0%} of its calls",
+                "runbook": "Clients are mostly spared (retries go elsewhere, the replica gets "
+                           "ejected); steadyserve restarts the replica. If it keeps failing "
+                           "after the restart, its logs show the handler's exception.",
+            },
+        ),
+        BurnRate(
+            name="ErrorBudgetBurn", errors_counter=REQUESTS, total_counter=REQUESTS,
+            error_filter={"code": "5xx"}, slo_target=cfg.slo_target, by=("deployment",),
+            annotations={
+                "summary": "{deployment} is spending its error budget too fast ({value:.1f}x)",
+                "runbook": "5xx answers above the SLO: check ReplicaErrors and "
+                           "DeploymentNotReady for the cause; if a rollout started it, roll "
+                           "back. A page means the monthly budget is gone within days.",
+            },
+        ),
+        EwmaAnomaly(
+            name="LatencyAnomaly", severity="ticket",
+            expr=histogram_quantile(0.99, "steadyserve_request_duration_seconds_bucket", 60,
+                                    by=("deployment",)),
+            direction="up", sample_every_s=10,
+            annotations={
+                "summary": "p99 latency of {deployment} is unusually high ({value:.3f} s)",
+                "runbook": "Compare with load (requests/s) and the admission limit; a "
+                           "slower model version, CPU contention or a slow replica "
+                           "(outlier ejections) are the usual causes.",
+            },
+        ),
+        Threshold(
+            name="DatabaseDown", severity="page", for_s=30,
+            expr=gauge("steadyserve_database_up"), op="<", threshold=1,
+            annotations={
+                "summary": "the state database does not answer",
+                "runbook": "Alert history and actions are kept in memory meanwhile and are "
+                           "lost if the gateway restarts; check the database URL and server.",
+            },
+        ),
+        Threshold(
+            name="EventLoopLag", severity="ticket", for_s=60,
+            expr=gauge("steadyserve_event_loop_lag_seconds"), op=">", threshold=0.1,
+            annotations={
+                "summary": "the gateway's event loop lags {value:.3f} s",
+                "runbook": "Everything in the gateway queues behind a blocked loop: look for "
+                           "CPU saturation of the gateway process (`top`), or blocking code; "
+                           "run more gateway processes behind a load balancer.",
+            },
+        ),
+    ]
+
+
+RULE_ACTIONS: dict[str, tuple[str, ...]] = {
+    "ReplicaErrors": ("restart_replica",),
+    "ReplicaCrashLooping": ("rollback",),
+    "ErrorBudgetBurn": ("shed_batch",),
+}
+
+INHIBITS = (
+    # no replica at all explains every other symptom of the deployment
+    Inhibit({"alertname": "DeploymentNotReady"}, {"alertname": "LatencyAnomaly"}, ("deployment",)),
+    Inhibit({"alertname": "DeploymentNotReady"}, {"alertname": "ErrorBudgetBurn"}, ("deployment",)),
+    Inhibit({"alertname": "DeploymentNotReady"}, {"alertname": "ReplicaErrors"}, ("deployment",)),
+)
