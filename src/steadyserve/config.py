@@ -112,7 +112,7 @@ class ResilienceConfig:
     limit_initial: int | None = None  # None: replicas × max(4, largest max_batch_size)
     limit_max: int = 10_000
     limit_backoff: float = 0.9
-    limit_tolerance: float = 0.5  # queueing allowed, in service times (non-batched handlers)
+    limit_tolerance: float = 1.0  # queueing allowed, in service times (non-batched handlers)
     limit_batch_tolerance: int = 0  # batched handlers: full batches a request may sit out
     queue_max: int = 1000  # requests waiting for a slot, per deployment
     queue_target_s: float = 0.005  # CoDel target queue wait (batch class)

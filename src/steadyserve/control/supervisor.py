@@ -288,6 +288,19 @@ class Supervisor:
             if slot.address is not None:  # requests stuck on it are retried elsewhere now
                 self.transport.forget(slot.address)
 
+    def replica_exited(self, replica_id: str) -> bool:
+        """Has this replica's process died (exited, or a zombie not yet reaped)?"""
+        for slot in self.slots:
+            if slot.replica_id == replica_id and slot.replica is not None:
+                if slot.replica.process.returncode is not None:
+                    return True
+                try:
+                    with open(f"/proc/{slot.replica.pid}/stat", "rb") as f:
+                        return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+                except (OSError, IndexError):
+                    return True
+        return False
+
     def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None:
         """Passive health: the data plane could not reach a replica; check it on the next tick."""
         for slot in self.slots:

@@ -97,6 +97,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
         on_unavailable: Callable[[str, Endpoint], None] | None = None,
+        replica_exited: Callable[[str], bool] | None = None,
     ) -> None:
         self.transport = transport
         self.metrics = metrics
@@ -104,6 +105,7 @@ class Dispatcher:
         self.clock = clock
         self.rand = rand
         self.on_unavailable = on_unavailable
+        self.replica_exited = replica_exited
         self.outlier = OutlierPolicy(
             consecutive_failures=self.cfg.outlier_consecutive_failures,
             base_ejection_s=self.cfg.outlier_base_ejection_s,
@@ -194,8 +196,8 @@ class Dispatcher:
         lost = 0  # attempts whose replica connection died while it had the request
         while len(tried) < max_attempts:
             if lost >= 2:
-                # two replicas died holding this request: it may be a poison input; never
-                # feed it a third (the flight recorders tell the quarantine)
+                # two replicas died (crashed, not a reset) holding this request: it may be a
+                # poison input; never feed it a third (the flight recorders tell the quarantine)
                 self.metrics.poison_stops.labels(d.name).inc()
                 break
             if tried:
@@ -221,7 +223,8 @@ class Dispatcher:
                 return await self._try(d, h, st, endpoint, body, key, request_id, deadline, call)
             except _Retryable as exc:
                 last = exc.error
-                lost += isinstance(exc.error, ConnectionLost)
+                if isinstance(exc.error, ConnectionLost) and await self._died(endpoint):
+                    lost += 1
         if last is not None:
             raise last
         raise NoReadyReplica(f"deployment {d.name!r} has no replica left to try", retry_after_s=1)
@@ -293,6 +296,17 @@ class Dispatcher:
         if not pool:
             return None
         return pool[d.balancer.pick(pool, self.rand)] if len(pool) > 1 else pool[0]
+
+    async def _died(self, endpoint: Endpoint) -> bool:
+        """Did the replica die with the request (a crash), rather than the connection reset?
+        Its sockets close a moment before the process turns zombie: look twice."""
+        if self.replica_exited is None:
+            return False
+        for _ in range(3):
+            if self.replica_exited(endpoint.replica_id):
+                return True
+            await asyncio.sleep(0.002)
+        return False
 
     def per_try_timeout(self, st: _DeploymentState, h: Handler, remaining: float) -> float:
         """The handler's own per_try_timeout_s; for hedged handlers max(floor, 3 × p99);
