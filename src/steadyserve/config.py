@@ -111,11 +111,11 @@ class ResilienceConfig:
     admission: bool = True  # adaptive concurrency limit + priority wait queue per deployment
     limit_initial: int | None = None  # None: replicas × max(4, largest max_batch_size)
     limit_max: int = 10_000
-    limit_backoff: float = 0.9
-    limit_tolerance: float = 1.0  # queueing allowed, in service times (non-batched handlers)
+    limit_backoff: float = 0.7
+    limit_tolerance: float = 0.25  # queueing allowed, in service times (non-batched handlers)
     limit_batch_tolerance: int = 0  # batched handlers: full batches a request may sit out
     queue_max: int = 1000  # requests waiting for a slot, per deployment
-    queue_target_s: float = 0.005  # CoDel target queue wait (batch class)
+    queue_target_s: float = 0.02  # CoDel target queue wait (batch class)
     interactive_queue_target_s: float = 0.05  # the same for interactive: shed only if it alone overloads
     queue_interval_s: float = 0.1  # CoDel interval; also the longest wait when not overloaded
     batch_queue_share: float = 0.5  # batch-priority requests may fill at most this share

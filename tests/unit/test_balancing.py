@@ -272,3 +272,28 @@ def test_make_balancer_unknown_name_lists_known_ones(name):
 
 def test_balancer_registry_names():
     assert sorted(BALANCERS) == ["peak_ewma", "power_of_two", "round_robin"]
+
+
+# --- small deployments: the gateway's power_of_two scans them ------------------------------
+
+@pytest.mark.parametrize(
+    ("outstanding", "rand_value", "expected"),
+    [
+        ((1, 1, 0), 0.0, 2),  # the only idle replica is always found (P2C misses it 1/3)
+        ((0, 1, 1), 0.99, 0),
+        ((2, 0, 0), 0.0, 1),  # ties broken by rand…
+        ((2, 0, 0), 0.99, 2),  # …not always the first
+        ((3, 1), 0.5, 1),
+    ],
+)
+def test_gateway_power_of_two_scans_three_or_fewer(outstanding, rand_value, expected):
+    balancer = make_balancer("power_of_two")
+    assert balancer.pick(cands(*outstanding), lambda: rand_value) == expected
+
+
+def test_gateway_power_of_two_samples_two_of_four_or_more():
+    balancer = make_balancer("power_of_two")
+    c = cands(1, 1, 1, 0)
+    rand = random.Random(1).random
+    picks = Counter(balancer.pick(c, rand) for _ in range(2000))
+    assert 0 < picks[0] < picks[3] < 2000, picks  # the idle one wins often, not always

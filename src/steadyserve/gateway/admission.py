@@ -6,7 +6,8 @@ front of the replicas, and a bounded, two-class wait queue with CoDel (`policies
           ├─ batch, and the batch queue is at its share of queue_max ──► 503 at once
           ├─ queue full ──► an interactive request evicts the newest batch waiter, else 503
           └─ wait ≤ its class's CoDel allowance (5 ms overloaded, else 100 ms) ──► go or 503
-    release() hands the freed slot to the oldest interactive waiter, then to batch ones.
+    release() hands the freed slot to an interactive waiter first, then to a batch one:
+    the oldest while calm, the newest while that class is overloaded (adaptive LIFO).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class Admission:
     async def acquire(self, priority: str, deadline: float) -> None:
         if priority == "batch" and self.shed_batch_until and self.clock() < self.shed_batch_until:
             self._reject("batch")
-        if self.inflight < self.limit.limit and not self.queued:
+        # floor, not ceiling: a limit of 3.9 admits 3 (a fourth would queue at a replica)
+        if self.inflight + 1 <= self.limit.limit and not self.queued:
             self.inflight += 1
             return
         now = self.clock()
@@ -143,9 +145,12 @@ class Admission:
         self._wake()
 
     def _wake(self) -> None:
-        while self.inflight < self.limit.limit and self.queued:
+        while self.inflight + 1 <= self.limit.limit and self.queued:
             priority = "interactive" if self.queues["interactive"] else "batch"
-            waiter = self.queues[priority].popleft()
+            # overloaded: newest first (Facebook's adaptive LIFO) — the admitted barely wait,
+            # the oldest run out their short allowance and get a fast 503
+            queue = self.queues[priority]
+            waiter = queue.pop() if self.codels[priority].overloaded else queue.popleft()
             if waiter.future.done():
                 continue
             now = self.clock()

@@ -53,13 +53,32 @@ def _two_distinct(n: int, rand: Callable[[], float]) -> tuple[int, int]:
     return a, b
 
 
+# With three replicas, two random choices miss the one idle replica a third of the time, and
+# that request then waits a whole service time behind another (measured: +20 ms median on a
+# 20 ms model at capacity). Scanning three costs nothing; the herd effect P2C avoids needs
+# many replicas and many balancers to matter.
+SCAN_ALL_BELOW = 4  # the gateway's power_of_two scans fewer replicas than this
+
+
+def _least_outstanding(candidates: Sequence[Load], rand: Callable[[], float]) -> int:
+    """Fewest outstanding requests; ties broken at random (never always the first)."""
+    best = min(c.outstanding for c in candidates)
+    tied = [i for i, c in enumerate(candidates) if c.outstanding == best]
+    return tied[min(len(tied) - 1, int(rand() * len(tied)))]
+
+
 class PowerOfTwo:
     """Power of two choices on outstanding requests (Mitzenmacher): sample two, keep the less busy."""
+
+    def __init__(self, scan_all_below: int = 0) -> None:
+        self.scan_all_below = scan_all_below
 
     def pick(self, candidates: Sequence[Load], rand: Callable[[], float]) -> int:
         n = len(candidates)
         if n == 1:
             return 0
+        if n < self.scan_all_below:
+            return _least_outstanding(candidates, rand)
         a, b = _two_distinct(n, rand)
         if candidates[b].outstanding < candidates[a].outstanding:
             return b
@@ -100,7 +119,7 @@ def update_peak_ewma(
 
 
 BALANCERS: dict[str, Callable[[], Balancer]] = {
-    "power_of_two": PowerOfTwo,
+    "power_of_two": lambda: PowerOfTwo(scan_all_below=SCAN_ALL_BELOW),
     "round_robin": RoundRobin,
     "peak_ewma": PeakEwma,
 }
