@@ -259,12 +259,21 @@ class Gateway:
         }
 
     def export_admission(self) -> None:
+        """Refresh the gauges computed on demand: admission state and connection pools."""
         m = self.metrics
+        names: dict[Any, str] = {}
         for d in self.membership.deployments.values():
             adm = self.dispatcher.state(d).admission
             m.admission_limit.labels(d.name).set(adm.limit.limit)
             m.admission_inflight.labels(d.name).set(adm.inflight)
             m.admission_queued.labels(d.name).set(adm.queued)
+            names.update({e.address: e.replica_id for e in d.endpoints})
+        stats = getattr(self.transport, "pool_stats", None)
+        if stats is not None:
+            for address, (busy, idle) in stats().items():
+                replica = names.get(address, str(address))
+                m.pool_connections.labels(replica, "busy").set(busy)
+                m.pool_connections.labels(replica, "idle").set(idle)
 
     async def replica_metrics(self) -> bytes:
         targets = [

@@ -233,6 +233,10 @@ class HttpTransport:
         finally:
             pool.release(conn)
 
+    def pool_stats(self) -> dict[Address, tuple[int, int]]:
+        """(busy, idle) connections per replica address."""
+        return {a: (len(p.busy), len(p.idle)) for a, p in self._pools.items()}
+
     def forget(self, address: Address) -> None:
         pool = self._pools.pop(address, None)
         if pool is not None:

@@ -109,6 +109,10 @@ class GatewayMetrics:
             "steadyserve_alert_notifications_total", "Notifications handed to the notifiers",
             registry=r,
         )
+        self.pool_connections = Gauge(
+            "steadyserve_upstream_connections", "Keep-alive connections to replicas by state",
+            ["replica", "state"], registry=r,
+        )
         self.response_bytes = Counter(
             "steadyserve_response_bytes_total", "Response body bytes sent, by content encoding",
             ["encoding"], registry=r,
