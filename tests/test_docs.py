@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from steadyserve.config import (
+    AlertingConfig,
     Config,
     DeploymentConfig,
     GatewayConfig,
@@ -22,10 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("cls", [Config, GatewayConfig, SupervisorConfig, ResilienceConfig,
-                                 ObservabilityConfig, DeploymentConfig, HandlerOptions])
+                                 ObservabilityConfig, AlertingConfig, DeploymentConfig,
+                                 HandlerOptions])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "name"}
+    skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "alerting",
+            "name"}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in skip
                and f"`{f.name}`" not in doc]
     assert missing == []
