@@ -29,14 +29,22 @@ def _call(method: str, url: str, body: dict[str, Any] | None, timeout_s: float) 
             return exc.code, {"error": {"message": exc.reason}}
 
 
-def status(args: argparse.Namespace) -> int:
+def get_json(url: str, path: str) -> Any:
+    """GET a gateway API path; None (after saying why on stderr) when it fails."""
     try:
-        code, body = _call("GET", f"{args.url}/v1/deployments", None, 10)
+        code, body = _call("GET", f"{url}{path}", None, 10)
     except OSError as exc:
-        print(f"steadyserve: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return exit_codes.FAILURE
+        print(f"steadyserve: cannot reach {url}: {exc}", file=sys.stderr)
+        return None
     if code != 200:
         print(json.dumps(body, indent=2), file=sys.stderr)
+        return None
+    return body
+
+
+def status(args: argparse.Namespace) -> int:
+    body = get_json(args.url, "/v1/deployments")
+    if body is None:
         return exit_codes.FAILURE
     for d in body["deployments"]:
         print(f"{d['name']}: {d['ready_replicas']}/{d['desired_replicas']} ready, "

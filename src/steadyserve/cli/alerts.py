@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..observe.prom_rules import prometheus_rules
 from ..settings import load_config
 from . import exit_codes
-from .admin import _call
+from .admin import _call, get_json
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -31,13 +31,8 @@ def _when(t: float | None) -> str:
 
 
 def alerts(args: argparse.Namespace) -> int:
-    try:
-        code, body = _call("GET", f"{args.url}/v1/alerts", None, 10)
-    except OSError as exc:
-        print(f"steadyserve: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return exit_codes.FAILURE
-    if code != 200:
-        print(json.dumps(body, indent=2), file=sys.stderr)
+    body = get_json(args.url, "/v1/alerts")
+    if body is None:
         return exit_codes.FAILURE
     if args.json:
         print(json.dumps(body, indent=2))

@@ -42,27 +42,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, cast
 
-from steadyserve.policies.alert_rules import SEVERITIES, Evaluation, Severity
+from steadyserve.policies.alert_rules import SEVERITIES, Evaluation, RuleMeta, Severity
 
 AlertState = Literal["inactive", "pending", "firing", "resolved"]
 Json = dict[str, Any]
-
-
-class RuleMeta(Protocol):
-    """What the book needs of a rule (every rule in alert_rules has it)."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def severity(self) -> Severity: ...
-    @property
-    def labels(self) -> Mapping[str, str]: ...
-    @property
-    def annotations(self) -> Mapping[str, str]: ...
-    @property
-    def for_s(self) -> float: ...
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

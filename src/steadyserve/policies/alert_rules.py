@@ -67,8 +67,8 @@ class RangeExpr(Expr, Protocol):
         ...
 
 
-class Rule(Protocol):
-    """What the lifecycle and the evaluator loop need from a rule."""
+class RuleMeta(Protocol):
+    """What the alert book needs of a rule (policies/alert_lifecycle.py)."""
 
     @property
     def name(self) -> str: ...
@@ -80,6 +80,10 @@ class Rule(Protocol):
     def annotations(self) -> Mapping[str, str]: ...
     @property
     def for_s(self) -> float: ...
+
+
+class Rule(RuleMeta, Protocol):
+    """What the lifecycle (RuleMeta) and the evaluator loop need from a rule."""
 
     def evaluate(self, store: SeriesStore, now: float) -> list[Evaluation]: ...
 
