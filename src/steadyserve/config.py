@@ -168,6 +168,7 @@ class AlertingConfig:
     fast_window_s: float = 60.0  # window of the fast per-replica error rule
     fast_for_s: float = 15.0  # how long it must hold before firing
     external_url: str = ""  # shown in notifications as where to look
+    actions: tuple[tuple[str, tuple[str, ...]], ...] = ()  # rule → actions, over the defaults
 
     def __post_init__(self) -> None:
         if self.evaluation_interval_s <= 0 or self.fast_window_s <= 0 or self.fast_for_s < 0:
@@ -179,6 +180,13 @@ class AlertingConfig:
                 raise ConfigError(f"notification URL must be http(s)://, got {url!r}")
         if self.actions_per_hour < 0 or self.action_cooldown_s < 0:
             raise ConfigError("action guards must be >= 0")
+        from .policies.actions import ACTIONS
+
+        for rule, names in self.actions:
+            unknown = [a for a in names if a not in ACTIONS]
+            if unknown:
+                raise ConfigError(f"[alerting] actions.{rule}: unknown action {unknown[0]!r}; "
+                                  f"choose from {list(ACTIONS)}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

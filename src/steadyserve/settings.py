@@ -62,6 +62,16 @@ def _tuples(table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _alerting(table: dict[str, Any]) -> dict[str, Any]:
+    out = _tuples(table, ("webhook_urls",))
+    actions = out.get("actions")
+    if actions is not None:
+        if not isinstance(actions, dict) or not all(isinstance(v, list) for v in actions.values()):
+            raise ConfigError("[alerting] actions must be a table of rule = [action, ...]")
+        out["actions"] = tuple((str(k), tuple(str(a) for a in v)) for k, v in actions.items())
+    return out
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
@@ -154,7 +164,6 @@ def load_config(
         resilience=_build(ResilienceConfig, file.get("resilience", {}), "[resilience]"),
         observability=_build(ObservabilityConfig, file.get("observability", {}),
                              "[observability]"),
-        alerting=_build(AlertingConfig, _tuples(file.get("alerting", {}), ("webhook_urls",)),
-                        "[alerting]"),
+        alerting=_build(AlertingConfig, _alerting(file.get("alerting", {})), "[alerting]"),
         **top,
     )

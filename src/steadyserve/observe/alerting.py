@@ -43,7 +43,7 @@ class AlertEngine:
         self.wall = wall
         self.store = SeriesStore()
         self.rules = rules if rules is not None else default_rules(self.cfg)
-        self.actions = dict(RULE_ACTIONS)
+        self.actions = {**RULE_ACTIONS, **dict(self.cfg.actions)}
         self.book = AlertBook(self.rules, NotifyPolicy(inhibit=INHIBITS))
         notifiers: list[Notifier] = [LogNotifier()]
         notifiers += [WebhookNotifier(url, external_url=self.cfg.external_url,
