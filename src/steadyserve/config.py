@@ -116,9 +116,10 @@ class ResilienceConfig:
     limit_batch_tolerance: int = 0  # batched handlers: full batches a request may sit out
     queue_max: int = 1000  # requests waiting for a slot, per deployment
     queue_target_s: float = 0.02  # CoDel target queue wait (batch class)
-    interactive_queue_target_s: float = 0.05  # the same for interactive: shed only if it alone overloads
+    interactive_queue_target_s: float = 0.1  # the same for interactive: shed only if it alone overloads
     queue_interval_s: float = 0.1  # CoDel interval; also the longest wait when not overloaded
     batch_queue_share: float = 0.5  # batch-priority requests may fill at most this share
+    batch_max_wait_s: float = 0.04  # a batch request never waits longer for a slot
     quarantine_crashes: float = 2.0
     quarantine_s: float = 600.0
 
@@ -134,7 +135,7 @@ class ResilienceConfig:
         if not 0 <= self.batch_queue_share <= 1:
             raise ConfigError("batch_queue_share must be in [0, 1]")
         if min(self.retry_budget_window_s, self.per_try_timeout_min_s, self.queue_target_s,
-               self.interactive_queue_target_s,
+               self.interactive_queue_target_s, self.batch_max_wait_s,
                self.queue_interval_s, self.outlier_base_ejection_s, self.quarantine_crashes) <= 0:
             raise ConfigError("resilience durations and thresholds must be > 0")
         if self.outlier_consecutive_failures < 1 or self.queue_max < 0 or self.limit_max < 1:

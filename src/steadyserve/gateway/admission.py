@@ -58,7 +58,8 @@ class Admission:
         self.codels = {
             "interactive": CoDel(target_s=cfg.interactive_queue_target_s,
                                  interval_s=cfg.queue_interval_s),
-            "batch": CoDel(target_s=cfg.queue_target_s, interval_s=cfg.queue_interval_s),
+            "batch": CoDel(target_s=cfg.queue_target_s, interval_s=cfg.queue_interval_s,
+                           calm_wait_s=min(cfg.queue_interval_s, cfg.batch_max_wait_s)),
         }
         self.inflight = 0
         self.shed_batch_until = 0.0  # an automatic response: refuse batch traffic until then

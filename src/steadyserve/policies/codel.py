@@ -17,6 +17,7 @@ from dataclasses import dataclass
 class CoDel:
     target_s: float = 0.005
     interval_s: float = 0.1
+    calm_wait_s: float | None = None  # longest wait while calm (default: interval_s)
     first_above_at: float | None = None
     overloaded: bool = False
     empty_since: float | None = None
@@ -48,4 +49,6 @@ class CoDel:
                 and now - self.empty_since >= self.interval_s:
             self.overloaded = False
             self.first_above_at = None
-        return self.target_s if self.overloaded else self.interval_s
+        if self.overloaded:
+            return self.target_s
+        return self.interval_s if self.calm_wait_s is None else self.calm_wait_s
