@@ -235,8 +235,9 @@ class Dispatcher:
         call: CallInfo,
     ) -> Any:
         loop = asyncio.get_running_loop()
-        tasks = {loop.create_task(
-            self._try(d, h, st, first, body, key, request_id, deadline, call))}
+        first_task = loop.create_task(
+            self._try(d, h, st, first, body, key, request_id, deadline, call))
+        tasks = {first_task}
         try:
             p95 = st.window(h.name).quantile(0.95)
             delay = max(self.cfg.hedge_min_delay_s, p95) if p95 is not None else None
@@ -258,6 +259,11 @@ class Dispatcher:
                 for task in done:
                     exc = task.exception()
                     if exc is None:
+                        if task is not first_task and not first_task.done():
+                            # the hedge won while the first replica has not answered even
+                            # past the p95 plus a whole service time: count it as a failure
+                            # of that replica, so a frozen one is ejected after a few
+                            self._failed(d, first, "slow")
                         return task.result()
                     if not isinstance(exc, _Retryable):
                         raise exc
