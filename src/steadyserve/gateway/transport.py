@@ -5,8 +5,9 @@ It is hand-written because the peer is always our own replica (fixed framing, no
 redirects, no chunked uploads), and the gateway's hop cost is the product: a general client
 (aiohttp, httpx) does more per request for features unused here. Not measured side by side;
 what this client is held to is the echo benchmark in benchmarks/README.md (gateway plus one
-replica at 0.77x a FastAPI app answering directly, p50 0.45 ms). Tests swap it for `InProcessTransport`, which calls
-replica ASGI apps directly (no sockets), the way httpx's ASGITransport does.
+replica at 0.77x a FastAPI app answering directly, p50 0.45 ms). Tests swap it for
+`InProcessTransport`, which calls replica ASGI apps directly (no sockets), the way httpx's
+ASGITransport does.
 """
 
 from __future__ import annotations
