@@ -6,17 +6,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from .errors import SteadyError
+from .errors import ClientGone
 
 T = TypeVar("T")
 Receive = Callable[[], Awaitable[dict[str, Any]]]
-
-
-class ClientGone(SteadyError):
-    """The peer disconnected before the answer; nginx's 499, never sent to anyone."""
-
-    status = 499
-    code = "client_closed_request"
 
 
 async def cancel_on_disconnect(receive: Receive, awaitable: Awaitable[T]) -> T:

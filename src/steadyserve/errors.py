@@ -13,7 +13,11 @@
     │   ├── ReplicaUnavailable (502)  could not connect / connection died mid-request
     │   ├── ReplicaTimeout (504)      the per-handler timeout passed
     │   └── HandlerFailed (500)       service code raised, or a batch broke its contract
+    ├── ClientGone (499)              the caller hung up; its queued work is dropped
     └── ConfigError                   bad configuration; raised at start, never per request
+
+Outside systems map their failures at their one wrapper, under this root:
+store.DatabaseUnavailable (503), observe.notifiers.NotifierError (502).
 
 `to_http` is the only place that turns an exception into a status code and a JSON body;
 routes pick the body shape (native or OpenAI) and nothing else.
@@ -115,6 +119,13 @@ class Quarantined(ClientError):
 
     status = 422
     code = "input_quarantined"
+
+
+class ClientGone(SteadyError):
+    """The peer disconnected before the answer; nginx's 499, never sent to anyone."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 class ConfigError(SteadyError):

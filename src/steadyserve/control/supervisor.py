@@ -441,9 +441,6 @@ class Supervisor:
             out[s.deployment.name][s.state] += 1
         return out
 
-    def pids(self) -> list[int]:
-        return [s.replica.pid for s in self.slots if s.replica and s.replica.process.returncode is None]
-
     def _export_states(self) -> None:
         for name, by_state in self.counts().items():
             for state, n in by_state.items():

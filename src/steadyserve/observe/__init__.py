@@ -1,1 +1,1 @@
-"""Metrics, logs and (later) traces and alerting."""
+"""Metrics, logs, traces, time series, alerting and notifications (the gateway's view)."""

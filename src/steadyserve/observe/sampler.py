@@ -56,17 +56,3 @@ class LoopLagMonitor:
             await asyncio.sleep(self.interval_s)
             lag = self.clock() - before - self.interval_s
             self.worst_s = max(self.worst_s, lag)
-
-
-async def sample_forever(registry: CollectorRegistry, store: SeriesStore, *,
-                         before: Callable[[], None] | None = None, interval_s: float = 1.0,
-                         wall: Callable[[], float] = time.time) -> None:
-    """The sampling loop: never dies; each failed iteration is logged and the next one runs."""
-    while True:
-        try:
-            if before is not None:
-                before()  # refresh gauges computed on demand (admission, loop lag)
-            sample_registry(registry, store, wall())
-        except Exception:
-            log.exception("metrics sampling failed; continuing")
-        await asyncio.sleep(interval_s)

@@ -18,9 +18,10 @@ import orjson
 from prometheus_client import generate_latest
 
 from .. import codec
-from ..asgi import ClientGone, cancel_on_disconnect
+from ..asgi import cancel_on_disconnect
 from ..errors import (
     ClientError,
+    ClientGone,
     HandlerFailed,
     NotFound,
     ReplicaTimeout,
