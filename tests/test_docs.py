@@ -10,6 +10,7 @@ import pytest
 
 from steadyserve.config import (
     AlertingConfig,
+    CacheConfig,
     Config,
     DeploymentConfig,
     GatewayConfig,
@@ -23,12 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("cls", [Config, GatewayConfig, SupervisorConfig, ResilienceConfig,
-                                 ObservabilityConfig, AlertingConfig, DeploymentConfig,
+                                 ObservabilityConfig, AlertingConfig, CacheConfig, DeploymentConfig,
                                  HandlerOptions])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
     skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "alerting",
-            "name"}
+            "cache", "name"}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in skip
                and f"`{f.name}`" not in doc]
     assert missing == []

@@ -13,6 +13,7 @@ from .policies.balancing import BALANCERS
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 DEFAULT_SERVICE = "steadyserve.examples.embedding:Embedder"
+RISK_SERVICE = "steadyserve.examples.risk.service:RiskScorer"
 MiB = 1024 * 1024
 
 
@@ -191,6 +192,48 @@ class AlertingConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class CacheConfig:
+    """The gateway's response cache: L1 in process, optional L2 in Redis (docs/configuration.md)."""
+
+    enabled: bool = True  # handlers still opt in with @handler(cache=True)
+    l1_bytes: int = 64 * MiB
+    policy: str = "tinylfu"  # tinylfu | lru
+    autosize: bool = False  # let L1 pick its size in [l1_min_bytes, l1_max_bytes] from the hit-ratio curve
+    l1_min_bytes: int = 8 * MiB
+    l1_max_bytes: int = 512 * MiB
+    autosize_interval_s: float = 60.0
+    redis_url: str | None = None  # e.g. redis://127.0.0.1:6379/0: shared L2 between gateways
+    redis_timeout_s: float = 0.05  # an L2 call slower than this counts as an outage
+    redis_retry_s: float = 1.0  # while L2 is down, try to reconnect this often
+    redis_prefix: str = "steadyserve:"
+    stale_while_revalidate_s: float = 30.0  # after the TTL: serve stale at once, refresh in background
+    stale_if_error_s: float = 300.0  # after the TTL: serve stale (marked) when the replicas fail
+    affinity: bool = True  # route cacheable requests by key: consistent hashing with bounded loads
+    affinity_balance: float = 1.25  # a replica takes at most this × the average load via affinity
+    hot_keys: int = 64  # tracked for GET /v1/cache
+
+    def __post_init__(self) -> None:
+        from .policies.eviction import POLICIES
+
+        if self.policy not in POLICIES:
+            raise ConfigError(f"[cache] policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.l1_bytes < 0 or self.l1_min_bytes < 0 or self.l1_max_bytes < self.l1_min_bytes:
+            raise ConfigError("[cache] need l1_bytes >= 0 and 0 <= l1_min_bytes <= l1_max_bytes")
+        if self.redis_url is not None and not self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"[cache] redis_url must be redis://, rediss:// or unix://, "
+                              f"got {self.redis_url!r}")
+        if min(self.redis_timeout_s, self.redis_retry_s, self.autosize_interval_s) <= 0:
+            raise ConfigError("[cache] redis_timeout_s, redis_retry_s, autosize_interval_s must be > 0")
+        if self.stale_while_revalidate_s < 0 or self.stale_if_error_s < 0:
+            raise ConfigError("[cache] stale windows must be >= 0")
+        if self.affinity_balance < 1:
+            raise ConfigError("[cache] affinity_balance must be >= 1")
+        if self.hot_keys < 1:
+            raise ConfigError("[cache] hot_keys must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     deployments: tuple[DeploymentConfig, ...]
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -198,6 +241,7 @@ class Config:
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
     data_dir: str = ".steadyserve"
     log_level: str = "info"

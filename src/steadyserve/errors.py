@@ -8,7 +8,8 @@
     │   ├── Quarantined (422)         this input crashed replicas; refused for a while
     │   └── UnsupportedMediaType (415)
     ├── Overloaded (503/429)          no capacity now; carries retry_after_s
-    │   └── NoReadyReplica (503)      the deployment has no replica in rotation
+    │   ├── NoReadyReplica (503)      the deployment has no replica in rotation
+    │   └── DependencyUnavailable (503)  a database or cache a service needs is down
     ├── ReplicaError (5xx)            a replica failed the request
     │   ├── ReplicaUnavailable (502)  could not connect / connection died mid-request
     │   ├── ReplicaTimeout (504)      the per-handler timeout passed
@@ -17,7 +18,8 @@
     └── ConfigError                   bad configuration; raised at start, never per request
 
 Outside systems map their failures at their one wrapper, under this root:
-store.DatabaseUnavailable (503), observe.notifiers.NotifierError (502).
+store.DatabaseUnavailable (503, a DependencyUnavailable with Retry-After),
+observe.notifiers.NotifierError (502).
 
 `to_http` is the only place that turns an exception into a status code and a JSON body;
 routes pick the body shape (native or OpenAI) and nothing else.
@@ -83,6 +85,12 @@ class NoReadyReplica(Overloaded):
     code = "no_ready_replica"
 
 
+class DependencyUnavailable(Overloaded):
+    """Something the service depends on (database, feature store) is down; retry later."""
+
+    code = "dependency_unavailable"
+
+
 class ReplicaError(SteadyError):
     status = 502
     code = "replica_error"
@@ -145,7 +153,7 @@ _BY_CODE: dict[str, type[SteadyError]] = {
     cls.code: cls
     for cls in (
         SteadyError, ClientError, NotFound, MethodNotAllowed, PayloadTooLarge, UnsupportedMediaType,
-        Overloaded, NoReadyReplica, ReplicaError, ReplicaUnavailable, ReplicaTimeout,
+        Overloaded, NoReadyReplica, DependencyUnavailable, ReplicaError, ReplicaUnavailable, ReplicaTimeout,
         HandlerFailed, ConfigError, Quarantined,
     )
 }
@@ -173,7 +181,10 @@ def to_wire(exc: SteadyError) -> dict[str, Any]:
 
 def from_wire(body: dict[str, Any]) -> SteadyError:
     """Rebuild an error sent by a replica; unknown codes stay generic but keep the status."""
-    cls = _BY_CODE.get(str(body.get("code")), SteadyError)
+    code = str(body.get("code"))
+    cls = _BY_CODE.get(code)
+    if cls is None:  # a code of the service's own (e.g. database_unavailable): keep it
+        cls = Overloaded if "retry_after_s" in body else SteadyError
     message = str(body.get("message", "replica error"))
     exc: SteadyError
     if issubclass(cls, Overloaded):
@@ -187,4 +198,6 @@ def from_wire(body: dict[str, Any]) -> SteadyError:
     status = body.get("status")
     if isinstance(status, int) and 400 <= status <= 599:
         exc.status = status
+    if code != cls.code and code != "None":
+        exc.code = code
     return exc

@@ -42,6 +42,13 @@ class HandlerOptions:
     hedge: bool = False  # after the observed p95, send a second attempt to another replica
     per_try_timeout_s: float | None = None  # None: the whole deadline (adaptive when hedging)
     canary: dict[str, Any] | None = None  # tiny request the deep health check sends
+    # response cache (gateway): per item for batched handlers, keyed by deployment, handler,
+    # model version and the canonical input
+    cache: bool = False
+    cache_ttl_s: float = 300.0  # fresh this long; then stale windows from the [cache] config
+    cache_tags: tuple[str, ...] = ()  # templates, e.g. "account:{account_id}", from the input
+    invalidates: tuple[str, ...] = ()  # after a success, drop entries with these tags everywhere
+    affinity: str | None = None  # input field whose value routes to the same replica (cache)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -58,6 +65,13 @@ class HandlerOptions:
             raise ConfigError("per_try_timeout_s must be > 0")
         if self.hedge and not self.idempotent:
             raise ConfigError("hedge=True needs an idempotent handler")
+        if self.cache and not self.idempotent:
+            raise ConfigError("cache=True needs an idempotent handler")
+        if self.cache_ttl_s <= 0:
+            raise ConfigError("cache_ttl_s must be > 0")
+        for template in (*self.cache_tags, *self.invalidates):
+            if not isinstance(template, str) or not template:
+                raise ConfigError(f"cache tags must be non-empty strings, got {template!r}")
         if self.openai is not None and self.openai not in OPENAI_KINDS:
             raise ConfigError(f"openai= must be one of {OPENAI_KINDS}, got {self.openai!r}")
 
@@ -70,11 +84,17 @@ def handler(
     timeout_s: float = ..., idempotent: bool = ..., max_inputs: int = ..., max_queue: int = ...,
     openai: str | None = ...,
     hedge: bool = ..., canary: dict[str, Any] | None = ..., per_try_timeout_s: float | None = ...,
+    cache: bool = ..., cache_ttl_s: float = ..., cache_tags: tuple[str, ...] | list[str] = ...,
+    invalidates: tuple[str, ...] | list[str] = ..., affinity: str | None = ...,
 ) -> Callable[[F], F]: ...
 
 
 def handler(fn: Any = None, /, **options: Any) -> Any:
     """Mark a method as a handler. Options: see `HandlerOptions`."""
+    for name in ("cache_tags", "invalidates"):
+        if isinstance(options.get(name), (list, str)):
+            value = options[name]
+            options[name] = (value,) if isinstance(value, str) else tuple(value)
     opts = HandlerOptions(**options)
 
     def mark(f: F) -> F:
@@ -96,6 +116,13 @@ class Service:
     def teardown(self) -> None:
         """Release resources at shutdown."""
 
+    def invalidate(self, tags: list[str]) -> None:
+        """Drop cached intermediate results carrying any of these tags (e.g. "account:42").
+
+        The gateway calls it on every replica after a handler declared with `invalidates=`
+        succeeds, and when another gateway publishes an invalidation; it runs on the event
+        loop, so it must be quick (a dict operation, no I/O)."""
+
 
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
@@ -108,7 +135,11 @@ class HandlerSpec:
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> HandlerSpec:
-        return cls(str(body["name"]), HandlerOptions(**body["options"]), list(body["params"]))
+        options = dict(body["options"])
+        for name in ("cache_tags", "invalidates"):
+            if name in options:
+                options[name] = tuple(options[name])
+        return cls(str(body["name"]), HandlerOptions(**options), list(body["params"]))
 
 
 def handler_specs(service_cls: type[Service]) -> dict[str, HandlerSpec]:

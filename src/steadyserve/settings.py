@@ -22,7 +22,9 @@ from typing import Any
 
 from .config import (
     DEFAULT_SERVICE,
+    RISK_SERVICE,
     AlertingConfig,
+    CacheConfig,
     Config,
     DeploymentConfig,
     GatewayConfig,
@@ -35,6 +37,7 @@ from .errors import ConfigError
 ENV_PREFIX = "STEADYSERVE_"
 DEFAULT_DEPLOYMENT = "minilm"
 DEFAULT_REPLICAS = 2
+RISK_DEPLOYMENT = "risk"  # served beside the embedding model by a bare `steadyserve run`
 
 
 def _fields(cls: type) -> set[str]:
@@ -105,12 +108,12 @@ def load_config(
     if config_path is not None:
         file = read_toml(Path(config_path))
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
-                                  "alerting", "deployments", "data_dir", "database_url",
+                                  "alerting", "cache", "deployments", "data_dir", "database_url",
                                   "log_level", "log_format"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
     for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
-                    "deployments"):
+                    "cache", "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
@@ -132,6 +135,12 @@ def load_config(
             top[key] = env[ENV_PREFIX + key.upper()]
         if key in flags:
             top[key] = flags[key]
+
+    cache = dict(file.get("cache", {}))
+    if ENV_PREFIX + "REDIS_URL" in env:
+        cache["redis_url"] = env[ENV_PREFIX + "REDIS_URL"] or None
+    if "redis_url" in flags:
+        cache["redis_url"] = flags["redis_url"]
 
     deployments: list[DeploymentConfig] = []
     if target is not None:
@@ -156,6 +165,8 @@ def load_config(
             replicas=flags.get("replicas", DEFAULT_REPLICAS),
             balancer=flags.get("balancer", "power_of_two"),
         ))
+        if "name" not in flags:
+            deployments.append(DeploymentConfig(name=RISK_DEPLOYMENT, service=RISK_SERVICE, replicas=1))
 
     return Config(
         deployments=tuple(deployments),
@@ -165,5 +176,6 @@ def load_config(
         observability=_build(ObservabilityConfig, file.get("observability", {}),
                              "[observability]"),
         alerting=_build(AlertingConfig, _alerting(file.get("alerting", {})), "[alerting]"),
+        cache=_build(CacheConfig, cache, "[cache]"),
         **top,
     )

@@ -197,9 +197,16 @@ def test_from_wire_does_not_change_class_attribute_status():
     assert NotFound("y").status == 404
 
 
-def test_unknown_code_maps_to_internal_error_at_the_edge():
+def test_a_service_own_code_travels_to_the_edge_with_its_status():
     err = to_http(from_wire({"code": "mystery", "message": "m", "status": 503}))
-    assert (err.status, err.code, err.message) == (503, "internal_error", "m")
+    assert (err.status, err.code, err.message, err.headers) == (503, "mystery", "m", ())
+
+
+def test_a_service_error_with_retry_after_keeps_it():
+    err = to_http(from_wire({"code": "database_unavailable", "message": "db down", "status": 503,
+                             "retry_after_s": 2.0}))
+    assert (err.status, err.code, err.headers) == (503, "database_unavailable",
+                                                   ((b"retry-after", b"2"),))
 
 
 def test_wire_round_trip_keeps_retry_after():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional, Union
+from typing import Annotated, Any, NotRequired, Optional, Required, TypedDict, Union
 
+import orjson
 import pytest
+import typing_extensions as te
 
 from steadyserve.errors import ClientError, ConfigError
 from steadyserve.schema import compile_params, compile_type, describe_params, describe_type, type_name
+from steadyserve.service import HandlerSpec, Service, handler, handler_specs
 
 STR = {"kind": "str"}
 INT = {"kind": "int"}
@@ -238,3 +241,206 @@ def test_describe_then_compile_round_trip():
         validate({"texts": [0]})
     with pytest.raises(ClientError, match="'normalize' must be bool, got str"):
         validate({"texts": [], "normalize": "yes"})
+
+
+# --- TypedDict items (kind "object") ----------------------------------------------------------
+# This module has `from __future__ import annotations`, so the class-syntax TypedDicts below
+# also cover Python 3.11 listing a string-annotated NotRequired key in __required_keys__.
+
+class Txn(TypedDict):
+    account_id: int
+    amount: float
+    merchant_category: str
+    hour: NotRequired[int]
+
+
+class Partial(TypedDict, total=False):
+    key: Required[str]
+    note: str | None
+
+
+class Derived(Partial):  # total=True again: its own fields are required, Partial's keep theirs
+    extra: int
+
+
+class Outer(TypedDict):
+    txns: list[Txn]
+    meta: NotRequired[Partial]
+
+
+class Labelled(TypedDict):
+    score: Annotated[float, "0..1"]
+    tag: NotRequired[Annotated[str, "free text"]]
+
+
+class ExtReadOnly(te.TypedDict):
+    ro: te.ReadOnly[int]
+    maybe: te.NotRequired[te.ReadOnly[str]]
+
+
+class Node(TypedDict):
+    children: list[Node]
+
+
+class BadField(TypedDict):
+    tags: set[str]
+
+
+# functional syntax: real types, not strings, at class creation
+Functional = TypedDict("Functional", {"a": int, "b": NotRequired[list[float]]})  # noqa: UP013
+
+TXN = {"kind": "object", "name": "Txn",
+       "fields": {"account_id": INT, "amount": FLOAT, "merchant_category": STR, "hour": INT},
+       "required": ["account_id", "amount", "merchant_category"]}
+PARTIAL = {"kind": "object", "name": "Partial",
+           "fields": {"key": STR, "note": {"kind": "optional", "item": STR}}, "required": ["key"]}
+
+
+@pytest.mark.parametrize(
+    ("tp", "desc"),
+    [
+        pytest.param(Txn, TXN, id="total-with-NotRequired"),
+        pytest.param(Partial, PARTIAL, id="total=False-with-Required"),
+        pytest.param(Derived, {**PARTIAL, "name": "Derived",
+                               "fields": {**PARTIAL["fields"], "extra": INT},
+                               "required": ["key", "extra"]}, id="inherited-mixed-totality"),
+        pytest.param(Outer, {"kind": "object", "name": "Outer",
+                             "fields": {"txns": {"kind": "list", "item": TXN}, "meta": PARTIAL},
+                             "required": ["txns"]}, id="nested-objects"),
+        pytest.param(list[Txn], {"kind": "list", "item": TXN}, id="list[TypedDict]"),
+        pytest.param(Txn | None, {"kind": "optional", "item": TXN}, id="optional-TypedDict"),
+        pytest.param(Labelled, {"kind": "object", "name": "Labelled", "fields": {"score": FLOAT, "tag": STR},
+                                "required": ["score"]}, id="Annotated-fields"),
+        pytest.param(ExtReadOnly, {"kind": "object", "name": "ExtReadOnly",
+                                   "fields": {"ro": INT, "maybe": STR}, "required": ["ro"]},
+                     id="typing_extensions-ReadOnly"),
+        pytest.param(Functional, {"kind": "object", "name": "Functional",
+                                  "fields": {"a": INT, "b": {"kind": "list", "item": FLOAT}},
+                                  "required": ["a"]}, id="functional-syntax"),
+    ],
+)
+def test_describe_typeddict(tp, desc):
+    assert describe_type(tp) == desc
+    assert orjson.loads(orjson.dumps(describe_type(tp))) == desc  # travels to the gateway as JSON
+
+
+@pytest.mark.parametrize(
+    ("tp", "match"),
+    [
+        pytest.param(Node, "may not contain itself", id="recursive"),
+        pytest.param(BadField, "unsupported parameter type", id="unsupported-field"),
+        pytest.param(list[BadField], "unsupported parameter type", id="list-of-bad"),
+    ],
+)
+def test_describe_typeddict_refused(tp, match):
+    with pytest.raises(ConfigError, match=match):
+        describe_type(tp)
+
+
+def test_type_name_of_object():
+    assert type_name({"kind": "list", "item": TXN}) == "list[object Txn]"
+
+
+TXNS = [p("transactions", {"kind": "list", "item": TXN})]
+GOOD = {"account_id": 7, "amount": 12.5, "merchant_category": "grocery", "hour": 3}
+
+
+@pytest.mark.parametrize(
+    ("params", "body", "out"),
+    [
+        pytest.param(TXNS, {"transactions": [GOOD]}, {"transactions": [GOOD]}, id="full-item"),
+        pytest.param(TXNS, {"transactions": [{**GOOD, "amount": 12}]},
+                     {"transactions": [{**GOOD, "amount": 12.0}]}, id="int-amount-becomes-float"),
+        pytest.param(TXNS, {"transactions": [{k: v for k, v in GOOD.items() if k != "hour"}]},
+                     {"transactions": [{k: v for k, v in GOOD.items() if k != "hour"}]},
+                     id="not-required-absent"),
+        pytest.param(TXNS, {"transactions": []}, {"transactions": []}, id="no-items"),
+        pytest.param([p("item", PARTIAL)], {"item": {"key": "k", "note": None}},
+                     {"item": {"key": "k", "note": None}}, id="optional-null-field"),
+        pytest.param([p("o", describe_type(Outer))], {"o": {"txns": [GOOD], "meta": {"key": "x"}}},
+                     {"o": {"txns": [GOOD], "meta": {"key": "x"}}}, id="nested"),
+        pytest.param([p("item", {"kind": "optional", "item": PARTIAL})], {"item": None}, {"item": None},
+                     id="optional-object-null"),
+    ],
+)
+def test_compile_object_accepts(params, body, out):
+    got = compile_params(params)(body)
+    assert got == out
+    if params is TXNS and got["transactions"]:
+        assert type(got["transactions"][0]["amount"]) is float
+
+
+def _txn(i: int, **change: Any) -> list[dict[str, Any]]:
+    """Three good items, then item `i` changed (a None value deletes the field)."""
+    items = [dict(GOOD) for _ in range(max(3, i + 1))]
+    for k, v in change.items():
+        if v is None:
+            del items[i][k]
+        else:
+            items[i][k] = v
+    return items
+
+
+@pytest.mark.parametrize(
+    ("params", "body", "message", "param"),
+    [
+        pytest.param(TXNS, {"transactions": _txn(3, amount="12")},
+                     "'transactions[3].amount' must be float, got str", "transactions[3].amount",
+                     id="str-for-float"),
+        pytest.param(TXNS, {"transactions": _txn(0, account_id=1.0)},
+                     "'transactions[0].account_id' must be int, got float", "transactions[0].account_id",
+                     id="float-for-int"),
+        pytest.param(TXNS, {"transactions": _txn(1, hour=True)},
+                     "'transactions[1].hour' must be int, got bool", "transactions[1].hour",
+                     id="bool-for-int"),
+        pytest.param(TXNS, {"transactions": _txn(2, merchant_category=None)},
+                     "missing required field 'transactions[2].merchant_category'",
+                     "transactions[2].merchant_category", id="missing-required"),
+        pytest.param(TXNS, {"transactions": _txn(1, currency="EUR", city="Oslo")},
+                     "unknown field 'transactions[1].city'", "transactions[1].city", id="unknown-field"),
+        pytest.param(TXNS, {"transactions": [GOOD, "x"]},
+                     "'transactions[1]' must be object Txn, got str", "transactions[1]", id="str-for-object"),
+        pytest.param(TXNS, {"transactions": [None]},
+                     "'transactions[0]' must be object Txn, got null", "transactions[0]",
+                     id="null-for-object"),
+        pytest.param(TXNS, {"transactions": GOOD},
+                     "'transactions' must be list[object Txn], got dict", "transactions",
+                     id="object-for-list"),
+        pytest.param([p("item", PARTIAL)], {"item": {"note": "n"}},
+                     "missing required field 'item.key'", "item.key", id="Required-in-total-False"),
+        pytest.param([p("o", describe_type(Outer))], {"o": {"txns": [GOOD], "meta": {"key": 1}}},
+                     "'o.meta.key' must be str, got int", "o.meta.key", id="nested-path"),
+        pytest.param([p("o", describe_type(Outer))], {"o": {"txns": [GOOD, {**GOOD, "hour": "3"}]}},
+                     "'o.txns[1].hour' must be int, got str", "o.txns[1].hour", id="nested-list-path"),
+    ],
+)
+def test_compile_object_refuses(params, body, message, param):
+    with pytest.raises(ClientError) as info:
+        compile_params(params)(body)
+    assert info.value.message == message
+    assert info.value.param == param
+    assert info.value.status == 400
+
+
+def test_object_validator_does_not_change_the_input():
+    item = {**GOOD, "amount": 5}
+    out = compile_params(TXNS)({"transactions": [item]})
+    assert item["amount"] == 5 and type(item["amount"]) is int
+    assert out["transactions"][0] is not item
+
+
+class TypedItems(Service):
+    @handler(batch=True, max_batch_size=8, canary={"items": [GOOD]})
+    def score(self, items: list[Txn]) -> list[dict[str, Any]]:
+        return [{"id": t["account_id"]} for t in items]
+
+
+def test_batched_handler_with_typeddict_items_round_trips_to_the_gateway():
+    spec = handler_specs(TypedItems)["score"]
+    assert spec.params == [{"name": "items", "type": {"kind": "list", "item": TXN}, "required": True}]
+    wired = HandlerSpec.from_wire(orjson.loads(orjson.dumps(spec.to_wire())))
+    validate = compile_params(wired.params)
+    assert validate(spec.options.canary) == {"items": [GOOD]}
+    with pytest.raises(ClientError) as info:
+        validate({"items": [GOOD, {**GOOD, "amount": None}]})
+    assert info.value.param == "items[1].amount"

@@ -188,7 +188,8 @@ def test_handler_options_defaults():
     assert dataclasses.asdict(HandlerOptions()) == {
         "batch": False, "max_batch_size": 32, "max_wait_s": 0.0, "timeout_s": 60.0,
         "idempotent": True, "max_inputs": 2048, "max_queue": 8192, "openai": None, "hedge": False,
-        "canary": None, "per_try_timeout_s": None,
+        "canary": None, "per_try_timeout_s": None, "cache": False, "cache_ttl_s": 300.0,
+        "cache_tags": (), "invalidates": (), "affinity": None,
     }
 
 

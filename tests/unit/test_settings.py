@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from steadyserve.config import DEFAULT_SERVICE, Config
+from steadyserve.config import DEFAULT_SERVICE, RISK_SERVICE, Config
 from steadyserve.errors import ConfigError
 from steadyserve.settings import deployment_name_for, load_config
 
@@ -46,7 +46,8 @@ def load(tmp_path: Path, **kwargs) -> Config:
 
 def test_defaults_without_target_or_file(tmp_path):
     config = load(tmp_path)
-    assert len(config.deployments) == 1
+    assert [d.name for d in config.deployments] == ["minilm", "risk"]  # the two examples
+    assert config.deployments[1].service == RISK_SERVICE
     d = config.deployments[0]
     assert (d.name, d.service, d.replicas, d.balancer) == ("minilm", DEFAULT_SERVICE, 2, "power_of_two")
     assert (config.gateway.host, config.gateway.port) == ("127.0.0.1", 8000)
@@ -138,13 +139,13 @@ def test_auto_discovers_steadyserve_toml_in_cwd(tmp_path):
 
 def test_no_auto_discovery_of_other_names(tmp_path):
     write(tmp_path, FILE, "steadyserve.yaml.toml")
-    assert [d.name for d in load(tmp_path).deployments] == ["minilm"]
+    assert [d.name for d in load(tmp_path).deployments] == ["minilm", "risk"]
 
 
 def test_file_without_deployments_falls_back_to_default_deployment(tmp_path):
     write(tmp_path, "[gateway]\nport = 9000\n")
     config = load(tmp_path)
-    assert [(d.name, d.replicas) for d in config.deployments] == [("minilm", 2)]
+    assert [(d.name, d.replicas) for d in config.deployments] == [("minilm", 2), ("risk", 1)]
     assert config.gateway.port == 9000
 
 

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--balancer", choices=sorted(BALANCERS), help="default power_of_two")
     run.add_argument("--host", help="listen address (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="listen port (default 8000)")
+    run.add_argument("--redis-url", dest="redis_url",
+                     help="redis://host:port/db: shared L2 response cache (default: L1 only)")
     run.add_argument("--max-body-bytes", type=int, dest="max_body_bytes",
                      help="largest request body accepted (default 1 MiB)")
     run.add_argument("--log-level", dest="log_level",

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(
             target=args.target, config_path=args.config, env=os.environ,
             flags={k: getattr(args, k) for k in ("name", "replicas", "balancer", "host", "port",
-                                                  "max_body_bytes", "log_level", "log_format")},
+                                                  "max_body_bytes", "log_level", "log_format",
+                                                  "redis_url")},
         )
     except ConfigError as exc:
         print(f"steadyserve: {exc}", file=sys.stderr)

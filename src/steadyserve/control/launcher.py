@@ -68,6 +68,9 @@ class LocalLauncher:
             threads = torch_threads(self.config, deployment, self.cores)
             recorder = os.path.join(self.config.data_dir, "flight", f"{replica_id}.keys")
             env = dict(os.environ)
+            # where services keep their data (the risk example's features and model)
+            env["STEADYSERVE_DATABASE_URL"] = self.config.database
+            env["STEADYSERVE_DATA_DIR"] = self.config.data_dir
             env.update(deployment.env)
             env["PYTHONUNBUFFERED"] = "1"
             env["STEADYSERVE_REPLICA_ID"] = replica_id

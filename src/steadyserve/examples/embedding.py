@@ -51,7 +51,7 @@ class Embedder(steadyserve.Service):
         self.embed(["warm up the kernels once before serving"])
 
     @steadyserve.handler(batch=True, max_batch_size=64, openai="embeddings",
-                         canary={"texts": ["health check"]})
+                         canary={"texts": ["health check"]}, cache=True, cache_ttl_s=3600)
     def embed(self, texts: list[str]) -> list[dict[str, Any]]:
         """One result per text: {"embedding": float32[384], "tokens": int}.
 

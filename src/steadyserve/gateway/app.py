@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from .. import codec
+from ..cache.tiered import CacheCollector, ResponseCache
 from ..config import Config
 from ..errors import MethodNotAllowed, NotFound, SteadyError, to_http
 from ..observe import tracing
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
     from ..observe.alerting import AlertEngine
 from ..observe.otlp import OtlpExporter
 from . import openai, routes
+from .cached import CACHE_HEADER
 from .dispatch import Dispatcher
 from .encoding import choose_encoding, compress
 from .http import Receive, Request, Response, Scope, Send, request_id_from
@@ -44,8 +48,11 @@ EXACT: dict[tuple[str, str], RouteFn] = {
     ("GET", "/v1/deployments"): routes.list_deployments,
     ("GET", "/v1/alerts"): routes.alerts,
     ("POST", "/v1/silences"): routes.create_silence,
+    ("GET", "/v1/cache"): routes.cache_status,
+    ("POST", "/v1/cache/invalidate"): routes.cache_invalidate,
 }
 SILENCES_PREFIX = "/v1/silences/"
+INVALIDATE_TIMEOUT_S = 1.0  # a replica that cannot take an invalidation this fast is logged
 ADMIN_PREFIX = "/v1/admin/deployments/"
 DEPLOYMENTS_PREFIX = "/v1/deployments/"
 
@@ -76,6 +83,16 @@ class Gateway:
             replica_exited=control.replica_exited if control is not None else None,
         )
         self.membership.on_change = self.dispatcher.resize
+        self.dispatcher.affinity_balance = config.cache.affinity_balance
+        self.affinity = config.cache.affinity
+        self.cache: ResponseCache | None = None
+        if config.cache.enabled:
+            lookups = self.metrics.cache_lookups
+            self.cache = ResponseCache(
+                config.cache, origin=uuid.uuid4().hex, on_remote_invalidate=self.broadcast_invalidate,
+                lookup_counter=lambda level, result: lookups.labels(level, result).inc())
+            self.metrics.registry.register(CacheCollector(self.cache))
+        self._spawned: set[asyncio.Task[None]] = set()
         self.draining = False
         obs = config.observability
         self.access_log = obs.access_log
@@ -103,6 +120,8 @@ class Gateway:
             resp = await route(self, req, params)
         except Exception as exc:
             resp = self._error(req, exc)
+        if req.call.cache != "-":
+            resp.headers.append((CACHE_HEADER, req.call.cache.encode()))
         resp.headers.append((b"traceparent", trace.header(span)))
         await self._send(req, resp, send)
         elapsed = time.perf_counter() - started
@@ -118,7 +137,7 @@ class Gateway:
                 "deployment": req.deployment, "handler": req.handler,
                 "replica": req.call.replica, "attempts": req.call.attempts,
                 "status": resp.status, "duration_ms": round(elapsed * 1000, 3),
-                "cache": "-", "method": req.method, "path": req.path,
+                "cache": req.call.cache, "method": req.method, "path": req.path,
             })
 
     def _route(self, method: str, path: str) -> tuple[RouteFn, dict[str, str]]:
@@ -210,6 +229,8 @@ class Gateway:
                     if self.exporter is not None:
                         self._background.append(asyncio.get_running_loop().create_task(
                             self.exporter.run(), name="otlp-export"))
+                    if self.cache is not None:
+                        await self.cache.start()
                     if self.control is not None:
                         await self.control.start()
                     if self.alerting is not None:
@@ -226,12 +247,62 @@ class Gateway:
                         task.cancel()
                     if self.alerting is not None:
                         await self.alerting.stop()
+                    for spawned in list(self._spawned):
+                        spawned.cancel()
                     if self.control is not None:
                         await self.control.stop()
+                    if self.cache is not None:
+                        await self.cache.stop()
                     await self.transport.close()
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    # cache consistency --------------------------------------------------------------------------
+    def spawn(self, coro: Awaitable[None], name: str) -> None:
+        """A short background task owned by the gateway: kept referenced, errors logged."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._spawned.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._spawned.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task %s failed", name, exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    async def invalidate(self, tags: Sequence[str]) -> dict[str, Any]:
+        """Data behind these tags changed: replicas drop their copies first, then this gateway's
+        L1 and the shared L2 (which tells the other gateways)."""
+        replicas = await self.broadcast_invalidate(list(tags))
+        body: dict[str, Any] = await self.cache.invalidate(tags) if self.cache is not None \
+            else {"tags": list(tags)}
+        body["replicas"] = replicas
+        return body
+
+    async def broadcast_invalidate(self, tags: list[str]) -> dict[str, int]:
+        """POST /invalidate to every replica of the deployments that cache by tag."""
+        targets = [e for d in self.membership.deployments.values() if any(
+            h.spec.options.cache_tags or h.spec.options.invalidates for h in d.handlers.values())
+            for e in d.endpoints]
+        if not targets:
+            return {"told": 0, "failed": 0}
+        body = codec.encode({"tags": tags})
+        headers = [(b"content-type", codec.CONTENT_TYPE)]
+
+        async def tell(e: Endpoint) -> bool:
+            try:
+                reply = await self.transport.request(e.address, "POST", "/invalidate", body, headers,
+                                                     INVALIDATE_TIMEOUT_S)
+            except SteadyError as exc:
+                log.warning("replica did not take an invalidation: %s", exc,
+                            extra={"replica": e.replica_id, "tags": tags[:10]})
+                return False
+            return reply.status == 200
+
+        told = await asyncio.gather(*(tell(e) for e in targets))
+        return {"told": sum(told), "failed": len(told) - sum(told)}
 
     # status ------------------------------------------------------------------------------------
     def describe(self, d: Deployment) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from ..errors import (
 )
 from ..observe.metrics import GatewayMetrics
 from ..observe.tracing import Span, TraceContext
+from ..policies.affinity import HashRing, pick_bounded, stable_hash
 from ..policies.balancing import update_peak_ewma
 from ..policies.latency import LatencyWindow
 from ..policies.outlier import OutlierPolicy, record, slow_start_weight, start_probe
@@ -81,6 +82,8 @@ class CallInfo:
     parent_span: str | None = None
     replica: str = "-"
     attempts: int = 0
+    version: str | None = None  # the model version of the replica that answered
+    cache: str = "-"  # how the response cache answered: hit, miss, stale, partial, …
 
 
 def input_key(handler: str, body: bytes) -> str:
@@ -116,6 +119,8 @@ class Dispatcher:
         self.quarantine = Quarantine(crashes=self.cfg.quarantine_crashes,
                                      quarantine_s=self.cfg.quarantine_s)
         self._states: dict[str, _DeploymentState] = {}
+        self._rings: dict[tuple[str, ...], HashRing] = {}  # consistent-hash rings by replica set
+        self.affinity_balance = 1.25
 
     # state ----------------------------------------------------------------------------------
     def state(self, d: Deployment) -> _DeploymentState:
@@ -159,8 +164,10 @@ class Dispatcher:
     async def invoke(
         self, deployment: Deployment, handler: Handler, args: dict[str, Any],
         *, request_id: str, timeout_s: float, priority: str = "interactive",
-        call: CallInfo | None = None,
+        call: CallInfo | None = None, affinity: str | None = None,
     ) -> Any:
+        """The handler's result. `affinity` (a cacheable input's routing key) sends the first
+        attempt to the replica that key hashes to, unless that replica is over its fair share."""
         now = self.clock()
         deadline = now + min(timeout_s, handler.spec.options.timeout_s)
         body = codec.encode({"args": args})
@@ -180,14 +187,14 @@ class Dispatcher:
                 raise
         try:
             return await self._attempts(deployment, handler, st, body, key, request_id, deadline,
-                                        call or CallInfo())
+                                        call or CallInfo(), affinity)
         finally:
             if self.cfg.admission:
                 st.admission.release()
 
     async def _attempts(
         self, d: Deployment, h: Handler, st: _DeploymentState, body: bytes, key: str,
-        request_id: str, deadline: float, call: CallInfo,
+        request_id: str, deadline: float, call: CallInfo, affinity: str | None = None,
     ) -> Any:
         st.budget.record_request(self.clock())
         max_attempts = self.cfg.max_attempts if h.spec.options.idempotent else 1
@@ -212,7 +219,7 @@ class Dispatcher:
                 if pause > 0.0005:
                     await asyncio.sleep(pause)
                 self.metrics.retries.labels(d.name).inc()
-            endpoint = self._pick(d, tried)
+            endpoint = self._pick(d, tried, affinity if not tried else None)
             if endpoint is None:
                 break
             tried.append(endpoint)
@@ -275,7 +282,7 @@ class Dispatcher:
                 if not task.done():
                     task.cancel()  # the loser: closing its connection cancels it at the replica
 
-    def _pick(self, d: Deployment, tried: list[Endpoint]) -> Endpoint | None:
+    def _pick(self, d: Deployment, tried: list[Endpoint], affinity: str | None = None) -> Endpoint | None:
         now = self.clock()
         candidates: list[Endpoint] = []
         ramping: list[Endpoint] = []
@@ -301,7 +308,22 @@ class Dispatcher:
         pool = candidates or ramping or ejected  # panic mode: better an ejected one than none
         if not pool:
             return None
-        return pool[d.balancer.pick(pool, self.rand)] if len(pool) > 1 else pool[0]
+        if len(pool) == 1:
+            return pool[0]
+        if affinity is not None:
+            ring = self._ring(pool)
+            return pool[pick_bounded(ring, [e.outstanding for e in pool], stable_hash(affinity),
+                                     balance=self.affinity_balance)]
+        return pool[d.balancer.pick(pool, self.rand)]
+
+    def _ring(self, pool: list[Endpoint]) -> HashRing:
+        ids = tuple(e.replica_id for e in pool)
+        ring = self._rings.get(ids)
+        if ring is None:
+            if len(self._rings) > 64:
+                self._rings.clear()
+            ring = self._rings[ids] = HashRing(ids)
+        return ring
 
     async def _died(self, endpoint: Endpoint) -> bool:
         """Did the replica die with the request (a crash), rather than the connection reset?
@@ -340,11 +362,13 @@ class Dispatcher:
                                     "attempt": call.attempts})
         ok = False
         try:
-            result = await self._attempt(d, h, st, endpoint, body, key, request_id, deadline,
-                                         span, call.trace)
+            message = await self._attempt(d, h, st, endpoint, body, key, request_id, deadline,
+                                          span, call.trace)
             ok = True
             call.replica = endpoint.replica_id
-            return result
+            version = message.get("v")
+            call.version = str(version) if version is not None else None
+            return message["result"]
         finally:
             if span is not None:
                 span.end(error=not ok)
@@ -353,7 +377,7 @@ class Dispatcher:
         self, d: Deployment, h: Handler, st: _DeploymentState, endpoint: Endpoint, body: bytes,
         key: str, request_id: str, deadline: float, span: Span | None,
         trace: TraceContext | None,
-    ) -> Any:
+    ) -> dict[str, Any]:
         started = self.clock()
         remaining = deadline - started
         if remaining <= 0:
@@ -403,7 +427,7 @@ class Dispatcher:
                                    service_s=float(message.get("s", 0.0)),
                                    batched=h.spec.options.batch, rtt_s=latency,
                                    missed_batches=int(message.get("m", 0)))
-            return message["result"]
+            return message
         error = from_wire(message.get("error") or {})
         if reply.status >= 500:
             self._failed(d, endpoint, f"{reply.status // 100}xx")

@@ -9,14 +9,17 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import orjson
 from prometheus_client import generate_latest
 
 from ..asgi import cancel_on_disconnect
+from ..cache.keys import affinity_value
 from ..errors import ClientError, NoReadyReplica, NotFound, PayloadTooLarge
 from ..store import DatabaseUnavailable
 from .admission import parse_priority
+from .cached import cached_call, invalidation_tags
 from .http import Request, Response, json_response
 from .membership import Deployment, Handler
 
@@ -103,12 +106,71 @@ def request_timeout_s(gw: Gateway, req: Request) -> float:
 
 
 async def call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[str, Any]) -> Any:
-    """Dispatch with the request's deadline and priority; a client that hangs up cancels it."""
+    """Answer from the response cache or dispatch, with the request's deadline and priority;
+    a client that hangs up cancels it. A handler declared with `invalidates=` then drops the
+    cached data it changed, on every replica and gateway, before the client hears back."""
     timeout = request_timeout_s(gw, req)
     priority = parse_priority(req.header(b"x-priority"))
-    return await cancel_on_disconnect(req.receive, gw.dispatcher.invoke(
-        d, h, args, request_id=req.request_id, timeout_s=timeout, priority=priority,
-        call=req.call))
+
+    async def dispatch(upstream: dict[str, Any], affinity: str | None) -> tuple[Any, str | None]:
+        result = await gw.dispatcher.invoke(
+            d, h, upstream, request_id=req.request_id, timeout_s=timeout, priority=priority,
+            call=req.call, affinity=affinity if gw.affinity else None)
+        return result, req.call.version
+
+    opts = h.spec.options
+    directive = cache_directive(req.header(b"cache-control"))
+    if opts.cache and gw.cache is not None and directive != "no-store":
+        work: Awaitable[Any] = cached_call(gw, req, d, h, args, dispatch, reuse=directive is None)
+    else:
+        first = args[h.item_param][0] if h.item_param else args
+        work = _result(dispatch(args, affinity_value(opts.affinity, first)))
+    tags = invalidation_tags(h, args)
+    if not tags:
+        return await cancel_on_disconnect(req.receive, work)
+    try:
+        return await cancel_on_disconnect(req.receive, work)
+    except ClientError:
+        raise  # refused before it changed anything
+    finally:
+        # also after a timeout or a lost replica: the change may have been made
+        await asyncio.shield(gw.invalidate(tags))
+
+
+def cache_directive(header: str | None) -> str | None:
+    """`Cache-Control: no-cache` (compute afresh, then store) or `no-store` (bypass the cache)."""
+    if not header:
+        return None
+    parts = {p.strip().lower() for p in header.split(",")}
+    if "no-store" in parts:
+        return "no-store"
+    if "no-cache" in parts or "max-age=0" in parts:
+        return "no-cache"
+    return None
+
+
+async def _result(work: Awaitable[tuple[Any, str | None]]) -> Any:
+    return (await work)[0]
+
+
+async def cache_status(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    if gw.cache is None:
+        raise NotFound("the response cache is disabled on this gateway ([cache] enabled = false)")
+    query = parse_qs(bytes(req.scope.get("query_string", b"")).decode("latin-1"))
+    raw = query.get("top", ["20"])[-1]
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ClientError("'top' must be a whole number from 1 to 1000", param="top")
+    return json_response(gw.cache.status(int(raw)))
+
+
+async def cache_invalidate(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    body = await req.json(gw.config.max_body_bytes)
+    tags = body.get("tags") if isinstance(body, dict) else None
+    if not isinstance(tags, list) or not tags or len(tags) > 10_000 or not all(
+            isinstance(t, str) and t for t in tags):
+        raise ClientError("send {\"tags\": [\"account:42\", ...]}: 1 to 10,000 non-empty strings",
+                          param="tags")
+    return json_response(await gw.invalidate(tags))
 
 
 async def rollout(gw: Gateway, req: Request, params: dict[str, str]) -> Response:

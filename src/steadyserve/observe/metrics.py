@@ -117,3 +117,15 @@ class GatewayMetrics:
             "steadyserve_response_bytes_total", "Response body bytes sent, by content encoding",
             ["encoding"], registry=r,
         )
+        # response cache: per item of a request (a batched request has several);
+        # result = hit | stale (served while revalidating) | stale_if_error | miss | coalesced
+        self.cache_items = Counter(
+            "steadyserve_cache_items_total", "Cacheable items by how the response cache answered",
+            ["deployment", "handler", "result"], registry=r,
+        )
+        self.cache_lookups = Counter(
+            "steadyserve_cache_lookups_total", "Cache lookups per level (l1, l2) and result",
+            ["level", "result"], registry=r,
+        )
+        # the rest (bytes, entries, evictions, admission rejections, L2 state, hit-ratio
+        # curve) is read from the cache at scrape time by cache.tiered.CacheCollector

@@ -31,3 +31,7 @@ class ReplicaMetrics:
         self.inflight = Gauge(
             "steadyserve_replica_inflight_requests", "Requests being handled", registry=self.registry,
         )
+        self.invalidations = Counter(
+            "steadyserve_replica_invalidated_tags_total",
+            "Tags the gateway told this replica to drop from its caches", registry=self.registry,
+        )

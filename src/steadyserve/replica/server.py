@@ -29,6 +29,7 @@ from ..errors import (
     SteadyError,
     to_wire,
 )
+from ..cache.readthrough import ReadThroughCollector
 from ..schema import compile_params
 from ..service import HandlerSpec, Service
 from .batcher import Batcher
@@ -64,12 +65,14 @@ class ReplicaApp:
         self.specs = specs
         self.name = name
         self.metrics = metrics or ReplicaMetrics()
+        self.metrics.registry.register(ReadThroughCollector(service))
         self.runner = Runner(recorder)
         self.ready = False
         self.draining = False
         self.deep_timeout_s = 10.0
         self.setup_error: str | None = None
         self.handlers: dict[str, _Handler] = {}
+        self.version = str(type(service).version)
         self._info = codec.encode({
             "service": type(service).__name__,
             "version": type(service).version,
@@ -130,6 +133,8 @@ class ReplicaApp:
         method: str = scope["method"]
         if method == "POST" and path.startswith("/invoke/"):
             await self._invoke(path[8:], scope, receive, send)
+        elif method == "POST" and path == "/invalidate":
+            await self._invalidate(receive, send)
         elif path == "/healthz":
             await _send(send, 200, b'{"status":"alive"}', b"application/json")
         elif path == "/healthz/deep":
@@ -202,7 +207,8 @@ class ReplicaApp:
             deadline, key = _call_headers(scope)
             call = self._call(name, codec.decode(body), deadline, key)
             result, queue_s, service_s, missed = await cancel_on_disconnect(receive, call)
-            payload = codec.encode({"result": result, "q": queue_s, "s": service_s, "m": missed})
+            payload = codec.encode({"result": result, "q": queue_s, "s": service_s, "m": missed,
+                                    "v": self.version})
         except ClientGone:
             metrics.inflight.dec()
             metrics.requests.labels(name, "cancelled").inc()
@@ -218,6 +224,26 @@ class ReplicaApp:
             metrics.inflight.dec()
         metrics.requests.labels(name, f"{status // 100}xx").inc()
         await _send(send, status, payload, codec.CONTENT_TYPE)
+
+    async def _invalidate(self, receive: Receive, send: Send) -> None:
+        """The gateway tells every replica which data changed (tags): the service drops what
+        it cached from it (`Service.invalidate`). Runs on the loop: it must be quick."""
+        try:
+            body = codec.decode(await _read_body(receive))
+            tags = body.get("tags") if isinstance(body, dict) else None
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise ClientError("send {'tags': [str, ...]}", param="tags")
+            self.service.invalidate(tags)
+        except SteadyError as exc:
+            await _send(send, exc.status, codec.encode({"error": to_wire(exc)}), codec.CONTENT_TYPE)
+            return
+        except Exception as exc:
+            log.error("invalidate() failed", exc_info=exc)
+            err = HandlerFailed(f"invalidate() raised {type(exc).__name__}: {exc}")
+            await _send(send, 500, codec.encode({"error": to_wire(err)}), codec.CONTENT_TYPE)
+            return
+        self.metrics.invalidations.inc(len(tags))
+        await _send(send, 200, codec.encode({"invalidated": len(tags)}), codec.CONTENT_TYPE)
 
     async def _call(
         self, name: str, body: Any, deadline: float | None, key: str | None = None

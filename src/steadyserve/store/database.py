@@ -60,7 +60,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from ..errors import ConfigError, SteadyError
+from ..errors import ConfigError, DependencyUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,10 @@ SeriesPoint = tuple[str, Mapping[str, Any], float, float]
 """(name, labels, t epoch seconds, value) as written by `add_series_points`."""
 
 
-class DatabaseUnavailable(SteadyError):
-    """The database could not be reached or refused the operation; the message says which."""
+class DatabaseUnavailable(DependencyUnavailable):
+    """The database could not be reached or refused the operation; the message says which.
+    A 503 with Retry-After: the pool reconnects by itself when the database is back."""
 
-    status = 503
     code = "database_unavailable"
 
 

@@ -1,0 +1,285 @@
+"""The one wrapper around Redis: the shared L2 response cache and cross-gateway invalidation.
+
+Every call is bounded by `timeout_s`; any Redis or socket error marks L2 down, logs it once,
+and returns "nothing" to the caller, which goes on with L1 alone: no client ever sees a Redis
+error. While down, calls return at once (no per-request timeouts), and a background loop pings
+every `retry_s` until Redis answers again. Invalidations made while L2 was down are replayed
+when it returns (a bounded set; beyond it every entry under the prefix is dropped), so a
+stale answer cannot reappear from L2 after an outage.
+
+Layout under the prefix `P` (default "steadyserve:"):
+    P e:<key>     an entry: msgpack [payload, fresh_until, keep_until, tags], expires at keep_until
+    P t:<tag>     set of entry keys carrying the tag (expires with its longest-lived entry)
+    P v:<tag>     the tag's version, bumped by every invalidation
+    P inval       pub/sub channel: {"o": origin gateway, "t": [tags]}
+Writes go through a script that checks the tag versions read before the load began: an answer
+computed from data that was invalidated meanwhile is refused, on every gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("steadyserve.cache.redis")
+
+T = TypeVar("T")
+
+VERSION_TTL_MS = 86_400_000  # tag versions outlive any load by far
+MAX_PENDING_INVALIDATIONS = 100_000
+
+_WRITE = """
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  local v = redis.call('GET', KEYS[1 + i]) or '0'
+  if v ~= ARGV[3 + i] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for i = 1, n do
+  local s = KEYS[1 + n + i]
+  redis.call('SADD', s, KEYS[1])
+  if redis.call('PTTL', s) < tonumber(ARGV[2]) then redis.call('PEXPIRE', s, ARGV[2]) end
+end
+return 1
+"""
+
+_INVALIDATE = """
+local n = tonumber(ARGV[1])
+local dropped = 0
+for i = 1, n do
+  redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  for _, key in ipairs(redis.call('SMEMBERS', KEYS[n + i])) do
+    dropped = dropped + redis.call('UNLINK', key)
+  end
+  redis.call('DEL', KEYS[n + i])
+end
+return dropped
+"""
+
+_ERRORS = (RedisError, OSError, TimeoutError, ConnectionError)
+
+
+class RedisStore:
+    def __init__(
+        self, url: str, *, origin: str, prefix: str = "steadyserve:", timeout_s: float = 0.05,
+        retry_s: float = 1.0, on_invalidate: Callable[[list[str]], Awaitable[object]] | None = None,
+        on_state: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.origin = origin
+        self.prefix = prefix
+        self.timeout_s = timeout_s
+        self.retry_s = retry_s
+        self.on_invalidate = on_invalidate
+        self.on_state = on_state
+        self.up = False
+        self.errors = 0
+        self.outages = 0
+        self._client = aioredis.Redis.from_url(
+            url, socket_timeout=max(1.0, timeout_s * 4), socket_connect_timeout=1.0,
+            health_check_interval=0, retry_on_timeout=False)
+        self._write = self._client.register_script(_WRITE)
+        self._invalidate = self._client.register_script(_INVALIDATE)
+        self._pending: set[str] = set()  # tags invalidated while down: replayed on reconnect
+        self._lost = False  # more than MAX_PENDING_INVALIDATIONS: flush the prefix on reconnect
+        self._task: asyncio.Task[None] | None = None
+        self._channel = (prefix + "inval").encode()
+
+    # lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self._reconnect()
+        self._task = asyncio.get_running_loop().create_task(self._watch(), name="redis-l2")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        try:
+            await self._client.aclose()
+        except _ERRORS:
+            pass
+
+    # data -----------------------------------------------------------------------------------
+    async def lookup(self, keys: Sequence[str], tags: Sequence[str]) -> tuple[list[Any], list[str]] | None:
+        """(entries as decoded lists or None, each tag's version) in one round trip; None if down."""
+        if not self.up or not (keys or tags):
+            return None
+
+        async def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            if keys:
+                pipe.mget([self._entry(k) for k in keys])
+            if tags:
+                pipe.mget([self._version(t) for t in tags])
+            return list(await pipe.execute())
+
+        replies = await self._call(run)
+        if replies is None:
+            return None
+        raw = replies[0] if keys else []
+        entries = [msgpack.unpackb(r, raw=False) if r is not None else None for r in raw]
+        versions = [v.decode() if v is not None else "0" for v in (replies[-1] if tags else [])]
+        return entries, versions
+
+    async def write(
+        self, key: str, payload: bytes, fresh_until: float, keep_until: float,
+        tags: Sequence[str], versions: Sequence[str],
+    ) -> bool:
+        """Store unless a tag's version moved since `versions` were read (a racing update)."""
+        if not self.up:
+            return False
+        ttl_ms = max(1, int((keep_until - time.time()) * 1000))
+        body = msgpack.packb([payload, fresh_until, keep_until, list(tags)], use_bin_type=True)
+        keys = [self._entry(key), *(self._version(t) for t in tags), *(self._tagset(t) for t in tags)]
+        args = [body, ttl_ms, len(tags), *versions]
+        result = await self._call(lambda: self._write(keys=keys, args=args))
+        return bool(result)
+
+    async def invalidate(self, tags: Sequence[str]) -> int | None:
+        """Drop L2 entries with these tags and tell the other gateways; None when L2 is down
+        (the tags are then replayed when it comes back)."""
+        if not tags:
+            return 0
+        if not self.up:
+            self._remember(tags)
+            return None
+        dropped = await self._drop(tags)
+        if dropped is None:
+            self._remember(tags)
+            return None
+        message = msgpack.packb({"o": self.origin, "t": list(tags)}, use_bin_type=True)
+        await self._call(lambda: self._client.publish(self._channel, message))
+        return dropped
+
+    # internals --------------------------------------------------------------------------------
+    def _entry(self, key: str) -> str:
+        return f"{self.prefix}e:{key}"
+
+    def _version(self, tag: str) -> str:
+        return f"{self.prefix}v:{tag}"
+
+    def _tagset(self, tag: str) -> str:
+        return f"{self.prefix}t:{tag}"
+
+    async def _drop(self, tags: Sequence[str]) -> int | None:
+        keys = [*(self._version(t) for t in tags), *(self._tagset(t) for t in tags)]
+        result = await self._call(lambda: self._invalidate(keys=keys, args=[len(tags), VERSION_TTL_MS]))
+        return None if result is None else int(result)
+
+    def _remember(self, tags: Sequence[str]) -> None:
+        if self._lost:
+            return
+        self._pending.update(tags)
+        if len(self._pending) > MAX_PENDING_INVALIDATIONS:
+            self._pending.clear()
+            self._lost = True
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T | None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await fn()
+        except _ERRORS as exc:
+            self._set_down(exc)
+            return None
+
+    def _set_down(self, exc: BaseException) -> None:
+        self.errors += 1
+        if self.up:
+            self.up = False
+            self.outages += 1
+            log.warning("redis L2 cache unavailable, serving from L1 only: %s: %s",
+                        type(exc).__name__, exc or "timeout", extra={"redis": self._safe_url()})
+            if self.on_state is not None:
+                self.on_state(False)
+
+    def _safe_url(self) -> str:
+        return self.url.split("@")[-1]
+
+    async def _reconnect(self) -> bool:
+        try:
+            async with asyncio.timeout(max(1.0, self.timeout_s)):
+                await self._client.ping()
+            if self._lost:
+                await self._flush_prefix()
+            elif self._pending:
+                pending = sorted(self._pending)
+                for i in range(0, len(pending), 500):
+                    async with asyncio.timeout(5.0):
+                        await self._invalidate(keys=[*(self._version(t) for t in pending[i:i + 500]),
+                                                     *(self._tagset(t) for t in pending[i:i + 500])],
+                                               args=[len(pending[i:i + 500]), VERSION_TTL_MS])
+        except _ERRORS as exc:
+            if self.up:
+                self._set_down(exc)
+            return False
+        self._pending.clear()
+        self._lost = False
+        if not self.up:
+            self.up = True
+            log.info("redis L2 cache connected", extra={"redis": self._safe_url()})
+            if self.on_state is not None:
+                self.on_state(True)
+        return True
+
+    async def _flush_prefix(self) -> None:
+        async with asyncio.timeout(30.0):
+            async for key in self._client.scan_iter(match=f"{self.prefix}e:*", count=1000):
+                await self._client.unlink(key)
+            async for key in self._client.scan_iter(match=f"{self.prefix}t:*", count=1000):
+                await self._client.unlink(key)
+
+    async def _watch(self) -> None:
+        """Reconnect while down; while up, listen for other gateways' invalidations."""
+        pubsub: Any = None
+        while True:
+            try:
+                if not self.up:
+                    await _close_pubsub(pubsub)
+                    pubsub = None
+                    if not await self._reconnect():
+                        await asyncio.sleep(self.retry_s)
+                        continue
+                if pubsub is None:
+                    pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+                    await pubsub.subscribe(self._channel)
+                message = await pubsub.get_message(timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    await self._received(message["data"])
+            except asyncio.CancelledError:
+                await _close_pubsub(pubsub)
+                raise
+            except _ERRORS as exc:
+                self._set_down(exc)
+                await asyncio.sleep(self.retry_s)
+            except Exception:  # a bad message or a bug: log, keep the loop alive
+                log.exception("redis L2 watcher iteration failed")
+                await asyncio.sleep(self.retry_s)
+
+    async def _received(self, data: bytes) -> None:
+        try:
+            body = msgpack.unpackb(data, raw=False)
+            origin, tags = body["o"], [str(t) for t in body["t"]]
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            log.warning("ignoring a malformed invalidation message on %s", self._channel)
+            return
+        if origin != self.origin and self.on_invalidate is not None:
+            await self.on_invalidate(tags)
+
+
+async def _close_pubsub(pubsub: Any) -> None:
+    if pubsub is not None:
+        try:
+            await pubsub.aclose()
+        except _ERRORS:
+            pass

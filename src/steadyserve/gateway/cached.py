@@ -1,0 +1,238 @@
+"""The response cache on the request path, for handlers declared with `cache=True`.
+
+    items (one, or each item of a batched request) ─► key + tags ─► lookup L1 → L2
+      fresh        → answered from cache
+      stale, within stale-while-revalidate → answered at once; one background refresh
+      missing / older → singleflight: the first request for a key calls upstream, identical
+                    concurrent ones wait for it; only the items nobody has go to a replica,
+                    as one request (a batched list is served partly from cache)
+      upstream failed (5xx, no replica, overload) and a stale copy is within
+                    stale-if-error → the stale copy, marked `X-Steadyserve-Cache: stale-if-error`
+
+An answer is stored only if the replica that computed it runs the model version the key
+names, and only if none of its tags was invalidated since the lookup (see `cache.memory`).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from .. import codec
+from ..cache.keys import affinity_value, cache_key, render_tags
+from ..cache.singleflight import LeaderGone, Singleflight
+from ..cache.tiered import Cached, Tokens
+from ..errors import HandlerFailed, Overloaded, ReplicaError
+from .dispatch import CallInfo
+from .membership import Deployment, Handler
+
+if TYPE_CHECKING:
+    from .app import Gateway
+    from .http import Request
+
+log = logging.getLogger("steadyserve.cache")
+
+CACHE_HEADER = b"x-steadyserve-cache"
+MAX_ROUNDS = 3  # waiters whose leaders kept failing call upstream themselves after this
+STALE_IF_ERROR = (ReplicaError, Overloaded)  # server-side failures a stale copy may stand in for
+
+
+class _Request:
+    """One client request's cacheable items and what became of each."""
+
+    def __init__(self, gw: Gateway, d: Deployment, h: Handler, args: dict[str, Any]) -> None:
+        opts = h.spec.options
+        self.batched = opts.batch
+        self.values: list[Any] = list(args[h.item_param]) if opts.batch else [args]
+        self.keys = [cache_key(d.name, h.name, d.version, v) for v in self.values]
+        self.tags = [render_tags(opts.cache_tags, v) for v in self.values]
+        self.version = d.version
+        self.results: list[Any] = [None] * len(self.values)
+        self.outcome: list[str] = [""] * len(self.values)
+
+
+Dispatch = Callable[[dict[str, Any], "str | None"], Awaitable[tuple[Any, "str | None"]]]
+"""Calls upstream: (args, affinity key) → (result, model version of the replica that answered)."""
+
+
+async def cached_call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[str, Any],
+                      dispatch: Dispatch, *, reuse: bool = True) -> Any:
+    """The handler's result, from cache where possible (`reuse=False`: computed afresh and
+    stored, as `Cache-Control: no-cache` asks)."""
+    cache = gw.cache
+    assert cache is not None
+    r = _Request(gw, d, h, args)
+    found, tokens = await cache.lookup(r.keys, [t or () for t in r.tags])
+    if not reuse:
+        found = [None] * len(found)
+    now = cache.clock()
+    swr = cache.cfg.stale_while_revalidate_s
+    todo: dict[str, list[int]] = {}
+    refresh: dict[str, int] = {}
+    for i, entry in enumerate(found):
+        if entry is not None and r.tags[i] is not None:
+            if entry.fresh(now):
+                r.results[i], r.outcome[i] = codec.decode(entry.payload), "hit"
+                continue
+            if now < entry.fresh_until + swr:
+                r.results[i], r.outcome[i] = codec.decode(entry.payload), "stale"
+                refresh.setdefault(r.keys[i], i)
+                continue
+        todo.setdefault(r.keys[i], []).append(i)
+    if refresh:
+        gw.spawn(_revalidate(gw, d, h, r, refresh, tokens), name="cache-revalidate")
+    if todo:
+        await _fill(gw, h, r, todo, found, tokens, dispatch)
+    _account(gw, req, d, h, r)
+    return r.results if r.batched else r.results[0]
+
+
+async def _fill(
+    gw: Gateway, h: Handler, r: _Request, todo: dict[str, list[int]], found: list[Cached | None],
+    tokens: Tokens, dispatch: Dispatch,
+) -> None:
+    cache = gw.cache
+    assert cache is not None
+    flights = cache.flights
+    pending = todo
+    for round_ in range(1, MAX_ROUNDS + 1):
+        if round_ < MAX_ROUNDS:
+            led_keys, joined = flights.claim(pending)
+            led = [str(k) for k in led_keys]
+        else:  # leaders kept going away: stop waiting on others
+            led, joined = list(pending), {}
+        claimed = led if round_ < MAX_ROUNDS else []
+        if led:
+            await _lead(gw, h, r, led, claimed, pending, found, tokens, dispatch)
+        again: dict[str, list[int]] = {}
+        for key, flight in joined.items():
+            try:
+                item = await Singleflight.wait(flight)
+            except LeaderGone:
+                again[str(key)] = pending[str(key)]
+                continue
+            for i in pending[str(key)]:
+                r.results[i], r.outcome[i] = item, "coalesced"
+        if not again:
+            return
+        pending = again
+
+
+async def _lead(
+    gw: Gateway, h: Handler, r: _Request, led: list[str], claimed: list[str],
+    pending: dict[str, list[int]], found: list[Cached | None], tokens: Tokens, dispatch: Dispatch,
+) -> None:
+    """Call upstream for the keys this request leads; store, and hand results to waiters."""
+    cache = gw.cache
+    assert cache is not None
+    first = [pending[k][0] for k in led]
+    values = [r.values[i] for i in first]
+    upstream_args = {h.item_param: values} if r.batched else r.values[0]
+    try:
+        out, answered = await dispatch(upstream_args, affinity_value(h.spec.options.affinity, values[0]))
+        items = list(out) if r.batched else [out]
+        if len(items) != len(led):
+            raise HandlerFailed(f"batched handler returned {len(items)} results for {len(led)} inputs")
+    except BaseException as exc:
+        cache.flights.abandon(claimed)
+        if isinstance(exc, Exception) and _serve_stale(cache.clock(), cache.cfg.stale_if_error_s, exc,
+                                                       led, pending, found, r):
+            return
+        raise
+    version_ok = answered is None or answered == r.version
+    ttl = h.spec.options.cache_ttl_s
+    for key, item, i in zip(led, items, first, strict=True):
+        tags = r.tags[i]
+        if version_ok and tags is not None:
+            cache.store(key, codec.encode(item), ttl_s=ttl, tags=tags, tokens=tokens)
+        if key in claimed:
+            cache.flights.resolve(key, item)
+        for j in pending[key]:
+            r.results[j], r.outcome[j] = item, "miss"
+
+
+def _serve_stale(
+    now: float, window_s: float, exc: Exception, led: list[str], pending: dict[str, list[int]],
+    found: list[Cached | None], r: _Request,
+) -> bool:
+    """stale-if-error: every failed item has a copy within the window → answer with them."""
+    if not isinstance(exc, STALE_IF_ERROR) or window_s <= 0:
+        return False
+    copies: dict[str, Cached] = {}
+    for key in led:
+        entry = found[pending[key][0]]
+        if entry is None or now >= entry.fresh_until + window_s or r.tags[pending[key][0]] is None:
+            return False
+        copies[key] = entry
+    log.warning("upstream failed; serving stale cached answers: %s", exc,
+                extra={"items": sum(len(pending[k]) for k in led)})
+    for key, entry in copies.items():
+        item = codec.decode(entry.payload)
+        for i in pending[key]:
+            r.results[i], r.outcome[i] = item, "stale_if_error"
+    return True
+
+
+async def _revalidate(gw: Gateway, d: Deployment, h: Handler, r: _Request, refresh: dict[str, int],
+                      tokens: Tokens) -> None:
+    """stale-while-revalidate: one background call for the stale keys nobody is computing."""
+    cache = gw.cache
+    assert cache is not None
+    led_keys, _ = cache.flights.claim(refresh)
+    led = [str(k) for k in led_keys]
+    if not led:
+        return
+    values = [r.values[refresh[k]] for k in led]
+    args = {h.item_param: values} if r.batched else r.values[0]
+    call = CallInfo()
+    try:
+        out = await gw.dispatcher.invoke(
+            d, h, args, request_id=f"revalidate-{uuid.uuid4().hex[:12]}",
+            timeout_s=h.spec.options.timeout_s, priority="batch", call=call,
+            affinity=affinity_value(h.spec.options.affinity, values[0]) if gw.affinity else None)
+        items = list(out) if r.batched else [out]
+        if len(items) != len(led):
+            raise HandlerFailed("batched handler returned the wrong number of results")
+    except Exception as exc:
+        cache.flights.abandon(led)
+        log.info("background revalidation failed; the stale copy stays until it expires: %s", exc)
+        return
+    except BaseException:
+        cache.flights.abandon(led)
+        raise
+    cache.counters.refreshes += 1
+    version_ok = call.version in (None, r.version)
+    for key, item in zip(led, items, strict=True):
+        tags = r.tags[refresh[key]]
+        if version_ok and tags is not None:
+            cache.store(key, codec.encode(item), ttl_s=h.spec.options.cache_ttl_s, tags=tags,
+                        tokens=tokens)
+        cache.flights.resolve(key, item)
+
+
+def _account(gw: Gateway, req: Request, d: Deployment, h: Handler, r: _Request) -> None:
+    counts = Counter(r.outcome)
+    for outcome, n in counts.items():
+        gw.metrics.cache_items.labels(d.name, h.name, outcome).inc(n)
+    if len(counts) == 1:
+        req.call.cache = r.outcome[0].replace("_", "-")
+    elif "stale_if_error" in counts:
+        req.call.cache = "stale-if-error"
+    else:
+        req.call.cache = "partial"
+
+
+def invalidation_tags(h: Handler, args: dict[str, Any]) -> tuple[str, ...]:
+    """The tags a successful call of an `invalidates=` handler drops everywhere."""
+    templates = h.spec.options.invalidates
+    if not templates:
+        return ()
+    tags = render_tags(templates, args)
+    if tags is None:
+        log.warning("handler %s: invalidates=%s names a field the request lacks", h.name, templates)
+        return ()
+    return tags
+
