@@ -6,7 +6,7 @@ from typing import Any
 import httpx
 import pytest
 
-from steadyserve.config import Config, DeploymentConfig, GatewayConfig
+from steadyserve.config import CacheConfig, Config, DeploymentConfig, GatewayConfig
 from steadyserve.gateway.app import Gateway
 from steadyserve.gateway.transport import InProcessTransport
 from steadyserve.service import Service
@@ -21,7 +21,8 @@ async def make_gateway() -> AsyncIterator[Factory]:
     started: list[tuple[httpx.AsyncClient, list[InProcessDeployment]]] = []
 
     async def factory(
-        services: dict[str, tuple[type[Service], int]], **gateway_overrides: Any
+        services: dict[str, tuple[type[Service], int]], *, cache: CacheConfig | None = None,
+        **gateway_overrides: Any,
     ) -> tuple[Gateway, httpx.AsyncClient, dict[str, InProcessDeployment]]:
         config = Config(
             deployments=tuple(
@@ -29,6 +30,7 @@ async def make_gateway() -> AsyncIterator[Factory]:
                 for name, (cls, n) in services.items()
             ),
             gateway=GatewayConfig(**gateway_overrides),
+            cache=cache if cache is not None else CacheConfig(),
         )
         gateway = Gateway(config, transport=InProcessTransport())
         deployments = {

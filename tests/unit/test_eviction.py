@@ -347,6 +347,23 @@ def test_protected_overflow_demotes_its_coldest_to_probation():
     assert policy.used == 100
 
 
+def test_resize_demotes_protected_then_evicts_coldest_first():
+    policy = filled()
+    for i in range(9):
+        policy.record_access(f"m{i}")
+    assert policy.segments()["protected"] == [f"m{i}" for i in range(2, 9)]
+    assert policy.segments()["probation"] == ["m0", "m1"]
+    # window target 5: w (never used) loses to m0; protected target int(45 × 0.8) = 36 pushes
+    # m2..m5 to probation; then probation's coldest go until 50 bytes remain
+    assert policy.resize(50) == ["w", "m0", "m1", "m2", "m3"]
+    assert policy.segments() == {
+        "window": [],
+        "probation": ["m4", "m5"],
+        "protected": ["m6", "m7", "m8"],
+    }
+    assert policy.used == 50
+
+
 def test_window_hit_moves_within_the_window():
     policy = TinyLfuPolicy(1000, expected_entries=100, window_share=0.3)
     for key in "abc":

@@ -97,6 +97,7 @@ class ResponseCache:
             asyncio.Queue(L2_WRITE_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
         self._mean_size = 1024.0  # running mean of stored payloads (the curve's size of a miss)
+        self._stale_mode: dict[str, float] = {}  # deployment → serve stale without asking until
 
     @property
     def keep_s(self) -> float:
@@ -202,6 +203,20 @@ class ResponseCache:
         return {"tags": tags, "l1_dropped": dropped, "l2_dropped": l2,
                 "l2": "off" if self.l2 is None else ("up" if self.l2.up else "down: replayed later")}
 
+    def serve_stale(self, deployment: str, seconds: float) -> None:
+        """Emergency response: answer this deployment's cacheable requests from any entry
+        within the stale-if-error window, without calling (or revalidating) upstream."""
+        self._stale_mode[deployment] = self.clock() + seconds
+
+    def serving_stale(self, deployment: str, now: float) -> bool:
+        until = self._stale_mode.get(deployment)
+        if until is None:
+            return False
+        if now >= until:
+            del self._stale_mode[deployment]
+            return False
+        return True
+
     # status -------------------------------------------------------------------------------------
     def curve_points(self) -> list[tuple[int, float]]:
         low = max(1024, self.cfg.l1_min_bytes // 4)
@@ -230,6 +245,8 @@ class ResponseCache:
             "singleflight": {"in_flight": len(self.flights), "coalesced": self.flights.coalesced},
             "invalidated_tags": self.counters.invalidations,
             "background_refreshes": self.counters.refreshes,
+            "serving_stale": {d: round(until - self.clock(), 1) for d, until in self._stale_mode.items()
+                              if until > self.clock()},
             "hit_ratio_curve": {
                 "method": "SHARDS sampled LRU reuse distances (a lower bound for TinyLFU)",
                 "sampled_references": self.curve.references,

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("steadyserve.responder")
 
 SHED_BATCH_S = 300.0
+SERVE_STALE_S = 300.0
 
 
 class Responder:
@@ -109,8 +110,15 @@ class Responder:
                 return "skipped", f"{deployment!r} has had no rollout to roll back"
             asyncio.get_running_loop().create_task(self._rollback(deployment))
             return "started", f"rolling back {deployment}"
-        if action in ("scale_up", "serve_stale"):
-            return "unavailable", f"{action} needs autoscaling / the response cache, not built yet"
+        if action == "serve_stale":
+            cache = self.gateway.cache
+            if cache is None:
+                return "unavailable", "the response cache is disabled ([cache] enabled = false)"
+            cache.serve_stale(deployment, SERVE_STALE_S)
+            return "done", (f"answering {deployment}'s cacheable requests from stale entries "
+                            f"(up to stale_if_error_s old) for {SERVE_STALE_S:.0f}s")
+        if action == "scale_up":
+            return "unavailable", "scale_up needs the autoscaler, which is not built yet"
         return "failed", f"unknown action {action!r}"
 
     async def _rollback(self, deployment: str) -> None:

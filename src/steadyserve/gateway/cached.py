@@ -70,6 +70,7 @@ async def cached_call(gw: Gateway, req: Request, d: Deployment, h: Handler, args
         found = [None] * len(found)
     now = cache.clock()
     swr = cache.cfg.stale_while_revalidate_s
+    emergency = cache.serving_stale(d.name, now)  # the serve_stale automatic response
     todo: dict[str, list[int]] = {}
     refresh: dict[str, int] = {}
     for i, entry in enumerate(found):
@@ -79,7 +80,11 @@ async def cached_call(gw: Gateway, req: Request, d: Deployment, h: Handler, args
                 continue
             if now < entry.fresh_until + swr:
                 r.results[i], r.outcome[i] = codec.decode(entry.payload), "stale"
-                refresh.setdefault(r.keys[i], i)
+                if not emergency:
+                    refresh.setdefault(r.keys[i], i)
+                continue
+            if emergency and now < entry.fresh_until + cache.cfg.stale_if_error_s:
+                r.results[i], r.outcome[i] = codec.decode(entry.payload), "stale"
                 continue
         todo.setdefault(r.keys[i], []).append(i)
     if refresh:

@@ -1,8 +1,6 @@
 """The rules every deployment gets with no configuration, each with its runbook line and the
 automatic responses it triggers. `rule_actions` maps a rule name to action names
 (see policies/actions.py); the responder runs them when the alert starts firing.
-
-Not here, and why: "cache L2 down" — there is no response cache or Redis tier yet (issue 3).
 """
 
 from __future__ import annotations
@@ -91,6 +89,18 @@ def default_rules(cfg: AlertingConfig) -> list[Rule]:
                 "summary": "the state database does not answer",
                 "runbook": "Alert history and actions are kept in memory meanwhile and are "
                            "lost if the gateway restarts; check the database URL and server.",
+            },
+        ),
+        Threshold(
+            name="CacheL2Down", severity="ticket", for_s=60,
+            expr=gauge("steadyserve_cache_l2_up"), op="<", threshold=1,
+            annotations={
+                "summary": "the Redis L2 response cache does not answer",
+                "runbook": "Clients are spared: each gateway serves from its own L1 and "
+                           "reconnects by itself. Meanwhile hit ratios drop, gateways do not "
+                           "share answers, and invalidations reach other gateways only when "
+                           "Redis returns (they are replayed then). Check the redis_url and "
+                           "the Redis server (`redis-cli ping`).",
             },
         ),
         Threshold(

@@ -76,4 +76,5 @@ def prometheus_rules(cfg: AlertingConfig) -> str:
     alert("LatencyAnomaly", f"{p99.format(w='5m')} > 3 * {p99.format(w='1d')}", "ticket", 600)
     alert("DatabaseDown", "steadyserve_database_up < 1", "page", 30)
     alert("EventLoopLag", "steadyserve_event_loop_lag_seconds > 0.1", "ticket", 60)
+    alert("CacheL2Down", "steadyserve_cache_l2_up < 1", "ticket", 60)
     return "\n".join(lines) + "\n"
