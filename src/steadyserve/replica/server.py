@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 
 from .. import codec
 from ..asgi import cancel_on_disconnect
+from ..cache.readthrough import ReadThroughCollector
 from ..errors import (
     ClientError,
     ClientGone,
@@ -29,7 +30,6 @@ from ..errors import (
     SteadyError,
     to_wire,
 )
-from ..cache.readthrough import ReadThroughCollector
 from ..schema import compile_params
 from ..service import HandlerSpec, Service
 from .batcher import Batcher
