@@ -35,7 +35,9 @@ function init(args)
     prefix = prefix .. '"model":' .. json_string(model) .. ","
   end
   prefix = prefix .. json_string(field) .. ":"
-  local headers = { ["Content-Type"] = "application/json" }
+  -- no-store: the corpus cycles, and this benchmark measures the model path, not the
+  -- response cache (benchmarks/cache.py measures that)
+  local headers = { ["Content-Type"] = "application/json", ["Cache-Control"] = "no-store" }
   for line in file:lines() do
     line = line:gsub("\r$", "")
     if line ~= "" then
