@@ -40,11 +40,14 @@ def test_default_run_serves_minilm_to_the_openai_client(serve, reference):
     assert (cosine > 1 - 1e-4).all(), cosine
     assert result.usage.prompt_tokens == result.usage.total_tokens > len(SENTENCES)
 
-    floats = client.embeddings.create(model="minilm", input="hello world", encoding_format="float")
-    np.testing.assert_allclose(floats.data[0].embedding, reference[2], atol=1e-4)
+    # "hello world" was the third sentence above: answered from the response cache
+    raw = client.embeddings.with_raw_response.create(model="minilm", input="hello world",
+                                                     encoding_format="float")
+    assert raw.headers["x-steadyserve-cache"] == "hit"
+    np.testing.assert_allclose(raw.parse().data[0].embedding, reference[2], atol=1e-4)
 
     models = client.models.list()
-    assert [m.id for m in models.data] == ["minilm"]
+    assert [m.id for m in models.data] == ["minilm", "risk"]  # the two built-in examples
 
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="nope", input="x")

@@ -83,7 +83,7 @@ class ResponseCache:
         self.origin = origin
         self.l1 = MemoryCache(cfg.l1_bytes, cfg.policy)
         self.flights = Singleflight()
-        self.curve = HitCurve()
+        self.curve = HitCurve(sample_rate=0.1, max_samples=8192)  # fixed size: the rate falls as keys grow
         self.hot = HotKeys(cfg.hot_keys)
         self.counters = _Counters()
         self.on_remote_invalidate = on_remote_invalidate

@@ -48,13 +48,8 @@ def key_hash(key: Hashable) -> int:
     its `repr`, so tuples of str/int/bytes are stable, and objects whose repr shows their id are
     not (they still work within one process, which is all a sketch needs).
     """
-    kind = type(key)
-    if kind is int:
-        return mix64(key)  # type: ignore[arg-type]
-    if kind is str or kind is bytes:
-        return stable_hash(key)  # type: ignore[arg-type]
     if isinstance(key, int):
-        return mix64(int(key))
+        return mix64(key)
     if isinstance(key, str | bytes):
         return stable_hash(key)
     return stable_hash(repr(key))
@@ -152,7 +147,12 @@ class CountMinSketch:
 
 class EvictionPolicy(Protocol):
     """What a cache needs from its policy. Sizes are bytes; `admit` and `resize` return the keys
-    the cache must drop (for `admit`, possibly the admitted key itself: then it was refused)."""
+    the cache must drop (for `admit`, possibly the admitted key itself: then it was refused).
+
+    `capacity` changes only through `resize`. `evictions` counts stored keys pushed out to make
+    room; `rejections` counts keys refused: larger than the capacity, or (TinyLFU) window
+    candidates that lost the admission contest.
+    """
 
     evictions: int
     rejections: int
