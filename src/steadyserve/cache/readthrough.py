@@ -96,6 +96,11 @@ class ReadThrough(Generic[K, V]):
             pending.done.wait()
             if pending.value is not _ABSENT:
                 found[key] = pending.value
+            elif isinstance(pending.error, DependencyUnavailable):
+                # its loader already retried `attempts` times: more tries from every waiter
+                # would only pile onto a database that is down
+                raise DependencyUnavailable(pending.error.message,
+                                            retry_after_s=pending.error.retry_after_s) from pending.error
             elif pending.error is not None:
                 self._load_and_store([key], load, tags, found)  # its loader failed: try ourselves
             # else: the loader found nothing for it (an unknown key)

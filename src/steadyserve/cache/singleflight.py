@@ -3,8 +3,9 @@
 The first caller of a key becomes its leader and computes it; later callers wait for the
 leader's result. A leader that fails or is cancelled (its client hung up, its deadline passed)
 does not fail the waiters: they are woken with `LeaderGone` and try again, one of them becoming
-the next leader, at most `rounds` times; each waiter keeps its own deadline, since waiting
-is shielded from the shared future.
+the next leader. The caller bounds the rounds (then it answers with the last leader's error,
+so a failing upstream sees a few calls per key, not one per waiter) and each waiter keeps its
+own deadline, since waiting is shielded from the shared future.
 
 Keys are claimed in groups (`claim`) because a batched request's items are looked up and sent
 upstream together: the leader of several keys resolves each one (`resolve` / `abandon`).
@@ -18,7 +19,16 @@ from typing import Any
 
 
 class LeaderGone(Exception):
-    """The leader of a key failed or went away before resolving it; try again."""
+    """The leader of a key failed or went away before resolving it; try again.
+
+    `error` is what the leader got (None: it was cancelled); `attributable` says the error
+    belongs to this key alone (the leader asked for nothing else), so a client error (the
+    same input is refused the same way) can be handed to the waiters as it is."""
+
+    def __init__(self, reason: str, error: Exception | None = None, attributable: bool = False) -> None:
+        super().__init__(reason)
+        self.error = error
+        self.attributable = attributable
 
 
 class Singleflight:
@@ -49,12 +59,13 @@ class Singleflight:
         if flight is not None and not flight.done():
             flight.set_result(value)
 
-    def abandon(self, keys: Iterable[Hashable], reason: str = "leader failed") -> None:
+    def abandon(self, keys: Iterable[Hashable], reason: str = "leader failed", *,
+                error: Exception | None = None, attributable: bool = False) -> None:
         """The leader could not compute these: wake their waiters to try again."""
         for key in keys:
             flight = self._flights.pop(key, None)
             if flight is not None and not flight.done():
-                flight.set_exception(LeaderGone(reason))
+                flight.set_exception(LeaderGone(reason, error, attributable))
                 flight.exception()  # retrieved: no "never retrieved" warning without waiters
 
     @staticmethod

@@ -15,6 +15,7 @@ names, and only if none of its tags was invalidated since the lookup (see `cache
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections import Counter
@@ -25,7 +26,7 @@ from .. import codec
 from ..cache.keys import affinity_value, cache_key, render_tags
 from ..cache.singleflight import LeaderGone, Singleflight
 from ..cache.tiered import Cached, Tokens
-from ..errors import HandlerFailed, Overloaded, ReplicaError
+from ..errors import ClientError, HandlerFailed, Overloaded, ReplicaError, ReplicaTimeout
 from .dispatch import CallInfo
 from .membership import Deployment, Handler
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("steadyserve.cache")
 
 CACHE_HEADER = b"x-steadyserve-cache"
-MAX_ROUNDS = 3  # waiters whose leaders kept failing call upstream themselves after this
+MAX_ROUNDS = 3  # leaders per key a request waits on before it answers with their error
 STALE_IF_ERROR = (ReplicaError, Overloaded)  # server-side failures a stale copy may stand in for
 
 
@@ -59,9 +60,10 @@ Dispatch = Callable[[dict[str, Any], "str | None"], Awaitable[tuple[Any, "str | 
 
 
 async def cached_call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[str, Any],
-                      dispatch: Dispatch, *, reuse: bool = True) -> Any:
+                      dispatch: Dispatch, *, timeout_s: float, reuse: bool = True) -> Any:
     """The handler's result, from cache where possible (`reuse=False`: computed afresh and
-    stored, as `Cache-Control: no-cache` asks)."""
+    stored, as `Cache-Control: no-cache` asks). `timeout_s` bounds waiting for others too."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
     cache = gw.cache
     assert cache is not None
     r = _Request(gw, d, h, args)
@@ -90,45 +92,55 @@ async def cached_call(gw: Gateway, req: Request, d: Deployment, h: Handler, args
     if refresh:
         gw.spawn(_revalidate(gw, d, h, r, refresh, tokens), name="cache-revalidate")
     if todo:
-        await _fill(gw, h, r, todo, found, tokens, dispatch)
+        await _fill(gw, h, r, todo, found, tokens, dispatch, deadline)
     _account(gw, req, d, h, r)
     return r.results if r.batched else r.results[0]
 
 
 async def _fill(
     gw: Gateway, h: Handler, r: _Request, todo: dict[str, list[int]], found: list[Cached | None],
-    tokens: Tokens, dispatch: Dispatch,
+    tokens: Tokens, dispatch: Dispatch, deadline: float,
 ) -> None:
     cache = gw.cache
     assert cache is not None
-    flights = cache.flights
+    loop = asyncio.get_running_loop()
     pending = todo
-    for round_ in range(1, MAX_ROUNDS + 1):
-        if round_ < MAX_ROUNDS:
-            led_keys, joined = flights.claim(pending)
-            led = [str(k) for k in led_keys]
-        else:  # leaders kept going away: stop waiting on others
-            led, joined = list(pending), {}
-        claimed = led if round_ < MAX_ROUNDS else []
+    last_error: Exception | None = None
+    for _ in range(MAX_ROUNDS):
+        led_keys, joined = cache.flights.claim(pending)
+        led = [str(k) for k in led_keys]
         if led:
-            await _lead(gw, h, r, led, claimed, pending, found, tokens, dispatch)
+            await _lead(gw, h, r, led, pending, found, tokens, dispatch)
         again: dict[str, list[int]] = {}
-        for key, flight in joined.items():
+        for flight_key, flight in joined.items():
+            key = str(flight_key)
             try:
-                item = await Singleflight.wait(flight)
-            except LeaderGone:
-                again[str(key)] = pending[str(key)]
+                item = await asyncio.wait_for(Singleflight.wait(flight), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise ReplicaTimeout("no answer within the request's deadline (it was waiting for "
+                                     "an identical request's answer)") from None
+            except LeaderGone as gone:
+                if gone.attributable and isinstance(gone.error, ClientError):
+                    raise gone.error from None  # the same input is refused the same way
+                last_error = gone.error or last_error
+                again[key] = pending[key]
                 continue
-            for i in pending[str(key)]:
+            for i in pending[key]:
                 r.results[i], r.outcome[i] = item, "coalesced"
         if not again:
             return
         pending = again
+    # the leaders of these keys kept failing: answer with their error (or a stale copy), rather
+    # than each waiter calling upstream too
+    error = last_error or Overloaded("identical requests kept being cancelled upstream", retry_after_s=1)
+    if not _serve_stale(cache.clock(), cache.cfg.stale_if_error_s, error, list(pending), pending,
+                        found, r):
+        raise error
 
 
 async def _lead(
-    gw: Gateway, h: Handler, r: _Request, led: list[str], claimed: list[str],
-    pending: dict[str, list[int]], found: list[Cached | None], tokens: Tokens, dispatch: Dispatch,
+    gw: Gateway, h: Handler, r: _Request, led: list[str], pending: dict[str, list[int]],
+    found: list[Cached | None], tokens: Tokens, dispatch: Dispatch,
 ) -> None:
     """Call upstream for the keys this request leads; store, and hand results to waiters."""
     cache = gw.cache
@@ -142,7 +154,8 @@ async def _lead(
         if len(items) != len(led):
             raise HandlerFailed(f"batched handler returned {len(items)} results for {len(led)} inputs")
     except BaseException as exc:
-        cache.flights.abandon(claimed)
+        cache.flights.abandon(led, error=exc if isinstance(exc, Exception) else None,
+                              attributable=len(led) == 1)
         if isinstance(exc, Exception) and _serve_stale(cache.clock(), cache.cfg.stale_if_error_s, exc,
                                                        led, pending, found, r):
             return
@@ -153,8 +166,7 @@ async def _lead(
         tags = r.tags[i]
         if version_ok and tags is not None:
             cache.store(key, codec.encode(item), ttl_s=ttl, tags=tags, tokens=tokens)
-        if key in claimed:
-            cache.flights.resolve(key, item)
+        cache.flights.resolve(key, item)
         for j in pending[key]:
             r.results[j], r.outcome[j] = item, "miss"
 

@@ -121,20 +121,23 @@ async def call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[
     opts = h.spec.options
     directive = cache_directive(req.header(b"cache-control"))
     if opts.cache and gw.cache is not None and directive != "no-store":
-        work: Awaitable[Any] = cached_call(gw, req, d, h, args, dispatch, reuse=directive is None)
+        work: Awaitable[Any] = cached_call(gw, req, d, h, args, dispatch, timeout_s=timeout,
+                                            reuse=directive is None)
     else:
         first = args[h.item_param][0] if h.item_param else args
         work = _result(dispatch(args, affinity_value(opts.affinity, first)))
     tags = invalidation_tags(h, args)
     if not tags:
         return await cancel_on_disconnect(req.receive, work)
+    refused = False
     try:
         return await cancel_on_disconnect(req.receive, work)
     except ClientError:
-        raise  # refused before it changed anything
+        refused = True  # refused before it changed anything
+        raise
     finally:
-        # also after a timeout or a lost replica: the change may have been made
-        await asyncio.shield(gw.invalidate(tags))
+        if not refused:  # also after a timeout or a lost replica: the change may have been made
+            await asyncio.shield(gw.invalidate(tags))
 
 
 def cache_directive(header: str | None) -> str | None:
@@ -158,7 +161,8 @@ async def cache_status(gw: Gateway, req: Request, params: dict[str, str]) -> Res
         raise NotFound("the response cache is disabled on this gateway ([cache] enabled = false)")
     query = parse_qs(bytes(req.scope.get("query_string", b"")).decode("latin-1"))
     raw = query.get("top", ["20"])[-1]
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    # ASCII and short: str.isdigit() also accepts "²", and int() refuses over 4,300 digits
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 4 or not 1 <= int(raw) <= 1000:
         raise ClientError("'top' must be a whole number from 1 to 1000", param="top")
     return json_response(gw.cache.status(int(raw)))
 
