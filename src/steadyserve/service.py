@@ -121,7 +121,8 @@ class Service:
 
         The gateway calls it on every replica after a handler declared with `invalidates=`
         succeeds, and when another gateway publishes an invalidation; it runs on the event
-        loop, so it must be quick (a dict operation, no I/O)."""
+        loop, so it must be quick (a dict operation, no I/O). The tag "*" means everything
+        tagged: it comes after the gateway may have missed invalidations (a Redis outage)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..policies.eviction import EvictionPolicy, make_policy
 
+ALL_TAGS = "*"  # invalidating this tag drops every tagged entry (after a missed invalidation)
 ENTRY_OVERHEAD_BYTES = 120  # dict slot, entry object, policy node: counted against capacity
 EPOCH_MEMORY_S = 180.0  # invalidations remembered this long: no load outlives it (3 × the
 # longest request timeout); pruned every PRUNE_EVERY invalidations, so memory stays bounded
@@ -115,6 +116,10 @@ class MemoryCache:
 
     def stale_since(self, tags: Iterable[str], since: int) -> bool:
         """Was any of these tags invalidated after `since` (an epoch from `epoch()`)?"""
+        tags = tuple(tags)
+        everything = self._invalidated.get(ALL_TAGS)
+        if tags and everything is not None and everything.epoch > since:
+            return True
         for tag in tags:
             inv = self._invalidated.get(tag)
             if inv is not None and inv.epoch > since:
@@ -159,6 +164,9 @@ class MemoryCache:
         dropped = 0
         for tag in tags:
             self._invalidated[tag] = _Invalidation(self._epoch, now)
+            if tag == ALL_TAGS:
+                for key in {k for keys in self._by_tag.values() for k in keys}:
+                    dropped += self._drop(key)
             for key in list(self._by_tag.get(tag, ())):
                 dropped += self._drop(key)
         self.stats.invalidated += dropped
@@ -201,5 +209,5 @@ class MemoryCache:
         if self._epoch % PRUNE_EVERY:
             return
         cutoff = now - EPOCH_MEMORY_S
-        for tag in [t for t, inv in self._invalidated.items() if inv.at < cutoff]:
+        for tag in [t for t, inv in self._invalidated.items() if inv.at < cutoff and t != ALL_TAGS]:
             del self._invalidated[tag]

@@ -45,12 +45,13 @@ _ABSENT: Any = object()
 class _Load:
     """One key's load in flight; waiters read its outcome here (the cache may not keep it)."""
 
-    __slots__ = ("done", "error", "value")
+    __slots__ = ("done", "error", "since", "value")
 
-    def __init__(self) -> None:
+    def __init__(self, since: int) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.value: Any = _ABSENT
+        self.since = since  # the cache's invalidation epoch when the load began
 
 
 class ReadThrough(Generic[K, V]):
@@ -95,7 +96,12 @@ class ReadThrough(Generic[K, V]):
         for key, pending in theirs.items():
             pending.done.wait()
             if pending.value is not _ABSENT:
-                found[key] = pending.value
+                if self._invalidated_since(tags(key), pending.since):
+                    # that load began before an update of the row; this caller may have come
+                    # after it, so it must not take the old row: load afresh
+                    self._load_and_store([key], load, tags, found)
+                else:
+                    found[key] = pending.value
             elif isinstance(pending.error, DependencyUnavailable):
                 # its loader already retried `attempts` times: more tries from every waiter
                 # would only pile onto a database that is down
@@ -141,7 +147,7 @@ class ReadThrough(Generic[K, V]):
                     theirs[key] = pending
                     self.coalesced += 1
                 else:
-                    self._loading[key] = _Load()
+                    self._loading[key] = _Load(self._cache.epoch())
                     mine.append(key)
         return mine, theirs
 
@@ -152,7 +158,7 @@ class ReadThrough(Generic[K, V]):
         with self._lock:
             since = self._cache.epoch()
             for key in keys:
-                self._loading.setdefault(key, _Load())
+                self._loading.setdefault(key, _Load(since))
         error: BaseException | None = None
         values: Mapping[K, V] = {}
         try:
@@ -178,6 +184,10 @@ class ReadThrough(Generic[K, V]):
                         if key in values:
                             pending.value = values[key]
                         pending.done.set()
+
+    def _invalidated_since(self, tags: Iterable[str], since: int) -> bool:
+        with self._lock:
+            return self._cache.stale_since(tags, since)
 
     def _load_retrying(self, load: Callable[[list[K]], Mapping[K, V]], keys: list[K]) -> Mapping[K, V]:
         last: BaseException | None = None

@@ -34,6 +34,8 @@ T = TypeVar("T")
 
 VERSION_TTL_MS = 86_400_000  # tag versions outlive any load by far
 MAX_PENDING_INVALIDATIONS = 100_000
+TIMEOUTS_FOR_OUTAGE = 3
+WATCH_POLL_S = 0.25  # the watcher checks for messages, and for stop(), this often
 
 _WRITE = """
 local n = tonumber(ARGV[3])
@@ -91,6 +93,8 @@ class RedisStore:
         self._pending: set[str] = set()  # tags invalidated while down: replayed on reconnect
         self._lost = False  # more than MAX_PENDING_INVALIDATIONS: flush the prefix on reconnect
         self._task: asyncio.Task[None] | None = None
+        self._timeouts = 0  # consecutive timed-out calls
+        self._stopping = False
         self._channel = (prefix + "inval").encode()
 
     # lifecycle ------------------------------------------------------------------------------
@@ -99,12 +103,15 @@ class RedisStore:
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="redis-l2")
 
     async def stop(self) -> None:
+        # a flag, not only cancel(): redis-py's pubsub.get_message can swallow a cancellation
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
             try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+                await asyncio.wait_for(asyncio.shield(self._task), WATCH_POLL_S * 4)
+            except (TimeoutError, asyncio.CancelledError):
+                self._task.cancel()
+            except Exception:
+                log.exception("redis L2 watcher failed while stopping")
         try:
             await self._client.aclose()
         except _ERRORS:
@@ -174,7 +181,8 @@ class RedisStore:
 
     async def _drop(self, tags: Sequence[str]) -> int | None:
         keys = [*(self._version(t) for t in tags), *(self._tagset(t) for t in tags)]
-        result = await self._call(lambda: self._invalidate(keys=keys, args=[len(tags), VERSION_TTL_MS]))
+        result = await self._call(lambda: self._invalidate(keys=keys, args=[len(tags), VERSION_TTL_MS]),
+                                  critical=True)
         return None if result is None else int(result)
 
     def _remember(self, tags: Sequence[str]) -> None:
@@ -185,16 +193,29 @@ class RedisStore:
             self._pending.clear()
             self._lost = True
 
-    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T | None:
+    async def _call(self, fn: Callable[[], Awaitable[T]], *, critical: bool = False) -> T | None:
+        """None on failure. A connection error marks L2 down at once; timeouts only after
+        TIMEOUTS_FOR_OUTAGE in a row (a busy event loop makes single calls look slow), or at
+        once for `critical` calls (an invalidation that may not have landed is replayed)."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                return await fn()
+                result = await fn()
+        except TimeoutError as exc:
+            self._timeouts += 1
+            if critical or self._timeouts >= TIMEOUTS_FOR_OUTAGE:
+                self._set_down(exc)
+            else:
+                self.errors += 1
+            return None
         except _ERRORS as exc:
             self._set_down(exc)
             return None
+        self._timeouts = 0
+        return result
 
     def _set_down(self, exc: BaseException) -> None:
         self.errors += 1
+        self._timeouts = 0
         if self.up:
             self.up = False
             self.outages += 1
@@ -208,6 +229,9 @@ class RedisStore:
 
     async def _reconnect(self) -> bool:
         try:
+            if not self.up:  # pooled connections to a Redis that went away are dead: each
+                # would fail once and mark L2 down again (a flap per connection after a restart)
+                await self._client.connection_pool.disconnect()
             async with asyncio.timeout(max(1.0, self.timeout_s)):
                 await self._client.ping()
             if self._lost:
@@ -242,7 +266,7 @@ class RedisStore:
     async def _watch(self) -> None:
         """Reconnect while down; while up, listen for other gateways' invalidations."""
         pubsub: Any = None
-        while True:
+        while not self._stopping:
             try:
                 if not self.up:
                     await _close_pubsub(pubsub)
@@ -253,7 +277,7 @@ class RedisStore:
                 if pubsub is None:
                     pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                     await pubsub.subscribe(self._channel)
-                message = await pubsub.get_message(timeout=1.0)
+                message = await pubsub.get_message(timeout=WATCH_POLL_S)
                 if message is not None and message.get("type") == "message":
                     await self._received(message["data"])
             except asyncio.CancelledError:
@@ -265,6 +289,7 @@ class RedisStore:
             except Exception:  # a bad message or a bug: log, keep the loop alive
                 log.exception("redis L2 watcher iteration failed")
                 await asyncio.sleep(self.retry_s)
+        await _close_pubsub(pubsub)
 
     async def _received(self, data: bytes) -> None:
         try:

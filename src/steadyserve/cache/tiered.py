@@ -32,7 +32,7 @@ from ..config import CacheConfig
 from ..policies.affinity import stable_hash
 from ..policies.hitcurve import HitCurve, choose_capacity
 from ..policies.hotkeys import HotKeys
-from .memory import MemoryCache
+from .memory import ALL_TAGS, MemoryCache
 from .redis_store import RedisStore
 from .singleflight import Singleflight
 
@@ -92,10 +92,11 @@ class ResponseCache:
         if cfg.redis_url:
             self.l2 = RedisStore(cfg.redis_url, origin=origin, prefix=cfg.redis_prefix,
                                  timeout_s=cfg.redis_timeout_s, retry_s=cfg.redis_retry_s,
-                                 on_invalidate=self._remote_invalidate)
+                                 on_invalidate=self._remote_invalidate, on_state=self._l2_state)
         self._writes: asyncio.Queue[tuple[str, bytes, float, float, tuple[str, ...], list[str]]] = \
             asyncio.Queue(L2_WRITE_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
+        self._oneoff: set[asyncio.Future[object]] = set()
         self._mean_size = 1024.0  # running mean of stored payloads (the curve's size of a miss)
         self._stale_mode: dict[str, float] = {}  # deployment → serve stale without asking until
 
@@ -267,6 +268,20 @@ class ResponseCache:
             return [tokens.l2[t] for t in tags]
         except KeyError:
             return None
+
+    def _l2_state(self, up: bool) -> None:
+        """Back after an outage: invalidations other gateways published meanwhile never reached
+        this one (pub/sub does not replay), so drop every tagged answer here and tell the
+        replicas to do the same; untagged answers depend on no data and stay."""
+        if not up or self.l2 is None or self.l2.outages == 0:
+            return
+        dropped = self.l1.invalidate([ALL_TAGS], self.clock())
+        log.warning("redis L2 back after an outage: dropped %d tagged L1 entries that may have "
+                    "missed invalidations", dropped)
+        if self.on_remote_invalidate is not None:
+            task = asyncio.ensure_future(self.on_remote_invalidate([ALL_TAGS]))
+            self._oneoff.add(task)
+            task.add_done_callback(self._oneoff.discard)
 
     async def _remote_invalidate(self, tags: list[str]) -> None:
         """Another gateway changed this data: replicas first (so an answer computed after the L1

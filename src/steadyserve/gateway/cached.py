@@ -106,16 +106,19 @@ async def _fill(
     loop = asyncio.get_running_loop()
     pending = todo
     last_error: Exception | None = None
-    for _ in range(MAX_ROUNDS):
+    failed_rounds = 0
+    while failed_rounds < MAX_ROUNDS:
         led_keys, joined = cache.flights.claim(pending)
         led = [str(k) for k in led_keys]
         if led:
             await _lead(gw, h, r, led, pending, found, tokens, dispatch)
         again: dict[str, list[int]] = {}
+        leader_failed = False
         for flight_key, flight in joined.items():
             key = str(flight_key)
             try:
-                item = await asyncio.wait_for(Singleflight.wait(flight), max(0.0, deadline - loop.time()))
+                item, since = await asyncio.wait_for(Singleflight.wait(flight),
+                                                     max(0.0, deadline - loop.time()))
             except TimeoutError:
                 raise ReplicaTimeout("no answer within the request's deadline (it was waiting for "
                                      "an identical request's answer)") from None
@@ -123,12 +126,20 @@ async def _fill(
                 if gone.attributable and isinstance(gone.error, ClientError):
                     raise gone.error from None  # the same input is refused the same way
                 last_error = gone.error or last_error
+                leader_failed = True
+                again[key] = pending[key]
+                continue
+            tags = r.tags[pending[key][0]]
+            if tags and cache.l1.stale_since(tags, since):
+                # that call began before an update of its data: this request may have come
+                # after the update, so it must not take the old answer; ask again
                 again[key] = pending[key]
                 continue
             for i in pending[key]:
                 r.results[i], r.outcome[i] = item, "coalesced"
         if not again:
             return
+        failed_rounds += leader_failed
         pending = again
     # the leaders of these keys kept failing: answer with their error (or a stale copy), rather
     # than each waiter calling upstream too
@@ -166,7 +177,7 @@ async def _lead(
         tags = r.tags[i]
         if version_ok and tags is not None:
             cache.store(key, codec.encode(item), ttl_s=ttl, tags=tags, tokens=tokens)
-        cache.flights.resolve(key, item)
+        cache.flights.resolve(key, (item, tokens.l1))  # waiters check the epoch (see _fill)
         for j in pending[key]:
             r.results[j], r.outcome[j] = item, "miss"
 
@@ -227,7 +238,7 @@ async def _revalidate(gw: Gateway, d: Deployment, h: Handler, r: _Request, refre
         if version_ok and tags is not None:
             cache.store(key, codec.encode(item), ttl_s=h.spec.options.cache_ttl_s, tags=tags,
                         tokens=tokens)
-        cache.flights.resolve(key, item)
+        cache.flights.resolve(key, (item, tokens.l1))
 
 
 def _account(gw: Gateway, req: Request, d: Deployment, h: Handler, r: _Request) -> None:

@@ -199,8 +199,12 @@ class FeatureStore:
         try:
             yield
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+            # the client gets the operation and the error's kind; the address and the driver's
+            # words (hosts, ports, paths) go to the replica's log only
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DatabaseUnavailable(f"feature store {operation} failed ({self.url}): {detail}") from exc
+            log.warning("feature store %s failed (%s): %s", operation, self.url, detail)
+            raise DatabaseUnavailable(
+                f"feature store {operation} failed: {type(exc).__name__}; retry shortly") from exc
 
     @contextmanager
     def _connect(self, operation: str, *, write: bool = False) -> Iterator[Connection]:
