@@ -61,10 +61,12 @@ class _Invalidation:
 class MemoryCache:
     capacity_bytes: int
     policy_name: str = "tinylfu"
+    avg_entry_bytes: int = 1024  # sizes TinyLFU's frequency sketch (expected entries)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self) -> None:
-        self._policy: EvictionPolicy = make_policy(self.policy_name, max(0, self.capacity_bytes))
+        self._policy: EvictionPolicy = make_policy(self.policy_name, max(0, self.capacity_bytes),
+                                                   avg_entry_bytes=self.avg_entry_bytes)
         self._entries: dict[Hashable, Entry] = {}
         self._by_tag: dict[str, set[Hashable]] = {}
         self._epoch = 0

@@ -39,18 +39,16 @@ def encoded_size(value: Any) -> int:
         return 256
 
 
-_ABSENT: Any = object()
-
-
 class _Load:
-    """One key's load in flight; waiters read its outcome here (the cache may not keep it)."""
+    """One loader call in flight (for a group of keys); waiters read its outcome here, since
+    the cache may not keep a value. One Event per group, not per key: they cost ~2 µs each."""
 
-    __slots__ = ("done", "error", "since", "value")
+    __slots__ = ("done", "error", "since", "values")
 
     def __init__(self, since: int) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self.value: Any = _ABSENT
+        self.values: Mapping[Any, Any] = {}
         self.since = since  # the cache's invalidation epoch when the load began
 
 
@@ -58,7 +56,8 @@ class ReadThrough(Generic[K, V]):
     def __init__(
         self, *, name: str, capacity_bytes: int, ttl_s: float, policy: str = "tinylfu",
         retry_on: tuple[type[BaseException], ...] = (), attempts: int = 3, backoff_s: float = 0.05,
-        size_of: Callable[[Any], int] = encoded_size, clock: Callable[[], float] = time.monotonic,
+        size_of: Callable[[Any], int] = encoded_size, avg_entry_bytes: int = 512,
+        clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if attempts < 1 or ttl_s <= 0 or backoff_s < 0:
@@ -72,7 +71,7 @@ class ReadThrough(Generic[K, V]):
         self.clock = clock
         self.sleep = sleep
         self.enabled = capacity_bytes > 0
-        self._cache = MemoryCache(capacity_bytes, policy)
+        self._cache = MemoryCache(capacity_bytes, policy, avg_entry_bytes)
         self._lock = threading.Lock()
         self._loading: dict[K, _Load] = {}
         self.loads = 0  # loader calls
@@ -90,25 +89,25 @@ class ReadThrough(Generic[K, V]):
         found: dict[K, V] = {}
         if not self.enabled:
             return dict(self._load_retrying(load, wanted))
-        mine, theirs = self._claim(wanted, found)
+        mine, group, theirs = self._claim(wanted, found)
         if mine:
-            self._load_and_store(mine, load, tags, found)
+            self._load_and_store(mine, group, load, tags, found)
         for key, pending in theirs.items():
             pending.done.wait()
-            if pending.value is not _ABSENT:
+            if key in pending.values:
                 if self._invalidated_since(tags(key), pending.since):
                     # that load began before an update of the row; this caller may have come
                     # after it, so it must not take the old row: load afresh
-                    self._load_and_store([key], load, tags, found)
+                    self._load_and_store([key], self._claim_again([key]), load, tags, found)
                 else:
-                    found[key] = pending.value
+                    found[key] = pending.values[key]
             elif isinstance(pending.error, DependencyUnavailable):
                 # its loader already retried `attempts` times: more tries from every waiter
                 # would only pile onto a database that is down
                 raise DependencyUnavailable(pending.error.message,
                                             retry_after_s=pending.error.retry_after_s) from pending.error
-            elif pending.error is not None:
-                self._load_and_store([key], load, tags, found)  # its loader failed: try ourselves
+            elif pending.error is not None:  # its loader failed: try ourselves
+                self._load_and_store([key], self._claim_again([key]), load, tags, found)
             # else: the loader found nothing for it (an unknown key)
         return found
 
@@ -131,12 +130,13 @@ class ReadThrough(Generic[K, V]):
             }
 
     # internals --------------------------------------------------------------------------------
-    def _claim(self, wanted: Sequence[K], found: dict[K, V]) -> tuple[list[K], dict[K, _Load]]:
+    def _claim(self, wanted: Sequence[K], found: dict[K, V]) -> tuple[list[K], _Load, dict[K, _Load]]:
         """Under the lock: take cached values, join loads in flight, claim the rest."""
         mine: list[K] = []
         theirs: dict[K, _Load] = {}
         now = self.clock()
         with self._lock:
+            group = _Load(self._cache.epoch())
             for key in wanted:
                 entry = self._cache.get(key, now)
                 if entry is not None and entry.fresh(now):
@@ -147,18 +147,23 @@ class ReadThrough(Generic[K, V]):
                     theirs[key] = pending
                     self.coalesced += 1
                 else:
-                    self._loading[key] = _Load(self._cache.epoch())
+                    self._loading[key] = group
                     mine.append(key)
-        return mine, theirs
+        return mine, group, theirs
+
+    def _claim_again(self, keys: list[K]) -> _Load:
+        """A new load of keys whose first load failed or went stale (waiters may join it)."""
+        with self._lock:
+            group = _Load(self._cache.epoch())
+            for key in keys:
+                self._loading.setdefault(key, group)
+            return group
 
     def _load_and_store(
-        self, keys: list[K], load: Callable[[list[K]], Mapping[K, V]],
+        self, keys: list[K], group: _Load, load: Callable[[list[K]], Mapping[K, V]],
         tags: Callable[[K], Iterable[str]], found: dict[K, V],
     ) -> None:
-        with self._lock:
-            since = self._cache.epoch()
-            for key in keys:
-                self._loading.setdefault(key, _Load(since))
+        since = group.since
         error: BaseException | None = None
         values: Mapping[K, V] = {}
         try:
@@ -177,13 +182,12 @@ class ReadThrough(Generic[K, V]):
                         found[key] = value
         finally:
             with self._lock:
+                group.error = error
+                group.values = values
                 for key in keys:
-                    pending = self._loading.pop(key, None)
-                    if pending is not None:
-                        pending.error = error
-                        if key in values:
-                            pending.value = values[key]
-                        pending.done.set()
+                    if self._loading.get(key) is group:
+                        del self._loading[key]
+                group.done.set()
 
     def _invalidated_since(self, tags: Iterable[str], since: int) -> bool:
         with self._lock:

@@ -81,7 +81,7 @@ class ResponseCache:
         self.cfg = cfg
         self.clock = clock
         self.origin = origin
-        self.l1 = MemoryCache(cfg.l1_bytes, cfg.policy)
+        self.l1 = MemoryCache(cfg.l1_bytes, cfg.policy, avg_entry_bytes=1024)
         self.flights = Singleflight()
         self.curve = HitCurve(sample_rate=0.1, max_samples=8192)  # fixed size: the rate falls as keys grow
         self.hot = HotKeys(cfg.hot_keys)

@@ -53,6 +53,9 @@ DECLINE_AT: Final = 0.5
 MAX_AMOUNT: Final = 1e9  # exclusive; amounts must also be > 0
 DEFAULT_FEATURE_CACHE_BYTES: Final = 32 << 20
 FEATURE_CACHE_TTL_S: Final = 60.0
+# every feature row has the same columns: ~190 bytes as msgpack (measured 173 + updated_at).
+# A constant spares encoding each row just to weigh it (it doubled the cost of a miss).
+FEATURE_ROW_BYTES: Final = 192
 
 
 class Transaction(TypedDict):
@@ -163,6 +166,7 @@ class RiskScorer(steadyserve.Service):
         self.features = ReadThrough(
             name="risk_features", capacity_bytes=cache_bytes, ttl_s=FEATURE_CACHE_TTL_S,
             policy="tinylfu", retry_on=(DatabaseUnavailable,), attempts=3, backoff_s=0.05,
+            size_of=lambda _row: FEATURE_ROW_BYTES, avg_entry_bytes=FEATURE_ROW_BYTES + 120,
         )
 
     def teardown(self) -> None:
