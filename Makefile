@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench bench-deps clean
+.PHONY: install run test test-fast lint bench bench-cache bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,6 +36,9 @@ bench-deps: install
 
 bench: bench-deps  ## benchmarks/README.md says what each prints
 	$(BIN)/python benchmarks/serving.py
+
+bench-cache: bench-deps  ## response cache, feature cache, affinity (benchmarks/README.md)
+	$(BIN)/python benchmarks/cache.py
 
 clean:
 	rm -rf $(VENV) .steadyserve .pytest_cache .mypy_cache .ruff_cache
