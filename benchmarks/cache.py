@@ -287,7 +287,8 @@ def simulate(trace: Sequence[int], policy: str, entry_bytes: int, capacity: int)
 
 def simulate_sized_sketch(trace: Sequence[int], entry_bytes: int, capacity: int) -> float:
     """W-TinyLFU with its sketch sized for the real entry count (`TinyLfuPolicy(avg_entry_bytes=
-    entry_bytes)`; MemoryCache always sizes it for 4 KiB entries), driven as MemoryCache drives it."""
+    entry_bytes)`; MemoryCache sizes it for `avg_entry_bytes`, 1 KiB unless told), driven as
+    MemoryCache drives it."""
     from steadyserve.policies.eviction import TinyLfuPolicy
 
     policy = TinyLfuPolicy(capacity, avg_entry_bytes=entry_bytes)
@@ -323,8 +324,7 @@ def phase_hit_ratio(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
     res["hit_ratio"] = out
     sec = "hit ratio"
     start = len(rows)
-    entry = 4096  # bytes per entry as MemoryCache counts them (value + ENTRY_OVERHEAD_BYTES):
-    # the size TinyLfuPolicy sizes its sketch for by default (avg_entry_bytes)
+    entry = 4096  # bytes per entry as MemoryCache counts them (value + ENTRY_OVERHEAD_BYTES)
     small = 320  # about a risk feature row (~195 B of msgpack + 120 B overhead)
     n, k = b.requests, b.keys
     cap_entries = k // 20
@@ -334,7 +334,7 @@ def phase_hit_ratio(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
     streams.append(("zipf-1.0", "Zipf(1.0)", z10, entry))
     streams.append(("zipf-0.8", "Zipf(0.8)", zipf_keys(k, n, 0.8, b.seed), entry))
     streams.append(("scan-mix", "Zipf(1.0) + 20 % one-time scan keys", scan_mix(k, n, b.seed), entry))
-    streams.append(("zipf-1.0-small", f"Zipf(1.0), {small} B entries (sketch sized for 4 KiB)",
+    streams.append(("zipf-1.0-small", f"Zipf(1.0), {small} B entries (MemoryCache's sketch: 1 KiB entries)",
                     z10, small))
     out["streams"] = {}
     results = {}
