@@ -206,6 +206,7 @@ class CacheConfig:
     redis_timeout_s: float = 0.1  # an L2 call slower than this is skipped; 3 in a row: an outage
     redis_retry_s: float = 1.0  # while L2 is down, try to reconnect this often
     redis_prefix: str = "steadyserve:"
+    invalidation_ack_timeout_s: float = 1.0  # wait this long for other gateways to drop their copies
     stale_while_revalidate_s: float = 30.0  # after the TTL: serve stale at once, refresh in background
     stale_if_error_s: float = 300.0  # after the TTL: serve stale (marked) when the replicas fail
     affinity: bool = True  # route cacheable requests by key: consistent hashing with bounded loads
@@ -225,6 +226,8 @@ class CacheConfig:
                               f"got {self.redis_url!r}")
         if min(self.redis_timeout_s, self.redis_retry_s, self.autosize_interval_s) <= 0:
             raise ConfigError("[cache] redis_timeout_s, redis_retry_s, autosize_interval_s must be > 0")
+        if self.invalidation_ack_timeout_s < 0:
+            raise ConfigError("[cache] invalidation_ack_timeout_s must be >= 0")
         if self.stale_while_revalidate_s < 0 or self.stale_if_error_s < 0:
             raise ConfigError("[cache] stale windows must be >= 0")
         if self.affinity_balance < 1:

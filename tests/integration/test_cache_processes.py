@@ -10,7 +10,8 @@
   * every replica killed: stale-if-error answers the cached keys, 503 fast for the rest;
   * bugs found while writing these tests, now fixed: a read after an update never joins an
     older computation; a gateway back from an L2 outage drops what may have missed
-    invalidations; and one known limitation as a strict xfail (its reason says which).
+    invalidations; and an invalidation on one gateway is seen by the next read on another
+    (the writer waits for the other gateways' acknowledgements).
 
 PostgreSQL (127.0.0.1:5432, or STEADYSERVE_TEST_POSTGRES_URL) runs in a fresh schema per test
 and the shared Redis (127.0.0.1:6379, or STEADYSERVE_TEST_REDIS_URL) under a fresh key
@@ -585,6 +586,7 @@ def test_two_gateways_share_the_redis_l2(shared_redis: tuple[str, str], serve: S
         body = inv.json()
         print(f"  invalidate on A: {body}")
         assert body["l2"] == "up" and body["l2_dropped"] == 1
+        assert body["other_gateways"] == {"acknowledged": 1, "expected": 1}
 
         outcomes: list[str] = []
 
@@ -594,10 +596,11 @@ def test_two_gateways_share_the_redis_l2(shared_redis: tuple[str, str], serve: S
             outcomes.append(r.headers[CACHE])
             return outcomes[-1] == "miss"
 
-        # pub/sub is asynchronous: B may answer from its L1 for a moment (see the xfail below)
+        # B acknowledged before A answered: its very first answer is a miss
         seen_s = wait_for("B's L1 drops the entry", b_miss, 2, every_s=0.01)
         print(f"  B's outcomes after A's invalidate returned: {outcomes} (miss after "
               f"{seen_s * 1000:.0f} ms)")
+        assert outcomes[0] == "miss", outcomes
         assert cb.post("/v1/deployments/echo/calls", json={}).json()["calls"] == 1
         assert time.monotonic() - t0 < 2
         # A's L1 dropped it too; B's fresh answer reaches A through L2
@@ -743,18 +746,14 @@ def test_all_replicas_killed_stale_if_error(serve: Serve, tmp_path: Path) -> Non
     print(f"  stopped in {time.monotonic() - t0:.2f} s, nothing left behind")
 
 
-# ---- consistency corners (the xfail is a documented limitation: an XPASS means it was lifted) --
+# ---- consistency corners ----------------------------------------------------------------------
 
 def require(ok: bool, what: str) -> None:
-    """A precondition of an xfail test: its failure is a real failure, not the expected one."""
+    """A precondition of a corner-case test: says which setup step failed, apart from the check."""
     if not ok:
         raise RuntimeError(f"precondition failed: {what}")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "documented limitation (README, 'No stale reads after a write'): cross-gateway invalidation "
-    "is asynchronous: RedisStore.invalidate publishes and returns; another gateway drops its "
-    "L1 copies when the message arrives, milliseconds later"))
 def test_invalidation_on_one_gateway_is_seen_by_the_next_read_on_another(
         shared_redis: tuple[str, str], serve: Serve, tmp_path: Path) -> None:
     url, prefix = shared_redis

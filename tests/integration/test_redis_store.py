@@ -97,6 +97,37 @@ async def test_invalidations_reach_the_other_gateway_and_not_the_sender(prefix: 
         await b.stop()
 
 
+async def test_the_sender_waits_until_the_other_gateways_dropped_their_copies(prefix: str) -> None:
+    dropped_at: list[float] = []
+
+    async def slow_drop(tags: list[str]) -> None:
+        await asyncio.sleep(0.3)  # e.g. telling its replicas
+        dropped_at.append(time.monotonic())
+
+    a = await store(prefix, "a")
+    b = await store(prefix, "b", on_invalidate=slow_drop)
+    c = await store(prefix, "c", on_invalidate=slow_drop)
+    try:
+        await asyncio.sleep(0.5)  # all subscribed
+        started = time.monotonic()
+        await a.invalidate(["account:5"])
+        returned = time.monotonic()
+        assert a.last_acks == (2, 2)
+        assert len(dropped_at) == 2 and max(dropped_at) <= returned
+        assert 0.3 <= returned - started < 1.0
+        c.ack_timeout_s = 0.2  # a slow gateway delays the writer at most this long
+        b.on_invalidate = lambda tags: asyncio.sleep(5)
+        started = time.monotonic()
+        await c.invalidate(["account:6"])
+        assert c.last_acks == (1, 2) and c.ack_timeouts == 1  # a answered, b did not in time
+        assert time.monotonic() - started < 0.6
+    finally:
+        for s in (a, b, c):
+            s._stopping = True
+        for s in (a, b, c):
+            await s.stop()
+
+
 async def test_a_gateway_sees_entries_another_stored_and_drops_them_on_invalidation(prefix: str) -> None:
     cfg = CacheConfig(redis_url=REDIS_URL, redis_prefix=prefix, redis_timeout_s=0.5)
     one, two = ResponseCache(cfg, origin="one"), ResponseCache(cfg, origin="two")

@@ -11,7 +11,10 @@ Layout under the prefix `P` (default "steadyserve:"):
     P e:<key>     an entry: msgpack [payload, fresh_until, keep_until, tags], expires at keep_until
     P t:<tag>     set of entry keys carrying the tag (expires with its longest-lived entry)
     P v:<tag>     the tag's version, bumped by every invalidation
-    P inval       pub/sub channel: {"o": origin gateway, "t": [tags]}
+    P inval       pub/sub channel: {"o": origin gateway, "t": [tags], "id": message id}
+    P ack:<id>    list the other gateways push to once they dropped their copies; the sender
+                  waits for as many as PUBLISH reached (at most ack_timeout_s), so on healthy
+                  gateways an invalidation is everywhere before the writer's client hears back
 Writes go through a script that checks the tag versions read before the load began: an answer
 computed from data that was invalidated meanwhile is refused, on every gateway.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -73,7 +77,7 @@ class RedisStore:
     def __init__(
         self, url: str, *, origin: str, prefix: str = "steadyserve:", timeout_s: float = 0.05,
         retry_s: float = 1.0, on_invalidate: Callable[[list[str]], Awaitable[object]] | None = None,
-        on_state: Callable[[bool], None] | None = None,
+        on_state: Callable[[bool], None] | None = None, ack_timeout_s: float = 1.0,
     ) -> None:
         self.url = url
         self.origin = origin
@@ -95,6 +99,10 @@ class RedisStore:
         self._task: asyncio.Task[None] | None = None
         self._timeouts = 0  # consecutive timed-out calls
         self._stopping = False
+        self._subscribed = False  # our own subscriber counts among PUBLISH's receivers
+        self.ack_timeout_s = ack_timeout_s
+        self.ack_timeouts = 0  # invalidations not acknowledged by every other gateway in time
+        self.last_acks = (0, 0)  # (acknowledged, expected) of the last invalidation
         self._channel = (prefix + "inval").encode()
 
     # lifecycle ------------------------------------------------------------------------------
@@ -165,9 +173,40 @@ class RedisStore:
         if dropped is None:
             self._remember(tags)
             return None
-        message = msgpack.packb({"o": self.origin, "t": list(tags)}, use_bin_type=True)
-        await self._call(lambda: self._client.publish(self._channel, message))
+        msg_id = uuid.uuid4().hex
+        message = msgpack.packb({"o": self.origin, "t": list(tags), "id": msg_id}, use_bin_type=True)
+        receivers = await self._call(lambda: self._client.publish(self._channel, message))
+        others = max(0, int(receivers or 0) - (1 if self._subscribed else 0))
+        self.last_acks = (await self._await_acks(msg_id, others), others)
         return dropped
+
+    async def _await_acks(self, msg_id: str, expected: int) -> int:
+        """Wait (at most ack_timeout_s) until the other gateways say they dropped their copies:
+        each pushes to a list once its replicas and its L1 are done."""
+        if expected <= 0 or self.ack_timeout_s <= 0:
+            return 0
+        key = f"{self.prefix}ack:{msg_id}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_timeout_s
+        got = 0
+        try:
+            while got < expected:
+                remaining = deadline - loop.time()
+                if remaining <= 0.001:
+                    break
+                async with asyncio.timeout(remaining + 0.25):
+                    reply = await self._client.blpop([key], timeout=remaining)
+                if reply is None:
+                    break
+                got += 1
+        except (*_ERRORS, TimeoutError) as exc:
+            log.warning("waiting for invalidation acknowledgements failed: %s", exc)
+        if got < expected:
+            self.ack_timeouts += 1
+            log.warning("invalidation acknowledged by %d of %d other gateways within %.1fs; the "
+                        "rest drop their copies when the message reaches them", got, expected,
+                        self.ack_timeout_s)
+        return got
 
     # internals --------------------------------------------------------------------------------
     def _entry(self, key: str) -> str:
@@ -271,12 +310,14 @@ class RedisStore:
                 if not self.up:
                     await _close_pubsub(pubsub)
                     pubsub = None
+                    self._subscribed = False
                     if not await self._reconnect():
                         await asyncio.sleep(self.retry_s)
                         continue
                 if pubsub is None:
                     pubsub = self._client.pubsub(ignore_subscribe_messages=True)
                     await pubsub.subscribe(self._channel)
+                    self._subscribed = True
                 message = await pubsub.get_message(timeout=WATCH_POLL_S)
                 if message is not None and message.get("type") == "message":
                     await self._received(message["data"])
@@ -295,11 +336,24 @@ class RedisStore:
         try:
             body = msgpack.unpackb(data, raw=False)
             origin, tags = body["o"], [str(t) for t in body["t"]]
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+            msg_id = str(body.get("id", ""))
+        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
             log.warning("ignoring a malformed invalidation message on %s", self._channel)
             return
-        if origin != self.origin and self.on_invalidate is not None:
+        if origin == self.origin:
+            return
+        if self.on_invalidate is not None:
             await self.on_invalidate(tags)
+        if msg_id:  # the sender waits for this before its client hears back
+            key = f"{self.prefix}ack:{msg_id}"
+
+            async def ack() -> None:
+                pipe = self._client.pipeline(transaction=False)
+                pipe.rpush(key, self.origin)
+                pipe.pexpire(key, 60_000)
+                await pipe.execute()
+
+            await self._call(ack)
 
 
 async def _close_pubsub(pubsub: Any) -> None:

@@ -92,7 +92,8 @@ class ResponseCache:
         if cfg.redis_url:
             self.l2 = RedisStore(cfg.redis_url, origin=origin, prefix=cfg.redis_prefix,
                                  timeout_s=cfg.redis_timeout_s, retry_s=cfg.redis_retry_s,
-                                 on_invalidate=self._remote_invalidate, on_state=self._l2_state)
+                                 on_invalidate=self._remote_invalidate, on_state=self._l2_state,
+                                 ack_timeout_s=cfg.invalidation_ack_timeout_s)
         self._writes: asyncio.Queue[tuple[str, bytes, float, float, tuple[str, ...], list[str]]] = \
             asyncio.Queue(L2_WRITE_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
@@ -199,10 +200,15 @@ class ResponseCache:
         dropped = self.l1.invalidate(tags, self.clock())
         self.counters.invalidations += len(tags)
         l2: int | None = None
+        body: dict[str, Any] = {"tags": tags, "l1_dropped": dropped}
         if publish and self.l2 is not None:
             l2 = await self.l2.invalidate(tags)
-        return {"tags": tags, "l1_dropped": dropped, "l2_dropped": l2,
-                "l2": "off" if self.l2 is None else ("up" if self.l2.up else "down: replayed later")}
+            if l2 is not None:
+                acked, expected = self.l2.last_acks
+                body["other_gateways"] = {"acknowledged": acked, "expected": expected}
+        body["l2_dropped"] = l2
+        body["l2"] = "off" if self.l2 is None else ("up" if self.l2.up else "down: replayed later")
+        return body
 
     def serve_stale(self, deployment: str, seconds: float) -> None:
         """Emergency response: answer this deployment's cacheable requests from any entry
@@ -241,6 +247,7 @@ class ResponseCache:
             "l2": None if self.l2 is None else {
                 "up": self.l2.up, "errors": self.l2.errors, "outages": self.l2.outages,
                 "writes": self.counters.l2_writes, "refused_writes": self.counters.l2_refused,
+                "unacknowledged_invalidations": self.l2.ack_timeouts,
                 "dropped_writes": self.counters.l2_dropped,
             },
             "singleflight": {"in_flight": len(self.flights), "coalesced": self.flights.coalesced},
@@ -396,6 +403,8 @@ class CacheCollector(Collector):
             for name, doc, value in (
                 ("steadyserve_cache_l2_errors", "Redis calls that failed or timed out", c.l2.errors),
                 ("steadyserve_cache_l2_outages", "Times L2 went down", c.l2.outages),
+                ("steadyserve_cache_invalidation_ack_timeouts",
+                 "Invalidations some other gateway did not acknowledge in time", c.l2.ack_timeouts),
                 ("steadyserve_cache_l2_writes", "Entries written to L2", c.counters.l2_writes),
                 ("steadyserve_cache_l2_writes_dropped", "L2 writes not sent (L2 down or queue full)",
                  c.counters.l2_dropped),
