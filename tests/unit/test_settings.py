@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -251,4 +252,34 @@ def test_bad_env_is_config_error(tmp_path, env, match):
 def test_non_table_section_is_config_error(tmp_path, text):
     write(tmp_path, text)
     with pytest.raises(ConfigError):
+        load(tmp_path)
+
+
+# --- [cache] ----------------------------------------------------------------------------------
+
+
+def test_cache_section_flag_and_env_for_redis(tmp_path):
+    write(tmp_path, '[cache]\nl1_bytes = 1048576\npolicy = "lru"\nredis_url = "redis://file:6379/0"\n')
+    config = load(tmp_path)
+    assert (config.cache.l1_bytes, config.cache.policy, config.cache.redis_url) == (
+        1048576, "lru", "redis://file:6379/0")
+    env = {"STEADYSERVE_REDIS_URL": "redis://env:6379/1"}
+    assert load(tmp_path, env=env).cache.redis_url == "redis://env:6379/1"
+    flags = {"redis_url": "redis://flag:6379/2"}
+    assert load(tmp_path, env=env, flags=flags).cache.redis_url == "redis://flag:6379/2"
+    assert load(tmp_path, env={"STEADYSERVE_REDIS_URL": ""}).cache.redis_url is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[cache]\npolicy = "lfu"\n', "policy must be one of"),
+    ('[cache]\nredis_url = "http://x"\n', "redis_url must be"),
+    ("[cache]\nl1_min_bytes = 10\nl1_max_bytes = 5\n", "l1_min_bytes <= l1_max_bytes"),
+    ("[cache]\naffinity_balance = 0.5\n", "affinity_balance"),
+    ("[cache]\nstale_if_error_s = -1\n", "stale windows"),
+    ("[cache]\nbogus = 1\n", "unknown setting 'bogus'"),
+    ('cache = "on"\n', "[cache] must be a table"),
+])
+def test_bad_cache_settings_are_refused_with_the_reason(tmp_path, text, message):
+    write(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load(tmp_path)
