@@ -226,6 +226,64 @@ def _normalise_url(url: str) -> URL:
 
 # ---- the wrapper -------------------------------------------------------------------------
 
+def make_engine(
+    url: URL, *, connect_timeout_s: float, busy_timeout_s: float, statement_timeout_s: float,
+    pool_size: int = 5, on_sqlite_connect: Callable[[Any], None] | None = None,
+) -> Engine:
+    """An engine with every wait bounded: pool checkout, connect (PostgreSQL), statements
+    (PostgreSQL), locks (SQLite busy timeout). Pooled connections are pinged before use, so a
+    database that went away and came back is reconnected to by itself. SQLite files get WAL;
+    `on_sqlite_connect(dbapi_connection)` may add what a caller needs (functions, pragmas).
+    Shared by `Database` and services' own stores (the risk example's features)."""
+    if url.drivername.startswith("postgresql"):
+        engine = create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_timeout=connect_timeout_s,  # waiting for a free connection is bounded too
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            # libpq takes whole seconds (and treats 1 as 2)
+            connect_args={"connect_timeout": max(1, math.ceil(connect_timeout_s))},
+        )
+        statement_ms = max(1, int(statement_timeout_s * 1000))
+
+        @event.listens_for(engine, "connect")
+        def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute(f"SET statement_timeout = {statement_ms}")
+            cur.close()
+            dbapi_conn.commit()
+
+        return engine
+
+    database = url.database or ""
+    in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
+    if not in_memory:
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    connect_args = {"check_same_thread": False, "timeout": busy_timeout_s}
+    if in_memory:  # one connection shared by all threads, or each would see its own database
+        engine = create_engine(url, poolclass=StaticPool, connect_args=connect_args)
+    else:
+        engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                               pool_timeout=connect_timeout_s, pool_pre_ping=True,
+                               connect_args=connect_args)
+    busy_ms = max(0, int(busy_timeout_s * 1000))
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        if not in_memory:
+            _enable_wal(cur, busy_timeout_s)
+            cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+        if on_sqlite_connect is not None:
+            on_sqlite_connect(dbapi_conn)
+
+    return engine
+
+
 class Database:
     """All database access of steadyserve. Construct once per process; `close()` at shutdown."""
 
@@ -243,7 +301,9 @@ class Database:
         self._closed = False
         self._lock = threading.Lock()  # guards _closed against a concurrent close()
         with self._mapped("open"):
-            self._engine = self._make_engine(connect_timeout_s, busy_timeout_s, statement_timeout_s)
+            self._engine = make_engine(self._url, connect_timeout_s=connect_timeout_s,
+                                       busy_timeout_s=busy_timeout_s,
+                                       statement_timeout_s=statement_timeout_s)
         try:
             with self._mapped("schema setup"):
                 self._init_schema()
@@ -251,64 +311,7 @@ class Database:
             self._engine.dispose()
             raise
 
-    # -- engine and schema --
-
-    def _make_engine(
-        self, connect_timeout_s: float, busy_timeout_s: float, statement_timeout_s: float
-    ) -> Engine:
-        if self.dialect == "postgresql":
-            engine = create_engine(
-                self._url,
-                pool_size=5,
-                max_overflow=5,
-                pool_timeout=connect_timeout_s,
-                pool_pre_ping=True,
-                pool_recycle=1800,
-                # libpq takes whole seconds (and treats 1 as 2)
-                connect_args={"connect_timeout": max(1, math.ceil(connect_timeout_s))},
-            )
-            statement_ms = max(1, int(statement_timeout_s * 1000))
-
-            @event.listens_for(engine, "connect")
-            def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute(f"SET statement_timeout = {statement_ms}")
-                cur.close()
-                dbapi_conn.commit()
-
-            return engine
-
-        database = self._url.database or ""
-        in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
-        if not in_memory:
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        busy_ms = max(0, int(busy_timeout_s * 1000))
-        if in_memory:
-            # one connection shared by all threads, or each thread would see its own database
-            engine = create_engine(
-                self._url,
-                poolclass=StaticPool,
-                connect_args={"check_same_thread": False, "timeout": busy_timeout_s},
-            )
-        else:
-            engine = create_engine(
-                self._url,
-                pool_size=5,
-                max_overflow=5,
-                pool_timeout=connect_timeout_s,
-                connect_args={"check_same_thread": False, "timeout": busy_timeout_s},
-            )
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            if not in_memory:
-                _enable_wal(cur, busy_timeout_s)
-                cur.execute("PRAGMA synchronous = NORMAL")
-            cur.close()
-
-        return engine
+    # -- schema --
 
     def _init_schema(self) -> None:
         with self._engine.begin() as conn:

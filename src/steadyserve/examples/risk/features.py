@@ -35,7 +35,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Final
 
 from sqlalchemy import (
@@ -43,13 +42,10 @@ from sqlalchemy import (
     Column,
     Connection,
     Double,
-    Engine,
     MetaData,
     Table,
     Text,
     cast,
-    create_engine,
-    event,
     func,
     insert,
     select,
@@ -59,12 +55,11 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateTable
 
 from ...errors import NotFound
 from ...store import DatabaseUnavailable
-from ...store.database import _enable_wal, _normalise_url
+from ...store.database import _normalise_url, make_engine
 from . import data
 
 log = logging.getLogger(__name__)
@@ -135,62 +130,21 @@ class FeatureStore:
         self._closed = False
         self._lock = threading.Lock()  # guards _closed against a concurrent close()
         with self._mapped("open"):
-            self._engine = self._make_engine(connect_timeout_s, busy_timeout_s, statement_timeout_s,
-                                             pool_size)
+            self._engine = make_engine(
+                self._url, connect_timeout_s=connect_timeout_s, busy_timeout_s=busy_timeout_s,
+                statement_timeout_s=statement_timeout_s, pool_size=pool_size,
+                on_sqlite_connect=self._on_sqlite_connect)
 
-    # -- engine --
-
-    def _make_engine(self, connect_timeout_s: float, busy_timeout_s: float,
-                     statement_timeout_s: float, pool_size: int) -> Engine:
-        if self.dialect == "postgresql":
-            engine = create_engine(
-                self._url,
-                pool_size=pool_size,
-                max_overflow=pool_size,
-                pool_timeout=connect_timeout_s,  # waiting for a free connection is bounded too
-                pool_pre_ping=True,
-                pool_recycle=1800,
-                # libpq takes whole seconds (and treats 1 as 2)
-                connect_args={"connect_timeout": max(1, math.ceil(connect_timeout_s))},
-            )
-            statement_ms = max(1, int(statement_timeout_s * 1000))
-
-            @event.listens_for(engine, "connect")
-            def _pg_on_connect(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute(f"SET statement_timeout = {statement_ms}")
-                cur.close()
-                dbapi_conn.commit()
-
-            return engine
-
-        database = self._url.database or ""
-        in_memory = database in ("", ":memory:") or database.startswith("file::memory:")
-        if not in_memory:
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        connect_args = {"check_same_thread": False, "timeout": busy_timeout_s}
-        if in_memory:  # one connection for all threads, or each would see its own database
-            engine = create_engine(self._url, poolclass=StaticPool, connect_args=connect_args)
-        else:
-            engine = create_engine(self._url, pool_size=pool_size, max_overflow=pool_size,
-                                   pool_timeout=connect_timeout_s, pool_pre_ping=True,
-                                   connect_args=connect_args)
-        busy_ms = max(0, int(busy_timeout_s * 1000))
-
-        @event.listens_for(engine, "connect")
-        def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
-            cur = dbapi_conn.cursor()
-            cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            if not in_memory:
-                _enable_wal(cur, busy_timeout_s)
-                cur.execute("PRAGMA synchronous = NORMAL")
-            try:
-                cur.execute("SELECT sqrt(4.0)")
-            except sqlite3.OperationalError:  # SQLite built without its math functions
-                dbapi_conn.create_function("sqrt", 1, math.sqrt, deterministic=True)
+    @staticmethod
+    def _on_sqlite_connect(dbapi_conn: Any) -> None:
+        """The Welford update needs sqrt(); some SQLite builds lack the math functions."""
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute("SELECT sqrt(4.0)")
+        except sqlite3.OperationalError:
+            dbapi_conn.create_function("sqrt", 1, math.sqrt, deterministic=True)
+        finally:
             cur.close()
-
-        return engine
 
     # -- error mapping --
 
