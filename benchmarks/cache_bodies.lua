@@ -10,7 +10,7 @@
 --          sent twice until the file wraps, whatever -t is).
 -- HEADER:  extra request headers as "Name: value", e.g. "Cache-Control: no-store".
 -- Requests are built once in init(); there is no response() callback (it would slow wrk):
--- non-2xx/3xx answers are wrk's own summary.errors.status. done() prints the same
+-- non-2xx/3xx answers are wrk's own summary.errors.status. done() (from wrk/result.lua) prints the same
 -- "WRK_RESULT {json}" line as wrk/corpus.lua.
 
 local requests = {}
@@ -59,18 +59,5 @@ function request()
   return r
 end
 
-function done(summary, latency, requests_stats)
-  local e = summary.errors
-  io.write(string.format(
-    "WRK_RESULT {\"requests\":%.0f,\"duration_us\":%.0f,\"bytes\":%.0f," ..
-    "\"connect\":%.0f,\"read\":%.0f,\"write\":%.0f,\"status\":%.0f,\"timeout\":%.0f," ..
-    "\"p50_us\":%.0f,\"p90_us\":%.0f,\"p99_us\":%.0f,\"mean_us\":%.1f,\"max_us\":%.0f}\n",
-    summary.requests, summary.duration, summary.bytes,
-    e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency.mean, latency.max))
-  io.write(string.format("latency p50 %.2f ms  p90 %.2f ms  p99 %.2f ms;  " ..
-    "2xx/3xx %.0f  non-2xx/3xx %.0f  socket errors %.0f\n",
-    latency:percentile(50) / 1000, latency:percentile(90) / 1000, latency:percentile(99) / 1000,
-    summary.requests - e.status, e.status, e.connect + e.read + e.write + e.timeout))
-end
+-- done(): the shared WRK_RESULT printer, next to this script
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "wrk/result.lua")
