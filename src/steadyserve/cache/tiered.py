@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -69,7 +69,6 @@ class _Counters:
     invalidations: int = 0
     resizes: int = 0
     refreshes: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class ResponseCache:

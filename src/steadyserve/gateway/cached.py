@@ -157,13 +157,10 @@ async def _lead(
     cache = gw.cache
     assert cache is not None
     first = [pending[k][0] for k in led]
-    values = [r.values[i] for i in first]
-    upstream_args = {h.item_param: values} if r.batched else r.values[0]
+    args, affinity = _upstream(h, r, first)
     try:
-        out, answered = await dispatch(upstream_args, affinity_value(h.spec.options.affinity, values[0]))
-        items = list(out) if r.batched else [out]
-        if len(items) != len(led):
-            raise HandlerFailed(f"batched handler returned {len(items)} results for {len(led)} inputs")
+        out, answered = await dispatch(args, affinity)
+        items = _items(r, out, len(led))
     except BaseException as exc:
         cache.flights.abandon(led, error=exc if isinstance(exc, Exception) else None,
                               attributable=len(led) == 1)
@@ -171,15 +168,39 @@ async def _lead(
                                                        led, pending, found, r):
             return
         raise
-    version_ok = answered is None or answered == r.version
-    ttl = h.spec.options.cache_ttl_s
-    for key, item, i in zip(led, items, first, strict=True):
-        tags = r.tags[i]
-        if version_ok and tags is not None:
-            cache.store(key, codec.encode(item), ttl_s=ttl, tags=tags, tokens=tokens)
-        cache.flights.resolve(key, (item, tokens.l1))  # waiters check the epoch (see _fill)
+    _keep(gw, h, r, led, first, items, answered, tokens)
+    for key, item in zip(led, items, strict=True):
         for j in pending[key]:
             r.results[j], r.outcome[j] = item, "miss"
+
+
+def _upstream(h: Handler, r: _Request, indices: list[int]) -> tuple[dict[str, Any], str | None]:
+    """The upstream call's arguments for these items, and its routing key (the first item's)."""
+    values = [r.values[i] for i in indices]
+    args = {h.item_param: values} if r.batched else r.values[0]
+    return args, affinity_value(h.spec.options.affinity, values[0])
+
+
+def _items(r: _Request, out: Any, expected: int) -> list[Any]:
+    items = list(out) if r.batched else [out]
+    if len(items) != expected:
+        raise HandlerFailed(f"batched handler returned {len(items)} results for {expected} inputs")
+    return items
+
+
+def _keep(gw: Gateway, h: Handler, r: _Request, keys: list[str], indices: list[int],
+          items: list[Any], answered: str | None, tokens: Tokens) -> None:
+    """Store fresh answers (only from the model version the keys name) and hand them to the
+    requests waiting on them, with the epoch their computation began at (see `_fill`)."""
+    cache = gw.cache
+    assert cache is not None
+    version_ok = answered is None or answered == r.version
+    for key, item, i in zip(keys, items, indices, strict=True):
+        tags = r.tags[i]
+        if version_ok and tags is not None:
+            cache.store(key, codec.encode(item), ttl_s=h.spec.options.cache_ttl_s, tags=tags,
+                        tokens=tokens)
+        cache.flights.resolve(key, (item, tokens.l1))
 
 
 def _serve_stale(
@@ -213,17 +234,15 @@ async def _revalidate(gw: Gateway, d: Deployment, h: Handler, r: _Request, refre
     led = [str(k) for k in led_keys]
     if not led:
         return
-    values = [r.values[refresh[k]] for k in led]
-    args = {h.item_param: values} if r.batched else r.values[0]
+    indices = [refresh[k] for k in led]
+    args, affinity = _upstream(h, r, indices)
     call = CallInfo()
     try:
         out = await gw.dispatcher.invoke(
             d, h, args, request_id=f"revalidate-{uuid.uuid4().hex[:12]}",
             timeout_s=h.spec.options.timeout_s, priority="batch", call=call,
-            affinity=affinity_value(h.spec.options.affinity, values[0]) if gw.affinity else None)
-        items = list(out) if r.batched else [out]
-        if len(items) != len(led):
-            raise HandlerFailed("batched handler returned the wrong number of results")
+            affinity=affinity if gw.affinity else None)
+        items = _items(r, out, len(led))
     except Exception as exc:
         cache.flights.abandon(led)
         log.info("background revalidation failed; the stale copy stays until it expires: %s", exc)
@@ -232,13 +251,7 @@ async def _revalidate(gw: Gateway, d: Deployment, h: Handler, r: _Request, refre
         cache.flights.abandon(led)
         raise
     cache.counters.refreshes += 1
-    version_ok = call.version in (None, r.version)
-    for key, item in zip(led, items, strict=True):
-        tags = r.tags[refresh[key]]
-        if version_ok and tags is not None:
-            cache.store(key, codec.encode(item), ttl_s=h.spec.options.cache_ttl_s, tags=tags,
-                        tokens=tokens)
-        cache.flights.resolve(key, (item, tokens.l1))
+    _keep(gw, h, r, led, indices, items, call.version, tokens)
 
 
 def _account(gw: Gateway, req: Request, d: Deployment, h: Handler, r: _Request) -> None:
