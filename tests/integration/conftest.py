@@ -1,5 +1,7 @@
 """Start real `steadyserve run` processes on free loopback ports; stop them and check that
-nothing they started is left behind."""
+nothing they started is left behind. Also the outside systems tests share: a fresh PostgreSQL
+schema per test (`pg_url`, `pg_admin`) and a fresh key prefix on the shared Redis
+(`shared_redis`); without them those tests skip, except under CI=true, where they fail."""
 
 from __future__ import annotations
 
@@ -9,15 +11,74 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import psutil
+import psycopg
 import pytest
+import redis
 
 HERE = Path(__file__).parent
+PG_URL = os.environ.get("STEADYSERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("STEADYSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def unavailable(what: str, exc: BaseException) -> None:
+    """A service the test needs is missing: fail under CI=true (CI runs it), else skip."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is required under CI=true: {exc}")
+    pytest.skip(f"{what} not reachable: {exc}")
+
+
+def connect_pg_admin() -> psycopg.Connection[tuple[object, ...]]:
+    try:
+        return psycopg.connect(PG_URL, connect_timeout=3, autocommit=True)
+    except psycopg.Error as exc:
+        unavailable(f"PostgreSQL at {PG_URL}", exc)
+        raise
+
+
+@pytest.fixture
+def pg_admin() -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    admin = connect_pg_admin()
+    yield admin
+    admin.close()
+
+
+@pytest.fixture
+def pg_url(pg_admin: psycopg.Connection[tuple[object, ...]]) -> Iterator[str]:
+    """A URL whose tables land in a fresh schema (dropped at the end), and whose connections
+    carry a unique application_name (so a test can find and kill exactly its own sessions)."""
+    schema = f"ss_test_{uuid.uuid4().hex[:12]}"
+    pg_admin.execute(f'CREATE SCHEMA "{schema}"')
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}&application_name={schema}"
+    finally:
+        pg_admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.fixture
+def shared_redis() -> Iterator[tuple[str, str]]:
+    """(url, a fresh key prefix) on the shared Redis; the prefix's keys are deleted at the end."""
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        unavailable(f"Redis at {REDIS_URL}", exc)
+    prefix = f"ss-test-{uuid.uuid4().hex[:12]}:"
+    try:
+        yield REDIS_URL, prefix
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.delete(key)
+        client.close()
 STEADYSERVE = [sys.executable, "-m", "steadyserve.cli.main"]
 
 

@@ -36,22 +36,19 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import psycopg
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from steadyserve.examples.risk.model import RiskModel, load_or_train
 
-from .conftest import HERE, Running, free_port
+from .conftest import HERE, Running, free_port, unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-PG_URL = os.environ.get("STEADYSERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("STEADYSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 RISK = "steadyserve.examples.risk.service:RiskScorer"
 CACHE_ECHO = str(HERE / "services" / "cache_echo.py")
 TX = {"account_id": 42, "amount": 129.9, "merchant_category": "crypto", "hour": 3}
@@ -61,12 +58,6 @@ UPDATE = "/v1/deployments/risk/update_account"
 CACHE = "x-steadyserve-cache"
 
 Serve = Callable[..., Running]
-
-
-def _unavailable(what: str, exc: BaseException) -> None:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{what} is required under CI=true: {exc}")
-    pytest.skip(f"{what} not reachable: {exc}")
 
 
 def _toml(value: str) -> str:
@@ -92,41 +83,6 @@ def _data_dir(tmp_path: Path, model: RiskModel) -> Path:
     assert model.path is not None
     shutil.copy(model.path, data_dir / model.path.name)
     return data_dir
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A URL whose tables land in a fresh schema, dropped at the end."""
-    try:
-        admin = psycopg.connect(PG_URL, connect_timeout=3, autocommit=True)
-    except psycopg.Error as exc:
-        _unavailable(f"PostgreSQL at {PG_URL}", exc)
-    schema = f"ss_cache_{uuid.uuid4().hex[:12]}"
-    admin.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}&application_name={schema}"
-    finally:
-        admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
-
-
-@pytest.fixture
-def shared_redis() -> Iterator[tuple[str, str]]:
-    """(url, a fresh key prefix) on the shared Redis; the prefix's keys are deleted at the end."""
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=3, socket_connect_timeout=3)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        _unavailable(f"Redis at {REDIS_URL}", exc)
-    prefix = f"ss-test-{uuid.uuid4().hex[:12]}:"
-    try:
-        yield REDIS_URL, prefix
-    finally:
-        for key in client.scan_iter(match=f"{prefix}*", count=1000):
-            client.delete(key)
-        client.close()
 
 
 class OwnRedis:
@@ -166,7 +122,7 @@ class OwnRedis:
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     if shutil.which("redis-server") is None:
-        _unavailable("redis-server", FileNotFoundError("redis-server is not on PATH"))
+        unavailable("redis-server", FileNotFoundError("redis-server is not on PATH"))
     server = OwnRedis(tmp_path)
     try:
         yield server

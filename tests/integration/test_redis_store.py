@@ -7,38 +7,22 @@ Without Redis these tests skip, except under CI=true, where they fail."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from steadyserve.cache.redis_store import RedisStore
 from steadyserve.cache.tiered import ResponseCache
 from steadyserve.config import CacheConfig
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+from .conftest import REDIS_URL
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-async def prefix() -> AsyncIterator[str]:
-    client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        await client.ping()
-    except Exception as exc:
-        await client.aclose()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at {REDIS_URL} is required under CI=true: {exc}")
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
-    name = f"steadyserve-test-{uuid.uuid4().hex[:8]}:"
-    yield name
-    async for key in client.scan_iter(match=name + "*"):
-        await client.unlink(key)
-    await client.aclose()
+def prefix(shared_redis: tuple[str, str]) -> str:
+    return shared_redis[1]
 
 
 async def store(prefix: str, origin: str = "a", **kw: object) -> RedisStore:

@@ -7,14 +7,11 @@ PostgreSQL those cases skip, except under CI=true, where they fail.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import psycopg
@@ -26,37 +23,8 @@ from steadyserve.examples.risk.features import IN_CHUNK, FeatureStore
 from steadyserve.examples.risk.service import RiskScorer
 from steadyserve.store import DatabaseUnavailable
 
-PG_URL = os.environ.get("STEADYSERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 CLOSED_PG_URL = "postgresql://postgres@127.0.0.1:1/test"
 
-
-def _pg_admin() -> psycopg.Connection[tuple[Any, ...]]:
-    try:
-        return psycopg.connect(PG_URL, connect_timeout=3, autocommit=True)
-    except psycopg.Error as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {PG_URL} is required under CI=true: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
-
-
-@pytest.fixture
-def pg_admin() -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-    admin = _pg_admin()
-    yield admin
-    admin.close()
-
-
-@pytest.fixture
-def pg_url(pg_admin: psycopg.Connection[tuple[Any, ...]]) -> Iterator[str]:
-    """A URL whose tables land in a fresh schema, and whose connections carry a unique
-    application_name (so a test can find and kill exactly its own sessions)."""
-    schema = f"ss_risk_{uuid.uuid4().hex[:12]}"
-    pg_admin.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}&application_name={schema}"
-    finally:
-        pg_admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -6,55 +6,28 @@ do not collide. Without PostgreSQL those cases skip, except under CI=true, where
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from urllib.parse import quote
 
-import psycopg
 import pytest
 
 from steadyserve.errors import ConfigError, SteadyError
 from steadyserve.store import SCHEMA_VERSION, Database, DatabaseUnavailable
 from steadyserve.store.database import MAX_ROWS
 
-PG_URL = os.environ.get("STEADYSERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from .conftest import connect_pg_admin
 
 Opener = Callable[[], Database]
-
-
-def _pg_admin() -> psycopg.Connection[tuple[object, ...]]:
-    try:
-        return psycopg.connect(PG_URL, connect_timeout=3, autocommit=True)
-    except psycopg.Error as exc:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {PG_URL} is required under CI=true: {exc}")
-        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {exc}")
-
-
-@pytest.fixture
-def pg_schema_url() -> Iterator[str]:
-    """A database URL whose tables land in a fresh schema, dropped at the end."""
-    schema = f"ss_test_{uuid.uuid4().hex[:12]}"
-    admin = _pg_admin()
-    admin.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}"
-    finally:
-        admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        admin.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'state' / 'steadyserve.db'}"
-    return str(request.getfixturevalue("pg_schema_url"))
+    return str(request.getfixturevalue("pg_url"))
 
 
 @pytest.fixture
@@ -317,12 +290,12 @@ def test_password_is_not_in_the_message() -> None:
     assert "hunter2" not in str(info.value)
 
 
-def test_tables_dropped_underneath_map_to_database_unavailable(pg_schema_url: str) -> None:
-    db = Database(pg_schema_url, connect_timeout_s=3)
+def test_tables_dropped_underneath_map_to_database_unavailable(pg_url: str) -> None:
+    db = Database(pg_url, connect_timeout_s=3)
     try:
         db.ping()
-        schema = pg_schema_url.rsplit("%3D", 1)[-1]
-        with _pg_admin() as admin:  # its search_path is the default one: qualify the name
+        schema = pg_url.rsplit("application_name=", 1)[-1]  # conftest names both alike
+        with connect_pg_admin() as admin:  # its search_path is the default one: qualify the name
             admin.execute(f'DROP TABLE "{schema}".kv')
         with pytest.raises(DatabaseUnavailable) as info:
             db.get_state("x")
