@@ -155,31 +155,13 @@ class Bench:
                 str(bodies), str(offset), str(threads), *headers]
         log(f"wrk {label}: -t{threads} -c{conns} {max(1, round(seconds))}s {path}"
             + (f" [{', '.join(headers)}]" if headers else "") + (f" from line {offset}" if offset else ""))
-        with CpuWatch(watch) as cpu:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
-                                  check=False)
-        (self.log_dir / f"wrk-{label}.txt").write_text(
-            " ".join(argv) + "\n\n" + proc.stdout + proc.stderr)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            raise sv.StartFailed(f"wrk {label} failed (exit {proc.returncode}):\n"
-                                 f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        r = json.loads(line[len("WRK_RESULT "):])
-        secs = r["duration_us"] / 1e6
-        socket_errors = r["connect"] + r["read"] + r["write"] + r["timeout"]
+        r, cpu = sv.run_wrk(argv, label, self.log_dir, seconds, watch, CpuWatch)
         out = {
-            "connections": conns, "threads": threads, "duration_s": round(secs, 3),
-            "requests": r["requests"], "offset": offset,
-            "rps": r["requests"] / secs if secs else 0.0,
-            "ok_rps": (r["requests"] - r["status"]) / secs if secs else 0.0,  # 2xx/3xx only
-            "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
-            "p99_ms": r["p99_us"] / 1000, "mean_ms": r["mean_us"] / 1000,
-            "max_ms": r["max_us"] / 1000, "non_2xx_3xx": r["status"],
-            "socket_errors": socket_errors, "errors": r["status"] + socket_errors,
+            "connections": conns, "threads": threads, "offset": offset, **sv.wrk_figures(r),
             "other_load": self.note_noise(label, cpu),
         }
         log(f"  {out['ok_rps']:.0f} ok req/s  p50 {out['p50_ms']:.3f} ms  p99 {out['p99_ms']:.2f} ms  "
-            f"errors {out['errors']} (non-2xx {out['non_2xx_3xx']}, socket {socket_errors})")
+            f"errors {out['errors']} (non-2xx {out['non_2xx_3xx']}, socket {out['socket_errors']})")
         return out
 
 

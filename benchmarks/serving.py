@@ -451,34 +451,49 @@ class Bench:
                 "-s", str(LUA), f"http://127.0.0.1:{port}{path}", "--",
                 str(self.corpus_path), fld] + ([model] if model else [])
         log(f"wrk {label}: -c{conns} {seconds}s {path}")
-        with CpuWatch(watch) as cpu:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
-                                  check=False)
-        (self.log_dir / f"wrk-{label}.txt").write_text(
-            " ".join(argv) + "\n\n" + proc.stdout + proc.stderr)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            raise StartFailed(f"wrk {label} failed (exit {proc.returncode}):\n"
-                              f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-        r = json.loads(line[len("WRK_RESULT "):])
-        secs = r["duration_us"] / 1e6
-        socket_errors = r["connect"] + r["read"] + r["write"] + r["timeout"]
+        r, cpu = run_wrk(argv, label, self.log_dir, seconds, watch)
         out = {
-            "connections": conns, "duration_s": round(secs, 3), "requests": r["requests"],
-            "rps": r["requests"] / secs if secs else 0.0,  # every response, errors included
-            "ok_rps": (r["requests"] - r["status"]) / secs if secs else 0.0,  # 2xx/3xx only
-            "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
-            "p99_ms": r["p99_us"] / 1000, "mean_ms": r["mean_us"] / 1000,
-            "max_ms": r["max_us"] / 1000, "ok_2xx_3xx": r["requests"] - r["status"],
-            "non_2xx_3xx": r["status"], "socket_errors": socket_errors,
-            "errors": r["status"] + socket_errors,
+            "connections": conns, **wrk_figures(r), "ok_2xx_3xx": r["requests"] - r["status"],
             "socket_error_detail": {k: r[k] for k in ("connect", "read", "write", "timeout")},
             "bytes_per_response": r["bytes"] / r["requests"] if r["requests"] else 0,
             "other_load": self.note_noise(label, cpu),
         }
         log(f"  {out['ok_rps']:.0f} ok req/s  p50 {out['p50_ms']:.2f} ms  p99 {out['p99_ms']:.2f} ms  "
-            f"errors {out['errors']} (non-2xx {out['non_2xx_3xx']}, socket {socket_errors})")
+            f"errors {out['errors']} (non-2xx {out['non_2xx_3xx']}, socket {out['socket_errors']})")
         return out
+
+
+def run_wrk(
+    argv: list[str], label: str, log_dir: Path, seconds: float, watch: list[int] | None,
+    watcher: type[CpuWatch] | None = None,
+) -> tuple[dict[str, Any], CpuWatch]:
+    """Run wrk with one of the wrk/ scripts, keep its output in log_dir, return its WRK_RESULT
+    (see wrk/result.lua) and the CPU others used meanwhile (`watcher`: a CpuWatch class, e.g.
+    cache.py's, which also counts reaped children). Shared with cache.py."""
+    with (watcher or CpuWatch)(watch) as cpu:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60,
+                              check=False)
+    (log_dir / f"wrk-{label}.txt").write_text(" ".join(argv) + "\n\n" + proc.stdout + proc.stderr)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("WRK_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise StartFailed(f"wrk {label} failed (exit {proc.returncode}):\n"
+                          f"{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return json.loads(line[len("WRK_RESULT "):]), cpu
+
+
+def wrk_figures(r: dict[str, Any]) -> dict[str, Any]:
+    """Rates, latencies (ms) and error counts from one WRK_RESULT."""
+    secs = r["duration_us"] / 1e6
+    socket_errors = r["connect"] + r["read"] + r["write"] + r["timeout"]
+    return {
+        "duration_s": round(secs, 3), "requests": r["requests"],
+        "rps": r["requests"] / secs if secs else 0.0,  # every response, errors included
+        "ok_rps": (r["requests"] - r["status"]) / secs if secs else 0.0,  # 2xx/3xx only
+        "p50_ms": r["p50_us"] / 1000, "p90_ms": r["p90_us"] / 1000,
+        "p99_ms": r["p99_us"] / 1000, "mean_ms": r["mean_us"] / 1000,
+        "max_ms": r["max_us"] / 1000, "non_2xx_3xx": r["status"], "socket_errors": socket_errors,
+        "errors": r["status"] + socket_errors,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
