@@ -10,6 +10,7 @@ import pytest
 
 from steadyserve.config import (
     AlertingConfig,
+    AuthConfig,
     CacheConfig,
     Config,
     DeploymentConfig,
@@ -23,13 +24,13 @@ from steadyserve.service import HandlerOptions
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("cls", [Config, GatewayConfig, SupervisorConfig, ResilienceConfig,
+@pytest.mark.parametrize("cls", [Config, AuthConfig, GatewayConfig, SupervisorConfig, ResilienceConfig,
                                  ObservabilityConfig, AlertingConfig, CacheConfig, DeploymentConfig,
                                  HandlerOptions])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
     skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "alerting",
-            "cache", "name"}
+            "cache", "auth", "name"}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in skip
                and f"`{f.name}`" not in doc]
     assert missing == []

@@ -6,6 +6,7 @@ from .errors import (
     NotFound,
     Overloaded,
     ReplicaError,
+    RetryableError,
     SteadyError,
 )
 from .service import HandlerOptions, Service, handler
@@ -19,6 +20,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "ReplicaError",
+    "RetryableError",
     "Service",
     "SteadyError",
     "__version__",

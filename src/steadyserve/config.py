@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .policies.balancing import BALANCERS
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 DEFAULT_SERVICE = "steadyserve.examples.embedding:Embedder"
 RISK_SERVICE = "steadyserve.examples.risk.service:RiskScorer"
 MiB = 1024 * 1024
@@ -22,10 +23,14 @@ class DeploymentConfig:
     name: str
     service: str  # "path/to/file.py:Class" or "package.module:Class"
     replicas: int = 1
+    max_replicas: int | None = None  # None: from cores and memory (control.launcher)
     balancer: str = "power_of_two"
     torch_threads: int | None = None  # None: cores // all replicas, at least 1
     max_connections_per_replica: int = 256
     env: tuple[tuple[str, str], ...] = ()
+    # what a rollout over the network may choose: nothing it sends becomes code or environment
+    services: tuple[str, ...] = ()  # other service targets a rollout may switch to
+    rollout_env: tuple[str, ...] = ()  # environment keys a rollout may set
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -35,8 +40,21 @@ class DeploymentConfig:
         if ":" not in self.service:
             raise ConfigError(f"deployment {self.name}: service must be 'file.py:Class' "
                               f"or 'module:Class', got {self.service!r}")
-        if self.replicas < 1:
-            raise ConfigError(f"deployment {self.name}: replicas must be >= 1")
+        if self.replicas < 0:
+            raise ConfigError(f"deployment {self.name}: replicas must be >= 0")
+        if self.max_replicas is not None and not 1 <= self.max_replicas <= 10_000:
+            raise ConfigError(f"deployment {self.name}: max_replicas must be in [1, 10000]")
+        if self.max_replicas is not None and self.replicas > self.max_replicas:
+            raise ConfigError(f"deployment {self.name}: replicas ({self.replicas}) is over "
+                              f"max_replicas ({self.max_replicas})")
+        for target in self.services:
+            if ":" not in target:
+                raise ConfigError(f"deployment {self.name}: services entries must be "
+                                  f"'file.py:Class' or 'module:Class', got {target!r}")
+        for key in self.rollout_env:
+            if not _ENV_KEY.fullmatch(key):
+                raise ConfigError(f"deployment {self.name}: rollout_env entries must be "
+                                  f"environment variable names, got {key!r}")
         if self.balancer not in BALANCERS:
             raise ConfigError(f"deployment {self.name}: unknown balancer {self.balancer!r}; "
                               f"choose one of {sorted(BALANCERS)}")
@@ -46,14 +64,38 @@ class DeploymentConfig:
             raise ConfigError(f"deployment {self.name}: max_connections_per_replica must be >= 1")
 
 
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def is_loopback(host: str) -> bool:
+    """A listen address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GatewayConfig:
+    """The HTTP edge: every input a client controls has a bound here (docs/configuration.md)."""
+
     host: str = "127.0.0.1"
     port: int = 8000
-    max_body_bytes: int = 1 * MiB
+    max_body_bytes: int = 1 * MiB  # after decoding a gzip/deflate/zstd Content-Encoding
     compress_min_bytes: int = 1024  # responses smaller than this are never compressed
     request_timeout_s: float = 60.0  # upper bound on any one client request (and on its header)
     graceful_shutdown_s: float = 10.0  # drain in-flight requests on SIGTERM for at most this
+    # who may talk to it: Host allow-list (DNS rebinding) and cross-origin browsers
+    allowed_hosts: tuple[str, ...] = ()  # (): loopback names and the listen address; "*": any
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed cross-site; none by default
+    # the connection edge (431, 414, 408, 503)
+    max_request_line_bytes: int = 8 * 1024
+    max_header_bytes: int = 32 * 1024  # the whole header section
+    max_headers: int = 100
+    header_timeout_s: float = 10.0  # from a request's first byte to the end of its headers
+    body_timeout_s: float = 30.0  # from the end of the headers to the end of the body
+    keepalive_timeout_s: float = 15.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 2048  # open client connections; the oldest idle is closed first
+    lingering_close_s: float = 2.0  # after an early answer (413), read and drop the rest this long…
+    lingering_close_bytes: int = 8 * MiB  # …or this much, so the client reads the answer
+    max_upstream_response_bytes: int = 256 * MiB  # a replica's answer larger than this is refused
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -64,6 +106,60 @@ class GatewayConfig:
             raise ConfigError("compress_min_bytes must be >= 0")
         if self.request_timeout_s <= 0 or self.graceful_shutdown_s < 0:
             raise ConfigError("request_timeout_s must be > 0 and graceful_shutdown_s >= 0")
+        if min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s) <= 0 \
+                or self.lingering_close_s < 0:
+            raise ConfigError("header_timeout_s, body_timeout_s, keepalive_timeout_s must be > 0 "
+                              "and lingering_close_s >= 0")
+        if self.max_request_line_bytes < 256 or self.max_header_bytes < 1024 \
+                or self.max_headers < 8:
+            raise ConfigError("need max_request_line_bytes >= 256, max_header_bytes >= 1024, "
+                              "max_headers >= 8")
+        if self.max_connections < 1 or self.lingering_close_bytes < 0:
+            raise ConfigError("max_connections must be >= 1 and lingering_close_bytes >= 0")
+        if self.max_upstream_response_bytes < 1024:
+            raise ConfigError("max_upstream_response_bytes must be >= 1024")
+        for host in self.allowed_hosts:
+            if not host or any(c in host for c in "/ \t"):
+                raise ConfigError(f"allowed_hosts entries are host names or addresses "
+                                  f"(no port, no scheme), got {host!r}")
+        for origin in self.cors_origins:
+            if origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ConfigError(f"cors_origins entries look like https://host[:port], got {origin!r}")
+
+    def host_allowed(self, host: str) -> bool:
+        """Is `host` (the Host header without its port, lowercased) one this gateway serves?"""
+        if "*" in self.allowed_hosts:
+            return True
+        if self.allowed_hosts:
+            return host in self.allowed_hosts
+        return is_loopback(host) or (host == self.host and self.host not in ("0.0.0.0", "::"))
+
+
+AUTH_MODES = ("auto", "required")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuthConfig:
+    """API keys (docs/configuration.md, README "Access control")."""
+
+    # auto: inference and read-only routes are open while the gateway listens on loopback
+    # and no key but the local admin key exists; required: always a key
+    inference: str = "auto"
+    allow_unauthenticated: bool = False  # serve open inference on a non-loopback address
+    admin_key_file: str = "admin.key"  # under data_dir, mode 0600: the local CLI's credential
+    key_refresh_s: float = 0.5  # gateways re-read changed keys this often (revocation delay)
+    max_keys: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.inference not in AUTH_MODES:
+            raise ConfigError(f"[auth] inference must be one of {AUTH_MODES}, got {self.inference!r}")
+        if not 0 < self.key_refresh_s <= 1.0:
+            raise ConfigError("[auth] key_refresh_s must be in (0, 1]: revocation must take "
+                              "effect within a second")
+        if self.max_keys < 1:
+            raise ConfigError("[auth] max_keys must be >= 1")
+        if not self.admin_key_file or "\0" in self.admin_key_file:
+            raise ConfigError("[auth] admin_key_file must be a file name")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -79,6 +175,7 @@ class SupervisorConfig:
     restart_unhealthy_after_s: float = 15.0  # unhealthy this long (wedged) → killed, restarted
     drain_timeout_s: float = 10.0  # SIGTERM'd replicas get this long before SIGKILL
     reconcile_interval_s: float = 0.2
+    rollout_max_restarts: int = 2  # a new replica restarting this often fails its rollout
 
     def __post_init__(self) -> None:
         if self.restart_base_s <= 0 or self.restart_cap_s < self.restart_base_s:
@@ -89,6 +186,8 @@ class SupervisorConfig:
             raise ConfigError("supervisor intervals and timeouts must be > 0")
         if self.unhealthy_after < 1:
             raise ConfigError("unhealthy_after must be >= 1")
+        if self.rollout_max_restarts < 1:
+            raise ConfigError("rollout_max_restarts must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -171,10 +270,20 @@ class AlertingConfig:
     fast_for_s: float = 15.0  # how long it must hold before firing
     external_url: str = ""  # shown in notifications as where to look
     actions: tuple[tuple[str, tuple[str, ...]], ...] = ()  # rule → actions, over the defaults
+    slo_min_requests: int = 100  # burn-rate alerts need this many requests in the long window
+    max_silences: int = 100  # active silences at once (429 beyond)
+    max_silence_bytes: int = 4096  # one silence's matchers, creator and comment, as JSON
+    min_silence_s: float = 60.0
+    max_silence_s: float = 30 * 86_400.0
 
     def __post_init__(self) -> None:
         if self.evaluation_interval_s <= 0 or self.fast_window_s <= 0 or self.fast_for_s < 0:
             raise ConfigError("alerting intervals must be > 0")
+        if self.slo_min_requests < 0 or self.max_silences < 1 or self.max_silence_bytes < 256:
+            raise ConfigError("need slo_min_requests >= 0, max_silences >= 1, "
+                              "max_silence_bytes >= 256")
+        if not 0 < self.min_silence_s <= self.max_silence_s:
+            raise ConfigError("need 0 < min_silence_s <= max_silence_s")
         if not 0.5 < self.slo_target < 1:
             raise ConfigError("slo_target must be between 0.5 and 1, e.g. 0.999")
         for url in (*self.webhook_urls, *( [self.alertmanager_url] if self.alertmanager_url else [])):
@@ -212,8 +321,15 @@ class CacheConfig:
     affinity: bool = True  # route cacheable requests by key: consistent hashing with bounded loads
     affinity_balance: float = 1.25  # a replica takes at most this × the average load via affinity
     hot_keys: int = 64  # tracked for GET /v1/cache
+    max_invalidation_tags: int = 1000  # tags per invalidation request (413 beyond)
+    max_tag_bytes: int = 256  # one tag's length
+    max_tracked_invalidations: int = 100_000  # tags whose invalidation time is remembered
 
     def __post_init__(self) -> None:
+        if self.max_invalidation_tags < 1 or self.max_tag_bytes < 8 \
+                or self.max_tracked_invalidations < self.max_invalidation_tags:
+            raise ConfigError("[cache] need max_invalidation_tags >= 1, max_tag_bytes >= 8 and "
+                              "max_tracked_invalidations >= max_invalidation_tags")
         from .policies.eviction import POLICIES
 
         if self.policy not in POLICIES:
@@ -245,6 +361,7 @@ class Config:
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
     data_dir: str = ".steadyserve"
     log_level: str = "info"

@@ -2,18 +2,31 @@
 
     SteadyError                       root: everything we raise on purpose
     ├── ClientError (4xx)             the caller sent something wrong
+    │   ├── Unauthorized (401)        no credential, or one that is unknown, revoked, expired
+    │   ├── Forbidden (403)           a valid credential without the scope or deployment;
+    │   │                             a cross-site Origin on a state-changing request
     │   ├── NotFound (404)            unknown deployment / handler / route
     │   ├── MethodNotAllowed (405)
+    │   ├── RequestTimeout (408)      headers or body not received in time
+    │   ├── Conflict (409)            the state does not allow it now (a rollout already runs)
     │   ├── PayloadTooLarge (413)     body or input count over a limit
+    │   ├── UriTooLong (414)          request line over its limit
+    │   ├── UnsupportedMediaType (415)  not JSON, or a Content-Encoding we do not decode
     │   ├── Quarantined (422)         this input crashed replicas; refused for a while
-    │   └── UnsupportedMediaType (415)
+    │   ├── HostNotAllowed (421)      Host is not on the allow-list (DNS rebinding)
+    │   └── HeadersTooLarge (431)     header section or header count over its limit
     ├── Overloaded (503/429)          no capacity now; carries retry_after_s
+    │   ├── RateLimited (429)         this API key is over its request rate
     │   ├── NoReadyReplica (503)      the deployment has no replica in rotation
     │   └── DependencyUnavailable (503)  a database or cache a service needs is down
     ├── ReplicaError (5xx)            a replica failed the request
     │   ├── ReplicaUnavailable (502)  could not connect / connection died mid-request
     │   ├── ReplicaTimeout (504)      the per-handler timeout passed
-    │   └── HandlerFailed (500)       service code raised, or a batch broke its contract
+    │   ├── HandlerFailed (500)       service code raised, or a batch broke its contract:
+    │   │                             the request's fault, never retried nor held against
+    │   │                             the replica
+    │   └── RetryableError (503)      service code says "not here, not now": retried on
+    │                                 another replica (idempotent handlers)
     ├── ClientGone (499)              the caller hung up; its queued work is dropped
     └── ConfigError                   bad configuration; raised at start, never per request
 
@@ -51,6 +64,20 @@ class ClientError(SteadyError):
     code = "invalid_request"
 
 
+class Unauthorized(ClientError):
+    """No API key, or one that is unknown, revoked or expired (401 + WWW-Authenticate)."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ClientError):
+    """A valid key without the scope or the deployment this route needs."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ClientError):
     status = 404
     code = "not_found"
@@ -61,14 +88,42 @@ class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
+
+
+class Conflict(ClientError):
+    status = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
 
 
+class UriTooLong(ClientError):
+    status = 414
+    code = "uri_too_long"
+
+
 class UnsupportedMediaType(ClientError):
     status = 415
     code = "unsupported_media_type"
+
+
+class HostNotAllowed(ClientError):
+    """The Host header names a host this gateway does not serve: a DNS-rebinding page, or a
+    missing `[gateway] allowed_hosts` entry."""
+
+    status = 421
+    code = "host_not_allowed"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    code = "headers_too_large"
 
 
 class Overloaded(SteadyError):
@@ -79,6 +134,15 @@ class Overloaded(SteadyError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.status = status
+
+
+class RateLimited(Overloaded):
+    """This API key sent more than its rate; 429 with Retry-After."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, status=429)
 
 
 class NoReadyReplica(Overloaded):
@@ -122,6 +186,15 @@ class HandlerFailed(ReplicaError):
     code = "handler_failed"
 
 
+class RetryableError(ReplicaError):
+    """Raise from service code when another replica may well succeed (a device out of memory,
+    a local resource busy): the gateway retries idempotent handlers elsewhere and counts it
+    against this replica. Any other exception is the request's: a 500, not retried."""
+
+    status = 503
+    code = "retryable"
+
+
 class Quarantined(ClientError):
     """This exact input crashed replicas; it is refused for a while instead of crashing more."""
 
@@ -152,9 +225,10 @@ class HttpError:
 _BY_CODE: dict[str, type[SteadyError]] = {
     cls.code: cls
     for cls in (
-        SteadyError, ClientError, NotFound, MethodNotAllowed, PayloadTooLarge, UnsupportedMediaType,
-        Overloaded, NoReadyReplica, DependencyUnavailable, ReplicaError, ReplicaUnavailable, ReplicaTimeout,
-        HandlerFailed, ConfigError, Quarantined,
+        SteadyError, ClientError, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout,
+        Conflict, PayloadTooLarge, UriTooLong, UnsupportedMediaType, HostNotAllowed, HeadersTooLarge,
+        Overloaded, NoReadyReplica, DependencyUnavailable, ReplicaError, ReplicaUnavailable,
+        ReplicaTimeout, HandlerFailed, RetryableError, ConfigError, Quarantined,
     )
 }
 

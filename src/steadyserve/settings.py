@@ -24,6 +24,7 @@ from .config import (
     DEFAULT_SERVICE,
     RISK_SERVICE,
     AlertingConfig,
+    AuthConfig,
     CacheConfig,
     Config,
     DeploymentConfig,
@@ -108,16 +109,16 @@ def load_config(
     if config_path is not None:
         file = read_toml(Path(config_path))
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
-                                  "alerting", "cache", "deployments", "data_dir", "database_url",
-                                  "log_level", "log_format"})
+                                  "alerting", "cache", "auth", "deployments", "data_dir",
+                                  "database_url", "log_level", "log_format"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
     for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
-                    "cache", "deployments"):
+                    "cache", "auth", "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
-    gateway = dict(file.get("gateway", {}))
+    gateway = _tuples(dict(file.get("gateway", {})), ("allowed_hosts", "cors_origins"))
     for key, cast in (("host", str), ("port", int)):
         if ENV_PREFIX + key.upper() in env:
             try:
@@ -142,6 +143,10 @@ def load_config(
     if "redis_url" in flags:
         cache["redis_url"] = flags["redis_url"]
 
+    auth = dict(file.get("auth", {}))
+    if "allow_unauthenticated" in flags:
+        auth["allow_unauthenticated"] = flags["allow_unauthenticated"]
+
     deployments: list[DeploymentConfig] = []
     if target is not None:
         values: dict[str, Any] = {"name": flags.get("name") or deployment_name_for(target),
@@ -153,7 +158,7 @@ def load_config(
         for name, table in file["deployments"].items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{config_path}: [deployments.{name}] must be a table")
-            values = {"name": name, **table}
+            values = _tuples({"name": name, **table}, ("services", "rollout_env"))
             if "env" in values:
                 if not isinstance(values["env"], dict):
                     raise ConfigError(f"{config_path}: [deployments.{name}] env must be a table")
@@ -177,5 +182,6 @@ def load_config(
                              "[observability]"),
         alerting=_build(AlertingConfig, _alerting(file.get("alerting", {})), "[alerting]"),
         cache=_build(CacheConfig, cache, "[cache]"),
+        auth=_build(AuthConfig, auth, "[auth]"),
         **top,
     )

@@ -44,8 +44,11 @@ def test_deployment_name_with_trailing_newline_is_invalid():
     ("kwargs", "match"),
     [
         pytest.param(dict(service="app.py"), "service must be", id="service-without-class"),
-        pytest.param(dict(replicas=0), "replicas must be >= 1", id="replicas-0"),
-        pytest.param(dict(replicas=-1), "replicas must be >= 1", id="replicas-negative"),
+        pytest.param(dict(replicas=-1), "replicas must be >= 0", id="replicas-negative"),
+        pytest.param(dict(replicas=5, max_replicas=4), "over max_replicas", id="over-max"),
+        pytest.param(dict(max_replicas=0), "max_replicas must be in", id="max-replicas-0"),
+        pytest.param(dict(services=("nocolon",)), "services entries", id="services-no-class"),
+        pytest.param(dict(rollout_env=("BAD KEY",)), "rollout_env entries", id="env-key"),
         pytest.param(dict(balancer="random"), "unknown balancer 'random'", id="unknown-balancer"),
         pytest.param(dict(torch_threads=0), "torch_threads must be >= 1", id="torch-threads-0"),
         pytest.param(dict(max_connections_per_replica=0), "max_connections_per_replica",
@@ -55,6 +58,10 @@ def test_deployment_name_with_trailing_newline_is_invalid():
 def test_invalid_deployment(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         dep(**kwargs)
+
+
+def test_zero_replicas_is_a_valid_paused_deployment():
+    assert dep(replicas=0).replicas == 0
 
 
 def test_unknown_balancer_lists_known_ones():

@@ -15,6 +15,7 @@ EXPECTED_ALL = [
     "NotFound",
     "Overloaded",
     "ReplicaError",
+    "RetryableError",
     "Service",
     "SteadyError",
     "__version__",

@@ -18,7 +18,7 @@ import orjson
 from .. import codec
 from ..cache.tiered import CacheCollector, ResponseCache
 from ..config import Config
-from ..errors import MethodNotAllowed, NotFound, SteadyError, to_http
+from ..errors import SteadyError, to_http
 from ..observe import tracing
 from ..observe.aggregate import merge_replica_metrics
 from ..observe.metrics import GatewayMetrics
@@ -26,35 +26,56 @@ from ..observe.metrics import GatewayMetrics
 if TYPE_CHECKING:
     from ..observe.alerting import AlertEngine
 from ..observe.otlp import OtlpExporter
-from . import openai, routes
+from . import openai, rollout_routes, routes
 from .cached import CACHE_HEADER
 from .dispatch import Dispatcher
 from .encoding import choose_encoding, compress
 from .http import Receive, Request, Response, Scope, Send, request_id_from
 from .membership import Deployment, Endpoint, Membership
+from .router import Route, Router
 from .transport import Transport
 
 log = logging.getLogger("steadyserve.gateway")
 access = logging.getLogger("steadyserve.access")
 
-RouteFn = Callable[["Gateway", Request, dict[str, str]], Awaitable[Response]]
-
-EXACT: dict[tuple[str, str], RouteFn] = {
-    ("GET", "/healthz"): routes.healthz,
-    ("GET", "/readyz"): routes.readyz,
-    ("GET", "/metrics"): routes.metrics,
-    ("GET", "/v1/models"): openai.models,
-    ("POST", "/v1/embeddings"): openai.embeddings,
-    ("GET", "/v1/deployments"): routes.list_deployments,
-    ("GET", "/v1/alerts"): routes.alerts,
-    ("POST", "/v1/silences"): routes.create_silence,
-    ("GET", "/v1/cache"): routes.cache_status,
-    ("POST", "/v1/cache/invalidate"): routes.cache_invalidate,
-}
-SILENCES_PREFIX = "/v1/silences/"
 INVALIDATE_TIMEOUT_S = 1.0  # a replica that cannot take an invalidation this fast is logged
-ADMIN_PREFIX = "/v1/admin/deployments/"
 DEPLOYMENTS_PREFIX = "/v1/deployments/"
+
+# Every route, in one table: its access class decides who may call it (gateway.router).
+ROUTES = (
+    Route("GET", "/healthz", routes.healthz, "public", summary="the gateway process is alive",
+          tag="ops"),
+    Route("GET", "/readyz", routes.readyz, "public", tag="ops",
+          summary="200 when every deployment has a ready replica, else 503 with the reason"),
+    Route("GET", "/metrics", routes.metrics, "read", tag="ops",
+          summary="Prometheus text: gateway series and every replica's own"),
+    Route("GET", "/v1/models", openai.models, "read", tag="openai",
+          summary="deployments, OpenAI shape"),
+    Route("POST", "/v1/embeddings", openai.embeddings, "infer", json_body=True, tag="openai",
+          summary="OpenAI embeddings"),
+    Route("GET", "/v1/deployments", routes.list_deployments, "read", tag="deployments",
+          summary="every deployment: replicas, handlers and their schemas"),
+    Route("GET", "/v1/deployments/{deployment}", routes.get_deployment, "read",
+          tag="deployments", summary="one deployment"),
+    Route("POST", "/v1/deployments/{deployment}/{handler}", routes.invoke, "infer",
+          json_body=True, tag="inference", summary="call a handler"),
+    Route("GET", "/v1/alerts", routes.alerts, "read", tag="alerting",
+          summary="active alerts, silences, recent automatic actions and history"),
+    Route("POST", "/v1/silences", routes.create_silence, "admin", json_body=True,
+          tag="alerting", summary="mute matching alerts for a while"),
+    Route("DELETE", "/v1/silences/{silence}", routes.expire_silence, "admin", tag="alerting",
+          summary="end a silence now"),
+    Route("GET", "/v1/cache", routes.cache_status, "read", tag="cache",
+          summary="response cache state, hit-ratio curve, hottest keys"),
+    Route("POST", "/v1/cache/invalidate", routes.cache_invalidate, "admin", json_body=True,
+          tag="cache", summary="drop every cached answer and replica row with these tags"),
+    Route("POST", "/v1/admin/deployments/{deployment}/rollout", rollout_routes.start, "admin",
+          json_body=True, tag="admin", summary="roll out a new target (service, replicas, env)"),
+    Route("GET", "/v1/admin/deployments/{deployment}/rollout", rollout_routes.status, "admin",
+          tag="admin", summary="the deployment's rollout: target, progress, outcome"),
+    Route("DELETE", "/v1/admin/deployments/{deployment}/rollout", rollout_routes.cancel,
+          "admin", tag="admin", summary="cancel a running rollout: back to the last good target"),
+)
 
 
 class ControlPlane(Protocol):
@@ -101,6 +122,7 @@ class Gateway:
         self._background: list[asyncio.Task[None]] = []
         self.alerting: AlertEngine | None = None
         self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
+        self.router = Router(ROUTES)
 
     # ASGI ----------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -116,8 +138,9 @@ class Gateway:
         span = trace.start("gateway", trace.parent_id)
         req.call.parent_span = span.span_id
         try:
-            route, params = self._route(req.method, req.path)
-            resp = await route(self, req, params)
+            route, params = self.router.match(req.method, req.path)
+            req.route = route
+            resp = await route.fn(self, req, params)
         except Exception as exc:
             resp = self._error(req, exc)
         if req.call.cache != "-":
@@ -139,35 +162,6 @@ class Gateway:
                 "status": resp.status, "duration_ms": round(elapsed * 1000, 3),
                 "cache": req.call.cache, "method": req.method, "path": req.path,
             })
-
-    def _route(self, method: str, path: str) -> tuple[RouteFn, dict[str, str]]:
-        route = EXACT.get((method, path))
-        if route is not None:
-            return route, {}
-        if path.startswith(SILENCES_PREFIX) and len(path) > len(SILENCES_PREFIX):
-            if method != "DELETE":
-                raise _method_not_allowed(method, path, "DELETE")
-            return routes.expire_silence, {"silence": path[len(SILENCES_PREFIX):]}
-        if path.startswith(ADMIN_PREFIX) and path.endswith("/rollout"):
-            name = path[len(ADMIN_PREFIX):-len("/rollout")]
-            if name and "/" not in name:
-                if method != "POST":
-                    raise _method_not_allowed(method, path, "POST")
-                return routes.rollout, {"deployment": name}
-        if path.startswith(DEPLOYMENTS_PREFIX):
-            parts = path[len(DEPLOYMENTS_PREFIX):].split("/")
-            if len(parts) == 2 and all(parts):
-                if method != "POST":
-                    raise _method_not_allowed(method, path, "POST")
-                return routes.invoke, {"deployment": parts[0], "handler": parts[1]}
-            if len(parts) == 1 and parts[0]:
-                if method != "GET":
-                    raise _method_not_allowed(method, path, "GET")
-                return routes.get_deployment, {"deployment": parts[0]}
-        for (m, p) in EXACT:
-            if p == path:
-                raise _method_not_allowed(method, path, m)
-        raise NotFound(f"no route {method} {path}")
 
     def _error(self, req: Request, exc: BaseException) -> Response:
         err = to_http(exc)
@@ -366,7 +360,3 @@ class Gateway:
 
 def _request_id(scope: Scope) -> str:
     return request_id_from(scope["headers"])
-
-
-def _method_not_allowed(method: str, path: str, allowed: str) -> SteadyError:
-    return MethodNotAllowed(f"method {method} not allowed on {path}; use {allowed}")

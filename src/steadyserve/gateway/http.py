@@ -6,12 +6,15 @@ import os
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from ..errors import ClientError, PayloadTooLarge
 from .dispatch import CallInfo
+
+if TYPE_CHECKING:
+    from .router import Route
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -40,6 +43,7 @@ class Request:
     handler: str = "-"
     openai: bool = False
     call: CallInfo = field(default_factory=CallInfo)
+    route: Route | None = None
 
     @property
     def method(self) -> str:

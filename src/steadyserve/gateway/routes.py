@@ -182,16 +182,6 @@ async def cache_invalidate(gw: Gateway, req: Request, params: dict[str, str]) ->
     return json_response(await gw.invalidate(tags))
 
 
-async def rollout(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
-    d = find_deployment(gw, params["deployment"])
-    body = await req.json(gw.config.max_body_bytes)
-    if not isinstance(body, dict):
-        raise ClientError("request body must be a JSON object of deployment settings to change")
-    if gw.control is None:
-        raise ClientError("this gateway has no control plane to roll out with")
-    return json_response(await gw.control.rollout(d.name, body))
-
-
 async def invoke(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     d = find_deployment(gw, params["deployment"])
     req.deployment = d.name
