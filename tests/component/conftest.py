@@ -15,6 +15,12 @@ from steadyserve.testing import InProcessDeployment, start_inprocess
 Factory = Callable[..., Awaitable[tuple[Gateway, httpx.AsyncClient, dict[str, InProcessDeployment]]]]
 
 
+def admin_headers(gateway: Gateway) -> dict[str, str]:
+    """The Authorization header of the gateway's local admin key (admin routes need it)."""
+    token = getattr(gateway, "admin_token", None)
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 @pytest.fixture
 async def make_gateway() -> AsyncIterator[Factory]:
     """Build a gateway whose replicas are ReplicaApps in this process (no sockets)."""

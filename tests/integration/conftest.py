@@ -93,6 +93,13 @@ class Running:
     proc: subprocess.Popen[bytes]
     url: str
     log: Path
+    data_dir: Path
+
+    def admin_headers(self) -> dict[str, str]:
+        """Authorization of the local admin key the gateway wrote into its data directory."""
+        key_file = self.data_dir / "admin.key"
+        return {"authorization": f"Bearer {key_file.read_text().strip()}"} if key_file.exists() \
+            else {}
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
@@ -155,7 +162,9 @@ def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) ->
         [*STEADYSERVE, "run", *args, "--port", str(port), "--log-format", "json"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path, env=full_env,
     )
-    return Running(proc, f"http://127.0.0.1:{port}", log)
+    data_dir = Path(full_env.get("STEADYSERVE_DATA_DIR", ".steadyserve"))
+    return Running(proc, f"http://127.0.0.1:{port}", log,
+                   data_dir if data_dir.is_absolute() else tmp_path / data_dir)
 
 
 @pytest.fixture
