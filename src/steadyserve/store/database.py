@@ -65,7 +65,7 @@ from ..errors import ConfigError, DependencyUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///.steadyserve/steadyserve.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_ROWS = 10_000  # the most rows any read returns
 INSERT_CHUNK_ROWS = 1_000  # rows per executemany round trip
 PRUNE_BATCH_ROWS = 5_000  # rows per DELETE statement in prune
@@ -154,8 +154,34 @@ kv = Table(
     Column("value", Text, nullable=False),  # JSON
 )
 
-# version -> function that brings a database from version-1 to version (none yet).
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+# API keys (store.keys): only a digest of each token is kept (auth.tokens)
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", Text, primary_key=True),  # the token's public 12-hex-digit id
+    Column("name", Text, nullable=False),
+    Column("kind", Text, nullable=False),  # "user" | "local-admin" (a data directory's own)
+    Column("digest", Text, nullable=False),  # SHA-256 of the token
+    Column("previous_digest", Text, nullable=True),  # the token before a rotation…
+    Column("previous_valid_until", Double, nullable=True),  # …valid until then
+    Column("scopes", Text, nullable=False),  # JSON list
+    Column("rate_limit_per_s", Double, nullable=False),  # 0: none
+    Column("burst", Integer, nullable=False),
+    Column("priority", Text, nullable=False),  # interactive | batch: the most it may ask for
+    Column("deployments", Text, nullable=False),  # JSON list; [] = every deployment
+    Column("created_at", Double, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("expires_at", Double, nullable=True),
+    Column("revoked_at", Double, nullable=True),
+    Index("ix_api_keys_name", "name"),
+)
+
+def _v2_api_keys(conn: Connection) -> None:
+    """Version 2 added `api_keys`, a new table: created in its newest shape before the
+    migrations run, so there is nothing left to alter."""
+
+
+# version -> function that brings a database from version-1 to version.
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_api_keys}
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -377,6 +403,17 @@ class Database:
         except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
             detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DatabaseUnavailable(f"database {operation} failed ({self.url}): {detail}") from exc
+
+    def connect(self, operation: str, *, write: bool = False) -> Any:
+        """A connection in a transaction for the store's other modules (`store.keys`);
+        the same as `_connect`: committed on success, errors mapped to DatabaseUnavailable."""
+        return self._connect(operation, write=write)
+
+    def insert_ignore(self, table: Table, values: Mapping[str, Any]) -> Any:
+        return self._insert_ignore(table, values)
+
+    def upsert(self, table: Table, values: Mapping[str, Any], keys: Sequence[str]) -> Any:
+        return self._upsert(table, values, keys)
 
     @contextmanager
     def _connect(self, operation: str, *, write: bool = False) -> Iterator[Connection]:

@@ -1,0 +1,69 @@
+"""Admin routes for API keys: list, create, rotate, revoke (`auth.manage` does the work).
+
+A change is applied to this gateway's key ring at once; the other gateways sharing the
+database see it within `[auth] key_refresh_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import TYPE_CHECKING
+
+from ..auth import manage
+from ..auth.keys import parse_spec
+from ..errors import ClientError, DependencyUnavailable
+from ..store.keys import KeyStore
+from .http import Request, Response, json_response
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+
+def _store(gw: Gateway) -> KeyStore:
+    if gw.keys.store is None:
+        raise DependencyUnavailable("API keys live in the database, which this gateway could "
+                                    "not open; see its log", retry_after_s=5)
+    return gw.keys.store
+
+
+def _creator(req: Request) -> str:
+    key = req.principal
+    return f"key:{key.id}" if key is not None else "api"
+
+
+async def list_keys(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    keys = await asyncio.to_thread(_store(gw).load)
+    return json_response({"keys": [k.public() for k in keys]})
+
+
+async def create_key(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    body = await req.json(gw.config.max_body_bytes)
+    if not isinstance(body, dict):
+        raise ClientError("send a JSON object: name, scopes, rate_limit_per_s, burst, priority, "
+                          "deployments, expires_in_s")
+    spec = parse_spec(body)
+    key, token = await asyncio.to_thread(manage.create, _store(gw), spec, created_by=_creator(req))
+    gw.keys.put(key)
+    return json_response({**key.public(), "key": token}, 201)
+
+
+async def rotate_key(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    grace = 0.0
+    if req.header(b"content-length") not in (None, "0"):
+        body = await req.json(gw.config.max_body_bytes)
+        raw = body.get("grace_s", 0) if isinstance(body, dict) else None
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) \
+                or not 0 <= raw <= 30 * 86_400:
+            raise ClientError("'grace_s' must be a number of seconds in [0, 30 days]",
+                              param="grace_s")
+        grace = float(raw)
+    key, token = await asyncio.to_thread(manage.rotate, _store(gw), params["key"], grace_s=grace)
+    gw.keys.put(key)
+    return json_response({**key.public(), "key": token})
+
+
+async def revoke_key(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    key = await asyncio.to_thread(manage.revoke, _store(gw), params["key"])
+    gw.keys.put(key)
+    return json_response(key.public())
