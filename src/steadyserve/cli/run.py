@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import shlex
 import sys
 import time
@@ -20,7 +21,7 @@ from ..control.supervisor import Supervisor
 from ..errors import ConfigError
 from ..gateway.app import Gateway
 from ..gateway.assemble import build_gateway
-from ..netutil import NoDelayHttpToolsProtocol
+from ..gateway.edge import EdgeProtocol
 from ..observe.logs import configure_logging
 from ..settings import load_config
 from . import exit_codes
@@ -92,11 +93,19 @@ async def serve(config: Config, out: TextIO = sys.stderr, launcher: LocalLaunche
 
     started = time.monotonic()
     gateway, supervisor = build_gateway(config, launcher)
+    problem = gateway.prepare()  # the local admin key; refuse an exposed listener with no keys
+    if problem is not None:
+        print(f"steadyserve: {problem}", file=out)
+        return exit_codes.CONFIG
+    # the edge (gateway.edge) bounds every connection from [gateway]'s limits, keep-alive
+    # included (it uses the exact float, uvicorn's own knob wants an int); ws="none": upgrades
+    # are refused by the edge, never handed to the app
     uv_config = uvicorn.Config(
-        gateway, host=config.gateway.host, port=config.gateway.port, http=NoDelayHttpToolsProtocol,
+        gateway, host=config.gateway.host, port=config.gateway.port,
+        http=EdgeProtocol.configured(config.gateway), ws="none",
         lifespan="on", access_log=False, log_config=None, backlog=4096,
         timeout_graceful_shutdown=int(config.gateway.graceful_shutdown_s) or None,
-        timeout_keep_alive=75,
+        timeout_keep_alive=max(1, math.ceil(config.gateway.keepalive_timeout_s)),
     )
     server = uvicorn.Server(uv_config)
     progress: asyncio.Task[None] | None = None
@@ -126,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             target=args.target, config_path=args.config, env=os.environ,
             flags={k: getattr(args, k) for k in ("name", "replicas", "balancer", "host", "port",
                                                   "max_body_bytes", "log_level", "log_format",
-                                                  "redis_url")},
+                                                  "redis_url", "allow_unauthenticated")},
         )
     except ConfigError as exc:
         print(f"steadyserve: {exc}", file=sys.stderr)

@@ -7,11 +7,14 @@ Embeddings as JSON float text compress ~2×; tiny bodies are not worth the CPU, 
 from __future__ import annotations
 
 import gzip
+import threading
 
 import zstandard
 
 SUPPORTED = ("zstd", "gzip")
-_zstd = zstandard.ZstdCompressor(level=3)
+# one compressor per thread: a ZstdCompressor must not be used by two threads at once, and
+# large responses are compressed in worker threads (Gateway._send)
+_local = threading.local()
 
 
 def choose_encoding(accept_encoding: str | None, body_len: int, min_bytes: int) -> str | None:
@@ -43,7 +46,10 @@ def choose_encoding(accept_encoding: str | None, body_len: int, min_bytes: int) 
 
 def compress(body: bytes, encoding: str) -> bytes:
     if encoding == "zstd":
-        return _zstd.compress(body)
+        zstd: zstandard.ZstdCompressor | None = getattr(_local, "zstd", None)
+        if zstd is None:
+            zstd = _local.zstd = zstandard.ZstdCompressor(level=3)
+        return zstd.compress(body)
     if encoding == "gzip":
         return gzip.compress(body, compresslevel=5)
     raise ValueError(encoding)

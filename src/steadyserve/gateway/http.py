@@ -10,10 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..errors import ClientError, PayloadTooLarge
+from ..errors import ClientError, PayloadTooLarge, SteadyError
+from .decoding import decoder_for
 from .dispatch import CallInfo
 
 if TYPE_CHECKING:
+    from ..auth.keys import ApiKey
     from .router import Route
 
 Scope = dict[str, Any]
@@ -22,6 +24,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:/+=-]{1,128}$")
 JSON = b"application/json"
+# scope key the HTTP edge (gateway.edge) sets when it cut a request short (its body timed
+# out): the app's receive() then says http.disconnect, and this says why
+EDGE_ERROR = "steadyserve.edge_error"
 
 
 def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
@@ -44,6 +49,7 @@ class Request:
     openai: bool = False
     call: CallInfo = field(default_factory=CallInfo)
     route: Route | None = None
+    principal: ApiKey | None = None  # the API key that authenticated it, if any
 
     @property
     def method(self) -> str:
@@ -60,6 +66,9 @@ class Request:
         return None
 
     async def body(self, limit: int) -> bytes:
+        """The whole body, at most `limit` bytes both as sent and once decoded (Content-Encoding
+        gzip, deflate or zstd; any other coding is a 415 before a byte is read)."""
+        decoder = decoder_for(self.header(b"content-encoding"))
         declared = self.header(b"content-length")
         if declared is not None:
             try:
@@ -69,17 +78,28 @@ class Request:
             except ValueError:
                 raise ClientError("invalid Content-Length header") from None
         chunks: list[bytes] = []
-        size = 0
+        received = size = 0
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
+                edge_error = self.scope.get(EDGE_ERROR)
+                if isinstance(edge_error, SteadyError):
+                    raise edge_error
                 raise ClientError("client disconnected")
             chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+            if decoder is not None and chunk:
+                chunk = decoder.feed(chunk, limit - size)
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+                raise PayloadTooLarge(f"request body decodes to more than the limit of {limit} "
+                                      "bytes")
             chunks.append(chunk)
             if not message.get("more_body"):
+                if decoder is not None and received:
+                    decoder.finish()
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def json(self, limit: int) -> Any:
