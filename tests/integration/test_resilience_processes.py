@@ -47,36 +47,100 @@ class Load:
             t.join(15)
 
 
-def test_rolling_update_under_load_has_no_client_error(serve):
-    gw = serve([ECHO, "--replicas", "2"])
+def test_rolling_update_under_load_has_no_client_error(serve, tmp_path):
+    (tmp_path / "steadyserve.toml").write_text(f"""
+[deployments.echo]
+service = "{ECHO}"
+replicas = 2
+rollout_env = ["ROLLED"]
+""")
+    gw = serve([])
     old_pids = {r["pid"] for r in gw.status("echo")["replicas"]}
     with Load(gw.url, "/v1/deployments/echo/slow", {"seconds": 0.005}) as load:
         time.sleep(0.5)
-        out = subprocess.run(
+        out = subprocess.run(  # posts the target (202), then follows it to "done"
             [*STEADYSERVE, "rollout", "echo", "--env", "ROLLED=1", "--url", gw.url],
-            capture_output=True, timeout=120)
+            capture_output=True, timeout=120, cwd=tmp_path)  # where its admin key is
         time.sleep(0.5)
     assert out.returncode == 0, out.stderr.decode()
     assert b"revision 1 of echo is serving" in out.stdout
+    assert b"revision 1 rolling: target revision 1, 0/2 ready" in out.stdout  # progress lines
     assert load.errors == [], load.errors[:5]
     assert load.done > 50
     replicas = gw.status("echo")["replicas"]
     assert [r["id"] for r in replicas] == ["echo-r1-0", "echo-r1-1"]
-    assert all(r["state"] == "ready" for r in replicas)
+    assert all(r["state"] == "ready" and r["revision"] == 1 for r in replicas)
     assert not ({r["pid"] for r in replicas} & old_pids)
     assert not any(_alive(p) for p in old_pids)
 
 
-def test_a_broken_rollout_aborts_and_the_old_replicas_keep_serving(serve):
-    gw = serve([ECHO, "--replicas", "1"])
+def test_a_broken_rollout_fails_and_the_old_replicas_keep_serving(serve, tmp_path):
+    (tmp_path / "steadyserve.toml").write_text(f"""
+[deployments.echo]
+service = "{ECHO}"
+services = ["{HERE / 'nope.py'}:Echo"]
+replicas = 1
+""")
+    gw = serve([])
     out = subprocess.run(
         [*STEADYSERVE, "rollout", "echo", "--service", str(HERE / "nope.py") + ":Echo",
-         "--url", gw.url], capture_output=True, timeout=120)
-    assert out.returncode == 1
-    assert b"aborted" in out.stderr
+         "--url", gw.url], capture_output=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 1, out.stdout.decode()
+    assert b"rollout of revision 1 failed: new replica echo-r1-0 restarted 2 times" in out.stderr
     with gw.client() as c:
         assert c.post("/v1/deployments/echo/echo", json={"text": "x"}).status_code == 200
+        r = c.get("/v1/admin/deployments/echo/rollout", headers=gw.admin_headers())
+    assert r.status_code == 200, r.text
+    assert (r.json()["state"], r.json()["target"]["revision"]) == ("failed", 0)
     assert [r["id"] for r in gw.status("echo")["replicas"]] == ["echo-0"]
+
+
+def test_a_rollout_failing_at_step_1_converges_back_with_no_failed_request(serve, tmp_path):
+    (tmp_path / "steadyserve.toml").write_text(f"""
+[supervisor]
+ready_timeout_s = 6
+drain_timeout_s = 2
+
+[deployments.echo]
+service = "{HERE / 'services' / 'rollout_echo.py'}:Echo"
+replicas = 2
+rollout_env = ["BREAK_AFTER_FIRST"]
+""")
+    gw = serve([])
+    path = "/v1/admin/deployments/echo/rollout"
+    with Load(gw.url, "/v1/deployments/echo/slow", {"seconds": 0.005}) as load, \
+            gw.client(timeout=10) as c:
+        r = c.post(path, json={"env": {"BREAK_AFTER_FIRST": "1"}}, headers=gw.admin_headers())
+        assert r.status_code == 202, r.text
+        assert (r.json()["revision"], r.json()["state"]) == (1, "rolling")
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            r = c.get(path, headers=gw.admin_headers())
+            assert r.status_code == 200, r.text
+            got = r.json()
+            ids = sorted(x["id"] for x in got["replicas"])
+            seen.append(",".join(ids))
+            if got["state"] == "failed" and got["progress"]["converged"]:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"no convergence: {got}")
+        time.sleep(0.5)
+    # step 1 was reached: the first new replica served while an old one was gone
+    assert any("echo-r1-0" in ids and "echo-r1-1" in ids and "echo-0" not in ids
+               for ids in seen), seen
+    assert "echo-r1-1 not ready after 6s" in got["reason"]
+    assert (got["target"]["revision"], got["good_revision"]) == (0, 0)
+    assert load.errors == [], load.errors[:5]
+    assert load.done > 50
+    replicas = gw.status("echo")["replicas"]
+    assert sorted(x["id"] for x in replicas) == ["echo-0", "echo-1"]
+    assert all(x["state"] == "ready" and x["revision"] == 0 for x in replicas)
+    with gw.client() as c:
+        answers = {c.post("/v1/deployments/echo/slow", json={"seconds": 0}).json()["broken_build"]
+                   for _ in range(10)}
+    assert answers == {""}  # only the good revision serves
 
 
 def test_a_wedged_model_thread_is_detected_and_the_replica_restarted(serve, tmp_path):

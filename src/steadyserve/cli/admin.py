@@ -8,17 +8,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from . import exit_codes
+from .credentials import api_key_for
 
 
 def _call(method: str, url: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    key = api_key_for(url)
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -55,30 +60,96 @@ def status(args: argparse.Namespace) -> int:
     return exit_codes.OK
 
 
+ROLLOUT_POLL_S = 0.5
+ROLLOUT_CALL_TIMEOUT_S = 30.0
+
+
 def rollout(args: argparse.Namespace) -> int:
+    """Post a new target (or cancel the running rollout), then follow it to its outcome."""
+    path = f"{args.url}/v1/admin/deployments/{args.deployment}/rollout"
     changes: dict[str, Any] = {}
     if args.service:
         changes["service"] = args.service
     if args.replicas is not None:
         changes["replicas"] = args.replicas
+    if args.balancer:
+        changes["balancer"] = args.balancer
+    if args.torch_threads is not None:
+        changes["torch_threads"] = args.torch_threads
     for item in args.env or []:
         key, sep, value = item.partition("=")
         if not sep:
             print(f"steadyserve: --env takes KEY=VALUE, got {item!r}", file=sys.stderr)
             return exit_codes.USAGE
         changes.setdefault("env", {})[key] = value
-    print(f"rolling out {args.deployment}: {json.dumps(changes) or 'restart every replica'}",
-          file=sys.stderr)
+    if args.cancel and changes:
+        print("steadyserve: --cancel takes no changes", file=sys.stderr)
+        return exit_codes.USAGE
     try:
-        code, body = _call("POST", f"{args.url}/v1/admin/deployments/{args.deployment}/rollout",
-                           changes, args.timeout_s)
+        if args.cancel:
+            code, body = _call("DELETE", path, None, ROLLOUT_CALL_TIMEOUT_S)
+        else:
+            print(f"rolling out {args.deployment}: "
+                  f"{json.dumps(changes) if changes else 'restart every replica'}", file=sys.stderr)
+            code, body = _call("POST", path, changes, ROLLOUT_CALL_TIMEOUT_S)
     except OSError as exc:
         print(f"steadyserve: cannot reach {args.url}: {exc}", file=sys.stderr)
         return exit_codes.FAILURE
-    if code != 200:
-        message = (body or {}).get("error", {}).get("message", body)
-        print(f"steadyserve: rollout failed ({code}): {message}", file=sys.stderr)
+    if code not in (200, 202):
+        message = body.get("error", {}).get("message", body) if isinstance(body, dict) else body
+        print(f"steadyserve: rollout refused ({code}): {message}", file=sys.stderr)
         return exit_codes.FAILURE
-    print(f"revision {body['revision']} of {body['deployment']} is serving "
-          f"({len(body['replicas'])} replicas, {body['duration_s']} s)")
-    return exit_codes.OK
+    if args.cancel:
+        print(f"cancelled revision {body['revision']} of {body['deployment']}; going back to "
+              f"revision {body['good_revision']}")
+    else:
+        print(f"revision {body['revision']} of {body['deployment']} is rolling out")
+    if args.no_wait:
+        return exit_codes.OK
+    return _follow(path, body, args.timeout_s)
+
+
+def _progress_line(body: dict[str, Any]) -> str:
+    p = body["progress"]
+    return (f"revision {body['revision']} {body['state']}: target revision "
+            f"{body['target']['revision']}, {p['ready']}/{p['desired']} ready, "
+            f"{p['updated'] - p['ready']} starting, {p['old']} old, {p['draining']} draining")
+
+
+def _follow(path: str, body: dict[str, Any], timeout_s: float) -> int:
+    """Poll the rollout until it is done (0), failed or cancelled (1), or the wait ends."""
+    revision = body["revision"]
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        line = _progress_line(body)
+        if line != last:
+            print(line)
+            last = line
+        state = body["state"]
+        if body["revision"] != revision:
+            print(f"steadyserve: revision {body['revision']} replaced revision {revision} "
+                  "(another rollout)", file=sys.stderr)
+            return exit_codes.FAILURE
+        if state == "done":
+            print(f"revision {revision} of {body['deployment']} is serving "
+                  f"({body['progress']['ready']} replicas)")
+            return exit_codes.OK
+        if state in ("failed", "cancelled") and body["progress"]["converged"]:
+            print(f"steadyserve: rollout of revision {revision} {state}: {body['reason']}; "
+                  f"revision {body['good_revision']} serves again", file=sys.stderr)
+            return exit_codes.FAILURE
+        if time.monotonic() >= deadline:
+            print(f"steadyserve: still {state} after {timeout_s:g}s; it goes on in the gateway "
+                  f"(steadyserve rollout {body['deployment']} --cancel stops it)", file=sys.stderr)
+            return exit_codes.FAILURE
+        time.sleep(ROLLOUT_POLL_S)
+        try:
+            code, got = _call("GET", path, None, ROLLOUT_CALL_TIMEOUT_S)
+        except OSError as exc:  # a gateway restarting: it resumes the rollout; keep asking
+            print(f"steadyserve: cannot reach the gateway ({exc}); retrying", file=sys.stderr)
+            continue
+        if code != 200:
+            print(f"steadyserve: cannot read the rollout ({code}): {got}", file=sys.stderr)
+            return exit_codes.FAILURE
+        body = got

@@ -8,6 +8,7 @@ import sys
 from .. import __version__
 from ..policies.balancing import BALANCERS
 from . import exit_codes
+from . import keys as keys_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="redis://host:port/db: shared L2 response cache (default: L1 only)")
     run.add_argument("--max-body-bytes", type=int, dest="max_body_bytes",
                      help="largest request body accepted (default 1 MiB)")
+    run.add_argument("--allow-unauthenticated", dest="allow_unauthenticated", action="store_true",
+                     default=None, help="serve inference without API keys on a non-loopback "
+                     "--host (refused otherwise); admin routes always need a key")
     run.add_argument("--log-level", dest="log_level",
                      choices=["debug", "info", "warning", "error"], help="default info")
     run.add_argument("--log-format", dest="log_format", choices=["json", "text", "auto"],
@@ -46,26 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     ro = verbs.add_parser(
         "rollout", help="replace a deployment's replicas one by one with no downtime",
-        description=("Start a new replica, wait until it is ready, shift traffic, drain an old "
-                     "one; repeat. With no change, restarts every replica (e.g. to load new "
-                     "code or weights). Aborts, keeping the old replicas, if a new one fails."),
+        description=("Set a new target for a deployment; the gateway starts a new replica, waits "
+                     "until it is ready, retires an old one, and repeats. With no change, "
+                     "restarts every replica (e.g. to load new code or weights). A new replica "
+                     "that crash-loops or is never ready fails the rollout, and the deployment "
+                     "goes back to its last good revision. Waits for the outcome (one line per "
+                     "change of progress) unless --no-wait; exit status 0 only when it is done."),
     )
     ro.add_argument("deployment")
-    ro.add_argument("--service", help="new file.py:Class or module:Class")
-    ro.add_argument("--replicas", type=int, help="new replica count")
-    ro.add_argument("--env", action="append", metavar="KEY=VALUE", help="replica environment")
+    ro.add_argument("--service", help="one of the deployment's configured targets "
+                    "(`service` or an entry of `services`)")
+    ro.add_argument("--replicas", type=int, help="new replica count (up to max_replicas)")
+    ro.add_argument("--env", action="append", metavar="KEY=VALUE",
+                    help="replica environment; KEY must be listed in the deployment's "
+                    "rollout_env; KEY= (empty) sets an empty value")
+    ro.add_argument("--balancer", choices=sorted(BALANCERS))
+    ro.add_argument("--torch-threads", type=int, dest="torch_threads")
+    ro.add_argument("--cancel", action="store_true",
+                    help="cancel the running rollout: back to the last good revision")
+    ro.add_argument("--no-wait", action="store_true", dest="no_wait",
+                    help="start it (or cancel it) and return at once")
     ro.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
-    ro.add_argument("--timeout-s", type=float, default=600.0, dest="timeout_s")
+    ro.add_argument("--timeout-s", type=float, default=600.0, dest="timeout_s",
+                    help="stop waiting for the outcome after this long (it goes on)")
     al = verbs.add_parser("alerts", help="active alerts, silences, recent actions and history")
     al.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     al.add_argument("--json", action="store_true", help="print the API's JSON")
     si = verbs.add_parser("silence", help="mute matching alerts for a while")
-    si.add_argument("--match", action="append", required=True, metavar="LABEL=VALUE",
+    si.add_argument("--match-all", dest="match_all", action="store_true",
+                    help="mute every alert (refused unless said: matchers that all read \"\" "
+                    "would match everything)")
+    si.add_argument("--match", action="append", default=[], metavar="LABEL=VALUE",
                     help="e.g. --match alertname=LatencyAnomaly --match deployment=minilm")
     si.add_argument("--for", dest="duration", default="1h", help="30m, 2h, 1d … (default 1h)")
     si.add_argument("--comment", default="")
     si.add_argument("--by", default="cli", help="who is silencing")
     si.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
+    keys_cli.add_parser(verbs)
     ex = verbs.add_parser("export", help="export configuration for other systems")
     ex.add_argument("what", choices=["prometheus-rules"])
     ex.add_argument("--config", help="steadyserve.toml (for the SLO and rule settings)")
@@ -88,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         from .admin import rollout
 
         return rollout(args)
+    if args.verb == "keys":
+        return keys_cli.keys(args)
     if args.verb in ("alerts", "silence", "export"):
         from . import alerts as alert_cli
 

@@ -39,6 +39,42 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+REPLICA_MEMORY_BYTES = 512 * 1024 * 1024  # a small model's replica, for the default cap
+REPLICAS_PER_CORE = 4
+
+
+def usable_memory_bytes() -> int | None:
+    """Physical memory, or the cgroup's limit when lower (a container); None if unknown."""
+    try:
+        found = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not on Linux
+        return None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                raw = f.read().strip()
+        except OSError:
+            continue
+        if raw.isdigit():
+            found = min(found, int(raw))
+    return found
+
+
+def default_max_replicas(replicas: int, cores: int, memory_bytes: int | None) -> int:
+    """The most replicas a rollout may ask for when `max_replicas` is not configured:
+    min(4 × cores, memory / 512 MiB), never below the configured count nor 1."""
+    cap = REPLICAS_PER_CORE * max(1, cores)
+    if memory_bytes is not None:
+        cap = min(cap, memory_bytes // REPLICA_MEMORY_BYTES)
+    return max(1, replicas, cap)
+
+
+def max_replicas(deployment: DeploymentConfig, cores: int, memory_bytes: int | None) -> int:
+    if deployment.max_replicas is not None:
+        return deployment.max_replicas
+    return default_max_replicas(deployment.replicas, cores, memory_bytes)
+
+
 def torch_threads(config: Config, deployment: DeploymentConfig, cores: int) -> int:
     """replicas × threads ≤ cores by default, never below one thread."""
     if deployment.torch_threads is not None:

@@ -106,10 +106,16 @@ class Responder:
             adm.shed_batch_until = self.monotonic() + SHED_BATCH_S
             return "done", f"shedding batch traffic of {deployment} for {SHED_BATCH_S:.0f}s"
         if action == "rollback":
-            if self.supervisor is None or deployment not in self.supervisor.previous:
-                return "skipped", f"{deployment!r} has had no rollout to roll back"
-            asyncio.get_running_loop().create_task(self._rollback(deployment))
-            return "started", f"rolling back {deployment}"
+            # only the stored target changes here; the supervisor's loop does the rolling
+            if self.supervisor is None or not self.supervisor.can_roll_back(deployment):
+                return "skipped", (f"{deployment!r} has no rollout to roll back (none yet, or "
+                                   "the last one already went back to the last good revision)")
+            rolled = await self.supervisor.rollback(deployment)
+            if rolled["state"] == "cancelled":
+                return "started", (f"cancelled revision {rolled['revision']} of {deployment}; "
+                                   f"going back to revision {rolled['good_revision']}")
+            return "started", (f"rolling {deployment} back as revision {rolled['revision']} "
+                               f"(the config of revision {rolled['previous_revision']})")
         if action == "serve_stale":
             cache = self.gateway.cache
             if cache is None:
@@ -120,10 +126,3 @@ class Responder:
         if action == "scale_up":
             return "unavailable", "scale_up needs the autoscaler, which is not built yet"
         return "failed", f"unknown action {action!r}"
-
-    async def _rollback(self, deployment: str) -> None:
-        assert self.supervisor is not None
-        try:
-            await self.supervisor.rollback(deployment)
-        except Exception:
-            log.exception("automatic rollback of %s failed", deployment)

@@ -7,38 +7,135 @@ watcher task per process) and restarted after an exponential, jittered backoff t
 once it has stayed ready for a while. It returns to rotation only when its /readyz says so.
 Health: /readyz every second and a deep check (the model thread plus each handler's canary,
 through the batcher) every few seconds; a replica unhealthy for too long — a wedged event
-loop or model — is killed and restarted. Rollouts replace a deployment's replicas one at a
-time: start new, wait ready, shift, drain old. Every loop iteration catches and logs its own
+loop or model — is killed and restarted. Every loop iteration catches and logs its own
 errors, and probes run as their own tasks: a slow replica never stalls the loop.
+
+Rollouts are not procedures but a stored target per deployment (`RolloutRecord`: the target
+revision and its config, the last good one, the one before): a rollout, a cancel or a
+rollback only changes the target, and each tick `policies.rollout.RolloutPolicy` says which
+slot to start or retire next (one new replica at a time, an old one retired once a new one is
+ready); a new replica that crash-loops or is never ready fails the rollout, which points the
+target back at the last good revision, and the same loop converges on it — starting good
+replicas again where old ones were already retired. A request that started a rollout can go
+away; nothing is left half done.
+
+The record is kept in memory and, when a `state_store` is given, written under
+`rollout:<deployment>` after every change. A restarted gateway reads it back: if the
+deployment's section of the configuration file is what it was when the record was written,
+the gateway serves the stored target (a rollout that was running starts over from the last
+good revision's replicas); if the file changed since, the file wins — it is the operator's
+newer word — and the stored rollout is dropped, with a warning.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import random
 import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .. import codec
 from ..config import Config, DeploymentConfig
-from ..errors import ClientError, ConfigError, ReplicaUnavailable, SteadyError
+from ..errors import ConfigError, Conflict, NotFound, ReplicaUnavailable, SteadyError
 from ..gateway.membership import Endpoint, Membership
 from ..gateway.transport import Address, Transport
 from ..observe.metrics import REPLICA_STATES, GatewayMetrics
 from ..policies.backoff import Backoff
+from ..policies.rollout import (
+    ROLLOUT_FIELDS,
+    ROLLOUT_STATES,
+    RolloutPolicy,
+    SlotView,
+    Target,
+    apply_changes,
+    progress,
+    rollout_fields,
+)
 from ..replica.blackbox import read_flight_record
-from .launcher import LaunchedReplica, LocalLauncher
+from .launcher import (
+    LaunchedReplica,
+    LocalLauncher,
+    max_replicas,
+    usable_cores,
+    usable_memory_bytes,
+)
 
 log = logging.getLogger("steadyserve.supervisor")
 
 STABLE_AFTER_S = 30.0  # ready this long → the next crash restarts with the shortest backoff
-ROLLOUT_FIELDS = ("service", "replicas", "balancer", "torch_threads", "env",
-                  "max_connections_per_replica")
+STATE_KEY = "rollout:{}"
+RECORD_FORMAT = 1
+PERSIST_ON_STOP_S = 5.0  # how long stopping waits for the last rollout state to be written
+
+
+class StateStore(Protocol):
+    """Where rollout targets outlive the process (`store.Database` fits)."""
+
+    def get_state(self, key: str) -> Any: ...
+    def put_state(self, key: str, obj: Any) -> None: ...
+
+
+@dataclass(slots=True)
+class RolloutRecord:
+    """A deployment's stored target: what the reconcile loop converges on, and the way back."""
+
+    base: str  # the deployment as the configuration file declared it (config_fingerprint)
+    configs: dict[int, DeploymentConfig]  # for revision, target, good and previous
+    revision: int = 0  # the latest rollout's revision (what its POST answered); 0: the file
+    state: str = "done"  # rolling | done | failed | cancelled
+    target: int = 0  # what the loop converges on: `revision`, or `good` after a failure
+    good: int = 0  # the last revision a rollout finished (or the file's)
+    previous: int | None = None  # the good revision before `good`: where a rollback goes
+    next_revision: int = 1
+    reason: str = ""
+    started_at: float | None = None  # wall-clock
+    finished_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": RECORD_FORMAT, "base": self.base, "revision": self.revision,
+            "state": self.state, "target": self.target, "good": self.good,
+            "previous": self.previous, "next_revision": self.next_revision,
+            "reason": self.reason, "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "configs": {str(rev): rollout_fields(c) for rev, c in self.configs.items()},
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, file_config: DeploymentConfig) -> RolloutRecord:
+        """Rebuild a stored record over the file's config; ValueError when it is not one."""
+        try:
+            if raw.get("format") != RECORD_FORMAT:
+                raise ValueError(f"unknown record format {raw.get('format')!r}")
+            configs = {}
+            for rev, fields in raw["configs"].items():
+                values = {k: v for k, v in fields.items() if k in ROLLOUT_FIELDS}
+                values["env"] = tuple((str(k), str(v)) for k, v in values.get("env", {}).items())
+                configs[int(rev)] = dataclasses.replace(file_config, **values)
+            record = cls(
+                base=str(raw["base"]), configs=configs, revision=int(raw["revision"]),
+                state=str(raw["state"]), target=int(raw["target"]), good=int(raw["good"]),
+                previous=None if raw["previous"] is None else int(raw["previous"]),
+                next_revision=int(raw["next_revision"]), reason=str(raw["reason"]),
+                started_at=raw["started_at"], finished_at=raw["finished_at"],
+            )
+        except (AttributeError, KeyError, TypeError, ConfigError) as exc:
+            raise ValueError(f"not a rollout record: {exc!r}") from None
+        if record.state not in ROLLOUT_STATES or record.target not in configs \
+                or record.good not in configs:
+            raise ValueError("not a rollout record: state or revisions out of range")
+        return record
+
+
+def config_fingerprint(config: DeploymentConfig) -> str:
+    """Every field of a deployment's file config, canonically: equal iff the file is."""
+    return json.dumps(dataclasses.asdict(config), sort_keys=True)
 
 
 @dataclass(slots=True, eq=False)
@@ -61,6 +158,9 @@ class Slot:
     restarts: int = 0
     last_exit_code: int | None = None
     retired: bool = False  # replaced by a rollout: drain, exit, never restart
+    revision: int = 0  # the rollout revision whose config this slot runs
+    created_at: float = 0.0
+    was_ready: bool = False  # in rotation at least once since the slot was created
     watcher: asyncio.Task[None] | None = None
     probe: asyncio.Task[None] | None = None
 
@@ -74,6 +174,7 @@ class Supervisor:
         self, config: Config, membership: Membership, transport: Transport,
         metrics: GatewayMetrics, launcher: LocalLauncher | None = None,
         *, clock: Callable[[], float] = time.monotonic, rand: Callable[[], float] = random.random,
+        wall: Callable[[], float] = time.time, state_store: StateStore | None = None,
     ) -> None:
         self.config = config
         self.cfg = config.supervisor
@@ -83,19 +184,31 @@ class Supervisor:
         self.launcher = launcher or LocalLauncher(config)
         self.clock = clock
         self.rand = rand
+        self.wall = wall
+        self.state_store = state_store
         self.backoff = Backoff(base_s=self.cfg.restart_base_s, cap_s=self.cfg.restart_cap_s)
+        self.policy = RolloutPolicy(max_restarts=self.cfg.rollout_max_restarts,
+                                    ready_timeout_s=self.cfg.ready_timeout_s)
+        self.file_configs = {d.name: d for d in config.deployments}
+        cores, memory = usable_cores(), usable_memory_bytes()
+        self.max_replicas = {d.name: max_replicas(d, cores, memory) for d in config.deployments}
+        self.records = {d.name: RolloutRecord(base=config_fingerprint(d), configs={0: d})
+                        for d in config.deployments}
+        now = clock()
         self.slots = [
-            Slot(d, f"{d.name}-{i}") for d in config.deployments for i in range(d.replicas)
+            Slot(d, f"{d.name}-{i}", created_at=now)
+            for d in config.deployments for i in range(d.replicas)
         ]
-        self.revisions = {d.name: 0 for d in config.deployments}
-        self.previous: dict[str, DeploymentConfig] = {}  # the config before the last rollout
         self.crash_listeners: list[Callable[[str, list[str]], None]] = []
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._rollout_locks: dict[str, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._write_lock = asyncio.Lock()
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        await self._restore()
         await self.reconcile_once()  # spawn everything now, not one tick later
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="supervisor")
 
@@ -121,11 +234,20 @@ class Supervisor:
             for task in (s.watcher, s.probe):
                 if task is not None:
                     task.cancel()
+        for retiring in list(self._retiring):  # their processes were just terminated above
+            retiring.cancel()
+        if self._writes:  # the last rollout state should reach the store
+            await asyncio.wait(list(self._writes), timeout=PERSIST_ON_STOP_S)
         self._export_states()
 
     # reconcile -------------------------------------------------------------------------
     async def reconcile_once(self) -> None:
         now = self.clock()
+        for name in self.records:
+            try:
+                self._converge(name, now)
+            except Exception:  # one deployment's trouble never stops the others' health
+                log.exception("rollout step failed", extra={"deployment": name})
         for slot in list(self.slots):
             if slot.retired:
                 continue
@@ -177,10 +299,16 @@ class Supervisor:
             slot.replica = await self.launcher.launch(slot.deployment, slot.replica_id)
         except SteadyError as exc:
             log.error("cannot start replica: %s", exc, extra={"replica": slot.replica_id})
+            slot.restarts += 1  # a failed start counts like a crash (a rollout fails on it)
             self._schedule_restart(slot, now)
             return
         log.info("replica started", extra={"replica": slot.replica_id, "pid": slot.replica.pid,
                                            "port": slot.replica.port})
+        # the deployment's own pool size (a rollout may change it); transports without
+        # per-replica pools (in-process ones) have nothing to size
+        set_max = getattr(self.transport, "set_max_connections", None)
+        if set_max is not None and slot.address is not None:
+            set_max(slot.address, slot.deployment.max_connections_per_replica)
         slot.watcher = asyncio.get_running_loop().create_task(
             self._watch(slot, slot.replica, slot.generation), name=f"watch-{slot.replica_id}"
         )
@@ -189,15 +317,13 @@ class Supervisor:
         code = await replica.process.wait()
         if slot.generation != generation:
             return
-        self.membership.remove(slot.deployment.name, slot.replica_id)
         self.transport.forget(Address(replica.host, replica.port))
         slot.last_exit_code = code
-        if self.stopping:
+        if slot.retired:  # out of rotation since it was retired: its id is not re-checked
+            self._drop(slot)
             return
-        if slot.retired:
-            if slot in self.slots:
-                self.slots.remove(slot)
-            self._export_states()
+        self.membership.remove(slot.deployment.name, slot.replica_id)
+        if self.stopping:
             return
         executing = read_flight_record(replica.flight_recorder)
         if executing:  # it died on its own while running these inputs: blame them
@@ -237,7 +363,8 @@ class Supervisor:
             info = await self._get(slot, "/info", timeout)
         except SteadyError:
             return  # still loading (or not listening yet)
-        if info is None or slot.generation != generation or slot.state != "starting":
+        if info is None or slot.generation != generation or slot.state != "starting" \
+                or slot.retired:
             return
         slot.info = codec.decode(info[1])
         self._enter_rotation(slot)
@@ -247,6 +374,7 @@ class Supervisor:
     def _enter_rotation(self, slot: Slot) -> None:
         assert slot.address is not None and slot.info is not None
         slot.state = "ready"
+        slot.was_ready = True
         slot.ready_at = slot.ready_at or self.clock()
         slot.health_failures = 0
         slot.unhealthy_since = 0.0
@@ -307,75 +435,267 @@ class Supervisor:
             if slot.replica_id == endpoint.replica_id:
                 slot.last_health_at = 0.0
 
-    # rollout -----------------------------------------------------------------------------------
-    async def rollout(self, deployment: str, changes: dict[str, Any]) -> dict[str, Any]:
-        """Replace every replica of a deployment, one at a time, with no gap in service:
-        start a new one, wait until ready (it joins rotation), then drain and stop an old one.
-        A new replica that fails to become ready aborts the rollout; the old ones keep serving."""
-        unknown = sorted(set(changes) - set(ROLLOUT_FIELDS))
-        if unknown:
-            raise ClientError(f"cannot roll out {unknown[0]!r}; settable: {list(ROLLOUT_FIELDS)}",
-                              param=unknown[0])
-        lock = self._rollout_locks.setdefault(deployment, asyncio.Lock())
-        if lock.locked():
-            raise ClientError(f"a rollout of {deployment!r} is already running")
-        async with lock:
-            old_cfg = self.membership.deployments[deployment].config
-            values = dict(changes)
-            if "env" in values:
-                if not isinstance(values["env"], dict):
-                    raise ClientError("'env' must be an object of strings", param="env")
-                values["env"] = tuple((str(k), str(v)) for k, v in values["env"].items())
+    # rollout: a stored target per deployment, converged on by the loop ------------------------
+    def _converge(self, name: str, now: float) -> None:
+        """One rollout step: ask the policy, then do what it says (never waits)."""
+        rec = self.records[name]
+        target_cfg = rec.configs[rec.target]
+        target = Target(rec.target, target_cfg.replicas, rolling=rec.state == "rolling")
+        mine = [s for s in self.slots if s.deployment.name == name]
+        plan = self.policy.decide(target, [self._view(s) for s in mine], now)
+        if plan.outcome == "failed":
+            self._fall_back(name, "failed", plan.reason)
+            return
+        if plan.outcome == "done":
+            self._finish(name)
+            return
+        for slot in mine:
+            if slot.replica_id in plan.retire:
+                self._retire_soon(slot)
+        for _ in range(plan.start):
+            slot = Slot(target_cfg, self._new_id(name, rec.target), revision=rec.target,
+                        created_at=now)
+            self.slots.append(slot)
+            log.info("rollout: starting a replica of revision %d", rec.target,
+                     extra={"deployment": name, "replica": slot.replica_id})
+
+    @staticmethod
+    def _view(slot: Slot) -> SlotView:
+        # a slot not spawned yet (this very tick, or at boot) is starting, not down
+        state = "starting" if slot.state == "backoff" and slot.generation == 0 else slot.state
+        return SlotView(slot.replica_id, slot.revision, state, slot.restarts,
+                        slot.created_at, slot.was_ready, draining=slot.retired)
+
+    def _new_id(self, name: str, revision: int) -> str:
+        """The lowest free index: a deployment rolled back keeps its familiar replica ids.
+        Ids of replicas still draining stay taken (their exit must not remove a namesake)."""
+        prefix = name if revision == 0 else f"{name}-r{revision}"
+        taken = {s.replica_id for s in self.slots}
+        i = 0
+        while f"{prefix}-{i}" in taken:
+            i += 1
+        return f"{prefix}-{i}"
+
+    def _retire_soon(self, slot: Slot) -> None:
+        """Out of rotation and SIGTERM now (no probe can put it back), drained in a task."""
+        slot.retired = True
+        self.membership.remove(slot.deployment.name, slot.replica_id)
+        if slot.replica is not None and slot.replica.process.returncode is None:
+            slot.state = "stopping"
+            self.launcher.signal(slot.replica, signal.SIGTERM)
+        task = asyncio.get_running_loop().create_task(self._retire(slot),
+                                                      name=f"retire-{slot.replica_id}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(self, slot: Slot) -> None:
+        """Wait for the SIGTERM'd replica to drain and exit; SIGKILL it after the timeout."""
+        replica = slot.replica
+        if replica is not None and replica.process.returncode is None:
             try:
-                new_cfg = dataclasses.replace(old_cfg, **values)
-            except (ConfigError, TypeError) as exc:
-                raise ClientError(f"invalid rollout: {exc}") from None
-            self.revisions[deployment] += 1
-            rev = self.revisions[deployment]
-            self.previous[deployment] = old_cfg
-            old = [s for s in self.slots if s.deployment.name == deployment and not s.retired]
-            started = self.clock()
-            log.info("rollout started", extra={"deployment": deployment, "revision": rev})
-            for i in range(new_cfg.replicas):
-                slot = Slot(new_cfg, f"{deployment}-r{rev}-{i}")
-                self.slots.append(slot)
-                if not await self._wait_ready(slot):
-                    await self._retire([s for s in self.slots if s.deployment is new_cfg])
-                    log.error("rollout aborted: a new replica did not become ready",
-                              extra={"deployment": deployment, "revision": rev})
-                    raise ClientError(
-                        f"rollout of {deployment!r} aborted: replica {slot.replica_id} did not "
-                        f"become ready (last exit code {slot.last_exit_code}); old replicas "
-                        "still serve")
-                if i == 0:
-                    self.membership.reconfigure(new_cfg)
-                if old:
-                    await self._retire([old.pop(0)])
-            await self._retire(old)  # scaled down: the rest go too
-            log.info("rollout finished in %.1fs", self.clock() - started,
-                     extra={"deployment": deployment, "revision": rev})
-            return {"deployment": deployment, "revision": rev, "replicas": self.status(deployment),
-                    "duration_s": round(self.clock() - started, 2)}
+                await asyncio.wait_for(replica.process.wait(), self.cfg.drain_timeout_s + 1)
+            except TimeoutError:
+                log.warning("retired replica did not drain in time; killing",
+                            extra={"replica": slot.replica_id})
+                self.launcher.signal(replica, signal.SIGKILL)
+                try:
+                    await asyncio.wait_for(replica.process.wait(), 5)
+                except TimeoutError:
+                    log.error("retired replica survives SIGKILL", extra={"replica": slot.replica_id})
+                    return  # still listed: its watcher drops it if it ever exits
+        self._drop(slot)
 
-    async def _wait_ready(self, slot: Slot) -> bool:
-        deadline = self.clock() + self.cfg.ready_timeout_s
-        while self.clock() < deadline and not self.stopping:
-            if slot.state == "ready":
-                return True
-            if slot.restarts >= 2:
-                return False  # crash-looping: the new version is broken
-            await asyncio.sleep(0.05)
-        return False
-
-    async def _retire(self, slots: list[Slot]) -> None:
-        """Replaced by a rollout: drain and stop, never restart."""
-        for slot in slots:
-            slot.retired = True
-        await self._terminate(slots)
-        for slot in slots:
-            if slot in self.slots:
-                self.slots.remove(slot)
+    def _drop(self, slot: Slot) -> None:
+        """A retired replica is gone: forget it everywhere (once)."""
+        if slot not in self.slots:
+            return
+        self.slots.remove(slot)
+        forget = getattr(self.metrics, "forget_replica", None)
+        if forget is not None:  # its per-replica series would otherwise be exported forever
+            forget(slot.deployment.name, slot.replica_id)
         self._export_states()
+
+    def _finish(self, name: str) -> None:
+        rec = self.records[name]
+        if rec.good != rec.target:
+            rec.previous = rec.good
+        rec.good = rec.target
+        rec.state = "done"
+        rec.finished_at = self.wall()
+        self._prune(rec)
+        log.info("rollout finished: revision %d serves", rec.target,
+                 extra={"deployment": name, "revision": rec.target,
+                        "duration_s": round(rec.finished_at - (rec.started_at or 0.0), 1)})
+        self._persist_soon(name)
+
+    def _fall_back(self, name: str, state: str, reason: str) -> None:
+        """Point the target back at the last good revision; the loop converges on it."""
+        rec = self.records[name]
+        rec.state = state
+        rec.reason = reason
+        rec.target = rec.good
+        rec.finished_at = self.wall()
+        self.membership.reconfigure(rec.configs[rec.good])
+        log.log(logging.ERROR if state == "failed" else logging.WARNING,
+                "rollout %s: %s; going back to revision %d", state, reason, rec.good,
+                extra={"deployment": name, "revision": rec.revision})
+        self._persist_soon(name)
+
+    def _begin(self, name: str, config: DeploymentConfig) -> None:
+        rec = self.records[name]
+        rec.revision = rec.target = rec.next_revision
+        rec.next_revision += 1
+        rec.configs[rec.revision] = config
+        rec.state = "rolling"
+        rec.reason = ""
+        rec.started_at = self.wall()
+        rec.finished_at = None
+        self._prune(rec)
+        # balancer, desired count and admission follow the target at once; new replicas
+        # carry the target's service, env and threads (their slot's config)
+        self.membership.reconfigure(config)
+        fields = rollout_fields(config)
+        fields["env"] = sorted(fields["env"])  # names only: values may be credentials
+        log.info("rollout started: revision %d", rec.revision,
+                 extra={"deployment": name, "revision": rec.revision, "target": fields})
+
+    @staticmethod
+    def _prune(rec: RolloutRecord) -> None:
+        keep = {rec.revision, rec.target, rec.good, rec.previous}
+        rec.configs = {rev: c for rev, c in rec.configs.items() if rev in keep}
+
+    def _record(self, deployment: str) -> RolloutRecord:
+        try:
+            return self.records[deployment]
+        except KeyError:
+            raise NotFound(f"no deployment named {deployment!r}", param="deployment") from None
+
+    async def rollout(self, deployment: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Validate every change, then store the new target and return at once; the reconcile
+        loop rolls it out (one new replica at a time, an old one retired per new one ready)
+        whether or not the caller waits. ClientError (400) leaves everything as it was."""
+        rec = self._record(deployment)
+        if rec.state == "rolling":
+            raise Conflict(f"revision {rec.revision} of {deployment!r} is still rolling out; "
+                           "wait for it or cancel it first")
+        config = apply_changes(self.file_configs[deployment], rec.configs[rec.target], changes,
+                               self.max_replicas[deployment])
+        self._begin(deployment, config)  # no await between the check above and this
+        await self._persist(deployment)
+        return self.rollout_status(deployment)
+
+    async def cancel_rollout(self, deployment: str) -> dict[str, Any]:
+        """Stop a running rollout: the target goes back to the last good revision."""
+        rec = self._record(deployment)
+        if rec.state != "rolling":
+            raise Conflict(f"no rollout of {deployment!r} is running (last: revision "
+                           f"{rec.revision}, {rec.state})")
+        self._fall_back(deployment, "cancelled", "cancelled by request")
+        await self._persist(deployment)
+        return self.rollout_status(deployment)
+
+    def can_roll_back(self, deployment: str) -> bool:
+        """A running rollout (cancelled), or a finished one with a revision before it. Not
+        after a failed or cancelled one: those are already back on the last good revision."""
+        rec = self.records.get(deployment)
+        return rec is not None and (
+            rec.state == "rolling" or (rec.state == "done" and rec.previous is not None))
+
+    async def rollback(self, deployment: str) -> dict[str, Any]:
+        """Undo the last rollout: cancel it while it runs, else roll out the revision that
+        served before it (a new revision with that config, through the same loop)."""
+        rec = self._record(deployment)
+        if rec.state == "rolling":
+            return await self.cancel_rollout(deployment)
+        if not self.can_roll_back(deployment) or rec.previous is None:
+            raise Conflict(f"{deployment!r} has no finished rollout to roll back")
+        self._begin(deployment, rec.configs[rec.previous])
+        await self._persist(deployment)
+        return self.rollout_status(deployment)
+
+    def rollout_status(self, deployment: str) -> dict[str, Any]:
+        rec = self._record(deployment)
+        config = rec.configs[rec.target]
+        target = Target(rec.target, config.replicas, rolling=rec.state == "rolling")
+        views = [self._view(s) for s in self.slots if s.deployment.name == deployment]
+        return {
+            "deployment": deployment,
+            "revision": rec.revision,
+            "state": rec.state,
+            "reason": rec.reason or None,
+            "target": {"revision": rec.target, **rollout_fields(config)},
+            "good_revision": rec.good,
+            "previous_revision": rec.previous,
+            "max_replicas": self.max_replicas[deployment],
+            "progress": progress(target, views),
+            "started_at": rec.started_at,
+            "finished_at": rec.finished_at,
+            "replicas": self.status(deployment),
+        }
+
+    # rollout state in the store ----------------------------------------------------------
+    def _persist_soon(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._persist(name),
+                                                      name=f"persist-rollout-{name}")
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def _persist(self, name: str) -> None:
+        """Write the record as it is when the write starts: writes are serialised, so the
+        last one to run stores the newest state. A store that fails is logged; the target
+        in memory still drives the loop."""
+        if self.state_store is None:
+            return
+        store = self.state_store
+        async with self._write_lock:
+            snapshot = self.records[name].to_json()
+            try:
+                await asyncio.to_thread(store.put_state, STATE_KEY.format(name), snapshot)
+            except Exception as exc:
+                log.error("could not store the rollout state: %s", exc,
+                          extra={"deployment": name})
+
+    async def _restore(self) -> None:
+        """Take back the stored targets (see the module docstring for what wins)."""
+        if self.state_store is None:
+            return
+        store = self.state_store
+        now = self.clock()
+        for name, file_cfg in self.file_configs.items():
+            try:
+                raw = await asyncio.to_thread(store.get_state, STATE_KEY.format(name))
+            except Exception as exc:
+                log.error("could not read the stored rollout state; serving the "
+                          "configuration file: %s", exc, extra={"deployment": name})
+                continue
+            if raw is None:
+                continue
+            fresh = self.records[name]
+            try:
+                rec = RolloutRecord.from_json(raw, file_cfg)
+            except ValueError as exc:
+                log.error("ignoring the stored rollout state: %s", exc, extra={"deployment": name})
+                continue
+            too_many = [c.replicas for c in rec.configs.values()
+                        if c.replicas > self.max_replicas[name]]
+            if rec.base != fresh.base or too_many:
+                log.warning("the configuration file changed since revision %d was rolled out; "
+                            "serving the file as configured", rec.revision,
+                            extra={"deployment": name})
+                fresh.next_revision = max(fresh.next_revision, rec.next_revision)
+                await self._persist(name)
+                continue
+            self.records[name] = rec
+            # a rollout cut short by the restart starts over from the last good replicas
+            serve = rec.good if rec.state == "rolling" else rec.target
+            config = rec.configs[serve]
+            self.slots = [s for s in self.slots if s.deployment.name != name]
+            for _ in range(config.replicas):
+                self.slots.append(Slot(config, self._new_id(name, serve), revision=serve,
+                                       created_at=now))
+            self.membership.reconfigure(rec.configs[rec.target])
+            log.info("restored the stored rollout target: revision %d (%s)", rec.target,
+                     rec.state, extra={"deployment": name})
 
     async def _terminate(self, slots: list[Slot]) -> None:
         """Staged: out of rotation at once, SIGTERM (in-flight work drains), wait, SIGKILL."""
@@ -396,15 +716,6 @@ class Supervisor:
                     self.launcher.signal(slot.replica, signal.SIGKILL)
             await asyncio.wait(pending, timeout=5)
 
-    async def rollback(self, deployment: str) -> dict[str, Any]:
-        """Roll back to the config before the last rollout."""
-        previous = self.previous.get(deployment)
-        if previous is None:
-            raise ClientError(f"{deployment!r} has had no rollout to roll back")
-        changes = {f: getattr(previous, f) for f in ROLLOUT_FIELDS}
-        changes["env"] = dict(previous.env)
-        return await self.rollout(deployment, changes)
-
     def restart(self, replica_id: str) -> bool:
         """Restart one replica (an automatic response): out of rotation, SIGTERM so in-flight
         work drains, and the watcher starts a fresh process."""
@@ -423,7 +734,9 @@ class Supervisor:
         return [
             {
                 "id": s.replica_id,
+                "revision": s.revision,
                 "state": s.state,
+                "retiring": s.retired,
                 "pid": s.replica.pid if s.replica else None,
                 "address": str(s.address) if s.address else None,
                 "restarts": s.restarts,

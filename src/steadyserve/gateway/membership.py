@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import DeploymentConfig
 from ..policies.balancing import Balancer, make_balancer
-from ..policies.outlier import HostHealth
+from ..policies.outlier import HandlerErrors, HostHealth
 from ..schema import compile_params
 from ..service import HandlerSpec
 from .transport import Address
@@ -26,6 +26,7 @@ class Endpoint:
     ewma_latency_s: float = 0.0
     ewma_at: float = 0.0
     health: HostHealth = field(default_factory=HostHealth)  # outlier detection (passive)
+    handler_errors: HandlerErrors = field(default_factory=HandlerErrors)  # vs its peers'
 
 
 @dataclass(slots=True, eq=False)
@@ -70,8 +71,11 @@ class Membership:
         self.on_change: Callable[[Deployment], None] | None = None
 
     def reconfigure(self, config: DeploymentConfig) -> None:
-        """A rollout changed the deployment's config (replicas, service)."""
+        """A rollout changed the deployment's config (replicas, service, balancer)."""
         d = self.deployments[config.name]
+        if config.balancer != d.config.balancer:
+            # a fresh balancer: its state (a round-robin cursor) belongs to the old policy
+            d.balancer = make_balancer(config.balancer)
         d.config = config
         self._changed(d)
 
@@ -102,7 +106,9 @@ class Membership:
         return None
 
     def readiness(self) -> tuple[bool, str]:
-        missing = [n for n, d in self.deployments.items() if not d.endpoints]
+        # a paused deployment (replicas = 0) is meant to have none
+        missing = [n for n, d in self.deployments.items()
+                   if not d.endpoints and d.config.replicas > 0]
         if missing:
             return False, "no ready replica for deployment(s): " + ", ".join(missing)
         return True, "ready"
