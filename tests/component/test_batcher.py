@@ -160,3 +160,24 @@ async def test_it_counts_whole_batches_a_request_sat_out(runner):
     # items 2,3 join batch 2 (they only waited out batch 1); 4,5 sit out batch 2; 6 sits out 2 and 3
     assert missed == [0, 0, 1, 1, 2]
     await b.stop()
+
+
+async def test_stopping_fails_queued_requests_as_the_replicas_fault(runner):
+    """Queued work a stopping replica never ran is retried elsewhere by the gateway: it is
+    ReplicaUnavailable (the replica's doing), not HandlerFailed (the request's)."""
+    from steadyserve.errors import ReplicaUnavailable
+
+    svc = Gate()
+    svc.setup()
+    b = await _started(svc.work, runner, max_batch_size=1)
+    first = asyncio.create_task(b.submit([1]))  # computing, blocked on the gate
+    await asyncio.sleep(0.05)
+    queued = asyncio.create_task(b.submit([2]))
+    await asyncio.sleep(0.01)
+    await b.stop()
+    svc.gate.set()
+    with pytest.raises(ReplicaUnavailable, match="shutting down") as info:
+        await queued
+    assert info.value.code == "replica_unavailable"
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 from steadyserve.policies.outlier import (
+    HandlerErrors,
     HostHealth,
     OutlierPolicy,
+    note_answer,
     record,
+    sick,
     slow_start_weight,
     start_probe,
 )
@@ -267,3 +270,35 @@ def test_slow_start_weight_is_one_for_a_host_never_ejected(now):
 def test_slow_start_disabled_with_zero_window():
     h = returned_host(T0)
     assert slow_start_weight(h, h.returned_at, OutlierPolicy(slow_start_s=0.0)) == 1.0
+
+
+# handler errors weighed against the peers' ---------------------------------------------------
+
+def window(answers: int, errors: int) -> HandlerErrors:
+    return HandlerErrors(float(answers), float(errors))
+
+
+@pytest.mark.parametrize(("candidate", "peers", "expected"), [
+    (window(20, 20), [window(20, 0)], True),  # fails everything, peers fine
+    (window(20, 16), [window(10, 0), window(10, 1)], True),  # 80 % vs 5 %
+    (window(19, 19), [window(40, 0)], False),  # too few of its own answers
+    (window(20, 20), [window(19, 0)], False),  # too few peer answers to compare
+    (window(20, 20), [], False),  # a single replica: nothing to compare with
+    (window(20, 15), [window(20, 0)], False),  # 75 % is under the 80 % ratio
+    (window(20, 20), [window(20, 5)], False),  # peers fail 25 %: not a quarter of 100 %
+    (window(20, 20), [window(20, 20), window(20, 20)], False),  # poison everywhere
+    (window(40, 36), [window(30, 6)], True),  # 90 % vs 20 %
+    (window(40, 36), [window(30, 7)], False),  # 90 % vs 23 %: more than a quarter
+])
+def test_sick_compares_a_replica_with_its_peers(candidate, peers, expected):
+    assert sick(candidate, peers, error_ratio=0.8, min_requests=20) is expected
+
+
+def test_handler_error_window_decays():
+    w = HandlerErrors()
+    for _ in range(40):
+        w = note_answer(w, error=True, window=20)
+    assert w.answers == 20 and w.ratio == 1.0  # halved at 40
+    for _ in range(20):
+        w = note_answer(w, error=False, window=20)
+    assert w.answers == 20 and w.ratio == pytest.approx(0.5)  # halved again: old errors fade

@@ -3,9 +3,42 @@
     admission slot ─► pick a replica (balancer over the ones in rotation, ejected ones out,
     a due ejected one gets one live probe, returned ones ramp up) ─► attempt with a per-try
     timeout ─► [hedge: after the observed p95, a second attempt elsewhere; first good answer
-    wins; the loser is cancelled] ─► on connect errors, resets, 500/502/503 and per-try
-    timeouts of idempotent handlers: retry on another replica (never the one that just
-    failed) after a short jittered pause, if the retry budget allows and the deadline has room.
+    wins; the loser is cancelled] ─► on a gateway failure of an idempotent handler: retry on
+    another replica (never the one that just failed) after a short jittered pause, if the
+    retry budget allows and the deadline has room.
+
+Blame (Envoy's `consecutive_gateway_failure`, decided by `policies.outlier.blame_reply`): an
+error is the replica's only when another replica could have done better. "Counted" means it
+adds to the replica's consecutive failures (ejection); anything not counted resets that count
+like a success, since the replica did answer. `outcome` is the label of
+steadyserve_upstream_attempts_total: the ReplicaErrors alert, which restarts a replica, is the
+share of outcome="5xx", so "5xx" is only ever a reply in which the replica says it failed.
+
+    what came back                                  retried  counted  outcome        client gets
+    200 with a result                               -        no       ok             200
+    4xx (bad input, unknown handler, …)             no       no       4xx            the 4xx
+    500 handler_failed: the handler raised          no       no       handler_error  500
+      (or a service's own 5xx code)
+    503 dependency_unavailable, database_unavail-   no       no       dependency     503 + Retry-After
+      able, any 5xx with retry_after_s and a
+      service's own code: down for every replica
+    503 overloaded: the replica's batch queue full  yes      no       overloaded     503 + Retry-After
+    503 retryable (service code: "not here")        yes      yes      5xx            503
+    502/503 replica_unavailable (not ready, shut-   yes      yes      5xx            502
+      ting down), replica_error
+    504 timeout at the replica                      yes *    yes      5xx            504
+    no error code and no result, undecodable body   yes      yes      malformed      502
+    connect refused/failed, reset, lost mid-reply   yes      yes      unavailable    502
+    per-try timeout at the gateway                  yes *    yes      timeout        504
+    reply over max_upstream_response_bytes          no       no       too_large      502
+    (* only while the request's deadline has room)
+
+A full batch queue is retried elsewhere (another replica may have room, and the retry budget
+bounds the extra load) but not counted: the replica is working at capacity, not broken, and
+ejecting or restarting it would take capacity away exactly when it is short and push its load
+onto the others, a cascade. It lowers the deployment's concurrency limit instead, since the
+gateway sent more than the replicas hold. A too-large reply is the handler's output: any
+replica would send the same, so it is neither retried nor blamed.
 
 Every attempt updates the replica's outlier state (passive health), its latency estimates
 (balancer, hedging, per-try timeout) and the deployment's concurrency limit.
@@ -28,9 +61,9 @@ from ..errors import (
     ConnectionLost,
     NoReadyReplica,
     Quarantined,
-    ReplicaError,
     ReplicaTimeout,
     ReplicaUnavailable,
+    ResponseTooLarge,
     SteadyError,
     from_wire,
 )
@@ -39,7 +72,18 @@ from ..observe.tracing import Span, TraceContext
 from ..policies.affinity import HashRing, pick_bounded, stable_hash
 from ..policies.balancing import update_peak_ewma
 from ..policies.latency import LatencyWindow
-from ..policies.outlier import OutlierPolicy, record, slow_start_weight, start_probe
+from ..policies.outlier import (
+    BUSY,
+    MALFORMED,
+    HandlerErrors,
+    OutlierPolicy,
+    blame_reply,
+    note_answer,
+    record,
+    sick,
+    slow_start_weight,
+    start_probe,
+)
 from ..policies.quarantine import Quarantine
 from ..policies.retry import RetryBudget, retry_backoff_s
 from ..replica.server import DEADLINE_HEADER, INPUT_KEY_HEADER
@@ -50,11 +94,11 @@ from .transport import Transport
 log = logging.getLogger("steadyserve.dispatch")
 
 REQUEST_ID_HEADER = b"x-request-id"
-RETRYABLE_STATUS = frozenset({500, 502, 503})
 
 
 class _Retryable(Exception):
-    """An attempt failed in a way another replica may not: carries the error to report."""
+    """An attempt failed in a way another replica may not: carries the error to report if
+    no other attempt succeeds."""
 
     def __init__(self, error: SteadyError) -> None:
         super().__init__(error.message)
@@ -397,6 +441,9 @@ class Dispatcher:
         try:
             reply = await self.transport.request(
                 endpoint.address, "POST", "/invoke/" + h.name, body, headers, per_try)
+        except ResponseTooLarge:
+            self._answered(d, endpoint, self.clock(), "too_large")  # the output, not the replica
+            raise
         except ReplicaUnavailable as exc:
             self._failed(d, endpoint, "unavailable")
             if self.on_unavailable is not None:
@@ -412,12 +459,12 @@ class Dispatcher:
         finally:
             endpoint.outstanding -= 1
         now = self.clock()
-        message = codec.decode(reply.body)
-        if not isinstance(message, dict):
-            self._failed(d, endpoint, "malformed")
-            raise _Retryable(ReplicaUnavailable(f"replica {endpoint.replica_id} sent a malformed reply"))
-        if reply.status == 200:
-            self._succeeded(d, endpoint, now)
+        try:
+            message = codec.decode(reply.body)
+        except Exception:  # msgpack raises several types for garbage; all mean "not our reply"
+            message = None
+        if reply.status == 200 and isinstance(message, dict) and "result" in message:
+            self._answered(d, endpoint, now, "ok")
             latency = now - started
             st.window(h.name).add(latency)
             endpoint.ewma_latency_s = update_peak_ewma(endpoint.ewma_latency_s, endpoint.ewma_at,
@@ -428,23 +475,51 @@ class Dispatcher:
                                    batched=h.spec.options.batch, rtt_s=latency,
                                    missed_batches=int(message.get("m", 0)))
             return message
-        error = from_wire(message.get("error") or {})
-        if reply.status >= 500:
-            self._failed(d, endpoint, f"{reply.status // 100}xx")
-            if reply.status in RETRYABLE_STATUS and isinstance(error, (ReplicaError, SteadyError)):
-                raise _Retryable(error)
+        wire: Any = message.get("error") if isinstance(message, dict) else None
+        code = wire.get("code") if isinstance(wire, dict) else None
+        code = code if isinstance(code, str) else None
+        blame = blame_reply(reply.status, code, isinstance(wire, dict) and "retry_after_s" in wire)
+        error: SteadyError = from_wire(wire) if blame is not MALFORMED else ReplicaUnavailable(
+            f"replica {endpoint.replica_id} sent a malformed reply (status {reply.status})")
+        if blame.replica_failed:
+            self._failed(d, endpoint, blame.outcome)
         else:
-            self._succeeded(d, endpoint, now)  # a 4xx is the request's fault, not the replica's
+            self._answered(d, endpoint, now, blame.outcome)
+        if blame is BUSY or code == "timeout":  # congestion: the limit is above what replicas hold
+            st.admission.on_failure(now - started)
+        if blame.retry and (code != "timeout" or per_try < remaining - 0.001):
+            raise _Retryable(error)
         raise error
 
-    def _succeeded(self, d: Deployment, endpoint: Endpoint, now: float) -> None:
-        self.metrics.upstream.labels(d.name, endpoint.replica_id, "ok").inc()
+    def _answered(self, d: Deployment, endpoint: Endpoint, now: float, outcome: str) -> None:
+        """The replica answered (a result, or an error that is not its fault): for outlier
+        detection this is a success, which also ends a probe and resets the failure count.
+        Handler errors are weighed against the peers' (`policies.outlier.sick`)."""
+        self.metrics.upstream.labels(d.name, endpoint.replica_id, outcome).inc()
+        if outcome in ("ok", "handler_error"):
+            endpoint.handler_errors = note_answer(
+                endpoint.handler_errors, error=outcome == "handler_error",
+                window=self.cfg.outlier_error_min_requests)
         health, event = record(endpoint.health, True, now, self.outlier, may_eject=False)
         endpoint.health = health
         if event == "returned":
             self.metrics.outlier_events.labels(d.name, "returned").inc()
             log.info("replica back in rotation after its probe succeeded",
                      extra={"replica": endpoint.replica_id})
+        elif outcome == "handler_error" and endpoint.health.ejected_until == 0:
+            self._eject_if_sick(d, endpoint, now)
+
+    def _eject_if_sick(self, d: Deployment, endpoint: Endpoint, now: float) -> None:
+        peers = [e.handler_errors for e in d.endpoints if e is not endpoint]
+        if not sick(endpoint.handler_errors, peers, error_ratio=self.cfg.outlier_error_ratio,
+                    min_requests=self.cfg.outlier_error_min_requests):
+            return
+        ratio = endpoint.handler_errors.ratio
+        if self.eject(d, endpoint.replica_id, now):
+            endpoint.handler_errors = HandlerErrors()  # judged afresh after its return
+            self.metrics.outlier_events.labels(d.name, "ejected").inc()
+            log.warning("replica ejected: its handler fails %.0f%% of requests, its peers far "
+                        "fewer", 100 * ratio, extra={"replica": endpoint.replica_id})
 
     def _failed(self, d: Deployment, endpoint: Endpoint, outcome: str) -> None:
         self.metrics.upstream.labels(d.name, endpoint.replica_id, outcome).inc()

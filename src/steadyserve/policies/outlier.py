@@ -5,8 +5,20 @@
         │ probe succeeds: slow start             ▼
         └──────────────────────────────── probing (one live request)
                                                  │ probe fails: ejected again, longer
-A failure is a connect error, a reset, a 5xx or a per-try timeout. Never more than
+A failure is a *gateway failure* (Envoy's `consecutive_gateway_failure`): a connect error, a
+reset, a per-try timeout, a malformed reply, or a reply whose code says the replica itself
+failed (`blame_reply`). A handler's own exception, a 4xx, a busy replica and a dependency that
+is down are answers, not failures: they count like a success. Never more than
 `max_ejection_share` of a deployment's replicas are ejected, and never the last one.
+
+A replica whose handler fails nearly everything while its peers do not — a broken device
+context, a corrupt local file — is not the requests' fault, yet none of its answers is a
+gateway failure. `HandlerErrors` keeps a decaying count of each replica's answers and
+handler errors, and `sick` compares it with its peers' (Envoy's `failure_percentage`
+detector, made relative): at least `min_requests` answers each, a failure share of at least
+`error_ratio`, and peers failing less than a quarter as often. A poison input spread over
+every replica fails them all alike and ejects none; a single replica cannot be compared and
+is never ejected this way.
 """
 
 from __future__ import annotations
@@ -69,6 +81,80 @@ def record(
     if failures >= policy.consecutive_failures and may_eject:
         return _eject(h, now, policy), "ejected"
     return replace(h, consecutive_failures=failures), None
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerErrors:
+    """Answers and handler errors of one replica, halved whenever answers reach twice the
+    window, so the share follows the last ~window..2×window requests."""
+
+    answers: float = 0.0
+    errors: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.errors / self.answers if self.answers else 0.0
+
+
+def note_answer(w: HandlerErrors, *, error: bool, window: int) -> HandlerErrors:
+    answers, errors = w.answers + 1, w.errors + (1 if error else 0)
+    if answers >= 2 * window:
+        answers, errors = answers / 2, errors / 2
+    return HandlerErrors(answers, errors)
+
+
+def sick(candidate: HandlerErrors, peers: list[HandlerErrors], *, error_ratio: float,
+         min_requests: int) -> bool:
+    """Does this replica fail far more of its requests than its peers fail of theirs?"""
+    if candidate.answers < min_requests or candidate.ratio < error_ratio:
+        return False
+    answers = sum(p.answers for p in peers)
+    if answers < min_requests:
+        return False  # nothing to compare with: a deployment-wide problem, or one replica
+    return sum(p.errors for p in peers) / answers < candidate.ratio / 4
+
+
+# error codes a replica sends when it, not the request, failed: not ready or shutting down
+# (replica_unavailable), a generic replica failure (replica_error), service code saying "not
+# here, not now" (retryable), the replica-side deadline (timeout)
+REPLICA_FAILURE_CODES = frozenset({"replica_unavailable", "replica_error", "retryable", "timeout"})
+BUSY_CODES = frozenset({"overloaded"})  # the replica's batch queue is full
+
+
+@dataclass(frozen=True, slots=True)
+class Blame:
+    """Who is at fault for one upstream answer, and what the dispatcher does about it."""
+
+    outcome: str  # the `outcome` label of steadyserve_upstream_attempts_total
+    replica_failed: bool  # a gateway failure: counts towards ejection
+    retry: bool  # another replica may answer differently (idempotent handlers only)
+
+
+CLIENT_ERROR = Blame("4xx", replica_failed=False, retry=False)
+HANDLER_ERROR = Blame("handler_error", replica_failed=False, retry=False)
+DEPENDENCY = Blame("dependency", replica_failed=False, retry=False)
+BUSY = Blame("overloaded", replica_failed=False, retry=True)
+GATEWAY_FAILURE = Blame("5xx", replica_failed=True, retry=True)
+MALFORMED = Blame("malformed", replica_failed=True, retry=True)
+
+
+def blame_reply(status: int, code: str | None, retry_after: bool) -> Blame:
+    """Blame for a reply that is not a result: `status` and `code` are the error's (code None
+    when the body names none), `retry_after` whether it says when to come back. The code
+    decides, not the status: service code may put any 4xx/5xx status on its errors."""
+    if code is None or status < 400:
+        return MALFORMED  # our replicas name every error and never send one as a success
+    if status < 500:
+        return CLIENT_ERROR
+    if code in REPLICA_FAILURE_CODES:
+        return GATEWAY_FAILURE
+    if code in BUSY_CODES:
+        return BUSY
+    if retry_after:
+        # dependency_unavailable, database_unavailable, a service's own code with a
+        # Retry-After: the same on every replica, and no fault of this one
+        return DEPENDENCY
+    return HANDLER_ERROR  # handler_failed, or a service's own 5xx: the request's
 
 
 def _eject(h: HostHealth, now: float, policy: OutlierPolicy) -> HostHealth:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import HandlerFailed, Overloaded, ReplicaTimeout, SteadyError
+from ..errors import HandlerFailed, Overloaded, ReplicaTimeout, ReplicaUnavailable, SteadyError
 from ..policies.batching import Idle, RunNow, WaitUntil, decide
 from .runner import Runner
 
@@ -91,7 +91,8 @@ class Batcher:
                 pass
         for entry in self._queue:
             if not entry.future.done():
-                entry.future.set_exception(HandlerFailed("replica is shutting down"))
+                # the replica's doing, not the request's: retried elsewhere
+                entry.future.set_exception(ReplicaUnavailable("replica is shutting down"))
         self._queue.clear()
 
     async def submit(self, items: list[Any], deadline: float | None = None) -> list[Any]:
