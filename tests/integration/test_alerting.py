@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -103,18 +104,21 @@ def test_errors_fire_an_alert_notify_once_restart_the_replica_and_survive_a_rest
     gw = start([], tmp_path)  # the same data_dir: alert history and actions are in SQLite
     try:
         gw.wait_ready(60)
-        body = httpx.get(f"{gw.url}/v1/alerts", timeout=5).json()
+        body = httpx.get(f"{gw.url}/v1/alerts", timeout=5, headers=gw.admin_headers()).json()
         assert any(t["to_state"] == "firing" and t["rule"] == "ReplicaErrors"
                    for t in body["history"]), body
         assert any(a["action"] == "restart_replica" and a["outcome"] == "done"
                    for a in body["actions"]), body
+        # run beside steadyserve.toml, as an operator would: the CLI finds the local admin key
         out = subprocess.run([*STEADYSERVE, "alerts", "--url", gw.url], capture_output=True,
-                             timeout=30, check=True)
+                             timeout=30, check=True, cwd=tmp_path)
         assert b"restart_replica flaky-0: done" in out.stdout
         out = subprocess.run([*STEADYSERVE, "silence", "--match", "alertname=ReplicaErrors",
-                              "--for", "10m", "--url", gw.url], capture_output=True, timeout=30)
-        assert out.returncode == 0 and out.stdout.startswith(b"silence ")
-        silences = httpx.get(f"{gw.url}/v1/alerts", timeout=5).json()["silences"]
+                              "--for", "10m", "--url", gw.url], capture_output=True, timeout=30,
+                             cwd=tmp_path)
+        assert out.returncode == 0 and out.stdout.startswith(b"silence "), out.stderr
+        silences = httpx.get(f"{gw.url}/v1/alerts", timeout=5,
+                             headers=gw.admin_headers()).json()["silences"]
         assert silences and silences[0]["matchers"] == {"alertname": "ReplicaErrors"}
     finally:
         assert gw.stop() == []
@@ -122,18 +126,104 @@ def test_errors_fire_an_alert_notify_once_restart_the_replica_and_survive_a_rest
 
 def test_silence_api_validates_input(serve):
     gw = serve([str(HERE / "services" / "echo.py") + ":Echo"])
-    with gw.client() as c:
-        for bad in ({}, {"matchers": {}, "duration_s": 60}, {"matchers": {"a": 1}, "duration_s": 60},
-                    {"matchers": {"a": "b"}, "duration_s": -1},
-                    {"matchers": {"a": "b"}, "duration_s": True}):
+    with gw.client(headers=gw.admin_headers()) as c:
+        for bad, param in (({}, "matchers"), ({"matchers": {}, "duration_s": 60}, "matchers"),
+                           ({"matchers": {"": ""}, "duration_s": 60}, "matchers"),
+                           ({"matchers": {"a": 1}, "duration_s": 60}, "matchers"),
+                           ({"matchers": {"a": "b"}, "duration_s": -1}, "duration_s"),
+                           ({"matchers": {"a": "b"}, "duration_s": 1e-9}, "duration_s"),
+                           ({"matchers": {"a": "b"}, "duration_s": True}, "duration_s")):
             r = c.post("/v1/silences", json=bad)
             assert r.status_code == 400, (bad, r.text)
+            assert r.json()["error"]["param"] == param
+        r = c.post("/v1/silences", json={"matchers": {"a": "b"}, "duration_s": 60,
+                                         "comment": "x" * 5000})
+        assert r.status_code == 413, r.text
         r = c.post("/v1/silences", json={"matchers": {"a": "b"}, "duration_s": 60})
         assert r.status_code == 201
         silence_id = r.json()["id"]
         assert c.delete(f"/v1/silences/{silence_id}").status_code == 200
         assert c.delete(f"/v1/silences/{silence_id}").status_code == 404
         assert c.get(f"/v1/silences/{silence_id}").status_code == 405
+
+
+def test_a_fresh_start_polled_on_readyz_raises_no_alert_nor_after_a_restart(tmp_path):
+    (tmp_path / "steadyserve.toml").write_text(f"""
+data_dir = "{tmp_path / 'state'}"
+[alerting]
+evaluation_interval_s = 0.5
+[deployments.echo]
+service = "{HERE / 'services' / 'echo.py'}:Echo"
+replicas = 2
+""")
+    for run in ("first", "restarted"):
+        gw = start([], tmp_path)
+        try:
+            not_ready = 0
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # a load balancer's probe, from the first moment
+                try:
+                    status = httpx.get(f"{gw.url}/readyz", timeout=1).status_code
+                except httpx.HTTPError:
+                    status = None
+                not_ready += status == 503
+                if status == 200:
+                    break
+                time.sleep(0.02)
+            gw.wait_ready(60)
+            for _ in range(100):  # three more seconds of probes: six evaluations
+                assert httpx.get(f"{gw.url}/readyz", timeout=1).status_code == 200
+                time.sleep(0.03)
+            with gw.client(headers=gw.admin_headers()) as c:
+                alerts = c.get("/v1/alerts").json()
+                text = c.get("/metrics").text
+            assert alerts["alerts"] == [], (run, not_ready, alerts["alerts"])
+            # while the replicas start, DeploymentNotReady is honestly pending (for 30 s): nothing
+            # else moves, nothing fires
+            moves = {(t["rule"], t["to_state"]) for t in alerts["history"]}
+            assert moves <= {("DeploymentNotReady", "pending"), ("DeploymentNotReady", "inactive")}, \
+                (run, alerts["history"])
+            assert "steadyserve_requests_total{" not in text and 'deployment="-"' not in text
+            assert "steadyserve_database_up 1.0" in text
+        finally:
+            assert gw.stop() == []
+
+
+def test_series_count_stays_constant_while_a_replica_is_killed_again_and_again(tmp_path):
+    (tmp_path / "steadyserve.toml").write_text(f"""
+data_dir = "{tmp_path / 'state'}"
+[alerting]
+actions = {{ReplicaCrashLooping = []}}
+[deployments.echo]
+service = "{HERE / 'services' / 'echo.py'}:Echo"
+replicas = 2
+""")
+    gw = start([], tmp_path)
+    counts = []
+    try:
+        gw.wait_ready(60)
+        with gw.client(headers=gw.admin_headers()) as c:
+            for kill in range(4):  # the first round also creates what any restart adds once
+                for _ in range(40):  # both replicas serve (and show their per-handler series)
+                    assert c.post("/v1/deployments/echo/upper", json={"texts": ["a"]}).status_code == 200
+                text = c.get("/metrics").text
+                if kill:
+                    counts.append(sum(len(f.samples) for f in text_string_to_metric_families(text)))
+                assert "127.0.0.1:" not in text
+                victim = gw.status("echo")["replicas"][0]
+                os.kill(victim["pid"], signal.SIGKILL)
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:
+                    replica = gw.status("echo")["replicas"][0]
+                    if replica["state"] == "ready" and replica["pid"] != victim["pid"]:
+                        break
+                    time.sleep(0.1)
+                else:
+                    raise AssertionError(f"replica not back:\n{gw.log.read_text()[-3000:]}")
+                gw.wait_ready(30)
+    finally:
+        assert gw.stop() == []
+    assert counts == [counts[0]] * 3, counts
 
 
 def _promtool() -> str | None:

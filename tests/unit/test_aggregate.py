@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from steadyserve.observe.aggregate import merge_replica_metrics
+from steadyserve.observe.aggregate import MAX_REPLICA_METRICS_BYTES, merge_replica_metrics
 
 
 def replica_text(requests: int, latencies: list[float]) -> str:
@@ -136,3 +136,14 @@ def test_merge_is_independent_of_input_order():
     forward = merge_replica_metrics(TEXTS)
     backward = merge_replica_metrics(dict(reversed(list(TEXTS.items()))))
     assert forward == backward
+
+
+def test_bytes_are_decoded_and_a_body_over_the_cap_or_not_utf8_is_left_out():
+    texts = {
+        ("d", "d-0"): TEXTS[("minilm", "minilm-0")].encode(),
+        ("d", "d-1"): b"replica_requests_total 1\n\xff\xfe",
+        ("d", "d-2"): b"replica_junk 1\n" * (MAX_REPLICA_METRICS_BYTES // 15 + 1),
+    }
+    fams = families(merge_replica_metrics(texts))
+    assert {s.labels["replica"] for f in fams.values() for s in f.samples} == {"d-0"}
+    assert "replica_junk" not in fams

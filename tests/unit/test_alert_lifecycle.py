@@ -348,3 +348,82 @@ def test_notification_as_the_notifiers_message():
     assert msg["alerts"][0]["fingerprint"] == 'ReplicaSlow{deployment="a",replica="r0",severity="ticket"}'
     assert msg["alerts"][0]["annotations"]["summary"] == "ReplicaSlow on a: 1"
     json.dumps(msg)
+
+
+# after a restart -----------------------------------------------------------------------------
+
+
+def restarted(for_s: float = 0.0, steps_before: int = 1) -> tuple[AlertBook, list[RuleSpec]]:
+    """A book whose alert on replica r0 was notified as firing (or is pending, with for_s),
+    saved and restored as a gateway restart does."""
+    rules = [rule("ReplicaSlow", for_s=for_s)]
+    book = AlertBook(rules)
+    for i in range(steps_before):
+        book.step({"ReplicaSlow": replicas(1)}, T0 + i)
+    return AlertBook.from_dict(json.loads(json.dumps(book.to_dict())), rules), rules
+
+
+@pytest.mark.parametrize(
+    ("first", "want_state", "want_transition", "want_reasons", "want_description", "want_later"),
+    [
+        pytest.param(replicas(1), "firing", None, [], "value 1.0", [],
+                     id="confirmed-stays-firing-without-a-second-notification"),
+        pytest.param(replicas(1, active=False), "resolved", ("firing", "resolved"), ["resolved"],
+                     "not confirmed by the first evaluation after a restart: value 1.0", ["new"],
+                     id="evaluated-inactive-resolves-and-says-so"),
+        pytest.param([], "resolved", ("firing", "resolved"), ["resolved"],
+                     "not confirmed by the first evaluation after a restart: no data", ["new"],
+                     id="no-data-resolves-and-says-so"),
+    ],
+)
+def test_a_restored_firing_alert_is_confirmed_or_resolved_by_the_first_evaluation(
+        first, want_state, want_transition, want_reasons, want_description, want_later):
+    book, _ = restarted()
+    assert book.unconfirmed() == ['ReplicaSlow{deployment="a",replica="r0",severity="ticket"}']
+    result = book.step({"ReplicaSlow": first}, T0 + 60)
+    [alert] = book.alerts()
+    assert alert.state == want_state
+    assert alert.description == want_description
+    assert [(t.from_state, t.to_state) for t in result.transitions] == \
+        ([want_transition] if want_transition else [])
+    if want_transition:
+        assert result.transitions[0].description == want_description
+    assert [n.reason for n in result.notifications] == want_reasons
+    assert book.unconfirmed() == []
+    # later steps are ordinary: the confirmed one is not notified again, a resolved one that
+    # fires again is a new episode
+    later = book.step({"ReplicaSlow": replicas(1)}, T0 + 120).notifications
+    assert [n.reason for n in later] == want_later
+
+
+def test_a_restored_pending_alert_not_confirmed_falls_back_and_one_confirmed_keeps_its_start():
+    book, _ = restarted(for_s=60.0)
+    assert [a.state for a in book.alerts()] == ["pending"]
+    book.step({"ReplicaSlow": replicas(1)}, T0 + 30)
+    book.step({"ReplicaSlow": replicas(1)}, T0 + 60)
+    assert [a.state for a in book.alerts()] == ["firing"]  # for_s counted from before the restart
+    book, _ = restarted(for_s=60.0)
+    result = book.step({"ReplicaSlow": []}, T0 + 30)
+    assert book.alerts() == [] and [(t.from_state, t.to_state) for t in result.transitions] == [
+        ("pending", "inactive")]
+
+
+def test_a_restored_alert_stays_unconfirmed_until_its_rule_is_evaluated():
+    rules = [rule("ReplicaSlow"), rule("Other")]
+    book = AlertBook(rules)
+    book.step({"ReplicaSlow": replicas(1), "Other": []}, T0)
+    book = AlertBook.from_dict(book.to_dict(), rules)
+    assert book.step({"Other": []}, T0 + 5).transitions == []  # ReplicaSlow not evaluated yet
+    assert book.unconfirmed() and book.alerts("firing")
+    result = book.step({"ReplicaSlow": [], "Other": []}, T0 + 10)
+    assert [t.to_state for t in result.transitions] == ["resolved"]
+    assert book.unconfirmed() == []
+
+
+def test_a_restored_alert_of_a_removed_rule_resolves_and_says_so():
+    book = AlertBook([rule("Gone")])
+    book.step({"Gone": [ev(deployment="a")]}, T0)
+    restored = AlertBook.from_dict(book.to_dict(), [rule("Kept")])
+    [t] = restored.step({"Kept": []}, T0 + 5).transitions
+    assert (t.to_state, t.description) == (
+        "resolved", "not confirmed by the first evaluation after a restart: the rule no longer exists")

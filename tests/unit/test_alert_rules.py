@@ -423,3 +423,63 @@ def test_latency_burn_rate_counts_requests_slower_than_the_threshold():
 def test_burn_rate_rejects_impossible_slo(slo):
     with pytest.raises(ValueError):
         burn_rule(slo_target=slo)
+
+
+# minimum request count and the value of a burn -----------------------------------------------
+
+
+def even_traffic(total: float, errors: float, seconds: int = 100) -> SeriesStore:
+    """`total` requests to deployment a, `errors` of them 5xx, spread evenly over `seconds`."""
+    store = SeriesStore()
+    for i in range(seconds + 1):
+        store.record(REQ, {"deployment": "a", "code": "2xx"}, (total - errors) * i / seconds, T0 + i)
+        store.record(REQ, {"deployment": "a", "code": "5xx"}, errors * i / seconds, T0 + i)
+    return store
+
+
+@pytest.mark.parametrize(
+    ("total", "errors", "min_requests", "want_active", "want_note"),
+    [
+        pytest.param(99, 50, 100, False, True, id="under-the-minimum-stays-quiet"),
+        pytest.param(100, 50, 100, True, False, id="at-the-minimum-fires"),
+        pytest.param(99, 50, 0, True, False, id="no-minimum"),
+        pytest.param(5, 5, 100, False, True, id="every-request-failed-but-only-five"),
+        pytest.param(100_000, 10, 100, False, False, id="enough-requests-under-the-factor"),
+    ],
+)
+def test_burn_rate_needs_min_requests_in_the_long_window(total, errors, min_requests, want_active,
+                                                         want_note):
+    store = even_traffic(total, errors)
+    rule = burn_rule(windows=(BurnWindow("page", 300.0, 60.0, 14.4),), min_requests=min_requests)
+    [ev] = rule.evaluate(store, T0 + 100)
+    assert ev.active is want_active
+    assert ("requests in 5m" in ev.description) is want_note, ev.description
+
+
+def test_the_minimum_applies_per_pair_to_its_own_long_window():
+    # 150 requests, half failing, in the last 100 s: the 60 s pair's long window holds 90
+    store = even_traffic(150, 75)
+    windows = (BurnWindow("page", 60.0, 30.0, 14.4), BurnWindow("ticket", 300.0, 60.0, 3.0))
+    got = {e.labels["severity"]: e.active for e in
+           burn_rule(windows=windows, min_requests=100).evaluate(store, T0 + 100)}
+    assert got == {"page": False, "ticket": True}
+
+
+def test_burn_value_is_the_long_window_burn_of_the_first_pair_that_fires():
+    # clean traffic for 500 s, then 100 s at 50 % errors: the short window burns harder
+    store, counts = SeriesStore(), {}
+    run_requests(store, counts, T0, T0 + 600, lambda t: t >= T0 + 500)
+    windows = (BurnWindow("page", 600.0, 60.0, 1000.0),  # 600 s: burn ~83, does not fire
+               BurnWindow("page", 300.0, 60.0, 50.0),  # fires: the value is its 300 s burn
+               BurnWindow("page", 120.0, 60.0, 10.0))  # fires too, but comes second
+    [ev] = burn_rule(slo_target=0.999, windows=windows).evaluate(store, T0 + 599)
+    assert ev.active
+    assert ev.value == pytest.approx(100 / 300 / 0.001, rel=0.02)
+    quiet = burn_rule(windows=(BurnWindow("page", 600.0, 60.0, 5000.0),))
+    [ev] = quiet.evaluate(store, T0 + 599)  # inactive: the burn sustained over both windows
+    assert not ev.active and ev.value == pytest.approx(100 / 600 / 0.001, rel=0.02)
+
+
+def test_burn_rate_rejects_a_negative_minimum():
+    with pytest.raises(ValueError, match="min_requests"):
+        burn_rule(min_requests=-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from steadyserve.observe.metrics import OptionalGauge
 from steadyserve.observe.sampler import sample_registry
 from steadyserve.observe.timeseries import SeriesStore, series_key
 
@@ -27,3 +28,14 @@ def test_every_steadyserve_sample_becomes_a_point():
     assert store.latest(bucket) == 1
     assert "other_total" not in store.names()
     assert not [n for n in store.names() if n.endswith("_created")]
+
+
+def test_a_gauge_not_known_yet_has_no_point():
+    registry = CollectorRegistry()
+    up = OptionalGauge("steadyserve_thing_up", "1 when the thing answers", registry)
+    store = SeriesStore()
+    sample_registry(registry, store, 1000.0)
+    assert store.keys("steadyserve_thing_up") == []
+    up.set(0)
+    sample_registry(registry, store, 1001.0)
+    assert store.latest(series_key("steadyserve_thing_up")) == 0

@@ -57,6 +57,10 @@ def alerts(args: argparse.Namespace) -> int:
 
 def silence(args: argparse.Namespace) -> int:
     matchers = {}
+    if not args.match and not args.match_all:
+        print("steadyserve: give --match LABEL=VALUE (repeatable), or --match-all",
+              file=sys.stderr)
+        return exit_codes.USAGE
     for item in args.match:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -69,7 +73,7 @@ def silence(args: argparse.Namespace) -> int:
         print(f"steadyserve: {exc}", file=sys.stderr)
         return exit_codes.USAGE
     body = {"matchers": matchers, "duration_s": duration, "created_by": args.by,
-            "comment": args.comment}
+            "comment": args.comment, "match_all": bool(args.match_all)}
     try:
         code, reply = _call("POST", f"{args.url}/v1/silences", body, 10)
     except OSError as exc:

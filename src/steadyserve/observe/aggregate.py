@@ -3,6 +3,11 @@
 Why aggregate instead of listing per-replica scrape targets: replicas live on ephemeral
 loopback ports that Prometheus cannot discover, and one scrape of the gateway should show
 the whole deployment. Each replica's own /metrics stays available for direct scraping.
+
+Parsing is CPU work proportional to the replicas' output: the gateway calls
+`merge_replica_metrics` in a worker thread, fetches each body within
+`REPLICA_METRICS_TIMEOUT_S`, and leaves out a body over `MAX_REPLICA_METRICS_BYTES` (also
+checked here), so one replica with a runaway label cannot stall or bloat the scrape.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+MAX_REPLICA_METRICS_BYTES = 4 * 1024 * 1024
+REPLICA_METRICS_TIMEOUT_S = 1.0
+
 
 class _Merged:
     def __init__(self, families: list[Metric]) -> None:
@@ -23,13 +31,17 @@ class _Merged:
         yield from self.families
 
 
-def merge_replica_metrics(texts: Mapping[tuple[str, str], str]) -> bytes:
-    """`texts` maps (deployment, replica id) to that replica's exposition text."""
+def merge_replica_metrics(texts: Mapping[tuple[str, str], str | bytes]) -> bytes:
+    """`texts` maps (deployment, replica id) to that replica's exposition text (UTF-8 bytes
+    or str). A text over MAX_REPLICA_METRICS_BYTES, or that does not parse, is left out."""
     merged: dict[str, Metric] = {}
-    for (deployment, replica), text in sorted(texts.items()):
+    for (deployment, replica), raw in sorted(texts.items()):
+        if len(raw) > MAX_REPLICA_METRICS_BYTES:
+            continue
         try:
+            text = raw.decode() if isinstance(raw, bytes) else raw
             families = list(text_string_to_metric_families(text))
-        except ValueError:
+        except ValueError:  # UnicodeDecodeError included
             continue  # a replica that answered garbage is skipped, not the whole scrape
         for fam in families:
             target = merged.get(fam.name)

@@ -1,21 +1,46 @@
 """The alerting engine (a gateway background loop): sample → evaluate → lifecycle → store,
 notify and respond. Survives a restart: the alert book, silences, and downsampled history
-are in the database (SQLite by default, PostgreSQL by URL). Every iteration catches and logs
-its own errors; a database outage degrades to memory only (and fires DatabaseDown).
+are in the database (SQLite by default, PostgreSQL by URL); restored alerts are confirmed
+or resolved by the first evaluation (policies/alert_lifecycle.py). Every iteration catches
+and logs its own errors; a database outage degrades to memory only (and fires DatabaseDown).
+
+Whether the database is up (`steadyserve_database_up`) is read from consecutive checks
+(`UpState`): unknown, so absent from /metrics, until the first result; down only after
+`DOWN_AFTER_FAILURES` failed checks in a row. Why: one failed write (a prune or a
+persist meeting SQLite's busy timeout while other writers hold the lock under load) used
+to set the gauge to 0 until the next ping, and the gauge read 0 before the first ping, so
+DatabaseDown went pending at every start and flapped under load. The engine's database
+calls also run on threads of their own, not the default pool that every `to_thread` in the
+gateway shares: writes one at a time on one thread (they no longer contend with each other
+for SQLite's lock), pings on another (a long prune never makes a ping late), and a ping
+still unanswered counts as a failed check instead of queueing another behind it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
-from ..policies.alert_lifecycle import AlertBook, NotifyPolicy, Silence
-from ..policies.alert_rules import Rule, evaluate_all
+from ..errors import ClientError, Conflict, PayloadTooLarge
+from ..policies.alert_lifecycle import (
+    AlertBook,
+    NotifyPolicy,
+    Silence,
+    SilenceLimits,
+    SilenceRefused,
+    check_duration,
+    check_matchers,
+    check_text,
+)
+from ..policies.alert_rules import SEVERITIES, Rule, evaluate_all
 from ..store import Database, DatabaseUnavailable
 from .default_rules import INHIBITS, RULE_ACTIONS, default_rules
 from .metrics import GatewayMetrics
@@ -29,6 +54,28 @@ STATE_KEY = "alertbook"
 REQUESTS_TOTAL = "steadyserve_requests_total"
 PERSIST_EVERY_S = 60.0
 HISTORY_S = 3 * 86_400.0
+DOWN_AFTER_FAILURES = 3  # with checks every evaluation_interval_s (5 s): down after ~15 s
+PING_TIMEOUT_S = 10.0
+
+_REFUSED: dict[str, type[ClientError]] = {
+    "invalid": ClientError, "too_large": PayloadTooLarge, "too_many": Conflict,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class UpState:
+    """Whether a dependency is up, from its checks in a row: `up` is None (unknown) until
+    the first result, True after any success, False only after `down_after` failures in a
+    row (a failure before then leaves it as it was)."""
+
+    up: bool | None = None
+    failures: int = 0  # consecutive failed checks
+
+    def after(self, ok: bool, down_after: int = DOWN_AFTER_FAILURES) -> UpState:
+        if ok:
+            return UpState(True, 0)
+        failures = self.failures + 1
+        return UpState(False if failures >= down_after else self.up, failures)
 
 
 class AlertEngine:
@@ -36,14 +83,18 @@ class AlertEngine:
                  responder: Any = None, *, before_sample: Callable[[], None] | None = None,
                  wall: Callable[[], float] = time.time, rules: list[Rule] | None = None) -> None:
         self.cfg = config.alerting
+        self.deployments = frozenset(d.name for d in config.deployments)
         self.metrics = metrics
         self.db = db
         self.responder = responder
         self.before_sample = before_sample
         self.wall = wall
         self.store = SeriesStore()
-        self.rules = rules if rules is not None else default_rules(self.cfg)
+        self.rules = rules if rules is not None else list(default_rules(self.cfg))
         self.actions = {**RULE_ACTIONS, **dict(self.cfg.actions)}
+        self.silence_limits = SilenceLimits(
+            max_active=self.cfg.max_silences, max_bytes=self.cfg.max_silence_bytes,
+            min_s=self.cfg.min_silence_s, max_s=self.cfg.max_silence_s)
         self.book = AlertBook(self.rules, NotifyPolicy(inhibit=INHIBITS))
         notifiers: list[Notifier] = [LogNotifier()]
         notifiers += [WebhookNotifier(url, external_url=self.cfg.external_url,
@@ -54,6 +105,12 @@ class AlertEngine:
                                                   generator_url=self.cfg.external_url))
         self.queue = DeliveryQueue(notifiers)
         self.lag = LoopLagMonitor()
+        for severity in SEVERITIES:  # 0 from the start, not from the first evaluation
+            metrics.alerts_firing.labels(severity).set(0)
+        self.db_state = UpState()
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="steadyserve-alert-db")
+        self._pinger = ThreadPoolExecutor(1, thread_name_prefix="steadyserve-db-ping")
+        self._ping: asyncio.Future[Any] | None = None
         self._last_persist = 0.0
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -70,9 +127,12 @@ class AlertEngine:
             task.cancel()
         await self.queue.close(2.0)
         await self._persist(self.wall(), force=True)
+        self._writer.shutdown(wait=False)
+        self._pinger.shutdown(wait=False)
 
     async def _restore(self) -> None:
-        """The alert book and the long-window history (for SLO burn rates) from the database."""
+        """The alert book (silences bounded as on creation) and the long-window history of
+        the configured deployments (for SLO burn rates) from the database."""
         if self.db is None:
             return
         now = self.wall()
@@ -80,16 +140,23 @@ class AlertEngine:
         # the last day of the request counters: the burn-rate windows that matter most
         points = await self._db(self.db.series_points, REQUESTS_TOTAL, now - 86_400.0, now)
         if state is _FAILED or points is _FAILED:
-            self._ping_ok(False)
+            self._checked(False)
             return
+        self._checked(True)
         if state:
             try:
-                self.book = AlertBook.from_dict(state, self.rules, NotifyPolicy(inhibit=INHIBITS))
-                log.info("alert state restored: %d alerts", len(self.book.alerts()))
+                self.book = AlertBook.from_dict(state, self.rules, NotifyPolicy(inhibit=INHIBITS),
+                                                silence_limits=self.silence_limits, now=now)
+                log.info("alert state restored: %d alerts (each re-evaluated before it stays "
+                         "firing), %d silences", len(self.book.alerts()),
+                         len(self.book.silences()))
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("stored alert state unreadable, starting fresh: %s", exc)
         if points:
-            self.store.load((n, labels_of(labels), t, v) for n, labels, t, v in points)
+            # series of deployments no longer configured (or of no deployment) would keep
+            # old burn rates alive after the restart
+            self.store.load((n, labels_of(labels), t, v) for n, labels, t, v in points
+                            if isinstance(labels, dict) and labels.get("deployment") in self.deployments)
 
     # loops ------------------------------------------------------------------------------------
     async def _sample_loop(self) -> None:
@@ -114,12 +181,12 @@ class AlertEngine:
     async def step(self, now: float) -> None:
         result = self.book.step(evaluate_all(self.rules, self.store, now), now)
         firing = self.book.alerts("firing")
-        for severity in ("page", "ticket", "info"):
+        for severity in SEVERITIES:
             self.metrics.alerts_firing.labels(severity).set(
                 sum(1 for a in firing if a.severity == severity))
         for t in result.transitions:
             log.info("alert %s: %s → %s", t.alert_key, t.from_state, t.to_state,
-                     extra={"rule": t.rule, "value": t.value})
+                     extra={"rule": t.rule, "value": t.value, "description": t.description})
         for n in result.notifications:
             self.metrics.notifications.inc()
             self.queue.submit(n.to_message())
@@ -138,12 +205,13 @@ class AlertEngine:
         await self._persist(now)
 
     async def _persist(self, now: float, force: bool = False) -> None:
-        """Every evaluation: a cheap ping (DatabaseDown). Every minute: the alert book and
-        the finished coarse points of history, then pruning past the retention."""
+        """Every evaluation: a ping. Every minute: the alert book and the finished coarse
+        points of history, then pruning past the retention. Each is a check of the
+        database (`_checked`)."""
         if self.db is None:
             return
         if not force and now - self._last_persist < PERSIST_EVERY_S:
-            self._ping_ok(await self._db(self.db.ping) is not _FAILED)
+            self._checked(await self._ping_db())
             return
         self._last_persist = now
         ok = await self._db(self.db.put_state, STATE_KEY, self.book.to_dict()) is not _FAILED
@@ -153,35 +221,77 @@ class AlertEngine:
             ok = await self._db(self.db.add_series_points, rows) is not _FAILED
         if ok:
             ok = await self._db(self.db.prune, now - HISTORY_S) is not _FAILED
-        self._ping_ok(ok)
+        self._checked(ok)
 
-    def _ping_ok(self, ok: bool) -> None:
-        self.metrics.database_up.set(1 if ok else 0)
+    def _checked(self, ok: bool) -> None:
+        before = self.db_state.up
+        self.db_state = self.db_state.after(ok)
+        if self.db_state.up is None:
+            return  # not known yet: no sample, so DatabaseDown has nothing to fire on
+        self.metrics.database_up.set(1 if self.db_state.up else 0)
+        if self.db_state.up != before:
+            log.warning("state database is %s", "up" if self.db_state.up else
+                        f"down ({self.db_state.failures} failed checks in a row)")
+
+    async def _ping_db(self) -> bool:
+        assert self.db is not None
+        if self._ping is not None and not self._ping.done():
+            return False  # the last ping is still hanging: a failed check, and no pile-up
+        loop = asyncio.get_running_loop()
+        ping = self._ping = loop.run_in_executor(self._pinger, self.db.ping)
+        ping.add_done_callback(_consume)
+        try:
+            await asyncio.wait_for(asyncio.shield(ping), PING_TIMEOUT_S)
+        except TimeoutError:
+            log.error("database ping did not answer within %.0f s", PING_TIMEOUT_S)
+            return False
+        except DatabaseUnavailable as exc:
+            log.error("database unavailable: %s", exc)
+            return False
+        return True
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the engine's database thread; _FAILED if the database failed."""
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await loop.run_in_executor(self._writer, functools.partial(fn, *args))
         except DatabaseUnavailable as exc:
             log.error("database unavailable: %s", exc)
             return _FAILED
 
     # API --------------------------------------------------------------------------------------
-    def add_silence(self, matchers: dict[str, str], duration_s: float, created_by: str,
-                    comment: str) -> Silence:
+    def add_silence(self, matchers: object, duration_s: object, created_by: object = "api",
+                    comment: object = "", match_all: object = False) -> Silence:
+        """A silence from what a client sent, checked against [alerting]'s limits: ClientError
+        (400, naming the field), PayloadTooLarge (413) or Conflict (409, too many active)."""
         now = self.wall()
-        silence = Silence(uuid.uuid4().hex[:12], dict(matchers), now, now + duration_s,
-                          created_by, comment)
-        self.book.add_silence(silence)
+        try:
+            checked = check_matchers(matchers, match_all)
+            seconds = check_duration(duration_s, self.silence_limits)
+            silence = Silence(uuid.uuid4().hex[:12], checked, now, now + seconds,
+                              check_text(created_by, "created_by"), check_text(comment, "comment"),
+                              match_all is True)
+            self.book.add_silence(silence, self.silence_limits)
+        except SilenceRefused as exc:
+            raise _REFUSED[exc.kind](exc.message, param=exc.param) from exc
         return silence
 
     def status(self) -> dict[str, Any]:
         now = self.wall()
         return {
             "alerts": [a.to_dict() for a in self.book.alerts("pending", "firing")],
+            # restored after a restart, not yet re-evaluated (see AlertBook.unconfirmed)
+            "unconfirmed": self.book.unconfirmed(),
             "silences": [s.to_dict() for s in self.book.silences(now)],
             "notifications": self.queue.stats(),
             "actions": list(self.responder.recent) if self.responder is not None else [],
         }
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a ping's outcome even when nobody awaits it any more (after a timeout)."""
+    if not future.cancelled():
+        future.exception()
 
 
 _FAILED = object()

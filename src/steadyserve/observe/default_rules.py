@@ -1,6 +1,11 @@
 """The rules every deployment gets with no configuration, each with its runbook line and the
-automatic responses it triggers. `rule_actions` maps a rule name to action names
+automatic responses it triggers. `RULE_ACTIONS` maps a rule name to action names
 (see policies/actions.py); the responder runs them when the alert starts firing.
+
+Each rule and its thresholds are declared here once: the built-in evaluator runs these
+objects, and `steadyserve export prometheus-rules` (observe/prom_rules.py) renders the same
+objects as PromQL (`rule.prometheus()`). LatencyAnomaly's EWMA has no PromQL equivalent;
+its Prometheus stand-in is declared beside it.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from ..policies.alert_lifecycle import Inhibit
 from ..policies.alert_rules import (
     BurnRate,
     EwmaAnomaly,
-    Rule,
+    ExportedRule,
     Threshold,
     gauge,
     histogram_quantile,
@@ -20,15 +25,22 @@ from ..policies.alert_rules import (
 
 REQUESTS = "steadyserve_requests_total"
 UPSTREAM = "steadyserve_upstream_attempts_total"
+DURATION_BUCKETS = "steadyserve_request_duration_seconds_bucket"
 
 
-def default_rules(cfg: AlertingConfig) -> list[Rule]:
+def default_rules(cfg: AlertingConfig) -> list[ExportedRule]:
     fast = cfg.fast_window_s
+
+    def p99(window_s: float) -> str:
+        return histogram_quantile(0.99, DURATION_BUCKETS, window_s, by=("deployment",)).promql
+
     return [
         Threshold(
             name="ReplicaCrashLooping", severity="page",
+            # more than 3 restarts in 5 minutes; the half step keeps Prometheus' extrapolated
+            # increase of exactly 3 restarts (a little over 3) on the same side as ours
             expr=rate("steadyserve_replica_restarts_total", 300, by=("deployment",)),
-            op=">", threshold=3 / 300,
+            op=">", threshold=3.5 / 300,
             annotations={
                 "summary": "replicas of {deployment} restarted more than 3 times in 5 minutes",
                 "runbook": "Read the replica logs around the exits (`steadyserve status` shows "
@@ -54,7 +66,8 @@ def default_rules(cfg: AlertingConfig) -> list[Rule]:
                        by=("deployment", "replica")),
             op=">", threshold=0.5,
             annotations={
-                "summary": "replica {replica} of {deployment} fails {value:.0%} of its calls",
+                "summary": "replica {replica} of {deployment} fails most of its calls "
+                           "(error ratio {value:.2f})",
                 "runbook": "Clients are mostly spared (retries go elsewhere, the replica gets "
                            "ejected); steadyserve restarts the replica. If it keeps failing "
                            "after the restart, its logs show the handler's exception.",
@@ -63,6 +76,7 @@ def default_rules(cfg: AlertingConfig) -> list[Rule]:
         BurnRate(
             name="ErrorBudgetBurn", errors_counter=REQUESTS, total_counter=REQUESTS,
             error_filter={"code": "5xx"}, slo_target=cfg.slo_target, by=("deployment",),
+            min_requests=cfg.slo_min_requests,
             annotations={
                 "summary": "{deployment} is spending its error budget too fast ({value:.1f}x)",
                 "runbook": "5xx answers above the SLO: check ReplicaErrors and "
@@ -72,9 +86,11 @@ def default_rules(cfg: AlertingConfig) -> list[Rule]:
         ),
         EwmaAnomaly(
             name="LatencyAnomaly", severity="ticket",
-            expr=histogram_quantile(0.99, "steadyserve_request_duration_seconds_bucket", 60,
-                                    by=("deployment",)),
+            expr=histogram_quantile(0.99, DURATION_BUCKETS, 60, by=("deployment",)),
             direction="up", sample_every_s=10,
+            # PromQL has no EWMA z-score: Prometheus gets the usual stand-in instead, p99 over
+            # 5 minutes above 3x the p99 over the last day, for 10 minutes (not equivalent)
+            standin_promql=f"{p99(300)} > 3 * {p99(86_400)}", standin_for_s=600,
             annotations={
                 "summary": "p99 latency of {deployment} is unusually high ({value:.3f} s)",
                 "runbook": "Compare with load (requests/s) and the admission limit; a "

@@ -1,6 +1,16 @@
-"""Gateway metrics: every name, label set and bucket declared here, once."""
+"""Gateway metrics: every name, label set and bucket declared here, once.
+
+Label hygiene: a label takes a deployment, handler, replica id, outcome or state, never an
+address, a port or a pid (those change with every restart and would grow /metrics without
+bound). Children labelled with a replica go when the replica is retired
+(`forget_replica`), and the connection-pool gauges hold exactly the replicas in rotation
+(`set_pools`). A gauge whose value is not known yet (`OptionalGauge`, e.g. the database
+before its first check) has no sample rather than a misleading 0.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -10,12 +20,58 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 # model latencies run from ~1 ms (cache, echo) to a minute (long generations)
 LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )
 REPLICA_STATES = ("starting", "ready", "unhealthy", "backoff", "stopping")
+UPSTREAM_LABELS = ("deployment", "replica", "outcome")
+POOL_LABELS = ("deployment", "replica", "state")
+
+
+class OptionalGauge(Collector):
+    """A gauge without labels that has no sample until its value is known: an alert rule on
+    it then has nothing to fire on, where a default 0 would read as "down"."""
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value: float | None = None
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def clear(self) -> None:
+        self.value = None
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        value = self.value
+        if value is not None:
+            yield GaugeMetricFamily(self.name, self.documentation, value=value)
+
+
+def _remove_children(metric: MetricWrapperBase, labelnames: tuple[str, ...],
+                     match: Mapping[str, str]) -> int:
+    """Remove every child of a labelled metric whose labels include `match`; the count."""
+    doomed: set[tuple[str, ...]] = set()
+    for family in metric.collect():
+        for sample in family.samples:
+            if all(sample.labels.get(k) == v for k, v in match.items()):
+                doomed.add(tuple(sample.labels[n] for n in labelnames))
+    for values in doomed:
+        try:
+            metric.remove(*values)
+        except KeyError:  # removed meanwhile by another caller
+            pass
+    return len(doomed)
 
 
 class GatewayMetrics:
@@ -41,7 +97,7 @@ class GatewayMetrics:
         )
         self.upstream = Counter(
             "steadyserve_upstream_attempts_total", "Calls to replicas by outcome",
-            ["deployment", "replica", "outcome"], registry=r,
+            UPSTREAM_LABELS, registry=r,
         )
         self.retries = Counter(
             "steadyserve_upstream_retries_total", "Attempts retried on another replica",
@@ -95,8 +151,10 @@ class GatewayMetrics:
             "steadyserve_event_loop_lag_seconds", "Worst event-loop lag of the last second",
             registry=r,
         )
-        self.database_up = Gauge(
-            "steadyserve_database_up", "1 when the state database answers, else 0", registry=r,
+        self.database_up = OptionalGauge(
+            "steadyserve_database_up",
+            "1 when the state database answers, 0 after consecutive failed checks; "
+            "absent before the first check", r,
         )
         self.alerts_firing = Gauge(
             "steadyserve_alerts_firing", "Alerts firing now", ["severity"], registry=r,
@@ -111,8 +169,9 @@ class GatewayMetrics:
         )
         self.pool_connections = Gauge(
             "steadyserve_upstream_connections", "Keep-alive connections to replicas by state",
-            ["replica", "state"], registry=r,
+            POOL_LABELS, registry=r,
         )
+        self._pools: set[tuple[str, str]] = set()  # (deployment, replica) with pool gauges
         self.response_bytes = Counter(
             "steadyserve_response_bytes_total", "Response body bytes sent, by content encoding",
             ["encoding"], registry=r,
@@ -129,3 +188,25 @@ class GatewayMetrics:
         )
         # the rest (bytes, entries, evictions, admission rejections, L2 state, hit-ratio
         # curve) is read from the cache at scrape time by cache.tiered.CacheCollector
+
+    def set_pools(self, pools: Mapping[tuple[str, str], tuple[int, int]]) -> None:
+        """(busy, idle) connections per (deployment, replica) in rotation now; the gauges of
+        replicas no longer listed are removed."""
+        for deployment, replica in self._pools - pools.keys():
+            for state in ("busy", "idle"):
+                try:
+                    self.pool_connections.remove(deployment, replica, state)
+                except KeyError:
+                    pass
+        for (deployment, replica), (busy, idle) in pools.items():
+            self.pool_connections.labels(deployment, replica, "busy").set(busy)
+            self.pool_connections.labels(deployment, replica, "idle").set(idle)
+        self._pools = set(pools)
+
+    def forget_replica(self, deployment: str, replica_id: str) -> None:
+        """A replica was retired (its id will not come back): remove every child labelled with
+        it (upstream attempts, pool gauges), so /metrics does not grow with every rollout."""
+        match = {"deployment": deployment, "replica": replica_id}
+        _remove_children(self.upstream, UPSTREAM_LABELS, match)
+        _remove_children(self.pool_connections, POOL_LABELS, match)
+        self._pools.discard((deployment, replica_id))

@@ -1,8 +1,10 @@
 """Feed the gateway's own metrics into the time-series store, once a second.
 
 Rules and the status API then work without a Prometheus server: every sample of every
-`steadyserve_*` family in the gateway registry (replica metrics included once aggregated)
-becomes a point, counters as their cumulative value. Also measures event-loop lag: a task
+`steadyserve_*` family in the gateway registry becomes a point, counters as their cumulative
+value. A value not known yet (an `OptionalGauge` before its first check) has no sample, so
+no point, so a rule on it has nothing to fire on. Replicas' own metrics are not sampled:
+they are merged into /metrics only when scraped. Also measures event-loop lag: a task
 that sleeps 100 ms and records how late it woke up (a blocked loop is the gateway's worst
 failure: everything queues behind it).
 """

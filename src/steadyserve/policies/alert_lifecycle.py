@@ -33,18 +33,31 @@ Silence(id, matchers, starts_at, ends_at, ...) mutes matching alerts while activ
 alerts still change state and produce transitions. Matchers compare label values for
 equality (a missing label reads as "").
 
+Silences are checked where they enter (`check_matchers`, `check_duration`, and in
+`add_silence` with `SilenceLimits`: size and count): label names as Prometheus spells them,
+bounded values, and no matcher set that matches every alert unless it says `match_all`.
+`SilenceRefused.kind` tells the API which status to answer (400, 413, 409).
+
 All times are the `now` arguments; the records are frozen dataclasses with
 `to_dict`/`from_dict`, and `AlertBook.to_dict`/`from_dict` carry the whole state (alerts,
-groups, silences) across a restart. Rules and `NotifyPolicy` are configuration, passed in.
+groups, silences) across a restart. A restored pending or firing alert is unconfirmed until
+its rule is next evaluated: an active evaluation confirms it (a firing one stays firing,
+already notified, so nothing is sent again); anything else resolves it, with a description
+saying it was not confirmed after the restart. Restored silences are bounded as new ones
+are. Rules and `NotifyPolicy` are configuration, passed in.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast
 
 from steadyserve.policies.alert_rules import SEVERITIES, Evaluation, RuleMeta, Severity
+from steadyserve.policies.alert_rules import render as render  # the annotation language lives with the rules
 
 AlertState = Literal["inactive", "pending", "firing", "resolved"]
 Json = dict[str, Any]
@@ -69,19 +82,6 @@ def alert_key(labels: Mapping[str, str]) -> str:
 
 def match_labels(matchers: Mapping[str, str], labels: Mapping[str, str]) -> bool:
     return all(labels.get(k, "") == v for k, v in matchers.items())
-
-
-class _Fill(dict[str, str]):
-    def __missing__(self, key: str) -> str:
-        return "{" + key + "}"
-
-
-def render(template: str, labels: Mapping[str, str], value: float) -> str:
-    """Fill `{label}` and `{value}` in an annotation; unknown fields stay as written."""
-    try:
-        return template.format_map(_Fill({**labels, "value": f"{value:.4g}"}))
-    except (ValueError, IndexError, AttributeError, TypeError):
-        return template
 
 
 # records -------------------------------------------------------------------------------------
@@ -209,6 +209,7 @@ class Silence:
     ends_at: float
     created_by: str = ""
     comment: str = ""
+    match_all: bool = False  # said explicitly: matchers that match every alert are meant
 
     def active(self, now: float) -> bool:
         return self.starts_at <= now < self.ends_at
@@ -218,12 +219,129 @@ class Silence:
 
     def to_dict(self) -> Json:
         return {"id": self.id, "matchers": dict(self.matchers), "starts_at": self.starts_at,
-                "ends_at": self.ends_at, "created_by": self.created_by, "comment": self.comment}
+                "ends_at": self.ends_at, "created_by": self.created_by, "comment": self.comment,
+                "match_all": self.match_all}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Silence:
-        return cls(d["id"], dict(d["matchers"]), float(d["starts_at"]), float(d["ends_at"]),
-                   d.get("created_by", ""), d.get("comment", ""))
+        return cls(str(d["id"]), dict(d["matchers"]), float(d["starts_at"]), float(d["ends_at"]),
+                   d.get("created_by", ""), d.get("comment", ""), d.get("match_all", False) is True)
+
+
+# what a silence may be ---------------------------------------------------------------------
+
+LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")  # Prometheus' label names
+MAX_LABEL_NAME_CHARS = 128
+MAX_MATCHER_VALUE_CHARS = 1024
+MAX_MATCHERS = 32
+RefusalKind = Literal["invalid", "too_large", "too_many"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SilenceLimits:
+    """Bounds on silences, from [alerting] max_silences, max_silence_bytes, min_silence_s and
+    max_silence_s: what the API accepts and what a restart restores."""
+
+    max_active: int = 100
+    max_bytes: int = 4096
+    min_s: float = 60.0
+    max_s: float = 30 * 86_400.0
+
+
+class SilenceRefused(ValueError):
+    """Why a silence is refused: `kind` "invalid" (the API answers 400), "too_large" (413)
+    or "too_many" (409); `param` names the field at fault."""
+
+    def __init__(self, kind: RefusalKind, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind: RefusalKind = kind
+        self.message = message
+        self.param = param
+
+
+def check_matchers(matchers: object, match_all: object = False) -> dict[str, str]:
+    """The matchers of a new silence: an object of at most MAX_MATCHERS label names (as
+    Prometheus spells them) to string values (bounded). A set whose values are all "" (or
+    no matcher at all) matches every alert, since a missing label reads as "": refused
+    unless `match_all` is True, said explicitly."""
+    if not isinstance(match_all, bool):
+        raise SilenceRefused("invalid", "'match_all' must be true or false", "match_all")
+    if not isinstance(matchers, Mapping):
+        raise SilenceRefused("invalid", "'matchers' must be an object of label: value strings",
+                             "matchers")
+    if len(matchers) > MAX_MATCHERS:
+        raise SilenceRefused("invalid", f"at most {MAX_MATCHERS} matchers", "matchers")
+    out: dict[str, str] = {}
+    for name, value in matchers.items():
+        if not isinstance(name, str) or len(name) > MAX_LABEL_NAME_CHARS \
+                or LABEL_NAME.fullmatch(name) is None:
+            raise SilenceRefused("invalid", f"matcher {str(name)[:40]!r} is not a label name "
+                                 f"([a-zA-Z_][a-zA-Z0-9_]*, at most {MAX_LABEL_NAME_CHARS} "
+                                 "characters)", "matchers")
+        if not isinstance(value, str) or len(value) > MAX_MATCHER_VALUE_CHARS:
+            raise SilenceRefused("invalid", f"matcher {name}: the value must be a string of at "
+                                 f"most {MAX_MATCHER_VALUE_CHARS} characters", "matchers")
+        out[name] = value
+    if not match_all and not any(out.values()):
+        raise SilenceRefused("invalid", "these matchers match every alert (a missing label reads "
+                             "as \"\"): give a label a value, or send \"match_all\": true to "
+                             "mute everything", "matchers")
+    return out
+
+
+def silence_schema(limits: SilenceLimits) -> dict[str, Any]:
+    """JSON Schema of a new silence (the OpenAPI document), beside the checks above. The
+    size and count limits (413, 409) are not shape and are not in it."""
+    value = {"type": "string", "maxLength": MAX_MATCHER_VALUE_CHARS}
+    return {
+        "type": "object", "required": ["matchers", "duration_s"],
+        "properties": {
+            "matchers": {"type": "object", "maxProperties": MAX_MATCHERS,
+                         "propertyNames": {"pattern": f"^{LABEL_NAME.pattern}$",
+                                           "maxLength": MAX_LABEL_NAME_CHARS},
+                         "additionalProperties": value},
+            "duration_s": {"type": "number", "minimum": limits.min_s, "maximum": limits.max_s},
+            "created_by": {"type": "string"}, "comment": {"type": "string"},
+            "match_all": {"type": "boolean"},
+        },
+        # matchers that all read "" match every alert: only with match_all said explicitly
+        "anyOf": [{"required": ["match_all"], "properties": {"match_all": {"const": True}}},
+                  {"properties": {"matchers": {"not": {"additionalProperties": {"maxLength": 0}}}}}],
+    }
+
+
+def check_duration(duration_s: object, limits: SilenceLimits) -> float:
+    """A finite number of seconds within [limits.min_s, limits.max_s]."""
+    seconds = math.nan
+    if isinstance(duration_s, (int, float)) and not isinstance(duration_s, bool):
+        try:
+            seconds = float(duration_s)
+        except OverflowError:  # an integer past the float range
+            pass
+    if not (math.isfinite(seconds) and limits.min_s <= seconds <= limits.max_s):
+        raise SilenceRefused("invalid", f"'duration_s' must be a number of seconds from "
+                             f"{limits.min_s:g} to {limits.max_s:g}", "duration_s")
+    return seconds
+
+
+def check_text(value: object, param: str) -> str:
+    if not isinstance(value, str):
+        raise SilenceRefused("invalid", f"'{param}' must be a string", param)
+    return value
+
+
+def silence_bytes(silence: Silence) -> int:
+    """The size of what a client chose (matchers, creator, comment) as compact JSON."""
+    chosen = {"matchers": dict(silence.matchers), "created_by": silence.created_by,
+              "comment": silence.comment}
+    return len(json.dumps(chosen, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def check_silence_size(silence: Silence, limits: SilenceLimits) -> None:
+    size = silence_bytes(silence)
+    if size > limits.max_bytes:
+        raise SilenceRefused("too_large", f"the silence's matchers, created_by and comment take "
+                             f"{size} bytes as JSON; at most {limits.max_bytes}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +371,9 @@ class NotifyPolicy:
     keep_resolved_s: float = 3_600.0  # also how long expired silences stay listed
     send_resolved: bool = True
     inhibit: tuple[Inhibit, ...] = ()
+
+
+UNCONFIRMED = "not confirmed by the first evaluation after a restart"
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +412,9 @@ class AlertBook:
         self._alerts: dict[str, Alert] = {}
         self._groups: dict[str, GroupState] = {}
         self._silences: dict[str, Silence] = {}
+        # restored (pending or firing) alerts whose rule has not been evaluated since the
+        # restart: the first evaluation confirms each or resolves it (see `step`)
+        self._unconfirmed: set[str] = set()
         self.set_rules(rules)
 
     def set_rules(self, rules: Iterable[RuleMeta]) -> None:
@@ -298,12 +422,19 @@ class AlertBook:
 
     # silences ----------------------------------------------------------------------------
 
-    def add_silence(self, silence: Silence) -> None:
-        """Add (or replace, by id) a silence."""
+    def add_silence(self, silence: Silence, limits: SilenceLimits | None = None) -> None:
+        """Add (or replace, by id) a silence; SilenceRefused (a ValueError) says why not.
+        With `limits`, also its size and the number of silences not yet ended."""
         if silence.ends_at <= silence.starts_at:
-            raise ValueError("a silence must end after it starts")
-        if not silence.matchers:
-            raise ValueError("a silence needs at least one matcher")
+            raise SilenceRefused("invalid", "a silence must end after it starts", "duration_s")
+        check_matchers(silence.matchers, silence.match_all)
+        if limits is not None:
+            check_silence_size(silence, limits)
+            live = sum(1 for s in self._silences.values()
+                       if s.ends_at > silence.starts_at and s.id != silence.id)
+            if live >= limits.max_active:
+                raise SilenceRefused("too_many", f"{live} silences are active already (at most "
+                                     f"{limits.max_active}); expire one first")
         self._silences[silence.id] = silence
 
     def expire_silence(self, silence_id: str, now: float) -> bool:
@@ -319,6 +450,10 @@ class AlertBook:
         return [s for s in self._silences.values() if now is None or s.active(now)]
 
     # reading -----------------------------------------------------------------------------
+
+    def unconfirmed(self) -> list[str]:
+        """Keys of restored alerts that no evaluation has confirmed yet."""
+        return sorted(self._unconfirmed)
 
     def alerts(self, *states: AlertState) -> list[Alert]:
         return sorted((a for a in self._alerts.values() if not states or a.state in states),
@@ -347,14 +482,24 @@ class AlertBook:
                 labels = {"alertname": name, "severity": rule.severity, **rule.labels, **ev.labels}
                 key = alert_key(labels)
                 seen.add(key)
-                self._advance(key, rule, labels, ev.active, ev.value, ev.description, now, transitions)
+                description = ev.description
+                if key in self._unconfirmed:
+                    self._unconfirmed.discard(key)
+                    if not ev.active:
+                        description = f"{UNCONFIRMED}: {description}"
+                self._advance(key, rule, labels, ev.active, ev.value, description, now, transitions)
             for key in by_rule.get(name, ()):
                 if key not in seen:
-                    self._fall(key, now, transitions)
+                    why = f"{UNCONFIRMED}: no data" if key in self._unconfirmed else None
+                    self._unconfirmed.discard(key)
+                    self._fall(key, now, transitions, why)
         for name, keys in by_rule.items():  # rules removed from the configuration
             if name not in self._rules:
                 for key in keys:
-                    self._fall(key, now, transitions)
+                    why = f"{UNCONFIRMED}: the rule no longer exists" if key in self._unconfirmed \
+                        else None
+                    self._unconfirmed.discard(key)
+                    self._fall(key, now, transitions, why)
         self._forget_old(now)
         self._mute(now)
         return StepResult(transitions, self._notify(now))
@@ -384,9 +529,12 @@ class AlertBook:
             a = replace(a, fired_at=now)
         self._move(a, to, now, transitions)
 
-    def _fall(self, key: str, now: float, transitions: list[Transition]) -> None:
-        """The condition no longer holds (or was not reported) for this alert."""
+    def _fall(self, key: str, now: float, transitions: list[Transition], why: str | None = None) -> None:
+        """The condition no longer holds (or was not reported) for this alert; `why`
+        replaces its description when it says more."""
         a = self._alerts[key]
+        if why is not None:
+            a = replace(a, description=why)
         if a.state == "pending":
             self._move(a, "inactive", now, transitions)
         elif a.state == "firing":
@@ -493,17 +641,42 @@ class AlertBook:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], rules: Iterable[RuleMeta] = (),
-                  policy: NotifyPolicy | None = None) -> AlertBook:
+                  policy: NotifyPolicy | None = None, *, silence_limits: SilenceLimits | None = None,
+                  now: float | None = None) -> AlertBook:
+        """The book as `to_dict` saved it. Its pending and firing alerts are unconfirmed
+        until their rule's next evaluation. With `silence_limits` and `now`, silences are
+        restored as the API would take them: ended, malformed, oversized or over-long ones
+        are dropped, and at most `max_active` (the newest) are kept."""
         if data.get("version") != 1:
             raise ValueError(f"unknown alert book version {data.get('version')!r}")
         book = cls(rules, policy)
         for a in cast(list[Json], data.get("alerts", [])):
             alert = Alert.from_dict(a)
             book._alerts[alert.key] = alert
+            if alert.state in ("pending", "firing"):
+                book._unconfirmed.add(alert.key)
         for g in cast(list[Json], data.get("groups", [])):
             group = GroupState.from_dict(g)
             book._groups[group.key] = group
-        for s in cast(list[Json], data.get("silences", [])):
-            silence = Silence.from_dict(s)
-            book._silences[silence.id] = silence
+        raw = cast(list[Json], data.get("silences", []))
+        if silence_limits is None or now is None:
+            for s in raw:
+                silence = Silence.from_dict(s)
+                book._silences[silence.id] = silence
+            return book
+        kept: list[Silence] = []
+        for s in raw:
+            try:
+                silence = Silence.from_dict(s)
+                check_silence_size(silence, silence_limits)
+                # a second of slack: starts_at + duration_s need not subtract back exactly
+                if silence.ends_at - silence.starts_at > silence_limits.max_s + 1.0:
+                    continue
+                book.add_silence(silence)  # matchers and order checked as on creation
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            if silence.ends_at > now:
+                kept.append(silence)
+        book._silences = {s.id: s for s in sorted(kept, key=lambda s: s.starts_at, reverse=True)
+                          [:silence_limits.max_active]}
         return book

@@ -14,8 +14,17 @@ silences and notifications belong to `policies/alert_lifecycle.py`.
     LatencyBurnRate(buckets, count, ...)    the same, "bad" = slower than threshold_s
 
 Expressions (`gauge`, `rate`, `ratio`, `histogram_quantile`) are small frozen callables
-with a `text` for descriptions, like the PromQL they mirror. Label filters map a label to a
-string (equality) or a compiled regex (full match).
+with a `text` for descriptions and a `promql` that is their exact PromQL equivalent. Label
+filters map a label to a string (equality) or a compiled regex (full match).
+
+One declaration per rule: every rule here also says what it is in Prometheus, `prometheus()
+-> tuple[PromAlert, ...]` (one alerting rule per severity it emits), rendered from the same
+fields the built-in evaluator reads, so a threshold or window is written once and
+`observe/prom_rules.py` only formats YAML. Where an equivalence needs care it is noted on the
+expression (`Ratio` fills a missing numerator with 0, as the evaluator does; `BurnRate`'s
+value is the long window's burn of the first pair that fires, as PromQL's `or` keeps the
+left side). `EwmaAnomaly` has no PromQL equivalent: a rule may declare a stand-in beside
+it (`standin_promql`), exported with `exact=False`.
 
 Everything here is pure except `EwmaAnomaly.states`: the per-label-set baselines that
 `EwmaAnomaly.evaluate` updates in place (the pure step is `EwmaAnomaly.evaluate_step`).
@@ -23,6 +32,7 @@ Everything here is pure except `EwmaAnomaly.states`: the per-label-set baselines
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -61,6 +71,11 @@ class Evaluation:
 class Expr(Protocol):
     def __call__(self, store: SeriesStore, now: float) -> dict[Labels, float]: ...
 
+    @property
+    def promql(self) -> str:
+        """The same expression in PromQL (one value per label set, like `__call__`)."""
+        ...
+
 
 class RangeExpr(Expr, Protocol):
     def over(self, store: SeriesStore, window_s: float, now: float) -> dict[Labels, Points]:
@@ -86,6 +101,24 @@ class Rule(RuleMeta, Protocol):
     """What the lifecycle (RuleMeta) and the evaluator loop need from a rule."""
 
     def evaluate(self, store: SeriesStore, now: float) -> list[Evaluation]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PromAlert:
+    """One Prometheus alerting rule generated from a built-in rule: `expr` in PromQL, its
+    `for_s`, and the labels it adds besides alertname (at least severity). `exact` is False
+    for a stand-in: a rule with no PromQL equivalent exported as the nearest usual rule."""
+
+    expr: str
+    for_s: float
+    labels: Mapping[str, str]
+    exact: bool = True
+
+
+class ExportedRule(Rule, Protocol):
+    """A rule that also renders itself as Prometheus alerting rules (one declaration)."""
+
+    def prometheus(self) -> tuple[PromAlert, ...]: ...
 
 
 def evaluate_all(rules: Iterable[Rule], store: SeriesStore, now: float) -> dict[str, list[Evaluation]]:
@@ -144,6 +177,99 @@ def _fmt_labels(match: LabelFilter | None) -> str:
     return "{" + ",".join(parts) + "}"
 
 
+# PromQL rendering ----------------------------------------------------------------------------
+
+
+def prom_duration(seconds: float) -> str:
+    """A PromQL duration in one whole unit: 3600 → "1h", 90 → "90s", 0.25 → "250ms"."""
+    if seconds <= 0 or not math.isfinite(seconds):
+        raise ValueError(f"a PromQL window must be a positive finite duration, not {seconds!r}")
+    for unit, size in (("d", 86_400.0), ("h", 3_600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    ms = seconds * 1000
+    if ms != round(ms):
+        raise ValueError(f"a PromQL window needs whole milliseconds, not {seconds!r} s")
+    return f"{round(ms)}ms"
+
+
+def prom_number(x: float) -> str:
+    """A float literal PromQL parses to the same double (shortest form that round-trips)."""
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
+
+
+def prom_selector(name: str, match: LabelFilter | None) -> str:
+    """`name{k="v",k2=~"re"}`; a regex filter is anchored in PromQL, as `fullmatch` is here."""
+    if not match:
+        return name
+    parts = [f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}=~{json.dumps(v.pattern)}"
+             for k, v in match.items()]
+    return name + "{" + ",".join(parts) + "}"
+
+
+def _sum_by(by: Sequence[str] | None, inner: str) -> str:
+    """`sum by (by) (inner)`; `by=None` keeps every label, as `_group` does."""
+    return inner if by is None else f"sum by ({', '.join(by)}) ({inner})"
+
+
+def _prom_labels(severity: str, labels: Mapping[str, str]) -> dict[str, str]:
+    return {"severity": severity, **labels}
+
+
+# annotations ---------------------------------------------------------------------------------
+#
+# One template language, rendered two ways: `{label}` is a label of the alert, `{value}` its
+# value (4 significant digits), `{value:.2f}` / `.3g` / `.1e` a value with a precision. The
+# built-in renders it with str.format (`render`); the export turns it into Prometheus' Go
+# template (`prom_template`), and a spec Go's printf cannot say the same way is refused when
+# the rule is declared, so both always say the same thing.
+
+_FIELD = re.compile(r"\{(\w+)(?::([^{}]*))?\}")
+_VALUE_SPEC = re.compile(r"\.\d{1,2}[fge]")
+
+
+class _Value(float):
+    """The alert value in a template: plain `{value}` shows 4 significant digits."""
+
+    def __format__(self, spec: str) -> str:
+        return super().__format__(spec or ".4g")
+
+
+class _Fill(dict[str, object]):
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def render(template: str, labels: Mapping[str, str], value: float) -> str:
+    """Fill `{label}` and `{value}` in an annotation; unknown fields stay as written."""
+    try:
+        return template.format_map(_Fill({**labels, "value": _Value(value)}))
+    except (ValueError, IndexError, AttributeError, TypeError, KeyError):
+        return template
+
+
+def prom_template(template: str) -> str:
+    """The annotation in Prometheus' template language: `{deployment}` → `{{ $labels.deployment }}`,
+    `{value:.2f}` → `{{ printf "%.2f" $value }}`. ValueError for a value spec Go's printf does
+    not render as Python does."""
+    def one(m: re.Match[str]) -> str:
+        name, spec = m.group(1), m.group(2)
+        if name != "value":
+            if spec:
+                raise ValueError(f"label field {{{name}:{spec}}}: labels take no format spec")
+            return "{{ $labels." + name + " }}"
+        spec = spec or ".4g"
+        if not _VALUE_SPEC.fullmatch(spec):
+            raise ValueError(f"value spec {spec!r}: use .Nf, .Ng or .Ne (Go's printf says "
+                             "the same)")
+        return '{{ printf "%' + spec + '" $value }}'
+
+    return _FIELD.sub(one, template)
+
+
 def _check_rule(name: str, severity: str, annotations: Mapping[str, str]) -> None:
     if not name:
         raise ValueError("a rule needs a name")
@@ -152,6 +278,11 @@ def _check_rule(name: str, severity: str, annotations: Mapping[str, str]) -> Non
     missing = [a for a in REQUIRED_ANNOTATIONS if not annotations.get(a)]
     if missing:
         raise ValueError(f"rule {name}: annotations need {', '.join(missing)}")
+    for key, template in annotations.items():
+        try:
+            prom_template(template)
+        except ValueError as exc:
+            raise ValueError(f"rule {name}: annotation {key}: {exc}") from None
 
 
 # expressions ---------------------------------------------------------------------------------
@@ -168,6 +299,11 @@ class Gauge:
     @property
     def text(self) -> str:
         return f"{self.name}{_fmt_labels(self.match)}"
+
+    @property
+    def promql(self) -> str:
+        # max_age_s plays Prometheus' lookback delta (5 minutes by default)
+        return prom_selector(self.name, self.match)
 
     def __call__(self, store: SeriesStore, now: float) -> dict[Labels, float]:
         out: dict[Labels, float] = {}
@@ -200,6 +336,11 @@ class Rate:
     def text(self) -> str:
         return f"rate({self.name}{_fmt_labels(self.match)}[{self.window_s:g}s])"
 
+    @property
+    def promql(self) -> str:
+        return _sum_by(self.by, f"rate({prom_selector(self.name, self.match)}"
+                                f"[{prom_duration(self.window_s)}])")
+
     def __call__(self, store: SeriesStore, now: float) -> dict[Labels, float]:
         sums = _sum_increase(store, self.name, self.match, self.by, self.window_s, now)
         return {g: inc / self.window_s for g, inc in sums.items()}
@@ -221,6 +362,16 @@ class Ratio:
     def text(self) -> str:
         return (f"increase({self.numerator}{_fmt_labels(self.numerator_filter)}[{self.window_s:g}s]) / "
                 f"increase({self.denominator}{_fmt_labels(self.denominator_filter)}[{self.window_s:g}s])")
+
+    @property
+    def promql(self) -> str:
+        """`(num or 0 * den) / den`: a group whose numerator has no series (no error yet)
+        reads 0, as `counts` does, instead of vanishing from the division. A group without
+        denominator growth is 0/0 = NaN in PromQL, which no comparison passes: left out here."""
+        w = prom_duration(self.window_s)
+        num = _sum_by(self.by, f"rate({prom_selector(self.numerator, self.numerator_filter)}[{w}])")
+        den = _sum_by(self.by, f"rate({prom_selector(self.denominator, self.denominator_filter)}[{w}])")
+        return f"({num} or 0 * {den}) / {den}"
 
     def counts(self, store: SeriesStore, now: float) -> dict[Labels, tuple[float, float]]:
         """(numerator, denominator) increases per group with denominator growth."""
@@ -272,6 +423,11 @@ class HistogramQuantile:
     @property
     def text(self) -> str:
         return f"p{self.q * 100:g}({self.bucket_counter}{_fmt_labels(self.match)}[{self.window_s:g}s])"
+
+    @property
+    def promql(self) -> str:
+        rated = f"rate({prom_selector(self.bucket_counter, self.match)}[{prom_duration(self.window_s)}])"
+        return f"histogram_quantile({prom_number(self.q)}, {_sum_by((*self.by, 'le'), rated)})"
 
     def __call__(self, store: SeriesStore, now: float) -> dict[Labels, float]:
         sums = _sum_increase(store, self.bucket_counter, self.match, (*self.by, "le"), self.window_s, now)
@@ -336,6 +492,11 @@ class Threshold:
         if self.op not in _OPS:
             raise ValueError(f"rule {self.name}: unknown op {self.op!r}")
 
+    def prometheus(self) -> tuple[PromAlert, ...]:
+        # every expression's PromQL binds tighter than a comparison (its own `or` is bracketed)
+        return (PromAlert(f"{self.expr.promql} {self.op} {prom_number(self.threshold)}", self.for_s,
+                          _prom_labels(self.severity, self.labels)),)
+
     def evaluate(self, store: SeriesStore, now: float) -> list[Evaluation]:
         holds = _OPS[self.op]
         text = _text(self.expr)
@@ -379,6 +540,13 @@ class RateOfChange:
         _check_rule(self.name, self.severity, self.annotations)
         if self.op not in _OPS:
             raise ValueError(f"rule {self.name}: unknown op {self.op!r}")
+
+    def prometheus(self) -> tuple[PromAlert, ...]:
+        """`deriv()` is the same least-squares slope; `min_points` has no PromQL form (deriv
+        needs two points)."""
+        expr = (f"deriv({self.expr.promql}[{prom_duration(self.window_s)}]) {self.op} "
+                f"{prom_number(self.threshold_per_s)}")
+        return (PromAlert(expr, self.for_s, _prom_labels(self.severity, self.labels)),)
 
     def evaluate(self, store: SeriesStore, now: float) -> list[Evaluation]:
         holds = _OPS[self.op]
@@ -434,6 +602,9 @@ class EwmaAnomaly:
 
     Mutable part: `states` (label set → EwmaState), updated by `evaluate`; states not fed
     for `forget_after_s` are dropped. `evaluate_step` is the pure core.
+
+    PromQL has no EWMA z-score: `standin_promql` (held `standin_for_s`) is what Prometheus
+    gets instead, declared beside the rule; empty: the rule is not exported.
     """
 
     name: str
@@ -452,6 +623,8 @@ class EwmaAnomaly:
     severity: Severity = "ticket"
     labels: Mapping[str, str] = field(default_factory=dict)
     annotations: Mapping[str, str]
+    standin_promql: str = ""
+    standin_for_s: float = 0.0
     states: dict[Labels, EwmaState] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -460,6 +633,12 @@ class EwmaAnomaly:
             raise ValueError(f"rule {self.name}: alpha must lie in (0, 1]")
         if self.z <= 0 or self.min_std <= 0:
             raise ValueError(f"rule {self.name}: z and min_std must be positive")
+
+    def prometheus(self) -> tuple[PromAlert, ...]:
+        if not self.standin_promql:
+            return ()
+        return (PromAlert(self.standin_promql, self.standin_for_s,
+                          _prom_labels(self.severity, self.labels), exact=False),)
 
     def transform(self, value: float) -> float:
         return math.log(max(value, self.log_floor)) if self.log else value
@@ -547,16 +726,21 @@ def _duration(seconds: float) -> str:
 
 
 def _burn_evaluations(
-    windows: Sequence[BurnWindow], slo_target: float, counts: Counts,
+    windows: Sequence[BurnWindow], slo_target: float, counts: Counts, min_requests: float,
 ) -> list[Evaluation]:
     """One Evaluation per (group, severity among `windows`), active when any of that
-    severity's window pairs burns faster than its factor over both windows."""
+    severity's window pairs burns faster than its factor over both windows while its long
+    window holds at least `min_requests` requests (a handful of errors at low traffic is no
+    burn). The value of an active one is the long window's burn of the first pair (in
+    `windows` order) that fires, which is what PromQL's `or` of the pairs yields; of an
+    inactive one, the highest burn sustained over both windows of a pair."""
     budget = 1.0 - slo_target
     lengths = sorted({w for bw in windows for w in (bw.long_s, bw.short_s)})
-    burns: dict[float, dict[Labels, float]] = {}
+    burns: dict[float, dict[Labels, tuple[float, float]]] = {}  # window -> {group: (burn, total)}
     groups: dict[Labels, None] = {}
     for length in lengths:
-        per = {g: bad / total / budget for g, (bad, total) in counts(length).items() if total > 0}
+        per = {g: (bad / total / budget, total) for g, (bad, total) in counts(length).items()
+               if total > 0}
         burns[length] = per
         groups.update(dict.fromkeys(per))
     severities = list(dict.fromkeys(w.severity for w in windows))
@@ -564,31 +748,61 @@ def _burn_evaluations(
     for g in groups:
         for severity in severities:
             parts: list[str] = []
-            fired: list[float] = []
+            fired: float | None = None
             sustained: list[float] = []
             for w in windows:
                 if w.severity != severity:
                     continue
-                long_b = burns[w.long_s].get(g, 0.0)
-                short_b = burns[w.short_s].get(g, 0.0)
-                held = long_b > w.factor and short_b > w.factor
-                both = min(long_b, short_b)
-                sustained.append(both)
-                if held:
-                    fired.append(both)
+                long_b, long_n = burns[w.long_s].get(g, (0.0, 0.0))
+                short_b = burns[w.short_s].get(g, (0.0, 0.0))[0]
+                enough = long_n >= min_requests
+                held = enough and long_b > w.factor and short_b > w.factor
+                sustained.append(min(long_b, short_b))
+                if held and fired is None:
+                    fired = long_b
+                few = "" if enough else f" (only {long_n:.0f} requests in {_duration(w.long_s)})"
                 parts.append(f"{_duration(w.long_s)} {long_b:.3g}x & {_duration(w.short_s)} {short_b:.3g}x "
-                             f"{'>' if held else 'vs'} {w.factor:g}x{' FIRED' if held else ''}")
-            value = max(fired) if fired else max(sustained, default=0.0)
-            out.append(Evaluation(dict(g) | {"severity": severity}, bool(fired), value,
+                             f"{'>' if held else 'vs'} {w.factor:g}x{' FIRED' if held else ''}{few}")
+            value = fired if fired is not None else max(sustained, default=0.0)
+            out.append(Evaluation(dict(g) | {"severity": severity}, fired is not None, value,
                                   f"error budget burn ({severity}): " + "; ".join(parts)))
     return out
 
 
-def _check_slo(name: str, slo_target: float, windows: Sequence[BurnWindow]) -> None:
+def _burn_promql(
+    windows: Sequence[BurnWindow], slo_target: float, severity: str,
+    bad_ratio: Callable[[float], str], total: Callable[[float], str], min_requests: float,
+) -> str:
+    """The PromQL of `_burn_evaluations` for one severity: per pair `long burn > factor and
+    short burn > factor [and long total >= min]`, the pairs joined by `or`."""
+    budget = prom_number(1.0 - slo_target)
+    pairs = []
+    for w in windows:
+        if w.severity != severity:
+            continue
+        factor = prom_number(w.factor)
+        terms = [f"({bad_ratio(w.long_s)}) / {budget} > {factor}",
+                 f"({bad_ratio(w.short_s)}) / {budget} > {factor}"]
+        if min_requests > 0:
+            terms.append(f"{total(w.long_s)} >= {prom_number(min_requests)}")
+        pairs.append("(" + " and ".join(terms) + ")")
+    return " or ".join(pairs)
+
+
+def _check_slo(name: str, slo_target: float, windows: Sequence[BurnWindow], min_requests: float) -> None:
     if not 0.0 < slo_target < 1.0:
         raise ValueError(f"rule {name}: slo_target must lie in (0, 1)")
     if not windows:
         raise ValueError(f"rule {name}: needs at least one burn window")
+    if not min_requests >= 0:
+        raise ValueError(f"rule {name}: min_requests must be >= 0")
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as prometheus_client writes the `le` label (floatToGoString)."""
+    if math.isinf(bound):
+        return "+Inf"
+    return repr(float(bound))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -606,6 +820,7 @@ class BurnRate:
     total_filter: LabelFilter | None = None
     by: tuple[str, ...] = ("deployment",)
     windows: tuple[BurnWindow, ...] = SRE_WINDOWS
+    min_requests: float = 0.0  # a pair fires only with this many requests in its long window
     for_s: float = 0.0
     severity: Severity = "page"
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -613,14 +828,29 @@ class BurnRate:
 
     def __post_init__(self) -> None:
         _check_rule(self.name, self.severity, self.annotations)
-        _check_slo(self.name, self.slo_target, self.windows)
+        _check_slo(self.name, self.slo_target, self.windows, self.min_requests)
+
+    def ratio(self, window_s: float) -> Ratio:
+        return Ratio(self.errors_counter, self.total_counter, window_s,
+                     self.error_filter, self.total_filter, self.by)
 
     def counts(self, store: SeriesStore, window_s: float, now: float) -> dict[Labels, tuple[float, float]]:
-        return Ratio(self.errors_counter, self.total_counter, window_s,
-                     self.error_filter, self.total_filter, self.by).counts(store, now)
+        return self.ratio(window_s).counts(store, now)
 
     def evaluate(self, store: SeriesStore, now: float) -> list[Evaluation]:
-        return _burn_evaluations(self.windows, self.slo_target, lambda w: self.counts(store, w, now))
+        return _burn_evaluations(self.windows, self.slo_target, lambda w: self.counts(store, w, now),
+                                 self.min_requests)
+
+    def prometheus(self) -> tuple[PromAlert, ...]:
+        def total(window_s: float) -> str:
+            selector = prom_selector(self.total_counter, self.total_filter)
+            return _sum_by(self.by, f"increase({selector}[{prom_duration(window_s)}])")
+
+        return tuple(
+            PromAlert(_burn_promql(self.windows, self.slo_target, severity,
+                                   lambda w: self.ratio(w).promql, total, self.min_requests),
+                      self.for_s, _prom_labels(severity, self.labels))
+            for severity in dict.fromkeys(w.severity for w in self.windows))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -637,6 +867,7 @@ class LatencyBurnRate:
     match: LabelFilter | None = None
     by: tuple[str, ...] = ("deployment",)
     windows: tuple[BurnWindow, ...] = SRE_WINDOWS
+    min_requests: float = 0.0
     for_s: float = 0.0
     severity: Severity = "page"
     labels: Mapping[str, str] = field(default_factory=dict)
@@ -644,7 +875,7 @@ class LatencyBurnRate:
 
     def __post_init__(self) -> None:
         _check_rule(self.name, self.severity, self.annotations)
-        _check_slo(self.name, self.slo_target, self.windows)
+        _check_slo(self.name, self.slo_target, self.windows, self.min_requests)
 
     def counts(self, store: SeriesStore, window_s: float, now: float) -> dict[Labels, tuple[float, float]]:
         totals = _sum_increase(store, self.count_counter, self.match, self.by, window_s, now)
@@ -664,4 +895,27 @@ class LatencyBurnRate:
                 for g, total in totals.items() if total > 0}
 
     def evaluate(self, store: SeriesStore, now: float) -> list[Evaluation]:
-        return _burn_evaluations(self.windows, self.slo_target, lambda w: self.counts(store, w, now))
+        return _burn_evaluations(self.windows, self.slo_target, lambda w: self.counts(store, w, now),
+                                 self.min_requests)
+
+    def prometheus(self) -> tuple[PromAlert, ...]:
+        """Bad = count − bucket{le=threshold_s}: exact when threshold_s is a bucket bound
+        (written as prometheus_client writes `le`); otherwise Prometheus finds no bucket."""
+        le = {**(self.match or {}), "le": _le(self.threshold_s)}
+
+        def rated(name: str, match: LabelFilter | None, window_s: float) -> str:
+            return _sum_by(self.by, f"rate({prom_selector(name, match)}[{prom_duration(window_s)}])")
+
+        def bad_ratio(w: float) -> str:
+            count = rated(self.count_counter, self.match, w)
+            return f"({count} - {rated(self.bucket_counter, le, w)}) / {count}"
+
+        def total(w: float) -> str:
+            selector = prom_selector(self.count_counter, self.match)
+            return _sum_by(self.by, f"increase({selector}[{prom_duration(w)}])")
+
+        return tuple(
+            PromAlert(_burn_promql(self.windows, self.slo_target, severity, bad_ratio, total,
+                                   self.min_requests),
+                      self.for_s, _prom_labels(severity, self.labels))
+            for severity in dict.fromkeys(w.severity for w in self.windows))

@@ -52,5 +52,6 @@ class Flaky(steadyserve.Service):
     @steadyserve.handler
     def work(self, x: str) -> dict[str, Any]:
         if os.environ.get("STEADYSERVE_REPLICA_ID") == "flaky-0":
-            raise RuntimeError("this replica is broken")
+            # a replica fault (retried elsewhere, counted against it), not the request's fault
+            raise steadyserve.RetryableError("this replica is broken")
         return {"x": x, "pid": os.getpid()}
