@@ -536,7 +536,7 @@ def test_two_gateways_share_the_redis_l2(shared_redis: tuple[str, str], serve: S
         assert ca.post("/v1/deployments/echo/calls", json={}).json()["calls"] == 1
         print(f"\n  B hit from L2 {l2_s * 1000:.0f} ms after A's miss; B's replica never called")
 
-        inv = ca.post("/v1/cache/invalidate", json={"tags": [f"text:{text}"]})
+        inv = ca.post("/v1/cache/invalidate", json={"tags": [f"text:{text}"]}, headers=a.admin_headers())
         assert inv.status_code == 200, inv.text
         t0 = time.monotonic()
         body = inv.json()
@@ -727,7 +727,7 @@ def test_invalidation_on_one_gateway_is_seen_by_the_next_read_on_another(
                 "/v1/deployments/echo/echo", json={"text": text}).headers[CACHE] == "hit", 5)
         except AssertionError as exc:
             raise RuntimeError(f"precondition: {exc}") from exc
-        inv = ca.post("/v1/cache/invalidate", json={"tags": [f"text:{text}"]})
+        inv = ca.post("/v1/cache/invalidate", json={"tags": [f"text:{text}"]}, headers=a.admin_headers())
         require(inv.status_code == 200 and inv.json()["l2"] == "up", f"invalidated: {inv.text}")
         r = cb.post("/v1/deployments/echo/echo", json={"text": text})
         print(f"\n  B right after A's invalidate returned: {r.headers[CACHE]}")
@@ -797,7 +797,8 @@ def test_invalidations_missed_while_l2_was_down_do_not_leave_stale_l1_entries(
             proxy.stop()  # B loses Redis (A keeps it)
             try:
                 wait_for("B's L2 down", lambda: samples(b, "steadyserve_cache_l2_up")[""] == 0, 10, 0.1)
-                inv = ca.post("/v1/cache/invalidate", json={"tags": [f"text:{text}"]})
+                inv = ca.post("/v1/cache/invalidate", json={"tags": [f"text:{text}"]},
+                              headers=a.admin_headers())
                 require(inv.status_code == 200 and inv.json()["l2"] == "up", inv.text)
                 proxy.start()
                 wait_for("B's L2 back", lambda: samples(b, "steadyserve_cache_l2_up")[""] == 1, 10, 0.1)

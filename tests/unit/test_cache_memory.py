@@ -1,11 +1,13 @@
 """cache/memory.py: MemoryCache with a fake `now`: expiry windows, tags, the invalidation race,
-byte accounting and eviction, under both eviction policies."""
+bounded invalidation memory (folding into a floor), byte accounting and eviction, under both
+eviction policies."""
 
 from __future__ import annotations
 
 import pytest
 
-from steadyserve.cache.memory import ENTRY_OVERHEAD_BYTES, EPOCH_MEMORY_S, PRUNE_EVERY, MemoryCache
+from steadyserve.cache.memory import ALL_TAGS, ENTRY_OVERHEAD_BYTES, MAX_TRACKED_INVALIDATIONS, MemoryCache
+from steadyserve.config import CacheConfig
 
 T0 = 1000.0
 MiB = 1 << 20
@@ -145,17 +147,114 @@ def test_two_loads_one_before_and_one_after_an_invalidation(policy):
     assert "k" not in c
 
 
-def test_recent_invalidations_survive_pruning_old_ones_are_forgotten(policy):
-    """Documented limit: an invalidation is remembered EPOCH_MEMORY_S; pruning runs every
-    PRUNE_EVERY invalidations, so only a load older than that could store stale data."""
-    c = cache(policy)
-    ancient = c.epoch()
-    c.invalidate(["old"], T0)
-    c.invalidate(["recent"], T0 + EPOCH_MEMORY_S)
-    while c.epoch() % PRUNE_EVERY:
-        c.invalidate([f"filler:{c.epoch()}"], T0 + EPOCH_MEMORY_S + 10)
-    assert not put(c, "r", tags=("recent",), since=ancient)
-    assert put(c, "o", tags=("old",), since=ancient)  # forgotten: loads never live this long
+# bounded invalidation memory: the oldest tags fold into a floor ---------------------------------
+
+
+def test_the_default_bound_is_the_config_default(policy):
+    """Replicas do not read [cache]: their ReadThrough uses the constant, which must match."""
+    assert MAX_TRACKED_INVALIDATIONS == CacheConfig().max_tracked_invalidations
+    assert MemoryCache(MiB, policy).max_tracked_invalidations == MAX_TRACKED_INVALIDATIONS
+
+
+@pytest.mark.parametrize(
+    ("bound", "calls", "tracked", "floor", "folded"),
+    [
+        # bound 4 folds down to 3 (= 4 - 4 // 4) once a fifth tag arrives
+        pytest.param(4, [["a"], ["b"], ["c"], ["d"]], 4, 0, 0, id="at-the-bound-nothing-folds"),
+        pytest.param(4, [["a"], ["b"], ["c"], ["d"], ["e"]], 3, 2, 2, id="one-over-folds-two"),
+        pytest.param(4, [["a", "b", "c", "d", "e", "f"]], 3, 1, 3, id="one-call-over-the-bound"),
+        pytest.param(4, [["a"], ["b"], ["a"], ["c"], ["d"]], 4, 0, 0, id="repeats-count-once"),
+        # b=2 c=3 a=4 (moved to the end) d=5 e=6: the oldest are b and c, so the floor is 3
+        # (had a stayed first, it would have folded and taken the floor to 4)
+        pytest.param(4, [["a"], ["b"], ["c"], ["a"], ["d"], ["e"]], 3, 3, 2,
+                     id="a-repeat-is-young-again"),
+        # bound 8 keeps 6: folds of 3 at calls 9, 12, 15, 18; then two more tracked
+        pytest.param(8, [[f"t{i}"] for i in range(20)], 8, 12, 12, id="many-folds"),
+        pytest.param(1, [["a"], ["b"], ["c"]], 1, 2, 2, id="bound-one"),
+        pytest.param(2, [[ALL_TAGS], [ALL_TAGS], ["a"]], 1, 0, 0, id="all-is-never-tracked"),
+    ],
+)
+def test_folding_keeps_the_tracked_tags_within_the_bound(policy, bound, calls, tracked, floor, folded):
+    c = MemoryCache(MiB, policy, max_tracked_invalidations=bound)
+    for tags in calls:
+        c.invalidate(tags, T0)
+        assert c.tracked_invalidations <= bound
+    assert (c.tracked_invalidations, c.floor_epoch, c.folded_invalidations) == (tracked, floor, folded)
+    assert c.epoch() == len(calls)
+
+
+@pytest.mark.parametrize(
+    ("since", "load_tags", "stored"),
+    [
+        # bound 4; epochs: a=1 b=2 c=3 d=4 e=5 → a and b fold, floor 2, c d e tracked
+        pytest.param(0, ("a",), False, id="folded-tag-before-floor"),
+        pytest.param(0, ("zzz",), False, id="never-invalidated-tag-before-floor"),
+        pytest.param(1, ("unrelated",), False, id="just-before-floor"),
+        pytest.param(0, (), True, id="untagged-before-floor"),
+        pytest.param(2, ("a",), True, id="folded-tag-at-floor"),
+        pytest.param(2, ("zzz",), True, id="other-tag-at-floor"),
+        pytest.param(2, ("c",), False, id="tracked-tag-after-since"),
+        pytest.param(3, ("c",), True, id="tracked-tag-before-since"),
+        pytest.param(4, ("e", "zzz"), False, id="any-tag-refuses"),
+        pytest.param(5, ("a", "b", "c", "d", "e"), True, id="after-everything"),
+    ],
+)
+def test_a_load_older_than_the_floor_is_refused_and_newer_ones_are_exact(policy, since, load_tags,
+                                                                         stored):
+    """The floor only ever refuses more than exact tracking would: a folded tag's epoch is at
+    most the floor, so for a load that began at or after the floor it could not matter."""
+    c = MemoryCache(MiB, policy, max_tracked_invalidations=4)
+    for tag in "abcde":
+        c.invalidate([tag], T0)
+    assert (c.floor_epoch, c.tracked_invalidations) == (2, 3)
+    assert c.stale_since(load_tags, since) is not stored
+    assert put(c, "k", tags=load_tags, since=since) is stored
+    exact = MemoryCache(MiB, policy)  # unbounded enough: nothing folds
+    for tag in "abcde":
+        exact.invalidate([tag], T0)
+    if exact.stale_since(load_tags, since):
+        assert not stored  # folding never stores what exact tracking refuses
+
+
+def test_folding_never_stores_a_row_loaded_before_its_invalidation(policy):
+    """Property over many interleavings: whatever folded, a load refused by exact tracking is
+    refused by the bounded store too, and a load begun after the last invalidation stores."""
+    bounded = MemoryCache(MiB, policy, max_tracked_invalidations=8)
+    exact = MemoryCache(MiB, policy, max_tracked_invalidations=10_000)
+    epochs: list[int] = []
+    for i in range(300):
+        epochs.append(bounded.epoch())
+        tags = [f"t:{(i * 7 + j) % 37}" for j in range(i % 3 + 1)]
+        bounded.invalidate(tags, T0)
+        exact.invalidate(tags, T0)
+        assert bounded.tracked_invalidations <= 8
+        for since in epochs[-20:]:
+            for tag in ("t:0", "t:5", "t:36", "never"):
+                if exact.stale_since((tag,), since):
+                    assert bounded.stale_since((tag,), since), (i, since, tag)
+        assert not bounded.stale_since(("t:0",), bounded.epoch())
+    assert bounded.folded_invalidations > 0 and bounded.floor_epoch > 0
+
+
+def test_a_bad_bound_is_refused(policy):
+    with pytest.raises(ValueError):
+        MemoryCache(MiB, policy, max_tracked_invalidations=0)
+
+
+def test_the_all_tag_refuses_every_tagged_load_and_takes_no_tracked_slot(policy):
+    c = MemoryCache(MiB, policy, max_tracked_invalidations=4)
+    for tag in "abcde":
+        c.invalidate([tag], T0)
+    assert (c.floor_epoch, c.tracked_invalidations) == (2, 3)
+    since = c.epoch()  # 5: after the floor, so only ALL can refuse what follows
+    put(c, "tagged", tags=("account:1",))
+    put(c, "untagged")
+    assert c.invalidate([ALL_TAGS], T0) == 1
+    assert "tagged" not in c and "untagged" in c
+    assert c.tracked_invalidations == 3 and c.floor_epoch == 2
+    assert not put(c, "k", tags=("never-invalidated",), since=since)
+    assert put(c, "u", since=since)  # untagged: depends on no data
+    assert put(c, "k", tags=("never-invalidated",), since=c.epoch())
 
 
 def test_restore_replaces_tags(policy):

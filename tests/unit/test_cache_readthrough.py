@@ -1,5 +1,6 @@
 """cache/readthrough.py: ReadThrough, the synchronous thread-safe cache services put in front of
-a database: hits, coalesced loads, absent keys, bounded retries, invalidation races, capacity 0."""
+a database: hits, coalesced loads, absent keys, bounded retries, bounded waits on another
+caller's load, invalidation races, bounded invalidation memory, capacity 0."""
 
 from __future__ import annotations
 
@@ -213,6 +214,58 @@ def test_waiters_of_a_load_that_exhausted_its_retries_share_its_503():
     assert rt.get_many([1], load) == {1: load.rows[1]}  # the next call loads afresh
 
 
+# waiting on another caller's load is bounded --------------------------------------------------------
+
+
+def test_a_waiter_on_a_load_that_blocks_gets_a_503_after_wait_timeout():
+    """The loader hangs (its own timeouts failed): the caller that joined it gives up after
+    wait_timeout_s with DependencyUnavailable, instead of hanging with it."""
+    rt = make(wait_timeout_s=0.05)
+    load = Loader()
+    hang = threading.Event()
+
+    def hangs_on_1(keys: list[int]) -> dict[int, Any]:
+        if 1 in keys:
+            assert hang.wait(10), "test never let the load finish"
+        return load(keys)
+
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(rt.get_many, [1, 2], hangs_on_1)
+        wait_until(lambda: rt._loading.keys() == {1, 2})
+        started = time.monotonic()
+        with pytest.raises(DependencyUnavailable) as info:
+            rt.get_many([2, 3], hangs_on_1)  # 3 is ours (loaded at once), 2 the blocked leader's
+        waited = time.monotonic() - started
+        assert 0.05 <= waited < 2.0
+        err = info.value
+        assert err.status == 503 and err.retry_after_s > 0
+        assert "features" in err.message and "0.05s" in err.message
+        http = to_http(err)
+        assert http.status == 503 and (b"retry-after", b"1") in http.headers
+        assert rt.stats()["wait_timeouts"] == 1
+        assert load.calls == [[3]]  # ours ran; the leader's is still blocked
+        hang.set()  # the blocked load still finishes and serves later callers
+        assert leader.result(timeout=5) == {1: load.rows[1], 2: load.rows[2]}
+    assert rt._loading == {}
+    assert load.calls == [[3], [1, 2]]
+    assert rt.get_many([1, 2, 3], load) == {k: load.rows[k] for k in (1, 2, 3)}
+    assert len(load.calls) == 2  # all three were cached
+
+
+def test_a_waiter_whose_load_finishes_in_time_is_not_refused():
+    rt = make(wait_timeout_s=5.0)
+    load = Loader()
+    load.gate = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        leader = pool.submit(rt.get_many, [4], load)
+        wait_until(lambda: len(load.calls) == 1)
+        waiter = pool.submit(rt.get_many, [4], load)
+        wait_until(lambda: rt.coalesced == 1)
+        load.gate.set()
+        assert leader.result(timeout=5) == waiter.result(timeout=5) == {4: load.rows[4]}
+    assert rt.stats()["wait_timeouts"] == 0 and load.calls == [[4]]
+
+
 # invalidation -------------------------------------------------------------------------------------
 
 
@@ -274,6 +327,28 @@ def test_invalidate_from_another_thread_during_a_gated_load():
     assert len(load.calls) == 2
 
 
+def test_invalidation_memory_is_bounded_and_folding_keeps_loads_honest():
+    """Many unique tags: at most max_tracked_invalidations are remembered; a load that began
+    before the fold floor is not cached (it may have missed a forgotten tag), but is returned."""
+    rt = make(max_tracked_invalidations=100)
+    load = Loader(rows={1: "old"})
+
+    def load_across_a_flood(keys: list[int]) -> dict[int, Any]:
+        result = load(keys)
+        for i in range(10):  # 1,000 unique tags while this load is in flight, none of them ours
+            rt.invalidate([f"other:{i}:{j}" for j in range(100)])
+        return result
+
+    assert rt.get_many([1], load_across_a_flood, tags=account_tags) == {1: "old"}
+    s = rt.stats()
+    assert s["tracked_invalidations"] <= 100 and s["folded_invalidations"] >= 900
+    assert s["refused_stale_loads"] == 1 and s["entries"] == 0  # conservative: not cached
+    load.rows[1] = "new"
+    assert rt.get_many([1], load, tags=account_tags) == {1: "new"}  # a later load is stored
+    assert rt.get_many([1], load, tags=account_tags) == {1: "new"}
+    assert len(load.calls) == 2
+
+
 # capacity -------------------------------------------------------------------------------------------
 
 
@@ -298,8 +373,10 @@ def test_clear_empties():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"attempts": 0}, {"ttl_s": 0}, {"ttl_s": -1}, {"backoff_s": -0.1}],
-    ids=["attempts-0", "ttl-0", "ttl-negative", "backoff-negative"],
+    [{"attempts": 0}, {"ttl_s": 0}, {"ttl_s": -1}, {"backoff_s": -0.1}, {"wait_timeout_s": 0},
+     {"wait_timeout_s": float("nan")}, {"max_tracked_invalidations": 0}],
+    ids=["attempts-0", "ttl-0", "ttl-negative", "backoff-negative", "wait-0", "wait-nan",
+         "tracked-0"],
 )
 def test_bad_settings_are_refused(kwargs):
     base: dict[str, Any] = {"name": "x", "capacity_bytes": 1024, "ttl_s": 1.0}

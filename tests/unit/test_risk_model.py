@@ -1,4 +1,5 @@
-"""The risk example without a database server: generator, model, validation, the scorer's slots.
+"""The risk example without a database server: generator, model, its file (arrays, never a
+pickle), validation, the scorer's slots.
 
 The scorer runs on a small in-memory SQLite feature store (no files, no network); the real
 databases and the 100,000-row seeding are in tests/integration/test_risk_features.py.
@@ -6,7 +7,9 @@ databases and the 100,000-row seeding are in tests/integration/test_risk_feature
 
 from __future__ import annotations
 
+import pickle
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +141,7 @@ def test_model_is_saved_once_then_loaded(tmp_path: Path, trained: tuple[Any, flo
     monkeypatch.setattr(model, "train", fake_train)
     first = model.load_or_train(tmp_path)
     assert calls == [1] and first.path == model.model_path(tmp_path) and first.path.exists()
-    assert first.path.name.startswith("risk-model-") and first.path.suffix == ".joblib"
+    assert first.path.name.startswith("risk-model-") and first.path.suffix == ".npz"
     assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary left over
     second = model.load_or_train(tmp_path)
     assert calls == [1]
@@ -148,6 +151,196 @@ def test_model_is_saved_once_then_loaded(tmp_path: Path, trained: tuple[Any, flo
     third = model.load_or_train(tmp_path)
     assert calls == [1, 1]
     np.testing.assert_array_equal(first.coef, third.coef)
+
+
+# --- the model file: arrays only, never a pickle ---------------------------------------------------
+
+
+class Trap:
+    """Unpickling this creates `path`: proof that a file's pickle was (or was not) run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.path,))
+
+
+@pytest.fixture
+def counted_training(trained: tuple[Any, float, float], monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """`model.train` returns the module's trained pipeline and counts its calls."""
+    pipeline, auc, _ = trained
+    calls: list[int] = []
+
+    def fake_train() -> tuple[Any, float]:
+        calls.append(1)
+        return pipeline, auc
+
+    monkeypatch.setattr(model, "train", fake_train)
+    return calls
+
+
+def _scoring_inputs() -> tuple[np.ndarray, list[dict[str, Any]], list[dict[str, Any]]]:
+    accounts = data.generate_accounts(SMALL)
+    tx = data.generate_transactions(accounts, 1_000, seed=123)
+    x, _ = model.training_matrices(accounts, tx)
+    rows = [accounts.rows(int(i), int(i) + 1)[0] for i in tx.account_index]
+    items = [{"amount": float(a), "merchant_category": data.CATEGORY_NAMES[c], "hour": int(h)}
+             for a, c, h in zip(tx.amount, tx.category, tx.hour, strict=True)]
+    return x, rows, items
+
+
+def test_the_saved_file_holds_named_arrays_and_scores_as_the_pipeline_does(
+        tmp_path: Path, trained: tuple[Any, float, float], counted_training: list[int]) -> None:
+    pipeline, auc, _ = trained
+    model.load_or_train(tmp_path)
+    path = model.model_path(tmp_path)
+    with zipfile.ZipFile(path) as archive:  # an .npz: one .npy per array, nothing else
+        assert sorted(archive.namelist()) == sorted(f"{n}.npy" for n in model.MODEL_ARRAYS)
+    with np.load(path, allow_pickle=False) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    assert all(a.dtype.kind in "ifU" for a in arrays.values())  # numbers and names: no objects
+    assert int(arrays["format"]) == model.MODEL_FORMAT
+    assert tuple(arrays["features"].tolist()) == model.MODEL_FEATURES
+    assert float(arrays["auc"]) == auc
+
+    loaded = model.load_or_train(tmp_path)
+    assert counted_training == [1]  # the second call read the file
+    fresh = model.RiskModel.from_pipeline(pipeline, auc)
+    for name in ("mean", "scale", "coef"):  # float64 round-trips bit for bit
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(fresh, name), err_msg=name)
+    assert (loaded.intercept, loaded.auc) == (fresh.intercept, fresh.auc)
+
+    x, rows, items = _scoring_inputs()
+    logit = loaded.contributions(x).sum(axis=1) + loaded.intercept
+    np.testing.assert_allclose(logit, pipeline.decision_function(x), rtol=0, atol=1e-9)
+    scored = loaded.score(rows, items)
+    np.testing.assert_allclose([p for p, _ in scored], pipeline.predict_proba(x)[:, 1], rtol=0, atol=1e-9)
+    assert scored == fresh.score(rows, items)  # the same top features, terms and values
+
+
+def _write_npz(path: Path, **overrides: Any) -> None:
+    """A model file as `save` writes it, with some arrays replaced, added (value) or removed (None)."""
+    n = len(model.MODEL_FEATURES)
+    arrays: dict[str, Any] = {
+        "format": np.array(model.MODEL_FORMAT), "features": np.array(model.MODEL_FEATURES),
+        "mean": np.zeros(n), "scale": np.ones(n), "coef": np.zeros(n),
+        "intercept": np.array(0.0), "auc": np.array(0.9),
+    }
+    arrays.update(overrides)
+    with path.open("wb") as f:
+        np.savez(f, **{k: v for k, v in arrays.items() if v is not None})
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["raw-pickle", "joblib-of-the-old-format", "object-array-in-the-npz"],
+)
+def test_a_file_holding_a_pickle_is_refused_unread_and_the_model_trained_again(
+        tmp_path: Path, counted_training: list[int], content: str) -> None:
+    path = model.model_path(tmp_path)
+    marker = tmp_path / "pickle-ran"
+    if content == "raw-pickle":
+        path.write_bytes(pickle.dumps({"format": model.MODEL_FORMAT, "trap": Trap(marker)}))
+    elif content == "joblib-of-the-old-format":
+        import joblib
+
+        joblib.dump({"format": 1, "features": model.MODEL_FEATURES, "pipeline": Trap(marker),
+                     "auc": 0.9}, path)
+    else:
+        trap = np.empty(len(model.MODEL_FEATURES), dtype=object)
+        trap[:] = [Trap(marker)] * len(trap)
+        _write_npz(path, coef=trap)
+        with zipfile.ZipFile(path) as archive:  # the trap is really in there, as a pickle
+            assert b"pickle-ran" in archive.read("coef.npy")
+    m = model.load_or_train(tmp_path)
+    assert not marker.exists()  # never unpickled
+    assert counted_training == [1]  # refused, so trained and written over
+    assert m.path == path and model._read(path).coef.dtype == np.float64
+
+
+def test_the_old_joblib_file_is_ignored(tmp_path: Path, counted_training: list[int]) -> None:
+    """The joblib file of the previous format sits beside the new one, never opened."""
+    marker = tmp_path / "pickle-ran"
+    old = model.model_path(tmp_path).with_suffix(".joblib")
+    old.write_bytes(pickle.dumps(Trap(marker)))
+    model.load_or_train(tmp_path)
+    model.load_or_train(tmp_path)
+    assert counted_training == [1] and not marker.exists() and old.exists()
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".joblib", ".npz"]
+
+
+N = len(model.MODEL_FEATURES)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        pytest.param({"format": np.array(1)}, "format", id="older-format"),
+        pytest.param({"format": np.array(2.0)}, "format", id="float-format"),
+        pytest.param({"features": np.array(model.MODEL_FEATURES[::-1])}, "feature list",
+                     id="features-reordered"),
+        pytest.param({"features": np.array(model.MODEL_FEATURES[:-1])}, "feature list",
+                     id="feature-missing"),
+        pytest.param({"coef": np.zeros(N - 1)}, "coef", id="coef-short"),
+        pytest.param({"mean": np.zeros(N, dtype=np.float32)}, "mean", id="mean-float32"),
+        pytest.param({"scale": np.zeros(N)}, "scale", id="scale-zero"),
+        pytest.param({"intercept": np.array(float("nan"))}, "intercept", id="intercept-nan"),
+        pytest.param({"auc": np.zeros(2)}, "auc", id="auc-not-a-scalar"),
+        pytest.param({"auc": None}, "arrays", id="an-array-missing"),
+        pytest.param({"extra": np.zeros(1)}, "arrays", id="an-array-too-many"),
+    ],
+)
+def test_a_file_of_another_layout_is_refused(tmp_path: Path, overrides: dict[str, Any], words: str) -> None:
+    path = tmp_path / "m.npz"
+    _write_npz(path, **overrides)
+    with pytest.raises(model._Unusable, match=words):
+        model._read(path)
+    assert model._load(path) is None
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"truncated", b"PK\x03\x04 not really a zip"], ids=["empty", "garbage", "bad-zip"])
+def test_a_broken_file_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "m.npz"
+    path.write_bytes(content)
+    with pytest.raises(model._Unusable):
+        model._read(path)
+
+
+def test_a_lone_npy_array_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "m.npz"
+    with path.open("wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(model._Unusable, match="npz"):
+        model._read(path)
+
+
+def test_a_good_file_is_read_as_written(tmp_path: Path) -> None:
+    path = tmp_path / "m.npz"
+    _write_npz(path, coef=np.arange(N, dtype=np.float64), intercept=np.array(-1.5))
+    m = model._read(path)
+    np.testing.assert_array_equal(m.coef, np.arange(N))
+    assert (m.intercept, m.auc, m.path) == (-1.5, 0.9, path)
+
+
+def test_saving_is_atomic_and_leaves_no_temporary(tmp_path: Path, trained: tuple[Any, float, float],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline, auc, _ = trained
+    m = model.RiskModel.from_pipeline(pipeline, auc)
+    path = tmp_path / "sub" / "m.npz"
+    model.save(m, path)
+    assert [p.name for p in path.parent.iterdir()] == ["m.npz"]
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    before = path.read_bytes()
+    monkeypatch.setattr(model.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(model.RiskModel.from_pipeline(pipeline, 0.5), path)
+    assert path.read_bytes() == before  # the old file stands whole
+    assert [p.name for p in path.parent.iterdir()] == ["m.npz"]  # the temporary was removed
 
 
 # --- validation and decisions --------------------------------------------------------------------

@@ -8,21 +8,27 @@ the two it is stale: the response cache may serve it while revalidating or when 
 fail. Tags link entries to the data they were computed from; `invalidate` drops every entry
 with a tag and bumps the tag's epoch, so a load that started before the invalidation (and so
 may have read the old data) is refused when it tries to store (`store(..., since=epoch)`).
+
+Remembering invalidations is bounded (`max_tracked_invalidations` tags): beyond it the oldest
+are folded into one floor epoch, and a tagged load that began before the floor is refused as
+possibly stale, whatever its tags. A fold thus only ever refuses more, never lets an old row
+in: memory is bounded, correctness kept. Tags are remembered by their `hash()`: a collision
+(about 1 in 2^64 per pair; the hash is keyed per process) can only refuse a store too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from ..policies.eviction import EvictionPolicy, make_policy
+from .invalidation import ALL_TAGS
 
-ALL_TAGS = "*"  # invalidating this tag drops every tagged entry (after a missed invalidation)
 ENTRY_OVERHEAD_BYTES = 120  # dict slot, entry object, policy node: counted against capacity
-EPOCH_MEMORY_S = 180.0  # invalidations remembered this long: no load outlives it (3 × the
-# longest request timeout); pruned every PRUNE_EVERY invalidations, so memory stays bounded
-PRUNE_EVERY = 1024
+MAX_TRACKED_INVALIDATIONS = 100_000  # [cache] max_tracked_invalidations' default (a test pins
+# them equal); replicas, which do not read [cache], remember this many in each ReadThrough
 
 
 @dataclass(slots=True)
@@ -51,26 +57,28 @@ class CacheStats:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-@dataclass(slots=True)
-class _Invalidation:
-    epoch: int
-    at: float
-
-
 @dataclass
 class MemoryCache:
     capacity_bytes: int
     policy_name: str = "tinylfu"
     avg_entry_bytes: int = 1024  # sizes TinyLFU's frequency sketch (expected entries)
     stats: CacheStats = field(default_factory=CacheStats)
+    max_tracked_invalidations: int = MAX_TRACKED_INVALIDATIONS
 
     def __post_init__(self) -> None:
+        if self.max_tracked_invalidations < 1:
+            raise ValueError("max_tracked_invalidations must be >= 1")
         self._policy: EvictionPolicy = make_policy(self.policy_name, max(0, self.capacity_bytes),
                                                    avg_entry_bytes=self.avg_entry_bytes)
         self._entries: dict[Hashable, Entry] = {}
         self._by_tag: dict[str, set[Hashable]] = {}
         self._epoch = 0
-        self._invalidated: dict[str, _Invalidation] = {}
+        # hash(tag) → epoch of its last invalidation, in epoch order (a re-invalidated tag moves
+        # to the end), so the oldest are the first: folding takes a prefix
+        self._invalidated: dict[int, int] = {}
+        self._floor = 0  # every forgotten tag was invalidated at this epoch or before
+        self._all_epoch = 0  # the last ALL_TAGS invalidation: never folded, one int
+        self.folded_invalidations = 0  # tags forgotten into the floor
 
     # reads ------------------------------------------------------------------------------------
     def get(self, key: Hashable, now: float) -> Entry | None:
@@ -117,16 +125,26 @@ class MemoryCache:
         return self._epoch
 
     def stale_since(self, tags: Iterable[str], since: int) -> bool:
-        """Was any of these tags invalidated after `since` (an epoch from `epoch()`)?"""
+        """Was any of these tags invalidated after `since` (an epoch from `epoch()`)? Also true
+        for any tagged load older than the fold floor: its tags may be among those forgotten.
+        Untagged answers depend on no data and are never stale."""
         tags = tuple(tags)
-        everything = self._invalidated.get(ALL_TAGS)
-        if tags and everything is not None and everything.epoch > since:
+        if not tags:
+            return False
+        if self._all_epoch > since or self._floor > since:
             return True
-        for tag in tags:
-            inv = self._invalidated.get(tag)
-            if inv is not None and inv.epoch > since:
-                return True
-        return False
+        invalidated = self._invalidated
+        return any(invalidated.get(hash(tag), 0) > since for tag in tags)
+
+    @property
+    def tracked_invalidations(self) -> int:
+        """Tags whose invalidation epoch is remembered one by one (at most the bound)."""
+        return len(self._invalidated)
+
+    @property
+    def floor_epoch(self) -> int:
+        """Tagged loads that began before this epoch are refused (see `_fold`)."""
+        return self._floor
 
     def store(
         self, key: Hashable, value: Any, size: int, *, now: float, ttl_s: float, keep_s: float = 0.0,
@@ -161,18 +179,31 @@ class MemoryCache:
         return self._drop(key)
 
     def invalidate(self, tags: Iterable[str], now: float) -> int:
-        """Drop every entry with any of these tags; loads begun before now will not store."""
+        """Drop every entry with any of these tags; loads begun before now will not store.
+        (`now` is unused: how long an invalidation is remembered depends on how many others
+        came after it, not on time; kept so every store method takes the time the same way.)"""
         self._epoch += 1
+        epoch = self._epoch
+        invalidated = self._invalidated
+        by_tag = self._by_tag
         dropped = 0
         for tag in tags:
-            self._invalidated[tag] = _Invalidation(self._epoch, now)
             if tag == ALL_TAGS:
+                self._all_epoch = epoch
                 for key in {k for keys in self._by_tag.values() for k in keys}:
                     dropped += self._drop(key)
-            for key in list(self._by_tag.get(tag, ())):
-                dropped += self._drop(key)
+                continue
+            h = hash(tag)
+            # pop first: re-inserting moves the tag to the end, keeping the dict in epoch order
+            invalidated.pop(h, None)
+            invalidated[h] = epoch
+            keys = by_tag.get(tag)
+            if keys:
+                for key in list(keys):
+                    dropped += self._drop(key)
         self.stats.invalidated += dropped
-        self._forget_old_invalidations(now)
+        if len(invalidated) > self.max_tracked_invalidations:
+            self._fold()
         return dropped
 
     def clear(self) -> int:
@@ -207,9 +238,18 @@ class MemoryCache:
                 if not keys:
                     del self._by_tag[tag]
 
-    def _forget_old_invalidations(self, now: float) -> None:
-        if self._epoch % PRUNE_EVERY:
-            return
-        cutoff = now - EPOCH_MEMORY_S
-        for tag in [t for t, inv in self._invalidated.items() if inv.at < cutoff and t != ALL_TAGS]:
-            del self._invalidated[tag]
+    def _fold(self) -> None:
+        """Forget the oldest tags down to 3/4 of the bound, raising the floor to the newest
+        epoch forgotten. Why it stays correct: a forgotten tag's epoch is <= the floor, so a
+        load with `since >= floor` would not have been refused for it anyway, and a tagged load
+        with `since < floor` is refused outright. Why 3/4: one rebuild per bound/4 tags keeps
+        the cost amortised O(1) per tag (popping a dict's first item one at a time is O(n)),
+        and the rebuilt dict gives back the memory of the forgotten entries."""
+        keep = self.max_tracked_invalidations - self.max_tracked_invalidations // 4
+        cut = len(self._invalidated) - keep
+        items = iter(self._invalidated.items())  # no list copy: the peak stays near one dict
+        # the prefix is in epoch order, so this is its last epoch; max() keeps the floor
+        # conservative even if that order were ever broken
+        self._floor = max(self._floor, max(epoch for _, epoch in islice(items, cut)))
+        self._invalidated = dict(items)  # what is left: the newest `keep`
+        self.folded_invalidations += cut

@@ -9,8 +9,11 @@ Synchronous and thread-safe: model code runs on a worker thread. Concurrent load
 are coalesced: the first caller loads, the others wait for its result (and load themselves
 only if it failed). A failing loader is retried `attempts` times with exponential pauses; then
 the caller gets `DependencyUnavailable` (503 with Retry-After), never a hang: the loader's own
-timeouts bound each attempt. `invalidate(tags)` drops entries and makes any load already in
-flight unstorable, so no stale row outlives an update.
+timeouts bound each attempt, and a caller waiting on another's load waits at most
+`wait_timeout_s` (a loader that hangs despite its timeouts must not take every thread that
+asks for the same row with it). `invalidate(tags)` drops entries and makes any load already in
+flight unstorable, so no stale row outlives an update; at most `max_tracked_invalidations`
+tags are remembered one by one (older ones fold into a floor, see `cache.memory`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ from prometheus_client.registry import Collector
 
 from .. import codec
 from ..errors import DependencyUnavailable
-from .memory import MemoryCache
+from .memory import MAX_TRACKED_INVALIDATIONS, MemoryCache
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
+
+WAIT_TIMEOUT_S = 10.0  # a waiter's default bound: a loader's retries at a few seconds each; a
+# load still running then means a dependency in trouble, and 503 + Retry-After says so
 
 
 def encoded_size(value: Any) -> int:
@@ -57,11 +63,15 @@ class ReadThrough(Generic[K, V]):
         self, *, name: str, capacity_bytes: int, ttl_s: float, policy: str = "tinylfu",
         retry_on: tuple[type[BaseException], ...] = (), attempts: int = 3, backoff_s: float = 0.05,
         size_of: Callable[[Any], int] = encoded_size, avg_entry_bytes: int = 512,
+        wait_timeout_s: float = WAIT_TIMEOUT_S,
+        max_tracked_invalidations: int = MAX_TRACKED_INVALIDATIONS,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if attempts < 1 or ttl_s <= 0 or backoff_s < 0:
             raise ValueError("need attempts >= 1, ttl_s > 0, backoff_s >= 0")
+        if not wait_timeout_s > 0 or max_tracked_invalidations < 1:
+            raise ValueError("need wait_timeout_s > 0 and max_tracked_invalidations >= 1")
         self.name = name
         self.ttl_s = ttl_s
         self.retry_on = retry_on
@@ -70,13 +80,16 @@ class ReadThrough(Generic[K, V]):
         self.size_of = size_of
         self.clock = clock
         self.sleep = sleep
+        self.wait_timeout_s = wait_timeout_s
         self.enabled = capacity_bytes > 0
-        self._cache = MemoryCache(capacity_bytes, policy, avg_entry_bytes)
+        self._cache = MemoryCache(capacity_bytes, policy, avg_entry_bytes,
+                                  max_tracked_invalidations=max_tracked_invalidations)
         self._lock = threading.Lock()
         self._loading: dict[K, _Load] = {}
         self.loads = 0  # loader calls
         self.load_failures = 0
         self.coalesced = 0  # keys another thread was already loading
+        self.wait_timeouts = 0  # callers that gave up waiting on another's load
 
     # reads ------------------------------------------------------------------------------------
     def get_many(
@@ -92,8 +105,16 @@ class ReadThrough(Generic[K, V]):
         mine, group, theirs = self._claim(wanted, found)
         if mine:
             self._load_and_store(mine, group, load, tags, found)
+        # real time, not `clock`: Event.wait counts real seconds (and `clock` may be a fake);
+        # the deadline is taken after our own load, which the loader's timeouts bound already
+        deadline = time.monotonic() + self.wait_timeout_s
         for key, pending in theirs.items():
-            pending.done.wait()
+            if not pending.done.wait(max(0.0, deadline - time.monotonic())):
+                with self._lock:
+                    self.wait_timeouts += 1
+                raise DependencyUnavailable(
+                    f"{self.name}: another caller's load of this key took longer than "
+                    f"{self.wait_timeout_s:g}s", retry_after_s=1.0)
             if key in pending.values:
                 if self._invalidated_since(tags(key), pending.since):
                     # that load began before an update of the row; this caller may have come
@@ -127,6 +148,9 @@ class ReadThrough(Generic[K, V]):
                 "capacity_bytes": self._cache.capacity_bytes, "evictions": self._cache.evictions,
                 "admission_rejections": self._cache.rejections, "loads": self.loads,
                 "load_failures": self.load_failures, "coalesced": self.coalesced,
+                "wait_timeouts": self.wait_timeouts,
+                "tracked_invalidations": self._cache.tracked_invalidations,
+                "folded_invalidations": self._cache.folded_invalidations,
             }
 
     # internals --------------------------------------------------------------------------------
@@ -222,6 +246,7 @@ class ReadThroughCollector(Collector):
         ("hits", "Fresh hits"), ("misses", "Lookups not answered from the cache"),
         ("loads", "Loader calls (retries included)"), ("load_failures", "Loader calls that failed"),
         ("coalesced", "Keys another thread was already loading (singleflight)"),
+        ("wait_timeouts", "Callers that gave up waiting on another caller's load (503)"),
         ("invalidated", "Entries dropped by tag invalidation"), ("evictions", "Entries evicted for room"),
         ("admission_rejections", "New entries the admission policy kept out"),
         ("refused_stale_loads", "Loads not stored: their tags were invalidated meanwhile"),

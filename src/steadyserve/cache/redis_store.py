@@ -4,19 +4,24 @@ Every call is bounded by `timeout_s`; any Redis or socket error marks L2 down, l
 and returns "nothing" to the caller, which goes on with L1 alone: no client ever sees a Redis
 error. While down, calls return at once (no per-request timeouts), and a background loop pings
 every `retry_s` until Redis answers again. Invalidations made while L2 was down are replayed
-when it returns (a bounded set; beyond it every entry under the prefix is dropped), so a
-stale answer cannot reappear from L2 after an outage.
+when it returns (a bounded set, `max_pending_invalidations`; beyond it every tagged entry is
+dropped), so a stale answer cannot reappear from L2 after an outage.
 
 Layout under the prefix `P` (default "steadyserve:"):
-    P e:<key>     an entry: msgpack [payload, fresh_until, keep_until, tags], expires at keep_until
+    P e:<key>     an entry: msgpack [payload, fresh_until, keep_until, tags, generation],
+                  expires at keep_until
     P t:<tag>     set of entry keys carrying the tag (expires with its longest-lived entry)
     P v:<tag>     the tag's version, bumped by every invalidation
+    P v:*         the generation of tagged entries (ALL_TAGS' version): invalidating ALL_TAGS
+                  bumps it, and a tagged entry written under an older generation reads as
+                  absent, so "drop every tagged entry" is one INCR, not a scan
     P inval       pub/sub channel: {"o": origin gateway, "t": [tags], "id": message id}
     P ack:<id>    list the other gateways push to once they dropped their copies; the sender
                   waits for as many as PUBLISH reached (at most ack_timeout_s), so on healthy
                   gateways an invalidation is everywhere before the writer's client hears back
-Writes go through a script that checks the tag versions read before the load began: an answer
-computed from data that was invalidated meanwhile is refused, on every gateway.
+Writes go through a script that checks the tag versions (and the generation) read before the
+load began: an answer computed from data that was invalidated meanwhile is refused, on every
+gateway.
 """
 
 from __future__ import annotations
@@ -32,17 +37,22 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from .invalidation import ALL_TAGS
+
 log = logging.getLogger("steadyserve.cache.redis")
 
 T = TypeVar("T")
 
 VERSION_TTL_MS = 86_400_000  # tag versions outlive any load by far
-MAX_PENDING_INVALIDATIONS = 100_000
+MAX_PENDING_INVALIDATIONS = 100_000  # the default; the gateway passes [cache] max_tracked_invalidations
 TIMEOUTS_FOR_OUTAGE = 3
 WATCH_POLL_S = 0.25  # the watcher checks for messages, and for stop(), this often
 
+# KEYS: entry, n tag versions, n tag sets, the generation; ARGV: body, ttl_ms, n, n versions,
+# the generation the body carries. Untagged entries depend on no data: no generation check.
 _WRITE = """
 local n = tonumber(ARGV[3])
+if n > 0 and (redis.call('GET', KEYS[2 + 2 * n]) or '0') ~= ARGV[4 + n] then return 0 end
 for i = 1, n do
   local v = redis.call('GET', KEYS[1 + i]) or '0'
   if v ~= ARGV[3 + i] then return 0 end
@@ -78,6 +88,7 @@ class RedisStore:
         self, url: str, *, origin: str, prefix: str = "steadyserve:", timeout_s: float = 0.05,
         retry_s: float = 1.0, on_invalidate: Callable[[list[str]], Awaitable[object]] | None = None,
         on_state: Callable[[bool], None] | None = None, ack_timeout_s: float = 1.0,
+        max_pending_invalidations: int = MAX_PENDING_INVALIDATIONS,
     ) -> None:
         self.url = url
         self.origin = origin
@@ -95,7 +106,8 @@ class RedisStore:
         self._write = self._client.register_script(_WRITE)
         self._invalidate = self._client.register_script(_INVALIDATE)
         self._pending: set[str] = set()  # tags invalidated while down: replayed on reconnect
-        self._lost = False  # more than MAX_PENDING_INVALIDATIONS: flush the prefix on reconnect
+        self.max_pending_invalidations = max_pending_invalidations
+        self._lost = False  # more than that: drop every tagged entry on reconnect instead
         self._task: asyncio.Task[None] | None = None
         self._timeouts = 0  # consecutive timed-out calls
         self._stopping = False
@@ -127,37 +139,46 @@ class RedisStore:
 
     # data -----------------------------------------------------------------------------------
     async def lookup(self, keys: Sequence[str], tags: Sequence[str]) -> tuple[list[Any], list[str]] | None:
-        """(entries as decoded lists or None, each tag's version) in one round trip; None if down."""
+        """(entries as decoded [payload, fresh_until, keep_until, tags] or None, each tag's
+        version) in one round trip; None if down. Pass ALL_TAGS among the tags to get the
+        generation that `write` needs for tagged entries."""
         if not self.up or not (keys or tags):
             return None
+
+        # the generation rides along: tagged entries of an older one read as absent
+        names = list(tags) if ALL_TAGS in tags else [*tags, ALL_TAGS]
 
         async def run() -> list[Any]:
             pipe = self._client.pipeline(transaction=False)
             if keys:
                 pipe.mget([self._entry(k) for k in keys])
-            if tags:
-                pipe.mget([self._version(t) for t in tags])
+            pipe.mget([self._version(t) for t in names])
             return list(await pipe.execute())
 
         replies = await self._call(run)
         if replies is None:
             return None
         raw = replies[0] if keys else []
-        entries = [msgpack.unpackb(r, raw=False) if r is not None else None for r in raw]
-        versions = [v.decode() if v is not None else "0" for v in (replies[-1] if tags else [])]
+        values = [v.decode() if v is not None else "0" for v in replies[-1]]
+        versions, generation = values[:len(tags)], values[names.index(ALL_TAGS)]
+        entries = [_current(msgpack.unpackb(r, raw=False), generation) if r is not None else None
+                   for r in raw]
         return entries, versions
 
     async def write(
         self, key: str, payload: bytes, fresh_until: float, keep_until: float,
-        tags: Sequence[str], versions: Sequence[str],
+        tags: Sequence[str], versions: Sequence[str], generation: str = "0",
     ) -> bool:
-        """Store unless a tag's version moved since `versions` were read (a racing update)."""
+        """Store unless a tag's version, or the generation (ALL_TAGS' version, read with
+        `versions`), moved since they were read (a racing update)."""
         if not self.up:
             return False
         ttl_ms = max(1, int((keep_until - time.time()) * 1000))
-        body = msgpack.packb([payload, fresh_until, keep_until, list(tags)], use_bin_type=True)
-        keys = [self._entry(key), *(self._version(t) for t in tags), *(self._tagset(t) for t in tags)]
-        args = [body, ttl_ms, len(tags), *versions]
+        body = msgpack.packb([payload, fresh_until, keep_until, list(tags), generation],
+                             use_bin_type=True)
+        keys = [self._entry(key), *(self._version(t) for t in tags), *(self._tagset(t) for t in tags),
+                self._version(ALL_TAGS)]
+        args = [body, ttl_ms, len(tags), *versions, generation]
         result = await self._call(lambda: self._write(keys=keys, args=args))
         return bool(result)
 
@@ -228,7 +249,9 @@ class RedisStore:
         if self._lost:
             return
         self._pending.update(tags)
-        if len(self._pending) > MAX_PENDING_INVALIDATIONS:
+        if len(self._pending) > self.max_pending_invalidations:
+            # too many to replay one by one (and to hold): bumping the generation on reconnect
+            # drops every tagged entry, which covers them all
             self._pending.clear()
             self._lost = True
 
@@ -274,7 +297,9 @@ class RedisStore:
             async with asyncio.timeout(max(1.0, self.timeout_s)):
                 await self._client.ping()
             if self._lost:
-                await self._flush_prefix()
+                async with asyncio.timeout(max(1.0, self.timeout_s)):
+                    await self._invalidate(keys=[self._version(ALL_TAGS), self._tagset(ALL_TAGS)],
+                                           args=[1, VERSION_TTL_MS])
             elif self._pending:
                 pending = sorted(self._pending)
                 for i in range(0, len(pending), 500):
@@ -294,13 +319,6 @@ class RedisStore:
             if self.on_state is not None:
                 self.on_state(True)
         return True
-
-    async def _flush_prefix(self) -> None:
-        async with asyncio.timeout(30.0):
-            async for key in self._client.scan_iter(match=f"{self.prefix}e:*", count=1000):
-                await self._client.unlink(key)
-            async for key in self._client.scan_iter(match=f"{self.prefix}t:*", count=1000):
-                await self._client.unlink(key)
 
     async def _watch(self) -> None:
         """Reconnect while down; while up, listen for other gateways' invalidations."""
@@ -354,6 +372,17 @@ class RedisStore:
                 await pipe.execute()
 
             await self._call(ack)
+
+
+def _current(entry: Any, generation: str) -> Any:
+    """An entry as [payload, fresh_until, keep_until, tags], or None when it is tagged and was
+    written under an older generation (ALL_TAGS was invalidated since). An entry without a
+    generation (written before it existed) counts as generation "0"."""
+    if not isinstance(entry, list) or len(entry) < 4:
+        return entry  # malformed: the caller's parser refuses it
+    if entry[3] and (str(entry[4]) if len(entry) > 4 else "0") != generation:
+        return None
+    return entry[:4]
 
 
 async def _close_pubsub(pubsub: Any) -> None:

@@ -6,6 +6,7 @@
                                  ─► L2 in the background (refused by Redis likewise)
     invalidate(tags) ─► L1 ─► L2 (entries dropped, tag versions bumped) ─► other gateways
                         via pub/sub, which drop their L1 entries and tell their replicas
+    invalidate([ALL_TAGS]) ─► every tagged entry, everywhere (L2: one generation bump)
 
 Values are the msgpack bytes of one item's result: the same bytes in L1 and L2, and the
 capacity counts them exactly. Time is wall-clock seconds (L2 entries are shared between
@@ -32,7 +33,8 @@ from ..config import CacheConfig
 from ..policies.affinity import stable_hash
 from ..policies.hitcurve import HitCurve, choose_capacity
 from ..policies.hotkeys import HotKeys
-from .memory import ALL_TAGS, MemoryCache
+from .invalidation import ALL_TAGS
+from .memory import MemoryCache
 from .redis_store import RedisStore
 from .singleflight import Singleflight
 
@@ -58,7 +60,8 @@ class Tokens:
     """What `store` needs to refuse an answer computed from since-invalidated data."""
 
     l1: int
-    l2: dict[str, str] | None = None  # tag → version read from Redis; None: L2 was not read
+    l2: dict[str, str] | None = None  # tag → version read from Redis (ALL_TAGS → the generation
+    # of tagged entries); None: L2 was not read
 
 
 @dataclass
@@ -80,7 +83,8 @@ class ResponseCache:
         self.cfg = cfg
         self.clock = clock
         self.origin = origin
-        self.l1 = MemoryCache(cfg.l1_bytes, cfg.policy, avg_entry_bytes=1024)
+        self.l1 = MemoryCache(cfg.l1_bytes, cfg.policy, avg_entry_bytes=1024,
+                              max_tracked_invalidations=cfg.max_tracked_invalidations)
         self.flights = Singleflight()
         self.curve = HitCurve(sample_rate=0.1, max_samples=8192)  # fixed size: the rate falls as keys grow
         self.hot = HotKeys(cfg.hot_keys)
@@ -92,8 +96,9 @@ class ResponseCache:
             self.l2 = RedisStore(cfg.redis_url, origin=origin, prefix=cfg.redis_prefix,
                                  timeout_s=cfg.redis_timeout_s, retry_s=cfg.redis_retry_s,
                                  on_invalidate=self._remote_invalidate, on_state=self._l2_state,
-                                 ack_timeout_s=cfg.invalidation_ack_timeout_s)
-        self._writes: asyncio.Queue[tuple[str, bytes, float, float, tuple[str, ...], list[str]]] = \
+                                 ack_timeout_s=cfg.invalidation_ack_timeout_s,
+                                 max_pending_invalidations=cfg.max_tracked_invalidations)
+        self._writes: asyncio.Queue[tuple[str, bytes, float, float, tuple[str, ...], list[str], str]] = \
             asyncio.Queue(L2_WRITE_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
         self._oneoff: set[asyncio.Future[object]] = set()
@@ -150,7 +155,8 @@ class ResponseCache:
             need.append(i)
         if self.l2 is None or not need or not self.l2.up:
             return found, tokens
-        wanted_tags = sorted({t for i in need for t in tags[i]})
+        # ALL_TAGS last: its version is the generation that tagged writes must carry
+        wanted_tags = [*sorted({t for i in need for t in tags[i]} - {ALL_TAGS}), ALL_TAGS]
         reply = await self.l2.lookup([keys[i] for i in need], wanted_tags)
         if reply is None:
             return found, tokens
@@ -187,14 +193,18 @@ class ResponseCache:
             if versions is None or not self.l2.up:
                 self.counters.l2_dropped += 1
             else:
+                generation = tokens.l2.get(ALL_TAGS, "0") if tokens.l2 is not None else "0"
                 try:
                     self._writes.put_nowait((key, payload, now + ttl_s, now + ttl_s + self.keep_s,
-                                             tags, versions))
+                                             tags, versions, generation))
                 except asyncio.QueueFull:
                     self.counters.l2_dropped += 1
         return True
 
     async def invalidate(self, tags: Iterable[str], *, publish: bool = True) -> dict[str, Any]:
+        """Drop the entries with these tags here, in L2 and (via L2) on the other gateways.
+        ALL_TAGS drops every tagged entry; in L2 the entries are then dropped lazily (a
+        generation bump makes them read as absent), so `l2_dropped` counts none of them."""
         tags = sorted(set(tags))
         dropped = self.l1.invalidate(tags, self.clock())
         self.counters.invalidations += len(tags)
@@ -239,6 +249,8 @@ class ResponseCache:
             "l1": {
                 "policy": self.cfg.policy, "capacity_bytes": self.l1.capacity_bytes,
                 "bytes": self.l1.used_bytes, "entries": len(self.l1), "tags": self.l1.tag_count(),
+                "tracked_invalidations": self.l1.tracked_invalidations,
+                "folded_invalidations": self.l1.folded_invalidations,
                 "hit_ratio": round(s.hits / lookups, 4) if lookups else None,
                 "evictions": self.l1.evictions, "admission_rejections": self.l1.rejections,
                 **s.as_dict(), "autosize": self.cfg.autosize,
@@ -299,9 +311,10 @@ class ResponseCache:
     async def _write_l2(self) -> None:
         assert self.l2 is not None
         while True:
-            key, payload, fresh_until, keep_until, tags, versions = await self._writes.get()
+            key, payload, fresh_until, keep_until, tags, versions, generation = await self._writes.get()
             try:
-                if await self.l2.write(key, payload, fresh_until, keep_until, tags, versions):
+                if await self.l2.write(key, payload, fresh_until, keep_until, tags, versions,
+                                       generation):
                     self.counters.l2_writes += 1
                 elif self.l2.up:
                     self.counters.l2_refused += 1

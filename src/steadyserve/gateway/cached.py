@@ -10,7 +10,8 @@
                     stale-if-error → the stale copy, marked `X-Steadyserve-Cache: stale-if-error`
 
 An answer is stored only if the replica that computed it runs the model version the key
-names, and only if none of its tags was invalidated since the lookup (see `cache.memory`).
+names, only if none of its tags was invalidated since the lookup (see `cache.memory`), and only
+if its tags are within the [cache] limits (a tag that no invalidation may name would pin it).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .. import codec
-from ..cache.keys import affinity_value, cache_key, render_tags
+from ..cache.invalidation import ALL_TAGS, tag_bytes
+from ..cache.keys import affinity_value, cache_key, render_tags, template_fields
 from ..cache.singleflight import LeaderGone, Singleflight
 from ..cache.tiered import Cached, Tokens
-from ..errors import ClientError, HandlerFailed, Overloaded, ReplicaError, ReplicaTimeout
+from ..config import CacheConfig
+from ..errors import ClientError, HandlerFailed, Overloaded, PayloadTooLarge, ReplicaError, ReplicaTimeout
 from .dispatch import CallInfo
 from .membership import Deployment, Handler
 
@@ -49,7 +52,10 @@ class _Request:
         self.batched = opts.batch
         self.values: list[Any] = list(args[h.item_param]) if opts.batch else [args]
         self.keys = [cache_key(d.name, h.name, d.version, v) for v in self.values]
-        self.tags = [render_tags(opts.cache_tags, v) for v in self.values]
+        limits = gw.full_config.cache
+        # a tag over the limits could never be invalidated by name: such an answer is not kept
+        self.tags = [t if t is None or _tags_ok(t, limits) else None
+                     for t in (render_tags(opts.cache_tags, v) for v in self.values)]
         self.version = d.version
         self.results: list[Any] = [None] * len(self.values)
         self.outcome: list[str] = [""] * len(self.values)
@@ -266,8 +272,10 @@ def _account(gw: Gateway, req: Request, d: Deployment, h: Handler, r: _Request) 
         req.call.cache = "partial"
 
 
-def invalidation_tags(h: Handler, args: dict[str, Any]) -> tuple[str, ...]:
-    """The tags a successful call of an `invalidates=` handler drops everywhere."""
+def invalidation_tags(h: Handler, args: dict[str, Any], limits: CacheConfig) -> tuple[str, ...]:
+    """The tags a successful call of an `invalidates=` handler drops everywhere. Called before
+    the call runs: tags are filled from the input, so one over the [cache] limits (too long,
+    or the reserved ALL_TAGS) refuses the call, naming the field, before it changes anything."""
     templates = h.spec.options.invalidates
     if not templates:
         return ()
@@ -275,5 +283,27 @@ def invalidation_tags(h: Handler, args: dict[str, Any]) -> tuple[str, ...]:
     if tags is None:
         log.warning("handler %s: invalidates=%s names a field the request lacks", h.name, templates)
         return ()
+    if len(tags) > limits.max_invalidation_tags:  # the service's declaration, not the input
+        raise PayloadTooLarge(f"handler {h.name} invalidates {len(tags)} tags per call; [cache] "
+                              f"max_invalidation_tags is {limits.max_invalidation_tags}")
+    for template, tag in zip(templates, tags, strict=True):  # one tag per template, in order
+        problem = _tag_problem(tag, limits)
+        if problem:
+            fields = template_fields(template)
+            raise ClientError(f"{', '.join(fields)}: filled into {template!r}, it makes a tag that "
+                              f"{problem}", param=fields[0] if fields else None)
     return tags
 
+
+def _tag_problem(tag: str, limits: CacheConfig) -> str | None:
+    """Why a rendered tag may not name data (to store an answer under or to invalidate)."""
+    if tag == ALL_TAGS:
+        return f"is the reserved {ALL_TAGS!r} (every tagged entry)"
+    size = tag_bytes(tag)
+    if size > limits.max_tag_bytes:
+        return f"is {size:,} bytes; a tag is at most {limits.max_tag_bytes:,} ([cache] max_tag_bytes)"
+    return None
+
+
+def _tags_ok(tags: tuple[str, ...], limits: CacheConfig) -> bool:
+    return all(_tag_problem(t, limits) is None for t in tags)

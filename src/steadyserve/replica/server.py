@@ -19,12 +19,14 @@ from prometheus_client import generate_latest
 
 from .. import codec
 from ..asgi import cancel_on_disconnect
+from ..cache.invalidation import MESSAGE_MAX_BYTES, MESSAGE_MAX_TAGS, REPLICA_MAX_TAG_BYTES, check_tags
 from ..cache.readthrough import ReadThroughCollector
 from ..errors import (
     ClientError,
     ClientGone,
     HandlerFailed,
     NotFound,
+    PayloadTooLarge,
     ReplicaTimeout,
     ReplicaUnavailable,
     SteadyError,
@@ -227,12 +229,31 @@ class ReplicaApp:
 
     async def _invalidate(self, receive: Receive, send: Send) -> None:
         """The gateway tells every replica which data changed (tags): the service drops what
-        it cached from it (`Service.invalidate`). Runs on the loop: it must be quick."""
+        it cached from it (`Service.invalidate`). Runs on the loop: it must be quick. Bounded
+        like the public route, with fixed limits (a replica does not read [cache]; the gateway
+        splits its broadcasts to fit them): a body of at most MESSAGE_MAX_BYTES and
+        MESSAGE_MAX_TAGS tags of at most REPLICA_MAX_TAG_BYTES. ALL_TAGS is allowed here: the
+        gateway sends it after a missed invalidation or an explicit `{"all": true}`."""
         try:
-            body = codec.decode(await _read_body(receive))
-            tags = body.get("tags") if isinstance(body, dict) else None
-            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-                raise ClientError("send {'tags': [str, ...]}", param="tags")
+            chunks: list[bytes] = []
+            size = 0
+            more = True
+            while more:  # read at most the limit: a larger body is refused, not buffered
+                message = await receive()
+                chunk: bytes = message.get("body", b"")
+                size += len(chunk)
+                if size > MESSAGE_MAX_BYTES:
+                    raise PayloadTooLarge(f"an invalidation is at most {MESSAGE_MAX_BYTES:,} bytes",
+                                          param="tags")
+                chunks.append(chunk)
+                more = bool(message.get("more_body"))
+            try:
+                body = codec.decode(b"".join(chunks))
+            except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
+                raise ClientError(f"send msgpack {{'tags': [str, ...]}}: {exc}", param="tags") from None
+            tags = check_tags(body.get("tags") if isinstance(body, dict) else None,
+                              max_tags=MESSAGE_MAX_TAGS, max_tag_bytes=REPLICA_MAX_TAG_BYTES,
+                              allow_all=True)
             self.service.invalidate(tags)
         except SteadyError as exc:
             await _send(send, exc.status, codec.encode({"error": to_wire(exc)}), codec.CONTENT_TYPE)

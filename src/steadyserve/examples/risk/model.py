@@ -13,11 +13,18 @@ so each term is feature i's exact contribution, and the terms plus the intercept
 the logit. `RiskModel.score` returns the probability and the three largest terms.
 
 The model is trained at a replica's first start on `data.generate_transactions()` (a few
-seconds) and saved under the data directory as `risk-model-<hash>.joblib`, where the hash
+seconds) and saved under the data directory as `risk-model-<hash>.npz`, where the hash
 covers the generator's parameters, the feature list and the training settings: a change to
 any of them trains a new file instead of loading a stale one. Two replicas starting together
 may both train; each writes a private temporary file and renames it into place, so a reader
-never sees half a file. Only files this code wrote are loaded (joblib is pickle).
+never sees half a file.
+
+The file holds numbers and names only (`MODEL_ARRAYS`): the scaler's mean and scale, the
+coefficients, the intercept, the feature list, the format and the AUC, read back with
+`numpy.load(allow_pickle=False)`. Nothing in it can run code: whoever can write the data
+directory can change scores, not take over the replica (a pickle or an object array is
+refused, and the model trained again). Files of the pickle format that came before
+(`risk-model-<hash>.joblib`) are never opened.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import os
 import time
 import uuid
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +57,9 @@ LOG1P_FEATURES: Final = frozenset({"tx_count", "amount_mean", "amount_std", "acc
 TOP_CONTRIBUTIONS: Final = 3
 HOLDOUT_SHARE: Final = 0.2  # of the generated transactions, kept out of training for the AUC
 TRAINING: Final[Mapping[str, Any]] = {"C": 1.0, "max_iter": 1000, "solver": "lbfgs", "split_seed": 7}
-MODEL_FORMAT: Final = 1  # bump when the saved file's layout changes
+MODEL_FORMAT: Final = 2  # bump when the saved file's layout changes (1: a joblib pickle)
+MODEL_SUFFIX: Final = ".npz"
+MODEL_ARRAYS: Final = ("format", "features", "mean", "scale", "coef", "intercept", "auc")
 
 
 class Contribution(TypedDict):
@@ -74,7 +84,7 @@ def model_fingerprint() -> str:
 
 def model_path(data_dir: str | os.PathLike[str]) -> Path:
     """Where the model for the current code lives under the data directory."""
-    return Path(data_dir) / f"risk-model-{model_fingerprint()}.joblib"
+    return Path(data_dir) / f"risk-model-{model_fingerprint()}{MODEL_SUFFIX}"
 
 
 def feature_matrix(
@@ -207,37 +217,76 @@ def train(accounts: data.Accounts | None = None, tx: data.Transactions | None = 
     return pipeline, auc
 
 
-def save(pipeline: Any, auc: float, path: Path) -> None:
-    """Write atomically: a private temporary file in the same directory, then a rename."""
-    import joblib
-
+def save(model: RiskModel, path: Path) -> None:
+    """Write the model's arrays (`MODEL_ARRAYS`, no pickle) atomically: a private temporary
+    file in the same directory, flushed to disk, then a rename over the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        joblib.dump({"format": MODEL_FORMAT, "features": MODEL_FEATURES, "pipeline": pipeline,
-                     "auc": auc}, tmp)
+        with tmp.open("wb") as f:  # a file object: savez would add ".npz" to a path's name
+            np.savez(  # the names are MODEL_ARRAYS (a test pins them)
+                f, allow_pickle=False,
+                format=np.array(MODEL_FORMAT, dtype=np.int64),
+                features=np.array(MODEL_FEATURES, dtype=np.str_),
+                mean=np.asarray(model.mean, dtype=np.float64),
+                scale=np.asarray(model.scale, dtype=np.float64),
+                coef=np.asarray(model.coef, dtype=np.float64),
+                intercept=np.array(model.intercept, dtype=np.float64),
+                auc=np.array(model.auc, dtype=np.float64),
+            )
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+class _Unusable(Exception):
+    """The model file exists but is not one this code wrote for these features."""
+
+
+def _read(path: Path) -> RiskModel:
+    """Parse a model file without ever unpickling: raises FileNotFoundError or _Unusable."""
+    try:
+        saved = np.load(path, allow_pickle=False)
+        if not isinstance(saved, np.lib.npyio.NpzFile):  # a lone .npy array
+            raise _Unusable("not an .npz archive")
+        with saved:
+            if sorted(saved.files) != sorted(MODEL_ARRAYS):
+                raise _Unusable(f"arrays {sorted(saved.files)}, expected {sorted(MODEL_ARRAYS)}")
+            # reading an object array (pickled data inside the archive) raises ValueError here
+            arrays = {name: saved[name] for name in MODEL_ARRAYS}
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        # "Cannot load file containing pickled data when allow_pickle=False" lands here
+        raise _Unusable(str(exc)) from exc
+    n = len(MODEL_FEATURES)
+    fmt, features = arrays["format"], arrays["features"]
+    if fmt.shape != () or fmt.dtype.kind != "i" or int(fmt) != MODEL_FORMAT:
+        raise _Unusable(f"format {fmt!r}, expected {MODEL_FORMAT}")
+    if features.dtype.kind != "U" or tuple(features.tolist()) != MODEL_FEATURES:
+        raise _Unusable("another feature list")
+    for name, shape in (("mean", (n,)), ("scale", (n,)), ("coef", (n,)), ("intercept", ()), ("auc", ())):
+        a = arrays[name]
+        if a.dtype != np.float64 or a.shape != shape or not np.isfinite(a).all():
+            raise _Unusable(f"{name}: {a.dtype} {a.shape}, expected finite float64 {shape}")
+    if not (arrays["scale"] > 0).all():
+        raise _Unusable("scale must be > 0")
+    return RiskModel(mean=arrays["mean"], scale=arrays["scale"], coef=arrays["coef"],
+                     intercept=float(arrays["intercept"]), auc=float(arrays["auc"]), path=path)
+
+
 def _load(path: Path) -> RiskModel | None:
     """The saved model, or None when the file is missing or unusable (then it is retrained)."""
-    import joblib
-
     try:
-        saved = joblib.load(path)
+        return _read(path)
     except FileNotFoundError:
         return None
-    except Exception as exc:  # a truncated or foreign file: train a fresh one over it
-        log.warning("risk model file is unusable, training again", extra={"path": str(path),
-                                                                          "error": repr(exc)})
+    except _Unusable as exc:  # a truncated, foreign or older file: train a fresh one over it
+        log.warning("risk model file is unusable, training again",
+                    extra={"path": str(path), "error": str(exc)})
         return None
-    if (not isinstance(saved, dict) or saved.get("format") != MODEL_FORMAT
-            or tuple(saved.get("features", ())) != MODEL_FEATURES):
-        log.warning("risk model file has another layout, training again", extra={"path": str(path)})
-        return None
-    return RiskModel.from_pipeline(saved["pipeline"], float(saved["auc"]), path)
 
 
 def load_or_train(data_dir: str | os.PathLike[str]) -> RiskModel:
@@ -251,7 +300,8 @@ def load_or_train(data_dir: str | os.PathLike[str]) -> RiskModel:
     trained_s = time.perf_counter() - started
     if not math.isfinite(auc):
         raise RuntimeError(f"risk model training gave AUC {auc}")
-    save(pipeline, auc, path)
+    model = RiskModel.from_pipeline(pipeline, auc, path)
+    save(model, path)
     log.info("trained the risk model", extra={"path": str(path), "auc": round(auc, 4),
                                               "trained_s": round(trained_s, 2)})
-    return RiskModel.from_pipeline(pipeline, auc, path)
+    return model
