@@ -207,6 +207,8 @@ class ResilienceConfig:
     outlier_base_ejection_s: float = 30.0
     outlier_max_ejection_s: float = 300.0
     outlier_max_ejection_share: float = 0.5
+    outlier_error_ratio: float = 0.8  # handler errors: a replica failing this share of requests…
+    outlier_error_min_requests: int = 20  # …over at least this many, while its peers do not
     slow_start_s: float = 10.0
     admission: bool = True  # adaptive concurrency limit + priority wait queue per deployment
     limit_initial: int | None = None  # None: replicas × max(4, largest max_batch_size)
@@ -230,6 +232,9 @@ class ResilienceConfig:
             raise ConfigError("retry_budget_ratio must be in [0, 1] and retry_budget_min_per_s >= 0")
         if not 0 < self.outlier_max_ejection_share <= 1:
             raise ConfigError("outlier_max_ejection_share must be in (0, 1]")
+        if not 0 < self.outlier_error_ratio <= 1 or self.outlier_error_min_requests < 1:
+            raise ConfigError("outlier_error_ratio must be in (0, 1] and "
+                              "outlier_error_min_requests >= 1")
         if not 0 < self.limit_backoff < 1:
             raise ConfigError("limit_backoff must be in (0, 1)")
         if not 0 <= self.batch_queue_share <= 1:
@@ -271,7 +276,7 @@ class AlertingConfig:
     external_url: str = ""  # shown in notifications as where to look
     actions: tuple[tuple[str, tuple[str, ...]], ...] = ()  # rule → actions, over the defaults
     slo_min_requests: int = 100  # burn-rate alerts need this many requests in the long window
-    max_silences: int = 100  # active silences at once (429 beyond)
+    max_silences: int = 100  # active silences at once (409 beyond)
     max_silence_bytes: int = 4096  # one silence's matchers, creator and comment, as JSON
     min_silence_s: float = 60.0
     max_silence_s: float = 30 * 86_400.0

@@ -25,8 +25,11 @@
     │   ├── HandlerFailed (500)       service code raised, or a batch broke its contract:
     │   │                             the request's fault, never retried nor held against
     │   │                             the replica
-    │   └── RetryableError (503)      service code says "not here, not now": retried on
-    │                                 another replica (idempotent handlers)
+    │   ├── RetryableError (503)      service code says "not here, not now": retried on
+    │   │                             another replica (idempotent handlers)
+    │   └── ResponseTooLarge (502)    the replica's answer is over max_upstream_response_bytes:
+    │                                 the handler's output, any replica would send the same;
+    │                                 never retried nor held against the replica
     ├── ClientGone (499)              the caller hung up; its queued work is dropped
     └── ConfigError                   bad configuration; raised at start, never per request
 
@@ -195,6 +198,15 @@ class RetryableError(ReplicaError):
     code = "retryable"
 
 
+class ResponseTooLarge(ReplicaError):
+    """The replica's answer is larger than the gateway accepts (`max_upstream_response_bytes`).
+    It is the handler's output that is too big, so another replica would send the same: the
+    gateway closes that connection and answers 502 without retrying or blaming the replica."""
+
+    status = 502
+    code = "response_too_large"
+
+
 class Quarantined(ClientError):
     """This exact input crashed replicas; it is refused for a while instead of crashing more."""
 
@@ -228,7 +240,7 @@ _BY_CODE: dict[str, type[SteadyError]] = {
         SteadyError, ClientError, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout,
         Conflict, PayloadTooLarge, UriTooLong, UnsupportedMediaType, HostNotAllowed, HeadersTooLarge,
         Overloaded, NoReadyReplica, DependencyUnavailable, ReplicaError, ReplicaUnavailable,
-        ReplicaTimeout, HandlerFailed, RetryableError, ConfigError, Quarantined,
+        ReplicaTimeout, HandlerFailed, RetryableError, ResponseTooLarge, ConfigError, Quarantined,
     )
 }
 
@@ -240,6 +252,8 @@ def to_http(exc: BaseException) -> HttpError:
         if isinstance(exc, Overloaded):
             retry = max(1, math.ceil(exc.retry_after_s))
             headers = ((b"retry-after", str(retry).encode()),)
+        elif isinstance(exc, Unauthorized):
+            headers = ((b"www-authenticate", b'Bearer realm="steadyserve"'),)
         return HttpError(exc.status, exc.code, exc.message, exc.param, headers)
     return HttpError(500, "internal_error", f"internal error: {type(exc).__name__}", None, ())
 

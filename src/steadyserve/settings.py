@@ -101,6 +101,10 @@ def load_config(
 ) -> Config:
     """Build the Config. `flags` holds CLI values (None = not given)."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    if "replicas" in flags and flags["replicas"] < 1:
+        # 0 declares a paused deployment; in a file that is deliberate, on a command line a slip
+        raise ConfigError("--replicas must be >= 1 (a paused deployment, replicas = 0, is "
+                          "declared in steadyserve.toml)")
     env = env or {}
     cwd = cwd or Path.cwd()
     file: dict[str, Any] = {}

@@ -82,6 +82,7 @@ class Chaos:
     log_path: Path
     config_path: Path
     replica_count: int
+    data_dir: Path
     _descendants: dict[int, psutil.Process] = field(default_factory=dict)
 
     @property
@@ -91,6 +92,11 @@ class Chaos:
     @property
     def gateway_pid(self) -> int:
         return self.proc.pid
+
+    def admin_headers(self) -> dict[str, str]:
+        """The local admin key the gateway wrote into its data directory (admin routes)."""
+        token = (self.data_dir / "admin.key").read_text().strip()
+        return {"Authorization": f"Bearer {token}"}
 
     def work_url(self, handler: str = "work") -> str:
         return f"{self.url}/v1/deployments/{DEPLOYMENT}/{handler}"
@@ -287,8 +293,11 @@ def launch(tmp_path: Path, replicas: int = 3, extra_toml: str = "", deployment_t
     port = free_port()
     log_path = base / "gateway.log"
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # each chaos gateway keeps its state (database, admin key, flight records) in its own
+    # directory, not in the repository it runs from
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHAOS_CONTROL_DIR": str(control_dir),
-                "PYTHONPATH": pythonpath, **(env or {})}
+                "PYTHONPATH": pythonpath, "STEADYSERVE_DATA_DIR": str(base / "data"),
+                **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.chaos.gateway_proc", "--config", str(config_path),
@@ -296,7 +305,8 @@ def launch(tmp_path: Path, replicas: int = 3, extra_toml: str = "", deployment_t
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_ROOT,
             env=full_env,
         )
-    return Chaos(proc, port, control_dir, log_path, config_path, replicas)
+    return Chaos(proc, port, control_dir, log_path, config_path, replicas,
+                 Path(full_env["STEADYSERVE_DATA_DIR"]))
 
 
 class StartChaos(Protocol):

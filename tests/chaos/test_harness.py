@@ -20,9 +20,17 @@ import pytest
 from aiohttp import web
 
 from steadyserve.errors import ReplicaUnavailable
+from steadyserve.testing.load import (
+    LoadResult,
+    RequestRecord,
+    is_ok,
+    is_rejection,
+    priority_is,
+    run_load,
+    sleep_until,
+)
 
 from .harness import FAULTPROXY, REPO_ROOT, sum_samples, write_json_atomic
-from .load import LoadResult, RequestRecord, is_ok, is_rejection, priority_is, run_load, sleep_until
 from .proxied import start_proxy, stop_process
 from .services import ServiceControl, Work
 

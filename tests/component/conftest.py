@@ -6,7 +6,15 @@ from typing import Any
 import httpx
 import pytest
 
-from steadyserve.config import CacheConfig, Config, DeploymentConfig, GatewayConfig
+from steadyserve.auth.keyring import KeyRing
+from steadyserve.config import (
+    AuthConfig,
+    CacheConfig,
+    Config,
+    DeploymentConfig,
+    GatewayConfig,
+    ResilienceConfig,
+)
 from steadyserve.gateway.app import Gateway
 from steadyserve.gateway.transport import InProcessTransport
 from steadyserve.service import Service
@@ -28,17 +36,20 @@ async def make_gateway() -> AsyncIterator[Factory]:
 
     async def factory(
         services: dict[str, tuple[type[Service], int]], *, cache: CacheConfig | None = None,
-        **gateway_overrides: Any,
+        auth: AuthConfig | None = None, keys: KeyRing | None = None,
+        resilience: ResilienceConfig | None = None, **gateway_overrides: Any,
     ) -> tuple[Gateway, httpx.AsyncClient, dict[str, InProcessDeployment]]:
         config = Config(
             deployments=tuple(
                 DeploymentConfig(name=name, service=f"tests:{cls.__name__}", replicas=n)
                 for name, (cls, n) in services.items()
             ),
-            gateway=GatewayConfig(**gateway_overrides),
+            gateway=GatewayConfig(**{"allowed_hosts": ("gw",), **gateway_overrides}),
             cache=cache if cache is not None else CacheConfig(),
+            auth=auth if auth is not None else AuthConfig(),
+            resilience=resilience if resilience is not None else ResilienceConfig(),
         )
-        gateway = Gateway(config, transport=InProcessTransport())
+        gateway = Gateway(config, transport=InProcessTransport(), keys=keys)
         deployments = {
             name: await start_inprocess(gateway, name, cls, replicas=n)
             for name, (cls, n) in services.items()

@@ -67,10 +67,13 @@ async def test_bad_input_gets_a_4xx_naming_the_problem(make_gateway, path, body,
     assert ok.status_code == 200
 
 
+JSON = {"content-type": "application/json"}
+
+
 async def test_body_over_the_limit_is_413_whether_declared_or_streamed(make_gateway):
     _, client, _ = await make_gateway({"echo": (Echo, 1)}, max_body_bytes=2048)
     big = b'{"text": "' + b"a" * 4096 + b'"}'
-    r = await client.post("/v1/deployments/echo/echo", content=big)
+    r = await client.post("/v1/deployments/echo/echo", content=big, headers=JSON)
     assert r.status_code == 413
     assert "over the limit of 2048 bytes" in r.json()["error"]["message"]
 
@@ -78,7 +81,7 @@ async def test_body_over_the_limit_is_413_whether_declared_or_streamed(make_gate
         for _ in range(8):
             yield b"a" * 512
 
-    r = await client.post("/v1/deployments/echo/echo", content=chunks())
+    r = await client.post("/v1/deployments/echo/echo", content=chunks(), headers=JSON)
     assert r.status_code == 413
 
 

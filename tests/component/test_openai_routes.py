@@ -80,7 +80,8 @@ async def test_models_lists_deployments(make_gateway):
 )
 async def test_bad_input_gets_openai_shaped_4xx(make_gateway, body, status, param, code, fragment):
     _, client, _ = await make_gateway({"emb": (FakeEmbedder, 1), "echo": (Echo, 1)})
-    r = await client.post("/v1/embeddings", content=body)
+    r = await client.post("/v1/embeddings", content=body,
+                          headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}

@@ -40,7 +40,7 @@ async def test_serve_stale_answers_from_stale_entries_without_calling_replicas()
     assert gw.cache is not None
     gw.cache.clock = clock
     dep = await start_inprocess(gw, "c", Counted, replicas=1)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://gw")
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gw), base_url="http://localhost")
     try:
         Counted.calls = 0
         url = "/v1/deployments/c/get"

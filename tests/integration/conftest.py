@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,9 +163,26 @@ def start(args: list[str], tmp_path: Path, env: dict[str, str] | None = None) ->
         [*STEADYSERVE, "run", *args, "--port", str(port), "--log-format", "json"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=tmp_path, env=full_env,
     )
-    data_dir = Path(full_env.get("STEADYSERVE_DATA_DIR", ".steadyserve"))
+    data_dir = _data_dir(args, tmp_path, full_env)
     return Running(proc, f"http://127.0.0.1:{port}", log,
                    data_dir if data_dir.is_absolute() else tmp_path / data_dir)
+
+
+def _data_dir(args: list[str], cwd: Path, env: dict[str, str]) -> Path:
+    """Where the gateway keeps its state (its admin key): the environment, else the config
+    file's `data_dir` (--config, or ./steadyserve.toml with no TARGET), else .steadyserve."""
+    if "STEADYSERVE_DATA_DIR" in env:
+        return Path(env["STEADYSERVE_DATA_DIR"])
+    config = args[args.index("--config") + 1] if "--config" in args else None
+    if config is None and not any(a and not a.startswith("-") and ":" in a for a in args):
+        config = "steadyserve.toml"
+    if config is not None:
+        path = Path(config) if Path(config).is_absolute() else cwd / config
+        if path.is_file():
+            data_dir = tomllib.loads(path.read_text()).get("data_dir")
+            if data_dir:
+                return Path(data_dir)
+    return Path(".steadyserve")
 
 
 @pytest.fixture

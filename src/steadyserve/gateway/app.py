@@ -1,7 +1,9 @@
 """The gateway's ASGI app: the order of every step a request takes is decided here, once.
 
-    request id → route → [read + validate body → dispatch to a replica] → error mapping
-    → compression → send (with X-Request-ID) → metrics
+    request id → CORS preflight → Host allow-list → route → access (Origin, API key and its
+    scope and rate, Content-Type) → [read + validate body → dispatch to a replica] → error
+    mapping → CORS headers, audit line for admin routes → compression → send (with
+    X-Request-ID) → metrics
 """
 
 from __future__ import annotations
@@ -16,17 +18,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from .. import codec
+from ..auth.exposure import exposure_problem
+from ..auth.keyring import KeyRing
+from ..auth.keys import ROTATE_SCHEMA, spec_schema
+from ..cache.invalidation import messages as invalidation_messages
 from ..cache.tiered import CacheCollector, ResponseCache
 from ..config import Config
 from ..errors import SteadyError, to_http
 from ..observe import tracing
-from ..observe.aggregate import merge_replica_metrics
+from ..observe.aggregate import MAX_REPLICA_METRICS_BYTES, REPLICA_METRICS_TIMEOUT_S, merge_replica_metrics
 from ..observe.metrics import GatewayMetrics
 
 if TYPE_CHECKING:
     from ..observe.alerting import AlertEngine
 from ..observe.otlp import OtlpExporter
-from . import openai, rollout_routes, routes
+from . import key_routes, openai, rollout_routes, routes
+from . import openapi as openapi_doc
+from .access import Access
 from .cached import CACHE_HEADER
 from .dispatch import Dispatcher
 from .encoding import choose_encoding, compress
@@ -37,9 +45,15 @@ from .transport import Transport
 
 log = logging.getLogger("steadyserve.gateway")
 access = logging.getLogger("steadyserve.access")
+audit = logging.getLogger("steadyserve.audit")
 
+PROBES = frozenset({"/healthz", "/readyz"})  # never Host-checked: load balancers probe by IP
 INVALIDATE_TIMEOUT_S = 1.0  # a replica that cannot take an invalidation this fast is logged
 DEPLOYMENTS_PREFIX = "/v1/deployments/"
+# Responses this large are compressed in a worker thread. Measured (JSON floats, 2 busy
+# cores): gzip-5 16 KiB 0.4 ms, 64 KiB 3.4 ms; zstd-3 16 KiB 0.1 ms, 64 KiB 0.3 ms; a thread
+# hop costs ~0.08 ms. From 32 KiB the stall a hop saves outweighs the hop for both codings.
+OFF_LOOP_COMPRESS_BYTES = 32 * 1024
 
 # Every route, in one table: its access class decides who may call it (gateway.router).
 ROUTES = (
@@ -47,6 +61,8 @@ ROUTES = (
           tag="ops"),
     Route("GET", "/readyz", routes.readyz, "public", tag="ops",
           summary="200 when every deployment has a ready replica, else 503 with the reason"),
+    Route("GET", "/openapi.json", openapi_doc.openapi_json, "read", tag="ops",
+          summary="this document: the routes and every handler's request schema"),
     Route("GET", "/metrics", routes.metrics, "read", tag="ops",
           summary="Prometheus text: gateway series and every replica's own"),
     Route("GET", "/v1/models", openai.models, "read", tag="openai",
@@ -62,7 +78,7 @@ ROUTES = (
     Route("GET", "/v1/alerts", routes.alerts, "read", tag="alerting",
           summary="active alerts, silences, recent automatic actions and history"),
     Route("POST", "/v1/silences", routes.create_silence, "admin", json_body=True,
-          tag="alerting", summary="mute matching alerts for a while"),
+          tag="alerting", summary="mute matching alerts for a while", responses=(201,)),
     Route("DELETE", "/v1/silences/{silence}", routes.expire_silence, "admin", tag="alerting",
           summary="end a silence now"),
     Route("GET", "/v1/cache", routes.cache_status, "read", tag="cache",
@@ -70,11 +86,22 @@ ROUTES = (
     Route("POST", "/v1/cache/invalidate", routes.cache_invalidate, "admin", json_body=True,
           tag="cache", summary="drop every cached answer and replica row with these tags"),
     Route("POST", "/v1/admin/deployments/{deployment}/rollout", rollout_routes.start, "admin",
-          json_body=True, tag="admin", summary="roll out a new target (service, replicas, env)"),
+          json_body=True, tag="admin", summary="roll out a new target (service, replicas, env)",
+          responses=(202,)),
     Route("GET", "/v1/admin/deployments/{deployment}/rollout", rollout_routes.status, "admin",
           tag="admin", summary="the deployment's rollout: target, progress, outcome"),
     Route("DELETE", "/v1/admin/deployments/{deployment}/rollout", rollout_routes.cancel,
           "admin", tag="admin", summary="cancel a running rollout: back to the last good target"),
+    Route("GET", "/v1/admin/keys", key_routes.list_keys, "admin", tag="keys",
+          summary="API keys (never their secrets)"),
+    Route("POST", "/v1/admin/keys", key_routes.create_key, "admin", json_body=True, tag="keys",
+          summary="create an API key; its secret is in this answer only",
+          request_schema=spec_schema(), responses=(201,)),
+    Route("POST", "/v1/admin/keys/{key}/rotate", key_routes.rotate_key, "admin",
+          json_body=True, tag="keys", request_schema=ROTATE_SCHEMA,
+          summary="a new secret for a key; the old one works for grace_s more"),
+    Route("DELETE", "/v1/admin/keys/{key}", key_routes.revoke_key, "admin", tag="keys",
+          summary="revoke a key: refused by every gateway within a second"),
 )
 
 
@@ -84,13 +111,17 @@ class ControlPlane(Protocol):
     def status(self, deployment: str) -> list[dict[str, Any]]: ...
     def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None: ...
     def replica_exited(self, replica_id: str) -> bool: ...
+    # rollouts: validate and store a target (ClientError, Conflict), read it, cancel it
     async def rollout(self, deployment: str, changes: dict[str, Any]) -> dict[str, Any]: ...
+    def rollout_status(self, deployment: str) -> dict[str, Any]: ...
+    async def cancel_rollout(self, deployment: str) -> dict[str, Any]: ...
 
 
 class Gateway:
     def __init__(
         self, config: Config, *, transport: Transport, membership: Membership | None = None,
         metrics: GatewayMetrics | None = None, control: ControlPlane | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
         self.full_config = config
         self.config = config.gateway
@@ -123,6 +154,21 @@ class Gateway:
         self.alerting: AlertEngine | None = None
         self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
         self.router = Router(ROUTES)
+        # no key ring given (tests, embedded use): keys in memory, an admin key made up now
+        self.keys = keys or KeyRing(refresh_s=config.auth.key_refresh_s)
+        self.access = Access(config, self.keys)
+
+    def prepare(self) -> str | None:
+        """Before serving (blocking I/O): read or write the local admin key, load the keys.
+        Returns why this gateway must not serve as configured (an exposed listener with no
+        keys), or None."""
+        self.keys.bootstrap()
+        return exposure_problem(self.full_config, self.keys.user_keys_exist())
+
+    @property
+    def admin_token(self) -> str | None:
+        """The local admin key (in the data directory's admin.key file in a real process)."""
+        return self.keys.admin_token
 
     # ASGI ----------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -130,6 +176,12 @@ class Gateway:
             await self._http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            # the edge refuses upgrades before they get here (gateway.edge, uvicorn ws="none");
+            # under a server that still hands one over, decline the handshake: it answers 403
+            # and logs nothing, where returning without a word is a 500 and an error line
+            await receive()
+            await send({"type": "websocket.close", "code": 1008})
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -138,11 +190,26 @@ class Gateway:
         span = trace.start("gateway", trace.parent_id)
         req.call.parent_span = span.span_id
         try:
-            route, params = self.router.match(req.method, req.path)
-            req.route = route
-            resp = await route.fn(self, req, params)
+            preflight = self.access.preflight(req)
+            if preflight is not None:
+                resp = preflight
+            else:
+                if req.path not in PROBES:
+                    self.access.check_host(req)
+                route, params = self.router.match(req.method, req.path)
+                req.route = route
+                req.openai = route.tag == "openai"  # errors in OpenAI's shape, auth's too
+                self.access.check(req, route)
+                resp = await route.fn(self, req, params)
         except Exception as exc:
             resp = self._error(req, exc)
+        self.access.add_cors(req, resp)
+        if req.route is not None and req.route.access == "admin":
+            # an audit line per state change: who (key id, never the key), what, the outcome
+            audit.info("admin request", extra={
+                "request_id": req.request_id, "method": req.method, "path": req.path,
+                "status": resp.status,
+                "key_id": req.principal.id if req.principal is not None else None})
         if req.call.cache != "-":
             resp.headers.append((CACHE_HEADER, req.call.cache.encode()))
         resp.headers.append((b"traceparent", trace.header(span)))
@@ -185,7 +252,11 @@ class Gateway:
         encoding = choose_encoding(req.header(b"accept-encoding"), len(body),
                                    self.config.compress_min_bytes)
         if encoding is not None:
-            body = compress(body, encoding)
+            # a large body off the loop: gzip takes ~3 ms for 64 KiB, stalling every request
+            if len(body) >= OFF_LOOP_COMPRESS_BYTES:
+                body = await asyncio.to_thread(compress, body, encoding)
+            else:
+                body = compress(body, encoding)
             headers.append((b"content-encoding", encoding.encode()))
             headers.append((b"vary", b"accept-encoding"))
         headers.append((b"content-length", str(len(body)).encode()))
@@ -194,6 +265,12 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
     def _observe(self, req: Request, status: int, seconds: float) -> None:
+        """Count and time inference requests only: they are the SLO (ErrorBudgetBurn) and
+        the latency users see. Probes (a starting gateway's /readyz answers 503), scrapes,
+        admin calls and unknown routes or deployments would swamp both."""
+        route = req.route
+        if route is None or route.access != "infer" or req.deployment == "-":
+            return
         key = (req.deployment, req.handler, status)
         observe = self._observers.get(key)
         if observe is None:
@@ -203,6 +280,9 @@ class Gateway:
     def _make_observer(self, deployment: str, handler: str, status: int) -> Callable[[float], None]:
         m = self.metrics
         count = m.requests.labels(deployment, handler, f"{status // 100}xx").inc
+        # the 5xx series exists at 0 from the first request: Prometheus' rate() does not count
+        # a series' first sample, so an error series born with the first error would hide it
+        m.requests.labels(deployment, handler, "5xx")
         duration = m.duration.labels(deployment, handler).observe
         error = m.errors.labels(deployment, handler, str(status)).inc if status >= 400 else None
 
@@ -220,6 +300,7 @@ class Gateway:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
+                    await self.keys.start()
                     if self.exporter is not None:
                         self._background.append(asyncio.get_running_loop().create_task(
                             self.exporter.run(), name="otlp-export"))
@@ -247,6 +328,7 @@ class Gateway:
                         await self.control.stop()
                     if self.cache is not None:
                         await self.cache.stop()
+                    await self.keys.stop()
                     await self.transport.close()
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
@@ -268,7 +350,9 @@ class Gateway:
 
     async def invalidate(self, tags: Sequence[str]) -> dict[str, Any]:
         """Data behind these tags changed: replicas drop their copies first, then this gateway's
-        L1 and the shared L2 (which tells the other gateways)."""
+        L1 and the shared L2 (which tells the other gateways). Callers bound the tags (the
+        route and `invalidates=` check the [cache] limits); ALL_TAGS drops every tagged entry.
+        However many arrive, what each cache remembers stays within max_tracked_invalidations."""
         replicas = await self.broadcast_invalidate(list(tags))
         body: dict[str, Any] = await self.cache.invalidate(tags) if self.cache is not None \
             else {"tags": list(tags)}
@@ -276,24 +360,31 @@ class Gateway:
         return body
 
     async def broadcast_invalidate(self, tags: list[str]) -> dict[str, int]:
-        """POST /invalidate to every replica of the deployments that cache by tag."""
+        """POST /invalidate to every replica of the deployments that cache by tag, in messages
+        within what a replica accepts (`cache.invalidation.messages`); a replica is told when
+        it took every message."""
         targets = [e for d in self.membership.deployments.values() if any(
             h.spec.options.cache_tags or h.spec.options.invalidates for h in d.handlers.values())
             for e in d.endpoints]
         if not targets:
             return {"told": 0, "failed": 0}
-        body = codec.encode({"tags": tags})
+        bodies = [codec.encode({"tags": chunk}) for chunk in invalidation_messages(tags)]
         headers = [(b"content-type", codec.CONTENT_TYPE)]
 
         async def tell(e: Endpoint) -> bool:
-            try:
-                reply = await self.transport.request(e.address, "POST", "/invalidate", body, headers,
-                                                     INVALIDATE_TIMEOUT_S)
-            except SteadyError as exc:
-                log.warning("replica did not take an invalidation: %s", exc,
-                            extra={"replica": e.replica_id, "tags": tags[:10]})
-                return False
-            return reply.status == 200
+            for body in bodies:
+                try:
+                    reply = await self.transport.request(e.address, "POST", "/invalidate", body,
+                                                         headers, INVALIDATE_TIMEOUT_S)
+                except SteadyError as exc:
+                    log.warning("replica did not take an invalidation: %s", exc,
+                                extra={"replica": e.replica_id, "tags": tags[:10]})
+                    return False
+                if reply.status != 200:
+                    log.warning("replica refused an invalidation with %d", reply.status,
+                                extra={"replica": e.replica_id, "tags": tags[:10]})
+                    return False
+            return True
 
         told = await asyncio.gather(*(tell(e) for e in targets))
         return {"told": sum(told), "failed": len(told) - sum(told)}
@@ -324,38 +415,58 @@ class Gateway:
         }
 
     def export_admission(self) -> None:
-        """Refresh the gauges computed on demand: admission state and connection pools."""
+        """Refresh the gauges computed on demand: admission state and connection pools. Pool
+        gauges are labelled by the replica in rotation that owns the address; a pool whose
+        address no replica holds now (a replica that restarted on a new port, or left) gets
+        none: an address is never a label, and `set_pools` removes what is not listed."""
         m = self.metrics
-        names: dict[Any, str] = {}
+        owners: dict[Any, tuple[str, str]] = {}
         for d in self.membership.deployments.values():
             adm = self.dispatcher.state(d).admission
             m.admission_limit.labels(d.name).set(adm.limit.limit)
             m.admission_inflight.labels(d.name).set(adm.inflight)
             m.admission_queued.labels(d.name).set(adm.queued)
-            names.update({e.address: e.replica_id for e in d.endpoints})
+            m.restarts.labels(d.name)  # at 0 before the first restart, so rate() sees that one
+            owners.update({e.address: (d.name, e.replica_id) for e in d.endpoints})
         stats = getattr(self.transport, "pool_stats", None)
+        pools: dict[tuple[str, str], tuple[int, int]] = {}
         if stats is not None:
-            for address, (busy, idle) in stats().items():
-                replica = names.get(address, str(address))
-                m.pool_connections.labels(replica, "busy").set(busy)
-                m.pool_connections.labels(replica, "idle").set(idle)
+            for address, counts in stats().items():
+                owner = owners.get(address)
+                if owner is not None:
+                    pools[owner] = counts
+        m.set_pools(pools)
 
     async def replica_metrics(self) -> bytes:
+        """Every replica's /metrics, merged with deployment/replica labels. Each fetch is
+        bounded in time and size (a replica over either is left out of this scrape), and the
+        parse and merge run in a worker thread: with many replicas they take long enough to
+        stall the event loop, and with it every request."""
         targets = [
             (d.name, e) for d in self.membership.deployments.values() for e in d.endpoints
         ]
 
-        async def fetch(endpoint: Endpoint) -> str | None:
+        async def fetch(endpoint: Endpoint) -> bytes | None:
             try:
-                reply = await self.transport.request(endpoint.address, "GET", "/metrics", b"", [], 1.0)
-            except SteadyError:
+                reply = await asyncio.wait_for(self.transport.request(
+                    endpoint.address, "GET", "/metrics", b"", [], REPLICA_METRICS_TIMEOUT_S),
+                    REPLICA_METRICS_TIMEOUT_S + 0.5)  # the transport's own timer, and a backstop
+            except (SteadyError, TimeoutError):
                 return None
-            return reply.body.decode() if reply.status == 200 else None
+            if reply.status != 200:
+                return None
+            if len(reply.body) > MAX_REPLICA_METRICS_BYTES:
+                log.warning("replica metrics over %d bytes left out of the scrape",
+                            MAX_REPLICA_METRICS_BYTES, extra={"replica": endpoint.replica_id})
+                return None
+            return reply.body
 
         bodies = await asyncio.gather(*(fetch(e) for _, e in targets))
-        texts = {(name, e.replica_id): text for (name, e), text in zip(targets, bodies, strict=True)
-                 if text is not None}
-        return merge_replica_metrics(texts)
+        texts = {(name, e.replica_id): body for (name, e), body in zip(targets, bodies, strict=True)
+                 if body is not None}
+        if not texts:
+            return b""
+        return await asyncio.to_thread(merge_replica_metrics, texts)
 
 
 def _request_id(scope: Scope) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+from ..auth.keyring import KeyRing
 from ..config import Config
 from ..control.launcher import LocalLauncher
 from ..control.responder import Responder
@@ -12,6 +14,7 @@ from ..observe.alerting import AlertEngine
 from ..observe.metrics import GatewayMetrics
 from ..policies.actions import ActionGuard
 from ..store import Database, DatabaseUnavailable
+from ..store.keys import KeyStore
 from .app import Gateway
 from .membership import Membership
 from .transport import HttpTransport
@@ -20,12 +23,20 @@ log = logging.getLogger("steadyserve.gateway")
 
 
 def open_database(config: Config) -> Database | None:
-    """The state database, or None (alerts then live in memory only) when it cannot open."""
+    """The state database, or None when it cannot open: alerts then live in memory only, and
+    API keys are the local admin key alone until it can be read."""
     try:
         return Database(config.database)
     except DatabaseUnavailable as exc:
-        log.error("state database unavailable, alert history kept in memory only: %s", exc)
+        log.error("state database unavailable: alert history in memory only, API keys other "
+                  "than the local admin key unknown: %s", exc)
         return None
+
+
+def build_keyring(config: Config, db: Database | None) -> KeyRing:
+    return KeyRing(KeyStore(db, max_keys=config.auth.max_keys) if db is not None else None,
+                   admin_key_path=Path(config.data_dir) / config.auth.admin_key_file,
+                   refresh_s=config.auth.key_refresh_s)
 
 
 def build_gateway(
@@ -33,16 +44,17 @@ def build_gateway(
 ) -> tuple[Gateway, Supervisor]:
     """`launcher` replaces how replica processes start (tests put fault proxies in front)."""
     metrics = GatewayMetrics()
+    db = open_database(config)
     transport = HttpTransport(
         max_connections=max(d.max_connections_per_replica for d in config.deployments),
+        max_response_bytes=config.gateway.max_upstream_response_bytes,
     )
     membership = Membership(config.deployments)
-    supervisor = Supervisor(config, membership, transport, metrics, launcher)
+    supervisor = Supervisor(config, membership, transport, metrics, launcher, state_store=db)
     gateway = Gateway(config, transport=transport, membership=membership, metrics=metrics,
-                      control=supervisor)
+                      control=supervisor, keys=build_keyring(config, db))
     supervisor.crash_listeners.append(gateway.dispatcher.on_replica_crash)
     if config.alerting.enabled:
-        db = open_database(config)
         guard = ActionGuard(cooldown_s=config.alerting.action_cooldown_s,
                             max_per_hour=config.alerting.actions_per_hour)
         responder = Responder(gateway, supervisor, guard, db, dry_run=config.alerting.dry_run)

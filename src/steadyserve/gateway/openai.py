@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ClientError, HandlerFailed, NotFound
+from .access import Access
 from .http import Request, Response, json_response
 from .routes import call, check_items, find_deployment, find_handler
 
@@ -60,6 +61,7 @@ async def embeddings(gw: Gateway, req: Request, params: dict[str, str]) -> Respo
     if not isinstance(model, str):
         raise ClientError("'model' is required and must be a string", param="model")
     d = find_deployment(gw, model)
+    Access.allow_deployment(req, d.name)
     req.deployment = d.name
     texts = _inputs(body.get("input"))
     fmt = body.get("encoding_format", "float")

@@ -15,9 +15,11 @@ import orjson
 from prometheus_client import generate_latest
 
 from ..asgi import cancel_on_disconnect
+from ..cache.invalidation import ALL_TAGS, check_tags
 from ..cache.keys import affinity_value
 from ..errors import ClientError, NoReadyReplica, NotFound, PayloadTooLarge
 from ..store import DatabaseUnavailable
+from .access import Access
 from .admission import parse_priority
 from .cached import cached_call, invalidation_tags
 from .http import Request, Response, json_response
@@ -110,7 +112,7 @@ async def call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[
     a client that hangs up cancels it. A handler declared with `invalidates=` then drops the
     cached data it changed, on every replica and gateway, before the client hears back."""
     timeout = request_timeout_s(gw, req)
-    priority = parse_priority(req.header(b"x-priority"))
+    priority = Access.priority_for(req, parse_priority(req.header(b"x-priority")))
     opts = h.spec.options
     if not (opts.cache or opts.affinity or opts.invalidates):
         # the plain path, kept as lean as before the cache: no closures, no header parsing
@@ -124,6 +126,7 @@ async def call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[
             call=req.call, affinity=affinity if gw.affinity else None)
         return result, req.call.version
 
+    tags = invalidation_tags(h, args, gw.full_config.cache)  # first: it may refuse the call
     directive = cache_directive(req.header(b"cache-control"))
     if opts.cache and gw.cache is not None and directive != "no-store":
         work: Awaitable[Any] = cached_call(gw, req, d, h, args, dispatch, timeout_s=timeout,
@@ -131,7 +134,6 @@ async def call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[
     else:
         first = args[h.item_param][0] if h.item_param else args
         work = _result(dispatch(args, affinity_value(opts.affinity, first)))
-    tags = invalidation_tags(h, args)
     if not tags:
         return await cancel_on_disconnect(req.receive, work)
     refused = False
@@ -173,17 +175,27 @@ async def cache_status(gw: Gateway, req: Request, params: dict[str, str]) -> Res
 
 
 async def cache_invalidate(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    """`{"tags": [...]}` drops the entries with those tags everywhere (within the [cache]
+    limits); `{"all": true}` drops every tagged entry (the reserved "*" is refused as a tag)."""
     body = await req.json(gw.config.max_body_bytes)
-    tags = body.get("tags") if isinstance(body, dict) else None
-    if not isinstance(tags, list) or not tags or len(tags) > 10_000 or not all(
-            isinstance(t, str) and t for t in tags):
-        raise ClientError("send {\"tags\": [\"account:42\", ...]}: 1 to 10,000 non-empty strings",
-                          param="tags")
+    if not isinstance(body, dict):
+        raise ClientError("send {\"tags\": [\"account:42\", ...]} or {\"all\": true}", param="tags")
+    everything = body.get("all", False)
+    if not isinstance(everything, bool):
+        raise ClientError("'all' must be true or false", param="all")
+    if everything:
+        if "tags" in body:
+            raise ClientError("send {\"all\": true} without tags, or tags without 'all'", param="tags")
+        return json_response(await gw.invalidate([ALL_TAGS]))
+    limits = gw.full_config.cache
+    tags = check_tags(body.get("tags"), max_tags=limits.max_invalidation_tags,
+                      max_tag_bytes=limits.max_tag_bytes)
     return json_response(await gw.invalidate(tags))
 
 
 async def invoke(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     d = find_deployment(gw, params["deployment"])
+    Access.allow_deployment(req, d.name)
     req.deployment = d.name
     h = find_handler(d, params["handler"])
     req.handler = h.name
@@ -221,20 +233,12 @@ async def create_silence(gw: Gateway, req: Request, params: dict[str, str]) -> R
     engine = _alerting(gw)
     body = await req.json(gw.config.max_body_bytes)
     if not isinstance(body, dict):
-        raise ClientError("send a JSON object: matchers, duration_s, created_by, comment")
-    matchers = body.get("matchers")
-    if not isinstance(matchers, dict) or not matchers or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in matchers.items()):
-        raise ClientError("'matchers' must be a non-empty object of label: value strings",
-                          param="matchers")
-    duration = body.get("duration_s")
-    if not isinstance(duration, (int, float)) or isinstance(duration, bool) \
-            or not 0 < duration <= 30 * 86_400:
-        raise ClientError("'duration_s' must be a number of seconds in (0, 30 days]",
-                          param="duration_s")
-    created_by = str(body.get("created_by", "api"))[:100]
-    comment = str(body.get("comment", ""))[:1000]
-    silence = engine.add_silence(matchers, float(duration), created_by, comment)
+        raise ClientError("send a JSON object: matchers, duration_s, created_by, comment, "
+                          "match_all")
+    # the engine checks every field against [alerting]'s silence limits (400/413/409)
+    silence = engine.add_silence(body.get("matchers"), body.get("duration_s"),
+                                 body.get("created_by", "api"), body.get("comment", ""),
+                                 body.get("match_all", False))
     if engine.db is not None:
         try:
             await asyncio.to_thread(engine.db.put_silence, silence.to_dict())
@@ -246,7 +250,7 @@ async def create_silence(gw: Gateway, req: Request, params: dict[str, str]) -> R
 async def expire_silence(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     engine = _alerting(gw)
     if not engine.book.expire_silence(params["silence"], engine.wall()):
-        raise NotFound(f"no active silence {params['silence']!r}")
+        raise NotFound(f"no active silence {params['silence'][:64]!r}")
     if engine.db is not None:
         try:
             await asyncio.to_thread(engine.db.expire_silence, params["silence"], engine.wall())
