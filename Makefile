@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench bench-cache bench-deps clean
+.PHONY: install run test test-fast lint bench bench-cache bench-overload bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench: bench-deps  ## benchmarks/README.md says what each prints
 
 bench-cache: bench-deps  ## response cache, feature cache, affinity (benchmarks/README.md)
 	$(BIN)/python benchmarks/cache.py
+
+bench-overload: bench-deps  ## one class at 3x capacity: goodput, rejections, accepted latency, loop lag
+	$(BIN)/python benchmarks/overload.py
 
 clean:
 	rm -rf $(VENV) .steadyserve .pytest_cache .mypy_cache .ruff_cache

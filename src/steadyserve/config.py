@@ -176,6 +176,7 @@ class SupervisorConfig:
     drain_timeout_s: float = 10.0  # SIGTERM'd replicas get this long before SIGKILL
     reconcile_interval_s: float = 0.2
     rollout_max_restarts: int = 2  # a new replica restarting this often fails its rollout
+    replica_nice: int = 5  # replicas run this much nicer than the gateway (0..19)
 
     def __post_init__(self) -> None:
         if self.restart_base_s <= 0 or self.restart_cap_s < self.restart_base_s:
@@ -188,6 +189,8 @@ class SupervisorConfig:
             raise ConfigError("unhealthy_after must be >= 1")
         if self.rollout_max_restarts < 1:
             raise ConfigError("rollout_max_restarts must be >= 1")
+        if not 0 <= self.replica_nice <= 19:
+            raise ConfigError("replica_nice must be in 0..19")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -216,6 +219,7 @@ class ResilienceConfig:
     limit_backoff: float = 0.7
     limit_tolerance: float = 0.25  # queueing allowed, in service times (non-batched handlers)
     limit_batch_tolerance: int = 0  # batched handlers: full batches a request may sit out
+    limit_latency_tolerance: float = 1.5  # …and interactive time at a replica ≤ this × unloaded
     queue_max: int = 1000  # requests waiting for a slot, per deployment
     queue_target_s: float = 0.02  # CoDel target queue wait (batch class)
     interactive_queue_target_s: float = 0.1  # the same for interactive: shed only if it alone overloads
@@ -237,6 +241,8 @@ class ResilienceConfig:
                               "outlier_error_min_requests >= 1")
         if not 0 < self.limit_backoff < 1:
             raise ConfigError("limit_backoff must be in (0, 1)")
+        if self.limit_latency_tolerance != 0 and self.limit_latency_tolerance < 1:
+            raise ConfigError("limit_latency_tolerance must be 0 (off) or >= 1")
         if not 0 <= self.batch_queue_share <= 1:
             raise ConfigError("batch_queue_share must be in [0, 1]")
         if min(self.retry_budget_window_s, self.per_try_timeout_min_s, self.queue_target_s,

@@ -429,3 +429,67 @@ async def test_inflight_consistent_after_a_mixed_run():
         adm.release()
     assert adm.inflight == 0
     assert adm.queued == 0
+
+
+# rejecting at once, and why ----------------------------------------------------------------
+
+
+def measured(adm: Admission, rtt_s: float) -> None:
+    """One response seen: the round trip the expected-wait estimate uses."""
+    adm.on_sample(queue_s=0.0, service_s=rtt_s, batched=False, rtt_s=rtt_s)
+
+
+async def test_a_request_that_would_wait_out_its_allowance_is_refused_at_once():
+    clock = FakeClock()
+    adm = admission(clock, queue_interval_s=0.1, interactive_queue_target_s=0.1)
+    measured(adm, 0.2)  # slots free up every 0.2 s / limit 2 = 0.1 s
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    first = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    assert adm.queued == 1  # first in line: the next slot is its own
+    with pytest.raises(Overloaded) as info:
+        at_once(adm.acquire("interactive", clock.now + LONG))  # 2 × 0.1 s > 0.1 s
+    assert info.value.reason == "at_once" and info.value.retry_after_s >= 1
+    assert adm.queued == 1
+    adm.release()
+    await settle()
+    assert first.done() and first.exception() is None
+    await cleanup(adm, first)
+
+
+async def test_nothing_measured_yet_means_the_request_queues():
+    clock = FakeClock()
+    adm = admission(clock, queue_interval_s=0.1)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    tasks = [asyncio.create_task(adm.acquire("interactive", clock.now + LONG)) for _ in range(3)]
+    await settle()
+    assert adm.queued == 3
+    await cleanup(adm, *tasks)
+
+
+async def test_the_interactive_target_follows_half_an_unloaded_round_trip():
+    clock = FakeClock()
+    adm = admission(clock, interactive_queue_target_s=0.1)
+    measured(adm, 0.030)
+    measured(adm, 0.020)
+    measured(adm, 0.050)
+    assert adm.codels["interactive"].target_s == pytest.approx(0.010)
+    measured(adm, 0.5)  # never above the configured target
+    assert adm.codels["interactive"].target_s <= 0.1
+    assert adm.codels["batch"].target_s == LONG  # the batch class keeps its own
+
+
+async def test_shed_reasons_name_the_rule():
+    clock = FakeClock()
+    adm = admission(clock, queue_max=0)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    with pytest.raises(Overloaded) as full:
+        at_once(adm.acquire("interactive", clock.now + LONG))
+    assert full.value.reason == "queue_full"
+    adm.shed_batch_until = clock.now + 60
+    with pytest.raises(Overloaded) as shed:
+        at_once(adm.acquire("batch", clock.now + LONG))
+    assert shed.value.reason == "shed_batch"

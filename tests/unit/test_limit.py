@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from steadyserve.policies.limit import AimdLimit
+from steadyserve.policies.limit import AimdLimit, WindowedMin, unloaded_time
 
 MS = 0.001
 T0 = 1000.0
@@ -218,3 +218,67 @@ def test_closed_loop_limit_stops_growing_once_demand_no_longer_binds():
                       inflight=min(DEMAND, math.ceil(lim.limit)), rtt_s=RTT,
                       now=T0 + step * SERVICE / REPLICAS)
     assert DEMAND <= lim.limit <= DEMAND + 2
+
+
+# latency-bounded batching (interactive samples of batched handlers) -------------------------
+
+@pytest.mark.parametrize(("previous", "queue_ms", "service_ms", "items", "expected_ms"), [
+    pytest.param(None, 0.0, 16.0, 1, 16.0, id="first-alone-sample"),
+    pytest.param(None, 0.0, 40.0, 3, None, id="a-batch-of-three-says-nothing"),
+    pytest.param(None, 5.0, 16.0, 1, None, id="queued-over-a-tenth-is-loaded"),
+    pytest.param(16.0, 1.0, 16.0, 1, 16.05, id="barely-queued-counts-ewma"),
+    pytest.param(16.0, 0.0, 36.0, 1, 17.0, id="a-long-input-moves-it-a-twentieth"),
+    pytest.param(16.0, 0.0, 30.0, 2, 16.0, id="batched-sample-ignored"),
+])
+def test_unloaded_time_learns_only_from_samples_that_ran_alone(previous, queue_ms, service_ms,
+                                                                items, expected_ms):
+    got = unloaded_time(None if previous is None else previous * MS, queue_s=queue_ms * MS,
+                        service_s=service_ms * MS, batch_items=items)
+    assert (got is None and expected_ms is None) or got == pytest.approx(expected_ms * MS)
+
+
+def batched_sample(lim: AimdLimit, *, queue_ms: float, service_ms: float, items: int,
+                   interactive: bool, now: float, inflight: int = 0) -> float:
+    return lim.on_sample(queue_s=queue_ms * MS, service_s=service_ms * MS, batched=True,
+                         inflight=inflight, rtt_s=RTT, now=now, handler="embed",
+                         interactive=interactive, batch_items=items)
+
+
+def test_interactive_samples_over_the_tolerance_shrink_the_limit_batch_ones_do_not():
+    lim = AimdLimit(limit=16.0, min_limit=2, latency_tolerance=1.5, backoff=0.5)
+    batched_sample(lim, queue_ms=0, service_ms=16, items=1, interactive=True, now=T0)
+    assert lim.unloaded["embed"] == pytest.approx(16 * MS)
+    # a batch of 8 took 92 ms: for interactive traffic that is over 1.5 x 16 ms
+    batched_sample(lim, queue_ms=10, service_ms=92, items=8, interactive=False, now=T0 + 1)
+    assert lim.limit == 16.0  # batch-class traffic is held to throughput, not latency
+    batched_sample(lim, queue_ms=10, service_ms=92, items=8, interactive=True, now=T0 + 2)
+    assert lim.limit == 8.0
+    # within the tolerance (waiting out a short batch): not overload
+    batched_sample(lim, queue_ms=4, service_ms=18, items=1, interactive=True, now=T0 + 3)
+    assert lim.limit == 8.0
+
+
+def test_no_unloaded_sample_yet_means_no_latency_signal():
+    lim = AimdLimit(limit=16.0, min_limit=2, latency_tolerance=1.5, backoff=0.5)
+    batched_sample(lim, queue_ms=50, service_ms=300, items=32, interactive=True, now=T0)
+    assert lim.limit == 16.0 and "embed" not in lim.unloaded
+
+
+def test_latency_tolerance_zero_is_throughput_first():
+    lim = AimdLimit(limit=16.0, min_limit=2, latency_tolerance=0.0, backoff=0.5)
+    batched_sample(lim, queue_ms=0, service_ms=16, items=1, interactive=True, now=T0)
+    batched_sample(lim, queue_ms=100, service_ms=300, items=32, interactive=True, now=T0 + 1)
+    assert lim.limit == 16.0
+
+
+@pytest.mark.parametrize(("samples", "now", "expected"), [
+    pytest.param([(5.0, 0.0), (3.0, 1.0)], 1.0, 3.0, id="least-so-far"),
+    pytest.param([(3.0, 0.0), (5.0, 16.0)], 16.0, 3.0, id="previous-bucket-still-counts"),
+    pytest.param([(3.0, 0.0), (5.0, 16.0), (6.0, 31.0)], 31.0, 5.0, id="ages-out-after-a-window"),
+    pytest.param([(3.0, 0.0), (7.0, 40.0)], 40.0, 7.0, id="a-long-gap-forgets-at-once"),
+])
+def test_windowed_min(samples, now, expected):
+    w = WindowedMin(window_s=30.0)
+    for value, t in samples:
+        w.add(value, t)
+    assert w.value == expected

@@ -120,6 +120,7 @@ class LocalLauncher:
                 "--log-level", self.config.log_level,
                 "--log-format", _resolved_format(self.config.log_format),
                 "--flight-recorder", recorder,
+                "--nice", str(self.config.supervisor.replica_nice),
             ]
             try:
                 process = await asyncio.create_subprocess_exec(

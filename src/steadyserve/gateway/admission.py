@@ -5,9 +5,17 @@ front of the replicas, and a bounded, two-class wait queue with CoDel (`policies
           │ otherwise
           ├─ batch, and the batch queue is at its share of queue_max ──► 503 at once
           ├─ queue full ──► an interactive request evicts the newest batch waiter, else 503
-          └─ wait ≤ its class's CoDel allowance (5 ms overloaded, else 100 ms) ──► go or 503
+          ├─ its expected wait — the waiters ahead of it × round trip / limit (Little's
+          │  law) — exceeds its allowance ──► 503 at once, not after waiting it out
+          └─ wait ≤ its class's CoDel allowance ──► go or 503
     release() hands the freed slot to an interactive waiter first, then to a batch one:
     the oldest while calm, the newest while that class is overloaded (adaptive LIFO).
+
+The interactive class's CoDel target is half an unloaded round trip (the least seen lately,
+capped by `interactive_queue_target_s`): once interactive traffic alone keeps a queue
+standing, an admitted interactive request waits at most that long before it runs, so it
+sees about twice its unloaded latency, and the rest are refused at once. While only batch
+traffic overloads, interactive waiters keep the calm allowance and are not shed.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ from dataclasses import dataclass
 from ..config import ResilienceConfig
 from ..errors import ClientError, Overloaded
 from ..policies.codel import CoDel
-from ..policies.limit import AimdLimit
+from ..policies.limit import AimdLimit, WindowedMin
 
 PRIORITIES = ("interactive", "batch")
+MIN_INTERACTIVE_TARGET_S = 0.002  # below this a wait is scheduling noise, not a queue
+RTT_EWMA_WEIGHT = 0.1
 
 
 def parse_priority(value: str | None) -> str:
@@ -34,6 +44,20 @@ def parse_priority(value: str | None) -> str:
         raise ClientError(f"X-Priority must be 'interactive' or 'batch', got {value[:40]!r}",
                           param="x-priority")
     return value
+
+
+class Shed(Overloaded):
+    """Refused by admission control; `reason` says which rule (a metric label):
+    at_once (its expected wait exceeded its allowance), waited (the allowance ran out in the
+    queue), queue_full, evicted (an interactive arrival took its place), shed_batch (an
+    automatic response refuses batch traffic for a while)."""
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message, retry_after_s=1)
+        self.reason = reason
+
+
+SHED_REASONS = ("at_once", "waited", "queue_full", "evicted", "shed_batch")
 
 
 @dataclass(slots=True, eq=False)
@@ -52,7 +76,10 @@ class Admission:
             limit=float(initial), min_limit=max(1, replicas), max_limit=cfg.limit_max,
             backoff=cfg.limit_backoff, tolerance=cfg.limit_tolerance,
             batch_tolerance=cfg.limit_batch_tolerance,
+            latency_tolerance=cfg.limit_latency_tolerance,
         )
+        self.rtt_floor = WindowedMin()  # the unloaded round trip, lately
+        self.rtt_s: float | None = None  # EWMA of round trips: expected waits
         # one CoDel per class: interactive waiters, served first, barely wait; if they shared
         # the state they would keep resetting it while the batch queue stands
         self.codels = {
@@ -79,7 +106,7 @@ class Admission:
 
     async def acquire(self, priority: str, deadline: float) -> None:
         if priority == "batch" and self.shed_batch_until and self.clock() < self.shed_batch_until:
-            self._reject("batch")
+            self._reject("batch", "shed_batch")
         # floor, not ceiling: a limit of 3.9 admits 3 (a fourth would queue at a replica)
         if self.inflight + 1 <= self.limit.limit and not self.queued:
             self.inflight += 1
@@ -88,21 +115,32 @@ class Admission:
         if priority == "batch":
             batch_cap = int(self.cfg.queue_max * self.cfg.batch_queue_share)
             if len(self.queues["batch"]) >= batch_cap:
-                self._reject("batch")
+                self._reject("batch", "queue_full")
         if self.queued >= self.cfg.queue_max:
             if priority == "interactive" and self.queues["batch"]:
                 evicted = self.queues["batch"].pop()
                 if not evicted.future.done():
                     self.shed["batch"] += 1
-                    evicted.future.set_exception(self._overloaded("batch"))
+                    evicted.future.set_exception(self._overloaded("batch", "evicted"))
             else:
-                self._reject(priority)
+                self._reject(priority, "queue_full")
+        codel = self.codels[priority]
+        remaining = max(0.0, deadline - now)
+        allowance = min(codel.max_wait_s(now), remaining)
+        expected = self._expected_wait_s(priority)
+        if not self.queues[priority] and expected <= min(self.cfg.queue_interval_s, remaining):
+            # first in its class's line: the next free slot is its own; waiting for it keeps
+            # the replicas fed however short the overload allowance is
+            allowance = max(allowance, min(2 * expected, self.cfg.queue_interval_s, remaining))
+        if expected > allowance:
+            # it would time out in the queue: say so now. The queue may stay empty meanwhile,
+            # yet the demand is there: CoDel must not read the silence as overload ending
+            codel.on_enqueue()
+            self._reject(priority, "at_once")
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop.create_future(), now)
         self.queues[priority].append(waiter)
-        codel = self.codels[priority]
         codel.on_enqueue()
-        allowance = min(codel.max_wait_s(now), max(0.0, deadline - now))
         # a timer, not asyncio.wait_for: on 3.11 wait_for can swallow a cancellation that
         # races with the slot being handed over (cpython gh-86296)
         timer = loop.call_later(allowance, self._expire, priority, waiter)
@@ -117,6 +155,16 @@ class Admission:
         finally:
             timer.cancel()
 
+    def _expected_wait_s(self, priority: str) -> float:
+        """How long a new waiter of this class would wait for a slot: slots free up at about
+        limit / round trip per second (Little's law), and those ahead of it go first."""
+        if self.rtt_s is None:
+            return 0.0  # nothing measured yet: let it queue
+        ahead = len(self.queues["interactive"])
+        if priority == "batch":
+            ahead += len(self.queues["batch"])
+        return (ahead + 1) * self.rtt_s / max(1.0, self.limit.limit)
+
     def _expire(self, priority: str, waiter: _Waiter) -> None:
         if not waiter.future.done():
             self._remove(priority, waiter)
@@ -125,7 +173,7 @@ class Admission:
             self.codels[priority].on_wait(now - waiter.enqueued_at, now)
             if not self.queues[priority]:
                 self.codels[priority].on_empty(now)
-            waiter.future.set_exception(self._overloaded(priority))
+            waiter.future.set_exception(self._overloaded(priority, "waited"))
 
     def _remove(self, priority: str, waiter: _Waiter) -> None:
         try:
@@ -133,13 +181,13 @@ class Admission:
         except ValueError:
             pass
 
-    def _overloaded(self, priority: str) -> Overloaded:
-        return Overloaded(f"overloaded: {priority} request shed by admission control "
-                          f"(limit {self.limit.limit:.0f}, {self.queued} waiting)", retry_after_s=1)
+    def _overloaded(self, priority: str, reason: str) -> Shed:
+        return Shed(f"overloaded: {priority} request shed by admission control "
+                    f"(limit {self.limit.limit:.0f}, {self.queued} waiting)", reason=reason)
 
-    def _reject(self, priority: str) -> None:
+    def _reject(self, priority: str, reason: str) -> None:
         self.shed[priority] += 1
-        raise self._overloaded(priority)
+        raise self._overloaded(priority, reason)
 
     def release(self) -> None:
         self.inflight -= 1
@@ -163,10 +211,22 @@ class Admission:
                 self.codels[priority].on_empty(self.clock())
 
     def on_sample(self, *, queue_s: float, service_s: float, batched: bool, rtt_s: float,
-                  missed_batches: int = 0) -> None:
+                  missed_batches: int = 0, handler: str = "", priority: str = "interactive",
+                  batch_items: int = 1) -> None:
+        now = self.clock()
+        self.rtt_s = rtt_s if self.rtt_s is None else \
+            self.rtt_s + RTT_EWMA_WEIGHT * (rtt_s - self.rtt_s)
+        self.rtt_floor.add(rtt_s, now)
+        floor = self.rtt_floor.value
+        if floor is not None:
+            # a standing interactive queue is one whose waits reach half an unloaded round
+            # trip; then a waiter gets that long: about twice its unloaded latency in all
+            self.codels["interactive"].target_s = min(
+                self.cfg.interactive_queue_target_s, max(MIN_INTERACTIVE_TARGET_S, floor / 2))
         self.limit.on_sample(queue_s=queue_s, service_s=service_s, batched=batched,
-                             inflight=self.inflight, rtt_s=rtt_s, now=self.clock(),
-                             missed_batches=missed_batches)
+                             inflight=self.inflight, rtt_s=rtt_s, now=now,
+                             missed_batches=missed_batches, handler=handler,
+                             interactive=priority == "interactive", batch_items=batch_items)
         self._wake()
 
     def on_failure(self, rtt_s: float) -> None:

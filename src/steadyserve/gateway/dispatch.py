@@ -87,7 +87,7 @@ from ..policies.outlier import (
 from ..policies.quarantine import Quarantine
 from ..policies.retry import RetryBudget, retry_backoff_s
 from ..replica.server import DEADLINE_HEADER, INPUT_KEY_HEADER
-from .admission import Admission
+from .admission import Admission, Shed
 from .membership import Deployment, Endpoint, Handler
 from .transport import Transport
 
@@ -128,6 +128,7 @@ class CallInfo:
     attempts: int = 0
     version: str | None = None  # the model version of the replica that answered
     cache: str = "-"  # how the response cache answered: hit, miss, stale, partial, …
+    priority: str = "interactive"  # its admission class
 
 
 def input_key(handler: str, body: bytes) -> str:
@@ -226,12 +227,14 @@ class Dispatcher:
         if self.cfg.admission:
             try:
                 await st.admission.acquire(priority, deadline)
-            except SteadyError:
-                self.metrics.shed.labels(deployment.name, priority).inc()
+            except Shed as exc:
+                self.metrics.shed.labels(deployment.name, priority, exc.reason).inc()
                 raise
+        call = call or CallInfo()
+        call.priority = priority
         try:
             return await self._attempts(deployment, handler, st, body, key, request_id, deadline,
-                                        call or CallInfo(), affinity)
+                                        call, affinity)
         finally:
             if self.cfg.admission:
                 st.admission.release()
@@ -407,7 +410,7 @@ class Dispatcher:
         ok = False
         try:
             message = await self._attempt(d, h, st, endpoint, body, key, request_id, deadline,
-                                          span, call.trace)
+                                          span, call.trace, call.priority)
             ok = True
             call.replica = endpoint.replica_id
             version = message.get("v")
@@ -420,7 +423,7 @@ class Dispatcher:
     async def _attempt(
         self, d: Deployment, h: Handler, st: _DeploymentState, endpoint: Endpoint, body: bytes,
         key: str, request_id: str, deadline: float, span: Span | None,
-        trace: TraceContext | None,
+        trace: TraceContext | None, priority: str = "interactive",
     ) -> dict[str, Any]:
         started = self.clock()
         remaining = deadline - started
@@ -473,7 +476,8 @@ class Dispatcher:
             st.admission.on_sample(queue_s=float(message.get("q", 0.0)),
                                    service_s=float(message.get("s", 0.0)),
                                    batched=h.spec.options.batch, rtt_s=latency,
-                                   missed_batches=int(message.get("m", 0)))
+                                   missed_batches=int(message.get("m", 0)), handler=h.name,
+                                   priority=priority, batch_items=int(message.get("n", 1)))
             return message
         wire: Any = message.get("error") if isinstance(message, dict) else None
         code = wire.get("code") if isinstance(wire, dict) else None

@@ -116,8 +116,9 @@ class GatewayMetrics:
             ["deployment", "event"], registry=r,
         )
         self.shed = Counter(
-            "steadyserve_shed_requests_total", "Requests rejected by admission control",
-            ["deployment", "priority"], registry=r,
+            "steadyserve_shed_requests_total",
+            "Requests rejected by admission control, by rule (gateway.admission.SHED_REASONS)",
+            ["deployment", "priority", "reason"], registry=r,
         )
         self.poison_stops = Counter(
             "steadyserve_poison_stops_total",

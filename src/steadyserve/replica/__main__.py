@@ -38,12 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="json")
     parser.add_argument("--flight-recorder", default=None, help="file of the keys being executed")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="lower this process's CPU priority by this much (inherited by "
+                             "every thread it starts): the gateway stays responsive")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
 
     # thread counts must be in the environment before torch/tokenizers are imported
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ.setdefault(var, str(args.threads))
+    if args.nice > 0:
+        # before any thread exists (torch, tokenizers, the model thread), so all inherit it
+        os.nice(args.nice)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

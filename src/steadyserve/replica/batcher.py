@@ -33,6 +33,7 @@ class _Entry:
     seq: int = 0  # batches started when it arrived (the one computing included)
     started_at: float = 0.0
     missed: int = 0  # whole batches it sat out before its own
+    batch_items: int = 0  # the size of the batch it ran in
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class Timing:
     queue_s: float  # longest wait of the request's items before their batch started
     service_s: float  # compute time of the (last) batch that held them
     missed_batches: int = 0  # most whole batches one of its items sat out (overload signal)
+    batch_items: int = 1  # the largest batch its items ran in (1: computed alone)
 
 
 @dataclass(slots=True)
@@ -122,7 +124,8 @@ class Batcher:
                 raise r
         queue_s = max(e.started_at - e.enqueued_at for e in entries)
         missed = max(e.missed for e in entries)
-        return results, Timing(max(0.0, queue_s), self._last_service_s, missed)
+        return results, Timing(max(0.0, queue_s), self._last_service_s, missed,
+                               max(e.batch_items for e in entries))
 
     async def _loop(self) -> None:
         while True:
@@ -182,6 +185,7 @@ class Batcher:
         for e in batch:
             e.started_at = started
             e.missed = max(0, self._started - e.seq - 1)
+            e.batch_items = len(batch)
         try:
             keys = sorted({e.key for e in batch if e.key})
             results = await self._runner.run(self._fn, [e.item for e in batch], keys=keys)

@@ -208,9 +208,9 @@ class ReplicaApp:
             body = await _read_body(receive)
             deadline, key = _call_headers(scope)
             call = self._call(name, codec.decode(body), deadline, key)
-            result, queue_s, service_s, missed = await cancel_on_disconnect(receive, call)
+            result, queue_s, service_s, missed, items = await cancel_on_disconnect(receive, call)
             payload = codec.encode({"result": result, "q": queue_s, "s": service_s, "m": missed,
-                                    "v": self.version})
+                                    "n": items, "v": self.version})
         except ClientGone:
             metrics.inflight.dec()
             metrics.requests.labels(name, "cancelled").inc()
@@ -268,8 +268,8 @@ class ReplicaApp:
 
     async def _call(
         self, name: str, body: Any, deadline: float | None, key: str | None = None
-    ) -> tuple[Any, float, float, int]:
-        """Run a handler; returns (result, queue_s, service_s, missed_batches)."""
+    ) -> tuple[Any, float, float, int, int]:
+        """Run a handler; returns (result, queue_s, service_s, missed_batches, batch_items)."""
         arrived = time.monotonic()
         if not self.ready:
             raise ReplicaUnavailable("replica is not ready")
@@ -285,7 +285,8 @@ class ReplicaApp:
                 raise ClientError(f"'{handler.item_param}' must not be empty",
                                   param=handler.item_param)
             results, timing = await handler.batcher.submit_timed(items, deadline, key)
-            return results, timing.queue_s, timing.service_s, timing.missed_batches
+            return (results, timing.queue_s, timing.service_s, timing.missed_batches,
+                    timing.batch_items)
         timeout = handler.spec.options.timeout_s
         if deadline is not None:
             timeout = min(timeout, deadline - arrived)
@@ -294,7 +295,7 @@ class ReplicaApp:
                 self.runner.run_timed(handler.fn, kwargs, [key] if key else None), timeout)
         except TimeoutError:
             raise ReplicaTimeout(f"handler {name} took longer than {timeout:.3f}s") from None
-        return result, max(0.0, started - arrived), finished - started, 0
+        return result, max(0.0, started - arrived), finished - started, 0, 1
 
 
 def _noop() -> None:
