@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration-s", type=float, default=20.0, help="seconds at 3x capacity")
     p.add_argument("--unloaded-s", type=float, default=8.0)
     p.add_argument("--no-peer", action="store_true", help="skip the FastAPI peer")
+    p.add_argument("--server-src", type=Path, metavar="DIR",
+                   help="serve steadyserve from this source tree (the src/ of another "
+                        "checkout, e.g. a `git worktree` of an older commit): A/B in one run")
     p.add_argument("--resilience", action="append", default=[], metavar="KEY=VALUE",
                    help="a [resilience] setting for the served deployment (repeatable), "
                         "e.g. limit_latency_tolerance=0 to see throughput-first admission")
@@ -229,8 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         "out": str(args.out) if args.out else None}}
     run_dir = RESULTS / time.strftime("overload-%Y%m%d-%H%M%S")
     port = free_port()
+    env = {"STEADYSERVE_DATA_DIR": str(run_dir / "data")}
+    if args.server_src:
+        env["PYTHONPATH"] = str(args.server_src.resolve())
     ours = Server("steadyserve", steadyserve_argv(None, None, port), port,
-                  run_dir / "steadyserve.log", env={"STEADYSERVE_DATA_DIR": str(run_dir / "data")})
+                  run_dir / "steadyserve.log", env=env)
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     config = run_dir / "steadyserve.toml"
     config.write_text("[resilience]\n" + "".join(f"{kv}\n" for kv in args.resilience)

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -23,6 +24,8 @@ import psutil
 import psycopg
 import pytest
 import redis
+
+from steadyserve.cache.redis_store import RedisStore
 
 HERE = Path(__file__).parent
 PG_URL = os.environ.get("STEADYSERVE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -80,6 +83,20 @@ def shared_redis() -> Iterator[tuple[str, str]]:
         for key in client.scan_iter(match=f"{prefix}*", count=1000):
             client.delete(key)
         client.close()
+@pytest.fixture
+def prefix(shared_redis: tuple[str, str]) -> str:
+    """A fresh key prefix on the shared Redis (its keys are deleted at the end)."""
+    return shared_redis[1]
+
+
+async def store(prefix: str, origin: str = "a", **kw: Any) -> RedisStore:
+    """A started RedisStore on the shared Redis under `prefix`, with short timeouts."""
+    s = RedisStore(REDIS_URL, origin=origin, prefix=prefix, timeout_s=0.5, retry_s=0.1, **kw)
+    await s.start()
+    assert s.up
+    return s
+
+
 STEADYSERVE = [sys.executable, "-m", "steadyserve.cli.main"]
 
 

@@ -15,25 +15,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from steadyserve.cache.invalidation import ALL_TAGS
-from steadyserve.cache.redis_store import RedisStore
 from steadyserve.cache.tiered import ResponseCache
 from steadyserve.config import CacheConfig
 
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, store
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def prefix(shared_redis: tuple[str, str]) -> str:
-    return shared_redis[1]
-
-
-async def store(prefix: str, origin: str = "a", **kw: object) -> RedisStore:
-    s = RedisStore(REDIS_URL, origin=origin, prefix=prefix, timeout_s=0.5, retry_s=0.1, **kw)  # type: ignore[arg-type]
-    await s.start()
-    assert s.up
-    return s
 
 
 async def test_all_drops_tagged_entries_keeps_untagged_and_refuses_racing_writes(prefix: str) -> None:

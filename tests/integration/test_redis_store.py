@@ -15,21 +15,11 @@ from steadyserve.cache.redis_store import RedisStore
 from steadyserve.cache.tiered import ResponseCache
 from steadyserve.config import CacheConfig
 
-from .conftest import REDIS_URL
+from .conftest import REDIS_URL, store
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def prefix(shared_redis: tuple[str, str]) -> str:
-    return shared_redis[1]
-
-
-async def store(prefix: str, origin: str = "a", **kw: object) -> RedisStore:
-    s = RedisStore(REDIS_URL, origin=origin, prefix=prefix, timeout_s=0.5, retry_s=0.1, **kw)  # type: ignore[arg-type]
-    await s.start()
-    assert s.up
-    return s
 
 
 async def test_entries_and_tag_versions_round_trip(prefix: str) -> None:

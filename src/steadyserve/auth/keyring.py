@@ -26,6 +26,7 @@ from ..errors import RateLimited, Unauthorized
 from ..policies.ratelimit import Bucket, take
 from ..store import DatabaseUnavailable
 from ..store.keys import KeyStore
+from ..tasks import cancel_and_wait
 from .keys import LOCAL_ADMIN, ApiKey
 from .tokens import digest, key_id_of, new_token
 
@@ -84,12 +85,7 @@ class KeyRing:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="auth-keys")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:

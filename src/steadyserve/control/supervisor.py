@@ -58,6 +58,7 @@ from ..policies.rollout import (
     rollout_fields,
 )
 from ..replica.blackbox import read_flight_record
+from ..tasks import cancel_and_wait
 from .launcher import (
     LaunchedReplica,
     LocalLauncher,
@@ -223,12 +224,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Staged: out of rotation, SIGTERM (replicas drain), wait, SIGKILL what is left."""
         self.stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         await self._terminate([s for s in self.slots if s.replica is not None])
         for s in self.slots:
             for task in (s.watcher, s.probe):

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import HandlerFailed, Overloaded, ReplicaTimeout, ReplicaUnavailable, SteadyError
 from ..policies.batching import Idle, RunNow, WaitUntil, decide
+from ..tasks import cancel_and_wait
 from .runner import Runner
 
 log = logging.getLogger("steadyserve.replica.batcher")
@@ -85,12 +86,7 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
         for entry in self._queue:
             if not entry.future.done():
                 # the replica's doing, not the request's: retried elsewhere
