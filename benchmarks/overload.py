@@ -4,8 +4,10 @@ traffic only, offered at 3x its measured capacity, open loop (no coordinated omi
     make bench-overload          # or: .venv/bin/python benchmarks/overload.py [--quick]
 
 Phases, each against a fresh server on 127.0.0.1, in one run:
-  1. unloaded: 10 % of a first capacity guess; p50 / p99 of what a calm client sees
+  1. unloaded: 5 requests/s, before anything else; p50 / p99 of what a calm client sees
   2. capacity: offered well above what it can do for a few seconds; goodput = capacity
+     (after each push, wait until a lone request is fast again: a server without
+     admission control works off its backlog long after its clients gave up)
   3. 3x capacity for --duration-s: goodput (x capacity), accepted p50 / p99 (x unloaded),
      rejection p99 (ms), share of rejections carrying Retry-After, error kinds;
      meanwhile /metrics is scraped every second and the gateway's event-loop lag read
@@ -61,6 +63,7 @@ from steadyserve.testing.load import (
 
 RESULTS = REPO / "benchmarks" / "results"
 NO_STORE = {"Cache-Control": "no-store"}
+UNLOADED_RATE = 5.0  # requests/s: "unloaded" (each server here does 60+)
 
 
 def body_fn(corpus: list[str], model: str = "minilm"):  # type: ignore[no-untyped-def]
@@ -125,17 +128,39 @@ def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000, 2)
 
 
+async def settle(url: str, corpus: list[str], limit_s: float = 60.0) -> float:
+    """Wait until a lone request is answered fast again (a server with no admission control
+    works through the backlog of a push long after its clients gave up): seconds waited."""
+    started = time.monotonic()
+    fast = 0
+    async with aiohttp.ClientSession() as s:
+        while fast < 3 and time.monotonic() - started < limit_s:
+            t = time.monotonic()
+            try:
+                async with s.post(url, json=body_fn(corpus)(0), headers=NO_STORE,
+                                  timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    await r.read()
+                fast = fast + 1 if time.monotonic() - t < 0.25 else 0
+            except (aiohttp.ClientError, TimeoutError):
+                fast = 0
+            await asyncio.sleep(0.5)
+    return round(time.monotonic() - started, 1)
+
+
 async def phases(url: str, port: int | None, corpus: list[str], args: argparse.Namespace,
                  guess: float | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    # unloaded first, at a rate far below any capacity here, before any push backs it up
+    unloaded, _ = await measure(url, port, corpus, UNLOADED_RATE, args.unloaded_s, 0)
+    out["unloaded"] = summary(unloaded, 1, args.unloaded_s)
     if guess is None:  # a first guess of capacity from a short push
         probe, _ = await measure(url, port, corpus, 400.0, 4, 0)
         guess = max(5.0, probe.goodput_per_s(1, 4))
-    unloaded, _ = await measure(url, port, corpus, max(2.0, guess * 0.1), args.unloaded_s, 0)
-    out["unloaded"] = summary(unloaded, 1, args.unloaded_s)
+        out["settle_after_probe_s"] = await settle(url, corpus)
     push, _ = await measure(url, port, corpus, guess * 1.6, 8, 0)
     capacity = push.goodput_per_s(2, 8)
     out["capacity_per_s"] = round(capacity, 1)
+    out["settle_after_capacity_s"] = await settle(url, corpus)
     rate = 3 * capacity
     window_start = time.time()
     over, lags = await measure(url, port, corpus, rate, args.duration_s, 2, scrape=True)
@@ -228,8 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.duration_s, args.unloaded_s = 8.0, 4.0
     corpus = make_corpus(2000, 20240601)
-    res: dict[str, Any] = {"machine": machine_info(), "git": git_state(), "args": vars(args) | {
-        "out": str(args.out) if args.out else None}}
+    res: dict[str, Any] = {"machine": machine_info(), "git": git_state(),
+                           "args": {k: str(v) if isinstance(v, Path) else v
+                                    for k, v in vars(args).items()}}
     run_dir = RESULTS / time.strftime("overload-%Y%m%d-%H%M%S")
     port = free_port()
     env = {"STEADYSERVE_DATA_DIR": str(run_dir / "data")}

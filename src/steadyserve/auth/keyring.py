@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import logging
 import os
 import time
@@ -45,6 +46,7 @@ class KeyRing:
         self.wall = wall
         self.random_bytes = random_bytes
         self._keys: dict[str, ApiKey] = {}
+        self._user_keys: tuple[bool, float] = (False, -math.inf)  # (answer, valid until)
         self._buckets: dict[str, Bucket] = {}
         self._revision: str | None = None
         self._db_down = False
@@ -104,6 +106,7 @@ class KeyRing:
             if revision is None or revision != self._revision or self._db_down:
                 keys = self.store.load()
                 self._keys = {k.id: k for k in keys}
+                self._user_keys = (False, -math.inf)
                 self._revision = revision
                 if self.local_admin is not None and self.local_admin.id not in self._keys:
                     # a new database (or one that was down at bootstrap): record our key
@@ -153,9 +156,16 @@ class KeyRing:
 
     def user_keys_exist(self) -> bool:
         """Does any usable key exist besides the local admin keys (which never open or close
-        inference)?"""
+        inference)? Asked on every open request: the answer is kept until the keys change or
+        the first of the active keys expires."""
         now = self.wall()
-        return any(k.kind != LOCAL_ADMIN and k.active(now) for k in self._keys.values())
+        answer, until = self._user_keys
+        if now < until:
+            return answer
+        active = [k for k in self._keys.values() if k.kind != LOCAL_ADMIN and k.active(now)]
+        expiries = [k.expires_at for k in active if k.expires_at is not None]
+        self._user_keys = (bool(active), min(expiries, default=math.inf))
+        return bool(active)
 
     def keys(self) -> list[ApiKey]:
         return list(self._keys.values())
@@ -164,6 +174,7 @@ class KeyRing:
         """A change this gateway just made: visible here at once, not after the next refresh."""
         self._keys[key.id] = key
         self._buckets.pop(key.id, None)
+        self._user_keys = (False, -math.inf)
 
     # the local admin key ---------------------------------------------------------------------
     def _adopt_local_admin(self, key_id: str, token: str) -> None:

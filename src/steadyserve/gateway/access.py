@@ -133,6 +133,8 @@ class Access:
 
     def preflight(self, req: Request) -> Response | None:
         """Answer a CORS preflight for an allowed origin; None when this is not one."""
+        if not self.cors or req.method != "OPTIONS":
+            return None
         origin = req.header(b"origin")
         if req.method != "OPTIONS" or origin is None or req.header(b"access-control-request-method") \
                 is None or not self.cors_allows(origin):
@@ -146,6 +148,8 @@ class Access:
         return resp  # the allow-origin header is added with every response's (add_cors)
 
     def add_cors(self, req: Request, resp: Response) -> None:
+        if not self.cors:
+            return
         origin = req.header(b"origin")
         if origin is not None and self.cors_allows(origin):
             resp.headers.append((b"access-control-allow-origin", origin.encode("latin-1")))

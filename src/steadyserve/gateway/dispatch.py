@@ -499,7 +499,7 @@ class Dispatcher:
         """The replica answered (a result, or an error that is not its fault): for outlier
         detection this is a success, which also ends a probe and resets the failure count.
         Handler errors are weighed against the peers' (`policies.outlier.sick`)."""
-        self.metrics.upstream.labels(d.name, endpoint.replica_id, outcome).inc()
+        self.metrics.count_upstream(d.name, endpoint.replica_id, outcome)
         if outcome in ("ok", "handler_error"):
             endpoint.handler_errors = note_answer(
                 endpoint.handler_errors, error=outcome == "handler_error",
@@ -526,7 +526,7 @@ class Dispatcher:
                         "fewer", 100 * ratio, extra={"replica": endpoint.replica_id})
 
     def _failed(self, d: Deployment, endpoint: Endpoint, outcome: str) -> None:
-        self.metrics.upstream.labels(d.name, endpoint.replica_id, outcome).inc()
+        self.metrics.count_upstream(d.name, endpoint.replica_id, outcome)
         now = self.clock()
         ejected = sum(1 for e in d.endpoints if e.health.ejected_until > 0)
         may = self.outlier.may_eject(len(d.endpoints), ejected)

@@ -28,8 +28,9 @@ uvicorn internals this relies on (tested with uvicorn 0.54, pinned in pyproject.
 `on_headers_complete`, `on_message_complete`), `on_response_complete`, `data_received` (replaced
 whole: it only fed the parser), `timeout_keep_alive_task`/`timeout_keep_alive_handler`/
 `_unset_keepalive_if_required`, its attributes `parser`, `url`, `headers`, `cycle`, `flow`,
-`transport`, `server_state`, `loop`; `RequestResponseCycle.send` (wrapped per cycle: `run_asgi`
-looks it up when the app's task starts), `more_body`, `keep_alive` (read when the head is written
+`transport`, `server_state`, `loop`; `RequestResponseCycle.send` (overridden by a subclass the
+cycle is switched to in `on_headers_complete`, before `run_asgi` runs and looks `send` up),
+`more_body`, `keep_alive` (read when the head is written
 and again when the response completes), `response_started`/`response_complete`, `disconnected`,
 `message_event`, `scope`; and `STATUS_LINE`.
 """
@@ -123,6 +124,35 @@ class ConnectionTable(Generic[C]):
         return None
 
 
+class _EdgeCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, with the edge watching how the response ends."""
+
+    edge: EdgeProtocol
+
+    async def send(self, message: ASGISendEvent) -> None:
+        if not self.disconnected and not self.response_complete:
+            if message["type"] == "http.response.start" and not self.response_started:
+                # answered early: uvicorn writes "connection: close". The body timer keeps
+                # running until the answer is written, so a client that neither sends nor
+                # reads cannot hold the connection
+                if self.more_body:
+                    self.keep_alive = False
+            elif message["type"] == "http.response.body" and self.response_started \
+                    and not message.get("more_body", False):
+                edge = self.edge
+                if self.more_body:
+                    edge._after = "linger"
+                elif not self.keep_alive:
+                    edge._after = "close"
+                if edge._after is not None:
+                    self.keep_alive = True  # so uvicorn leaves the closing to us
+        try:
+            await super().send(message)
+        except BaseException:
+            self.edge._after = None
+            raise
+
+
 class _Refused(Exception):
     """Stops httptools mid-feed once the edge has answered from inside a parser callback."""
 
@@ -146,7 +176,9 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
         self.timeout_keep_alive = self.limits.keepalive_timeout_s  # type: ignore[assignment]
         self.phase = Phase.WAIT
         self._timer: asyncio.TimerHandle | None = None  # the HEAD, BODY or CLOSING timer
+        self._deferred: tuple[float, Callable[[], None]] | None = None  # (deadline, callback)
         self._head_left = 0  # raw bytes the current head may still feed to the parser
+        self._head_budget = self.limits.max_request_line_bytes + self.limits.max_header_bytes
         self._header_bytes = 0
         self._linger_left = 0
         self._parsed = 0  # requests handed to the app…
@@ -194,8 +226,29 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
 
     # reading --------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.phase is Phase.CLOSING:
+        self._read(data)
+        deferred = self._deferred
+        if deferred is not None:
+            # a phase began in this read and is still open: only now does it need a timer
+            # (a whole request in one read arms none: no timer objects on the common path)
+            self._deferred = None
+            if self._timer is None and self.phase is not Phase.CLOSING:
+                deadline, callback = deferred
+                self._timer = self.loop.call_later(max(0.0, deadline - self.loop.time()),
+                                                   callback)
+
+    def _read(self, data: bytes) -> None:
+        phase = self.phase
+        if phase is Phase.CLOSING:
             self._drop(len(data))
+            return
+        if phase is Phase.WAIT and len(data) <= self._head_budget and data[:1] not in b"\r\n":
+            # the common read: a whole small request, or its start, within the head budget:
+            # fed as it is (no slicing), the budget charged with all of it
+            self._begin_head()
+            self._head_left -= len(data)
+            if self._feed(data) and self.phase is Phase.HEAD and self._head_left <= 0:
+                self._refuse(self._head_too_large())
             return
         view = memoryview(data)
         while view:
@@ -215,13 +268,15 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
             if not self._feed(piece):
                 return
             if self.phase is Phase.HEAD and self._head_left <= 0:
-                self._refuse(HeadersTooLarge(
-                    f"request head over {self.limits.max_request_line_bytes} + "
-                    f"{self.limits.max_header_bytes} bytes (max_request_line_bytes + "
-                    "max_header_bytes)"))
+                self._refuse(self._head_too_large())
                 return
 
-    def _feed(self, piece: memoryview) -> bool:
+    def _head_too_large(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"request head over {self.limits.max_request_line_bytes} + "
+            f"{self.limits.max_header_bytes} bytes (max_request_line_bytes + max_header_bytes)")
+
+    def _feed(self, piece: bytes | memoryview) -> bool:
         try:
             self.parser.feed_data(piece)
         except httptools.HttpParserUpgrade:
@@ -241,9 +296,9 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
         self._unset_keepalive_if_required()
         self.table.busy(self)
         self.phase = Phase.HEAD
-        self._head_left = self.limits.max_request_line_bytes + self.limits.max_header_bytes
+        self._head_left = self._head_budget
         self._header_bytes = 0
-        self._arm(self.limits.header_timeout_s, self._head_timeout)
+        self._defer(self.limits.header_timeout_s, self._head_timeout)
 
     def _go_idle(self) -> None:
         self.phase = Phase.WAIT
@@ -285,7 +340,7 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
                 f"protocol upgrades are not supported ({what}); send plain HTTP/1.1 requests"))
             return
         self.phase = Phase.BODY
-        self._arm(self.limits.body_timeout_s, self._body_timeout)
+        self._defer(self.limits.body_timeout_s, self._body_timeout)
         super().on_headers_complete()
         self._parsed += 1
         self._watch(self.cycle)
@@ -298,33 +353,11 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
 
     # answers ------------------------------------------------------------------------------------
     def _watch(self, cycle: RequestResponseCycle) -> None:
-        """Wrap the cycle's `send` so that an answer given before the body was read closes the
-        connection, with a lingering close the edge does instead of uvicorn's plain one."""
-        send = cycle.send
-
-        async def edge_send(message: ASGISendEvent) -> None:
-            if not cycle.disconnected and not cycle.response_complete:
-                if message["type"] == "http.response.start" and not cycle.response_started:
-                    # answered early: uvicorn writes "connection: close". The body timer keeps
-                    # running until the answer is written, so a client that neither sends nor
-                    # reads cannot hold the connection
-                    if cycle.more_body:
-                        cycle.keep_alive = False
-                elif message["type"] == "http.response.body" and cycle.response_started \
-                        and not message.get("more_body", False):
-                    if cycle.more_body:
-                        self._after = "linger"
-                    elif not cycle.keep_alive:
-                        self._after = "close"
-                    if self._after is not None:
-                        cycle.keep_alive = True  # so uvicorn leaves the closing to us
-            try:
-                await send(message)
-            except BaseException:
-                self._after = None
-                raise
-
-        cycle.send = edge_send  # type: ignore[method-assign]
+        """Make the cycle an `_EdgeCycle` (a class swap: no allocation per request), whose
+        `send` notices an answer given before the body was read: that connection then ends
+        with the edge's lingering close instead of uvicorn's plain one."""
+        cycle.__class__ = _EdgeCycle
+        cast("_EdgeCycle", cycle).edge = self
 
     def on_response_complete(self) -> None:
         self._answered += 1
@@ -411,7 +444,13 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
         self._cancel_timer()
         self._timer = self.loop.call_later(delay, callback)
 
+    def _defer(self, delay: float, callback: Callable[[], None]) -> None:
+        """A phase's timer, armed when the read that began the phase ends with it still open."""
+        self._cancel_timer()
+        self._deferred = (self.loop.time() + delay, callback)
+
     def _cancel_timer(self) -> None:
+        self._deferred = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

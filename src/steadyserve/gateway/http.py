@@ -50,6 +50,7 @@ class Request:
     call: CallInfo = field(default_factory=CallInfo)
     route: Route | None = None
     principal: ApiKey | None = None  # the API key that authenticated it, if any
+    _headers: dict[bytes, bytes] | None = None  # first value of each name, built on first use
 
     @property
     def method(self) -> str:
@@ -60,10 +61,16 @@ class Request:
         return str(self.scope["path"])
 
     def header(self, name: bytes) -> str | None:
-        for key, value in self.scope["headers"]:
-            if key == name:
-                return bytes(value).decode("latin-1")
-        return None
+        """The first value of a header (names are lowercase, as ASGI gives them). A request
+        is asked for a dozen of them along its path: one pass builds a table."""
+        table = self._headers
+        if table is None:
+            table = {}
+            for key, value in self.scope["headers"]:
+                table.setdefault(key, value)
+            self._headers = table
+        value = table.get(name)
+        return None if value is None else bytes(value).decode("latin-1")
 
     async def body(self, limit: int) -> bytes:
         """The whole body, at most `limit` bytes both as sent and once decoded (Content-Encoding

@@ -55,12 +55,16 @@ class Router:
     def __init__(self, routes: Iterable[Route]) -> None:
         self.routes = tuple(routes)
         self._exact: dict[tuple[str, str], Route] = {}
-        self._patterned: list[Route] = []
+        # by segment count, each with its segments split once: a path scans few
+        self._patterned: dict[int, list[tuple[tuple[str, ...], Route]]] = {}
+        self._exact_methods: dict[str, list[str]] = {}
         for r in self.routes:
             if "{" in r.pattern:
-                self._patterned.append(r)
+                segments = r.segments
+                self._patterned.setdefault(len(segments), []).append((segments, r))
             else:
                 self._exact[(r.method, r.pattern)] = r
+                self._exact_methods.setdefault(r.pattern, []).append(r.method)
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         """The route and its path parameters; NotFound or MethodNotAllowed (naming the
@@ -68,12 +72,12 @@ class Router:
         route = self._exact.get((method, path))
         if route is not None:
             return route, {}
-        allowed: list[str] = [m for (m, p) in self._exact if p == path]
+        allowed: list[str] = list(self._exact_methods.get(path, ()))
         if not allowed:
             parts = path.strip("/").split("/") if path.startswith("/") else None
             if parts is not None:
-                for r in self._patterned:
-                    params = _bind(r.segments, parts)
+                for segments, r in self._patterned.get(len(parts), ()):
+                    params = _bind(segments, parts)
                     if params is None:
                         continue
                     if r.method == method:

@@ -11,6 +11,7 @@ before its first check) has no sample rather than a misleading 0.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -95,6 +96,7 @@ class GatewayMetrics:
             "steadyserve_inflight_requests", "Requests in the gateway now", ["deployment"],
             registry=r,
         )
+        self._upstream_children: dict[tuple[str, str, str], Any] = {}
         self.upstream = Counter(
             "steadyserve_upstream_attempts_total", "Calls to replicas by outcome",
             UPSTREAM_LABELS, registry=r,
@@ -204,10 +206,21 @@ class GatewayMetrics:
             self.pool_connections.labels(deployment, replica, "idle").set(idle)
         self._pools = set(pools)
 
+    def count_upstream(self, deployment: str, replica_id: str, outcome: str) -> None:
+        """One attempt to a replica: the child counters are kept at hand (`labels()` costs
+        more than the increment on the hot path)."""
+        key = (deployment, replica_id, outcome)
+        child = self._upstream_children.get(key)
+        if child is None:
+            child = self._upstream_children[key] = self.upstream.labels(*key)
+        child.inc()
+
     def forget_replica(self, deployment: str, replica_id: str) -> None:
         """A replica was retired (its id will not come back): remove every child labelled with
         it (upstream attempts, pool gauges), so /metrics does not grow with every rollout."""
         match = {"deployment": deployment, "replica": replica_id}
+        for key in [k for k in self._upstream_children if k[:2] == (deployment, replica_id)]:
+            del self._upstream_children[key]
         _remove_children(self.upstream, UPSTREAM_LABELS, match)
         _remove_children(self.pool_connections, POOL_LABELS, match)
         self._pools.discard((deployment, replica_id))
