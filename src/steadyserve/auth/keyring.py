@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import math
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
