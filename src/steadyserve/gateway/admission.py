@@ -7,7 +7,9 @@ front of the replicas, and a bounded, two-class wait queue with CoDel (`policies
           ├─ queue full ──► an interactive request evicts the newest batch waiter, else 503
           ├─ its expected wait — the waiters ahead of it × round trip / limit (Little's
           │  law) — exceeds its allowance ──► 503 at once, not after waiting it out
-          └─ wait ≤ its class's CoDel allowance ──► go or 503
+          └─ wait ≤ its allowance ──► go or 503: its class's CoDel allowance; for an
+             interactive request with fewer than two interactive waiters ahead (no standing
+             interactive queue) the calm one
     release() hands the freed slot to an interactive waiter first, then to a batch one:
     the oldest while calm, the newest while that class is overloaded (adaptive LIFO).
 
@@ -32,7 +34,8 @@ from ..policies.codel import CoDel
 from ..policies.limit import AimdLimit, WindowedMin
 
 PRIORITIES = ("interactive", "batch")
-MIN_INTERACTIVE_TARGET_S = 0.002  # below this a wait is scheduling noise, not a queue
+MIN_INTERACTIVE_TARGET_S = 0.005  # below this a wait is scheduling noise, not a queue
+SHORT_LINE = 2  # interactive waiters that are not yet a standing interactive queue
 RTT_EWMA_WEIGHT = 0.1
 
 
@@ -126,12 +129,15 @@ class Admission:
                 self._reject(priority, "queue_full")
         codel = self.codels[priority]
         remaining = max(0.0, deadline - now)
-        allowance = min(codel.max_wait_s(now), remaining)
+        if priority == "interactive" and len(self.queues[priority]) < SHORT_LINE:
+            # fewer than two interactive waiters is no standing interactive queue: the slots
+            # are held by batch traffic, or the machine is slow for a moment. The calm
+            # allowance then, whatever CoDel says: interactive traffic is shed only when it
+            # alone overloads, and a starved CPU sheds nobody at light load
+            allowance = min(self.cfg.queue_interval_s, remaining)
+        else:
+            allowance = min(codel.max_wait_s(now), remaining)
         expected = self._expected_wait_s(priority)
-        if not self.queues[priority] and expected <= min(self.cfg.queue_interval_s, remaining):
-            # first in its class's line: the next free slot is its own; waiting for it keeps
-            # the replicas fed however short the overload allowance is
-            allowance = max(allowance, min(2 * expected, self.cfg.queue_interval_s, remaining))
         if expected > allowance:
             # it would time out in the queue: say so now. The queue may stay empty meanwhile,
             # yet the demand is there: CoDel must not read the silence as overload ending
@@ -155,6 +161,10 @@ class Admission:
         finally:
             timer.cancel()
 
+    def _slot_interval_s(self) -> float:
+        """How often a slot frees up: round trip / limit (0 before anything is measured)."""
+        return 0.0 if self.rtt_s is None else self.rtt_s / max(1.0, self.limit.limit)
+
     def _expected_wait_s(self, priority: str) -> float:
         """How long a new waiter of this class would wait for a slot: slots free up at about
         limit / round trip per second (Little's law), and those ahead of it go first."""
@@ -163,7 +173,7 @@ class Admission:
         ahead = len(self.queues["interactive"])
         if priority == "batch":
             ahead += len(self.queues["batch"])
-        return (ahead + 1) * self.rtt_s / max(1.0, self.limit.limit)
+        return (ahead + 1) * self._slot_interval_s()
 
     def _expire(self, priority: str, waiter: _Waiter) -> None:
         if not waiter.future.done():
@@ -199,7 +209,10 @@ class Admission:
             # overloaded: newest first (Facebook's adaptive LIFO) — the admitted barely wait,
             # the oldest run out their short allowance and get a fast 503
             queue = self.queues[priority]
-            waiter = queue.pop() if self.codels[priority].overloaded else queue.popleft()
+            # (a short line is served in order: its waiters kept the calm allowance, and
+            # newest-first would starve the oldest until that ran out)
+            lifo = self.codels[priority].overloaded and len(queue) > SHORT_LINE
+            waiter = queue.pop() if lifo else queue.popleft()
             if waiter.future.done():
                 continue
             now = self.clock()
