@@ -112,3 +112,9 @@ def test_rollout_schema_agrees_with_apply_changes(changes):
     except ClientError:
         accepted = False
     assert accepted == valid, changes
+
+
+async def test_a_bodiless_rotation_is_documented_as_such(make_gateway):
+    _, _, doc = await doc_for(make_gateway)
+    assert doc["paths"]["/v1/admin/keys/{key}/rotate"]["post"]["requestBody"]["required"] is False
+    assert doc["paths"]["/v1/admin/keys"]["post"]["requestBody"]["required"] is True

@@ -98,7 +98,7 @@ ROUTES = (
           summary="create an API key; its secret is in this answer only",
           request_schema=spec_schema(), responses=(201,)),
     Route("POST", "/v1/admin/keys/{key}/rotate", key_routes.rotate_key, "admin",
-          json_body=True, tag="keys", request_schema=ROTATE_SCHEMA,
+          json_body=True, body_optional=True, tag="keys", request_schema=ROTATE_SCHEMA,
           summary="a new secret for a key; the old one works for grace_s more"),
     Route("DELETE", "/v1/admin/keys/{key}", key_routes.revoke_key, "admin", tag="keys",
           summary="revoke a key: refused by every gateway within a second"),

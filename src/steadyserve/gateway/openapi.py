@@ -121,7 +121,7 @@ def _operation(route: Route, *, path_params: list[str], body: dict[str, Any] | N
     if params:
         op["parameters"] = params
     if body is not None:
-        op["requestBody"] = {"required": True,
+        op["requestBody"] = {"required": not route.body_optional,
                              "content": {"application/json": {"schema": body}}}
     return op
 

@@ -37,6 +37,7 @@ class Route:
     fn: RouteFn
     access: str
     json_body: bool = False  # the body must be Content-Type: application/json
+    body_optional: bool = False  # …when there is one: it may be left out
     summary: str = ""
     tag: str = ""  # OpenAPI grouping
     request_schema: dict[str, Any] | None = None  # OpenAPI schema of the JSON body
