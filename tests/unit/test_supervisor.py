@@ -308,6 +308,12 @@ async def test_scale_to_zero_and_back(harnesses):
     await h.sup.rollout("d", {"replicas": 0})
     await h.until("done")
     assert h.ids() == []
+    await h.tick(1)
+    # paused on purpose: no replica-state series, so DeploymentNotReady has nothing to read
+    families = {s.labels.get("deployment") for m in h.sup.metrics.registry.collect()
+                if m.name == "steadyserve_replicas" for s in m.samples}
+    assert "d" not in families
+    assert h.membership.readiness() == (True, "ready")
     await h.sup.rollout("d", {"replicas": 3})
     await h.until("done")
     assert h.ready_ids() == ["d-r2-0", "d-r2-1", "d-r2-2"]

@@ -30,6 +30,7 @@ newer word — and the stored rollout is dropped, with a warning.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -752,5 +753,12 @@ class Supervisor:
 
     def _export_states(self) -> None:
         for name, by_state in self.counts().items():
+            paused = self.membership.deployments[name].config.replicas == 0
             for state, n in by_state.items():
-                self.metrics.replicas.labels(name, state).set(n)
+                if paused and not any(by_state.values()):
+                    # paused on purpose (replicas = 0) with nothing left running: no series,
+                    # so DeploymentNotReady (ready < 1) cannot page about an intended state
+                    with contextlib.suppress(KeyError):
+                        self.metrics.replicas.remove(name, state)
+                else:
+                    self.metrics.replicas.labels(name, state).set(n)
