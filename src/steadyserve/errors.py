@@ -22,6 +22,10 @@
     ├── ReplicaError (5xx)            a replica failed the request
     │   ├── ReplicaUnavailable (502)  could not connect / connection died mid-request
     │   ├── ReplicaTimeout (504)      the per-handler timeout passed
+    │   │   └── DeadlineExceeded (504)  the request's own deadline (X-Request-Timeout-Ms)
+    │   │                             ran out sooner than the handler normally answers:
+    │   │                             the request's, never held against the replica nor
+    │   │                             counted as a 5xx in the error budget
     │   ├── HandlerFailed (500)       service code raised, or a batch broke its contract:
     │   │                             the request's fault, never retried nor held against
     │   │                             the replica
@@ -184,6 +188,10 @@ class ReplicaTimeout(ReplicaError):
     code = "timeout"
 
 
+class DeadlineExceeded(ReplicaTimeout):
+    code = "deadline_exceeded"
+
+
 class HandlerFailed(ReplicaError):
     status = 500
     code = "handler_failed"
@@ -240,7 +248,8 @@ _BY_CODE: dict[str, type[SteadyError]] = {
         SteadyError, ClientError, Unauthorized, Forbidden, NotFound, MethodNotAllowed, RequestTimeout,
         Conflict, PayloadTooLarge, UriTooLong, UnsupportedMediaType, HostNotAllowed, HeadersTooLarge,
         Overloaded, NoReadyReplica, DependencyUnavailable, ReplicaError, ReplicaUnavailable,
-        ReplicaTimeout, HandlerFailed, RetryableError, ResponseTooLarge, ConfigError, Quarantined,
+        ReplicaTimeout, DeadlineExceeded, HandlerFailed, RetryableError, ResponseTooLarge,
+        ConfigError, Quarantined,
     )
 }
 

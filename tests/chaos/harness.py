@@ -192,6 +192,22 @@ class Chaos:
             text = r.text
         return sum_samples(text, name, **labels)
 
+    async def metric_by(self, name: str, by: tuple[str, ...], **labels: str) -> dict[str, float]:
+        """`name` summed per value of the labels in `by` ("interactive/at_once"), for a
+        failure's figures: which rule shed, which outcome the attempts had."""
+        async with httpx.AsyncClient(base_url=self.url, timeout=10.0) as c:
+            r = await c.get("/metrics")
+            r.raise_for_status()
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(r.text):
+            for sample in family.samples:
+                if sample.name not in (name, f"{name}_total") or not sample.value:
+                    continue
+                if all(sample.labels.get(k) == str(v) for k, v in labels.items()):
+                    key = "/".join(sample.labels.get(b, "") for b in by)
+                    out[key] = out.get(key, 0.0) + float(sample.value)
+        return out
+
     async def wait_ready(self, timeout_s: float = 30.0) -> float:
         """Poll until every replica is in rotation; returns the seconds it took."""
         started = time.monotonic()

@@ -43,6 +43,12 @@ async def attempts_ratio(chaos, requests: int) -> float:
     return attempts / max(1, requests)
 
 
+async def shed_by(chaos) -> dict[str, float]:
+    """Admission's refusals by class and rule (gateway.admission.SHED_REASONS)."""
+    return await chaos.metric_by("steadyserve_shed_requests", ("priority", "reason"),
+                                 deployment="work")
+
+
 def show(name: str, result: LoadResult, **figures: object) -> str:
     extra = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in figures.items())
@@ -155,7 +161,10 @@ async def test_5_resets_on_5_percent_of_connections(chaos_gateway):
     result = await run_load(chaos.work_url(), 60, 20, body_fn=distinct, t0=t0)
     retries = await chaos.metric("steadyserve_upstream_retries_total", deployment="work")
     exhausted = await chaos.metric("steadyserve_retry_budget_exhausted_total", deployment="work")
-    text = show("5 % resets", result, retries=retries, budget_exhausted=exhausted)
+    text = show("5 % resets", result, retries=retries, budget_exhausted=exhausted,
+                shed=await shed_by(chaos),
+                outcomes=await chaos.metric_by("steadyserve_upstream_attempts", ("outcome",),
+                                               deployment="work"))
     assert retries >= 5, text  # the faults did bite
     assert result.error_count() == 0, text
     assert exhausted == 0, text
@@ -169,6 +178,7 @@ async def test_6_three_times_capacity_sheds_batch_first(chaos_gateway):
     probe = await run_load(url, 220, 5, body_fn=lambda i: {"x": f"cap-{i}"})
     capacity = probe.goodput_per_s(1.5, 5)
     rss_before = chaos.gateway_rss_bytes()
+    shed_before = await shed_by(chaos)
     rate = 3 * capacity
     t0 = time.monotonic() + 0.3
 
@@ -189,7 +199,8 @@ async def test_6_three_times_capacity_sheds_batch_first(chaos_gateway):
                 interactive_success=interactive, reject_p99=reject_p99,
                 unloaded_p99=unloaded.p99(is_ok), accepted_p99=accepted_p99,
                 rss_growth_mib=(rss_after - rss_before) / 2**20, recovered_p99=recovered_p99,
-                recovered_errors=after.error_count(in_window(2, 12)))
+                recovered_errors=after.error_count(in_window(2, 12)),
+                shed={k: v - shed_before.get(k, 0) for k, v in (await shed_by(chaos)).items()})
     assert goodput >= 0.9 * capacity, text
     assert interactive >= 0.99, text
     assert rejections and all(r.retry_after for r in rejections), text

@@ -68,6 +68,12 @@ class Picky(steadyserve.Service):
         return {"x": x}
 
     @steadyserve.handler
+    async def pause(self, x: int) -> dict[str, int]:
+        """A healthy handler that takes 40 ms."""
+        await asyncio.sleep(0.04)
+        return {"x": x}
+
+    @steadyserve.handler
     def text(self, x: int) -> str:
         self.calls += 1
         return "x" * x
@@ -203,13 +209,47 @@ async def test_a_replica_that_times_out_is_retried_while_the_deadline_has_room(m
 
 async def test_a_timeout_that_spends_the_deadline_is_not_retried(make_gateway) -> None:
     gateway, client, deployments = await make_gateway({"p": (Picky, 1)})
+    for x in range(30):  # the gateway learns that `wait` answers in about a millisecond
+        assert (await post(client, "wait", x)).status_code == 200
     deployments["p"].apps["p-0"].service.slow = True
     r = await client.post("/v1/deployments/p/wait", json={"x": 1},
                           headers={"x-request-timeout-ms": "300"})  # under the 0.5 s per try
+    # 300 ms is far over 3 x this handler's p99: the replica hangs, and is blamed
     assert r.status_code == 504
     assert r.json()["error"]["code"] == "timeout"
-    assert calls(deployments) == {"p-0": 1}
+    assert calls(deployments) == {"p-0": 31}
     assert retries(gateway) == 0
+    assert health(gateway)["p-0"][0] == 1
+
+
+async def test_a_clients_deadline_shorter_than_the_handler_needs_is_the_clients(
+        make_gateway) -> None:
+    # the hostile case: a header must not eject healthy replicas, shrink the concurrency
+    # limit, nor spend the error budget. `pause` takes 40 ms; the client allows 2 ms
+    gateway, client, _ = await make_gateway({"p": (Picky, 2)})
+    for x in range(20):
+        assert (await post(client, "pause", x)).status_code == 200
+    limit = gateway.dispatcher.state(gateway.membership.get("p")).admission.limit.limit
+    for x in range(15):  # three times outlier_consecutive_failures
+        r = await client.post("/v1/deployments/p/pause", json={"x": x},
+                              headers={"x-request-timeout-ms": "2"})
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "deadline_exceeded"
+        assert r.json()["error"]["param"] == "x-request-timeout-ms"
+    assert retries(gateway) == 0
+    assert {rid: h[0] for rid, h in health(gateway).items()} == {"p-0": 0, "p-1": 0}
+    assert all(until == 0 for _, until in health(gateway).values())
+    assert gateway.dispatcher.state(gateway.membership.get("p")).admission.limit.limit >= limit
+    seen = await upstream(client)
+    assert sum(v for (_, outcome), v in seen.items() if outcome == "deadline") == 15, seen
+    assert not any(outcome in ("timeout", "5xx") for (_, outcome) in seen), seen
+    text = (await client.get("/metrics")).text
+    codes = {s.labels["code"]: s.value for f in text_string_to_metric_families(text)
+             for s in f.samples if s.name == "steadyserve_requests_total"
+             and s.labels["handler"] == "pause"}
+    assert codes == {"2xx": 20, "deadline": 15, "5xx": 0}, codes
+    # and the replicas still serve
+    assert (await post(client, "pause", 99)).json() == {"x": 99}
 
 
 async def test_a_dependency_that_is_down_is_passed_on_not_retried_nor_blamed(make_gateway) -> None:

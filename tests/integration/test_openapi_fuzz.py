@@ -14,8 +14,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import HERE
+
+
+def sum_samples(metrics_text: str, name: str, **labels: str) -> float:
+    return sum(sample.value for family in text_string_to_metric_families(metrics_text)
+               for sample in family.samples
+               if sample.name in (name, f"{name}_total")
+               and all(sample.labels.get(k) == v for k, v in labels.items()))
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -48,7 +56,11 @@ max_replicas = 2
     (tmp_path / "schemathesis.toml").write_text(
         "[checks.negative_data_rejection]\n"
         "expected-statuses = [400, 401, 403, 404, 405, 406, 409, 413, 414, 415, 422, 428, "
-        "429, 431]\n")
+        "429, 431]\n"
+        # a 504 is allowed here only to be checked below: every one must be a client deadline
+        # (a generated X-Request-Timeout-Ms of a few ms), never the gateway's own timeout
+        "[checks.not_a_server_error]\n"
+        'expected-statuses = ["2xx", "3xx", "4xx", 504]\n')
     gw = serve([], ready_timeout_s=120)
     headers = gw.admin_headers()
     assert headers, "the gateway wrote no admin key"
@@ -78,3 +90,12 @@ max_replicas = 2
     assert proc.returncode == 0, (failures or output)[-6000:] + "\n" + summary[-2000:]
     # the gateway is still healthy after the fuzzing
     assert httpx.get(f"{gw.url}/readyz", timeout=5).status_code == 200
+    # every 504 was a deadline the client set shorter than the handler needs, counted as the
+    # client's (code="deadline"), and none held against a replica
+    metrics = httpx.get(f"{gw.url}/metrics", headers=headers, timeout=10).text
+    gateway_504 = sum_samples(metrics, "steadyserve_request_errors", error="504")
+    deadlines = sum_samples(metrics, "steadyserve_requests", code="deadline")
+    assert gateway_504 == deadlines, (gateway_504, deadlines)
+    for outcome in ("timeout", "5xx"):
+        assert sum_samples(metrics, "steadyserve_upstream_attempts", outcome=outcome) == 0, outcome
+    assert sum_samples(metrics, "steadyserve_outlier_events", event="ejected") == 0

@@ -493,3 +493,75 @@ async def test_shed_reasons_name_the_rule():
     with pytest.raises(Overloaded) as shed:
         at_once(adm.acquire("batch", clock.now + LONG))
     assert shed.value.reason == "shed_batch"
+
+
+@pytest.mark.parametrize(
+    ("interactive_per_s", "completed_per_s", "shed"),
+    [
+        (60, 100, False),  # batch traffic holds the slots: interactive at 60 % is not shed
+        (5, 0, False),  # light load, nothing completing lately: limit / rtt = 100/s
+        (95, 100, True),  # interactive alone at capacity
+        (300, 100, True),  # interactive alone at 3x
+    ],
+)
+async def test_a_standing_interactive_line_is_shed_only_when_interactive_alone_overloads(
+        interactive_per_s, completed_per_s, shed):
+    clock = FakeClock()
+    adm = admission(clock, queue_interval_s=1.0, interactive_queue_target_s=0.005)
+    measured(adm, 0.02)  # limit 2 / 0.02 s: slots free at 100/s, one every 10 ms
+    await adm.acquire("batch", clock.now + LONG)
+    await adm.acquire("batch", clock.now + LONG)
+    line = [asyncio.create_task(adm.acquire("interactive", clock.now + LONG)) for _ in range(2)]
+    await settle()
+    assert len(adm.queues["interactive"]) == 2  # a line of two: standing, or a batch cycle
+    adm.codels["interactive"].overloaded = True  # its waits were over the 5 ms target
+    adm.interactive_arrivals.count, adm.interactive_arrivals.at = interactive_per_s, clock.now
+    adm.completions.count, adm.completions.at = completed_per_s, clock.now
+    third = adm.acquire("interactive", clock.now + LONG)  # would wait 3 × 10 ms
+    if shed:
+        with pytest.raises(Overloaded) as info:
+            at_once(third)
+        assert info.value.reason == "at_once"
+        await cleanup(adm, *line)
+    else:
+        task = asyncio.create_task(third)  # the calm allowance: it waits its turn
+        await settle()
+        assert len(adm.queues["interactive"]) == 3 and not task.done()
+        await cleanup(adm, *line, task)
+
+
+async def test_a_stalled_gateway_loop_does_not_spend_a_waiters_allowance():
+    # the expiry timer fires 0.2 s late by the clock: the gateway itself did not run, and the
+    # reply that frees a slot is read after the timer. The waiter keeps its place, once.
+    # (The timers are driven by hand: the real ones are LONG.)
+    clock = FakeClock()
+    adm = admission(clock)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    waiter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    queued = adm.queues["interactive"][0]
+    due = clock.now + 0.01
+    clock.advance(0.2)  # the stall, as the clock saw it
+    adm._expire("interactive", queued, due)
+    assert not waiter.done() and adm.queued == 1 and queued.extended
+    adm.release()  # the reply read after the stall hands its slot over
+    await settle()
+    assert waiter.done() and waiter.exception() is None
+    assert adm.shed["interactive"] == 0
+    # given once: a second late timer sheds it
+    late = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    queued = adm.queues["interactive"][0]
+    for _ in range(2):
+        clock.advance(0.2)
+        adm._expire("interactive", queued, clock.now - 0.2)
+    with pytest.raises(Overloaded) as info:
+        await promptly(late, 0.5)
+    assert info.value.reason == "waited"
+    # a timer on time sheds at once
+    on_time = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    adm._expire("interactive", adm.queues["interactive"][0], clock.now)
+    with pytest.raises(Overloaded):
+        await promptly(on_time, 0.5)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from steadyserve.policies.limit import AimdLimit, WindowedMin, unloaded_time
+from steadyserve.policies.limit import AimdLimit, DecayingRate, WindowedMin, unloaded_time
 
 MS = 0.001
 T0 = 1000.0
@@ -282,3 +282,18 @@ def test_windowed_min(samples, now, expected):
     for value, t in samples:
         w.add(value, t)
     assert w.value == expected
+
+
+def test_decaying_rate_holds_a_steady_rate_and_forgets_a_stopped_one():
+    rate = DecayingRate(tau_s=1.0)
+    assert rate.rate(0.0) == 0.0
+    t = 0.0
+    for _ in range(500):  # 100 per second for 5 s
+        t += 0.01
+        rate.add(t)
+    assert rate.rate(t) == pytest.approx(100, rel=0.02)
+    assert rate.rate(t + 1.0) == pytest.approx(100 / math.e, rel=0.02)
+    assert rate.rate(t + 10.0) < 0.01
+    rate.add(t + 10.0)
+    rate.add(t + 9.0)  # a clock that steps back never inflates the count
+    assert rate.rate(t + 10.0) == pytest.approx(2.0, abs=0.01)

@@ -1,4 +1,5 @@
-"""policies/outlier.py: OutlierPolicy.may_eject, HostHealth, record, start_probe, slow_start_weight."""
+"""policies/outlier.py: OutlierPolicy.may_eject, HostHealth, record, start_probe, slow_start_weight,
+timeout_blames_replica."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from steadyserve.policies.outlier import (
     sick,
     slow_start_weight,
     start_probe,
+    timeout_blames_replica,
 )
 
 POLICY = OutlierPolicy()  # 5 failures, 30 s base, 300 s cap, share 0.5, 10 s slow start
@@ -302,3 +304,22 @@ def test_handler_error_window_decays():
     for _ in range(20):
         w = note_answer(w, error=False, window=20)
     assert w.answers == 20 and w.ratio == pytest.approx(0.5)  # halved again: old errors fade
+
+
+@pytest.mark.parametrize(
+    ("budget_s", "handler_timeout_s", "p99_s", "blamed"),
+    [
+        (0.004, 60.0, 0.030, False),  # a client's 4 ms on a 30 ms model: the request's
+        (0.080, 60.0, 0.030, False),  # under 3 x p99
+        (0.085, 60.0, 0.030, True),  # 90 % of 3 x p99 had time enough: the replica hangs
+        (0.040, 60.0, 0.001, False),  # under the 50 ms floor: scheduling noise
+        (0.050, 60.0, 0.001, True),
+        (0.300, 60.0, None, False),  # nothing observed yet: only the handler's own timeout
+        (59.0, 60.0, None, True),
+        (0.5, 0.5, 2.0, True),  # the handler's whole timeout is always enough
+    ],
+)
+def test_a_timeout_is_the_replicas_only_when_it_had_the_time_the_handler_needs(
+        budget_s, handler_timeout_s, p99_s, blamed):
+    assert timeout_blames_replica(budget_s, handler_timeout_s=handler_timeout_s, p99_s=p99_s,
+                                  p99_multiple=3.0) is blamed

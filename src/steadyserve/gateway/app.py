@@ -24,7 +24,7 @@ from ..auth.keys import ROTATE_SCHEMA, spec_schema
 from ..cache.invalidation import messages as invalidation_messages
 from ..cache.tiered import CacheCollector, ResponseCache
 from ..config import Config
-from ..errors import SteadyError, to_http
+from ..errors import DeadlineExceeded, SteadyError, to_http
 from ..observe import tracing
 from ..observe.aggregate import MAX_REPLICA_METRICS_BYTES, REPLICA_METRICS_TIMEOUT_S, merge_replica_metrics
 from ..observe.metrics import GatewayMetrics
@@ -152,7 +152,7 @@ class Gateway:
             if obs.otlp_endpoint else None
         self._background: list[asyncio.Task[None]] = []
         self.alerting: AlertEngine | None = None
-        self._observers: dict[tuple[str, str, int], Callable[[float], None]] = {}
+        self._observers: dict[tuple[str, str, int, bool], Callable[[float], None]] = {}
         self.router = Router(ROUTES)
         # no key ring given (tests, embedded use): keys in memory, an admin key made up now
         self.keys = keys or KeyRing(refresh_s=config.auth.key_refresh_s)
@@ -215,7 +215,7 @@ class Gateway:
         resp.headers.append((b"traceparent", trace.header(span)))
         await self._send(req, resp, send)
         elapsed = time.perf_counter() - started
-        self._observe(req, resp.status, elapsed)
+        self._observe(req, resp.status, elapsed, req.call.deadline_exceeded)
         span.attributes.update({"http.status_code": resp.status, "deployment": req.deployment,
                                 "handler": req.handler, "request_id": req.request_id})
         span.end(error=resp.status >= 500)
@@ -232,6 +232,7 @@ class Gateway:
 
     def _error(self, req: Request, exc: BaseException) -> Response:
         err = to_http(exc)
+        req.call.deadline_exceeded = isinstance(exc, DeadlineExceeded)
         if not isinstance(exc, SteadyError):
             log.error("unhandled error on %s %s", req.method, req.path, exc_info=exc,
                       extra={"request_id": req.request_id})
@@ -264,22 +265,26 @@ class Gateway:
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _observe(self, req: Request, status: int, seconds: float) -> None:
+    def _observe(self, req: Request, status: int, seconds: float, deadline: bool) -> None:
         """Count and time inference requests only: they are the SLO (ErrorBudgetBurn) and
         the latency users see. Probes (a starting gateway's /readyz answers 503), scrapes,
-        admin calls and unknown routes or deployments would swamp both."""
+        admin calls and unknown routes or deployments would swamp both. A client deadline
+        shorter than the handler needs (504 deadline_exceeded) is counted as code="deadline",
+        not "5xx": one client's header must not spend everyone's error budget."""
         route = req.route
         if route is None or route.access != "infer" or req.deployment == "-":
             return
-        key = (req.deployment, req.handler, status)
+        key = (req.deployment, req.handler, status, deadline)
         observe = self._observers.get(key)
         if observe is None:
             observe = self._observers[key] = self._make_observer(*key)
         observe(seconds)
 
-    def _make_observer(self, deployment: str, handler: str, status: int) -> Callable[[float], None]:
+    def _make_observer(self, deployment: str, handler: str, status: int,
+                       deadline: bool = False) -> Callable[[float], None]:
         m = self.metrics
-        count = m.requests.labels(deployment, handler, f"{status // 100}xx").inc
+        klass = "deadline" if deadline else f"{status // 100}xx"
+        count = m.requests.labels(deployment, handler, klass).inc
         # the 5xx series exists at 0 from the first request: Prometheus' rate() does not count
         # a series' first sample, so an error series born with the first error would hide it
         m.requests.labels(deployment, handler, "5xx")

@@ -27,11 +27,15 @@ share of outcome="5xx", so "5xx" is only ever a reply in which the replica says 
     502/503 replica_unavailable (not ready, shut-   yes      yes      5xx            502
       ting down), replica_error
     504 timeout at the replica                      yes *    yes      5xx            504
+    a timeout (either kind) on a deadline shorter   no       -        deadline       504
+      than the handler normally needs (max(50 ms,     deadline_exceeded
+      3 × p99), its own timeout before any p99):
+      a client's short X-Request-Timeout-Ms
     no error code and no result, undecodable body   yes      yes      malformed      502
     connect refused/failed, reset, lost mid-reply   yes      yes      unavailable    502
     per-try timeout at the gateway                  yes *    yes      timeout        504
     reply over max_upstream_response_bytes          no       no       too_large      502
-    (* only while the request's deadline has room)
+    (* only while the request's deadline has room; - : the replica's health is untouched)
 
 A full batch queue is retried elsewhere (another replica may have room, and the retry budget
 bounds the extra load) but not counted: the replica is working at capacity, not broken, and
@@ -59,6 +63,7 @@ from .. import codec
 from ..config import ResilienceConfig
 from ..errors import (
     ConnectionLost,
+    DeadlineExceeded,
     NoReadyReplica,
     Quarantined,
     ReplicaTimeout,
@@ -83,6 +88,7 @@ from ..policies.outlier import (
     sick,
     slow_start_weight,
     start_probe,
+    timeout_blames_replica,
 )
 from ..policies.quarantine import Quarantine
 from ..policies.retry import RetryBudget, retry_backoff_s
@@ -129,6 +135,7 @@ class CallInfo:
     version: str | None = None  # the model version of the replica that answered
     cache: str = "-"  # how the response cache answered: hit, miss, stale, partial, …
     priority: str = "interactive"  # its admission class
+    deadline_exceeded: bool = False  # answered 504 deadline_exceeded: the client's deadline
 
 
 def input_key(handler: str, body: bytes) -> str:
@@ -453,6 +460,8 @@ class Dispatcher:
                 self.on_unavailable(d.name, endpoint)
             raise _Retryable(exc) from None
         except ReplicaTimeout as exc:
+            if self._clients_deadline(st, h, per_try, remaining):
+                raise self._deadline_exceeded(d, h, endpoint, per_try) from None
             self._failed(d, endpoint, "timeout")
             st.admission.on_failure(self.clock() - started)
             if per_try < remaining - 0.001:  # a per-try timeout: another replica may answer
@@ -482,6 +491,8 @@ class Dispatcher:
         wire: Any = message.get("error") if isinstance(message, dict) else None
         code = wire.get("code") if isinstance(wire, dict) else None
         code = code if isinstance(code, str) else None
+        if code == "timeout" and self._clients_deadline(st, h, per_try, remaining):
+            raise self._deadline_exceeded(d, h, endpoint, per_try)
         blame = blame_reply(reply.status, code, isinstance(wire, dict) and "retry_after_s" in wire)
         error: SteadyError = from_wire(wire) if blame is not MALFORMED else ReplicaUnavailable(
             f"replica {endpoint.replica_id} sent a malformed reply (status {reply.status})")
@@ -494,6 +505,28 @@ class Dispatcher:
         if blame.retry and (code != "timeout" or per_try < remaining - 0.001):
             raise _Retryable(error)
         raise error
+
+    def _clients_deadline(self, st: _DeploymentState, h: Handler, per_try: float,
+                          remaining: float) -> bool:
+        """Did an attempt time out on the request's own deadline (not a per-try timeout the
+        handler or hedging set), one shorter than this handler normally needs?"""
+        if per_try < remaining - 0.001:
+            return False
+        return not timeout_blames_replica(
+            per_try, handler_timeout_s=h.spec.options.timeout_s,
+            p99_s=st.window(h.name).quantile(0.99),
+            p99_multiple=self.cfg.per_try_timeout_p99_multiple)
+
+    def _deadline_exceeded(self, d: Deployment, h: Handler, endpoint: Endpoint,
+                           budget_s: float) -> DeadlineExceeded:
+        """The request's own deadline was shorter than this handler normally needs: no
+        replica failed and nothing is congested, so outlier detection, the concurrency limit
+        and the retry loop leave it alone (outcome="deadline")."""
+        self.metrics.count_upstream(d.name, endpoint.replica_id, "deadline")
+        return DeadlineExceeded(
+            f"no answer within the request's deadline ({budget_s * 1000:.0f} ms left of "
+            f"X-Request-Timeout-Ms): shorter than handler {h.name!r} normally needs",
+            param="x-request-timeout-ms")
 
     def _answered(self, d: Deployment, endpoint: Endpoint, now: float, outcome: str) -> None:
         """The replica answered (a result, or an error that is not its fault): for outlier

@@ -90,7 +90,8 @@ INFER_HEADERS: list[dict[str, Any]] = [
     {"name": "X-Request-Timeout-Ms", "in": "header", "required": False,
      "schema": {"type": "string"},
      "description": "whole milliseconds > 0: the deadline of the whole request, all attempts "
-                    "(at most [gateway] request_timeout_s)"},
+                    "(at most [gateway] request_timeout_s). One shorter than the handler "
+                    "normally needs answers 504 deadline_exceeded, held against no replica"},
 ]
 
 

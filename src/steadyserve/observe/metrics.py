@@ -81,7 +81,9 @@ class GatewayMetrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.requests = Counter(
-            "steadyserve_requests_total", "Client requests by outcome class",
+            "steadyserve_requests_total",
+            "Client requests by outcome class: 2xx, 4xx, 5xx, and deadline (504 when the "
+            "client's own X-Request-Timeout-Ms was shorter than the handler needs)",
             ["deployment", "handler", "code"], registry=r,
         )
         self.errors = Counter(

@@ -54,6 +54,30 @@ class WindowedMin:
         return None if least == math.inf else least
 
 
+@dataclass(slots=True)
+class DecayingRate:
+    """Events per second, weighted over about the last `tau_s` (an exponentially decayed
+    count: at a steady r per second it holds r × tau_s). Time is passed in."""
+
+    tau_s: float = 1.0
+    count: float = 0.0
+    at: float | None = None
+
+    def _decay(self, now: float) -> None:
+        if self.at is not None and now > self.at:
+            self.count *= math.exp(-(now - self.at) / self.tau_s)
+        if self.at is None or now > self.at:
+            self.at = now
+
+    def add(self, now: float, n: float = 1.0) -> None:
+        self._decay(now)
+        self.count += n
+
+    def rate(self, now: float) -> float:
+        self._decay(now)
+        return self.count / self.tau_s
+
+
 UNLOADED_WEIGHT = 0.05  # EWMA weight of one unloaded sample: about the last 20
 UNLOADED_QUEUE_SHARE = 0.1  # a sample that queued longer than this share of compute is loaded
 

@@ -157,6 +157,23 @@ def blame_reply(status: int, code: str | None, retry_after: bool) -> Blame:
     return HANDLER_ERROR  # handler_failed, or a service's own 5xx: the request's
 
 
+TIMEOUT_BLAME_SLACK = 0.9  # an attempt that had 90 % of what was needed had enough
+TIMEOUT_BLAME_FLOOR_S = 0.05  # under this, lateness is a busy machine's scheduling noise
+
+
+def timeout_blames_replica(budget_s: float, *, handler_timeout_s: float, p99_s: float | None,
+                           p99_multiple: float) -> bool:
+    """Is a timeout the replica's fault? Only when the attempt had the time this handler
+    normally needs: max(50 ms, multiple × its observed p99), or its own whole timeout while
+    nothing is observed yet. A shorter deadline (a client's X-Request-Timeout-Ms of 4 ms on
+    a 30 ms model) ran out on the request, not on the replica: holding it against the
+    replica would let any client eject healthy replicas and shrink the concurrency limit
+    with a header. A replica that hangs is still caught by any deadline over 3 × p99."""
+    needed = handler_timeout_s if p99_s is None else \
+        min(handler_timeout_s, max(TIMEOUT_BLAME_FLOOR_S, p99_multiple * p99_s))
+    return budget_s >= TIMEOUT_BLAME_SLACK * needed
+
+
 def _eject(h: HostHealth, now: float, policy: OutlierPolicy) -> HostHealth:
     ejections = h.ejections + 1
     duration = min(policy.max_ejection_s, policy.base_ejection_s * ejections)
