@@ -95,6 +95,7 @@ class GatewayConfig:
     max_connections: int = 2048  # open client connections; the oldest idle is closed first
     lingering_close_s: float = 2.0  # after an early answer (413), read and drop the rest this long…
     lingering_close_bytes: int = 8 * MiB  # …or this much, so the client reads the answer
+    send_timeout_s: float = 30.0  # a client that reads nothing of a response this long is cut off
     max_upstream_response_bytes: int = 256 * MiB  # a replica's answer larger than this is refused
 
     def __post_init__(self) -> None:
@@ -106,10 +107,10 @@ class GatewayConfig:
             raise ConfigError("compress_min_bytes must be >= 0")
         if self.request_timeout_s <= 0 or self.graceful_shutdown_s < 0:
             raise ConfigError("request_timeout_s must be > 0 and graceful_shutdown_s >= 0")
-        if min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s) <= 0 \
-                or self.lingering_close_s < 0:
-            raise ConfigError("header_timeout_s, body_timeout_s, keepalive_timeout_s must be > 0 "
-                              "and lingering_close_s >= 0")
+        if min(self.header_timeout_s, self.body_timeout_s, self.keepalive_timeout_s,
+               self.send_timeout_s) <= 0 or self.lingering_close_s < 0:
+            raise ConfigError("header_timeout_s, body_timeout_s, keepalive_timeout_s, "
+                              "send_timeout_s must be > 0 and lingering_close_s >= 0")
         if self.max_request_line_bytes < 256 or self.max_header_bytes < 1024 \
                 or self.max_headers < 8:
             raise ConfigError("need max_request_line_bytes >= 256, max_header_bytes >= 1024, "

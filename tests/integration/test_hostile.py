@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -24,13 +25,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from steadyserve.gateway.app import ROUTES
 
 from .conftest import ECHO, HERE, Running, start
-from .test_edge import RssWatch, assert_edge_error, connect, parse, read_until_closed, send_big_head
+from .test_edge import (
+    RssWatch,
+    address,
+    assert_edge_error,
+    connect,
+    parse,
+    read_until_closed,
+    send_big_head,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -283,7 +293,8 @@ def test_a_client_that_writes_a_2_mib_body_before_reading_gets_the_413(gw: Runni
 
 @pytest.fixture
 def small_edge(serve, tmp_path: Path) -> Running:
-    """A gateway with small edge limits: 3 s for a head, 2 s for a body, 16 connections."""
+    """A gateway with small edge limits: 3 s for a head, 2 s for a body, 16 connections, 1 s
+    for a client that reads nothing."""
     config = tmp_path / "edge.toml"
     config.write_text("""
 [gateway]
@@ -291,8 +302,52 @@ header_timeout_s = 3.0
 body_timeout_s = 2.0
 lingering_close_s = 1.0
 max_connections = 16
+send_timeout_s = 1.0
 """)
     return serve([ECHO, "--replicas", "1", "--config", str(config)])
+
+
+def test_a_client_that_reads_nothing_is_cut_off_and_leaves_no_socket(small_edge: Running
+                                                                      ) -> None:
+    # 8 clients each pipeline 300 requests for the OpenAPI document (~25 KB answers) and read
+    # nothing: their sockets fill, the gateway's write buffers pass the high-water mark, and
+    # send_timeout_s (1 s) later each connection is aborted — it held memory and a file
+    # descriptor for ever before (asyncio's close waits for a flush that never comes)
+    gw = small_edge
+    gateway = psutil.Process(gw.proc.pid)
+    size = len(httpx.get(f"{gw.url}/openapi.json", timeout=10).content)
+    fds = gateway.num_fds()
+    request = b"GET /openapi.json HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 300
+    with RssWatch(gw.proc.pid) as rss:
+        socks = []
+        for _ in range(8):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(10)
+            sock.connect(address(gw))
+            sock.sendall(request)
+            socks.append(sock)
+        time.sleep(4.0)  # send_timeout_s, with room for a slow machine
+        ended = []
+        for sock in socks:
+            got = 0
+            try:
+                while chunk := sock.recv(1 << 20):
+                    got += len(chunk)
+            except ConnectionResetError:
+                pass
+            sock.close()
+            ended.append(got)
+    assert all(got < 300 * size for got in ended), (ended, size)
+    deadline = time.monotonic() + 5
+    while gateway.num_fds() > fds and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"\n  8 clients reading none of 300 × {size // 1024} KiB: cut off, read "
+          f"{max(ended) // 1024} KiB at most, gateway fds {fds} → {gateway.num_fds()}, "
+          f"RSS +{rss.growth_mib:.1f} MiB")
+    assert gateway.num_fds() <= fds
+    assert rss.growth_mib <= MAX_GROWTH_MIB
+    assert httpx.get(f"{gw.url}/healthz", timeout=10).status_code == 200
 
 
 def test_short_bodies_and_slowloris_get_408_and_the_cap_sheds_idle_then_503(small_edge: Running

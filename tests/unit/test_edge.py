@@ -85,6 +85,7 @@ class FakeTransport:
         self.written = bytearray()
         self.eof = False
         self.closing = False
+        self.aborted = False
         self.paused = False
 
     def write(self, data: bytes) -> None:
@@ -100,6 +101,9 @@ class FakeTransport:
 
     def close(self) -> None:
         self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
 
     def is_closing(self) -> bool:
         return self.closing
@@ -160,7 +164,8 @@ async def _answer(send: Any, status: int, obj: Any) -> None:
 
 LIMITS = dict(max_request_line_bytes=1024, max_header_bytes=4096, max_headers=20,
               header_timeout_s=10.0, body_timeout_s=30.0, keepalive_timeout_s=15.0,
-              max_connections=100, lingering_close_s=2.0, lingering_close_bytes=256 * 1024)
+              max_connections=100, lingering_close_s=2.0, lingering_close_bytes=256 * 1024,
+              send_timeout_s=60.0)
 
 
 class Edge:
@@ -798,3 +803,38 @@ async def test_a_websocket_scope_is_declined_without_an_error():
 
     await gateway({"type": "websocket", "path": "/ws", "headers": []}, receive, send)
     assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+@pytest.mark.parametrize("then_idle", [False, True], ids=["mid-response", "after-close"])
+async def test_a_client_that_reads_nothing_is_cut_off_after_send_timeout(then_idle, make_edge):
+    # the transport says its buffer is over the high-water mark: the client is not reading
+    edge = make_edge(send_timeout_s=5.0, keepalive_timeout_s=2.0 if then_idle else 15.0)
+    conn = edge.connect()
+    conn.send(GET)
+    await settle()
+    conn.protocol.pause_writing()
+    edge.loop.advance(2.01)
+    # idle: the keep-alive timer closed it, and asyncio would wait to flush for ever
+    assert conn.transport.closing is then_idle and not conn.transport.aborted
+    edge.loop.advance(5.0 - 2.01 - 0.01)
+    assert not conn.transport.aborted
+    edge.loop.advance(0.02)
+    assert conn.transport.aborted and conn.protocol.phase is Phase.CLOSING
+    assert len(edge.cls.table) == 0
+    conn.lose()
+    assert edge.loop.live() == []
+
+
+async def test_a_client_that_reads_again_in_time_keeps_its_connection(make_edge):
+    edge = make_edge(send_timeout_s=5.0)
+    conn = edge.connect()
+    conn.send(GET)
+    await settle()
+    conn.protocol.pause_writing()
+    edge.loop.advance(4.9)
+    conn.protocol.resume_writing()  # it read: the buffer went under the low-water mark
+    edge.loop.advance(10.0)
+    assert not conn.transport.closing and not conn.transport.aborted
+    conn.send(GET)
+    await settle()
+    assert [status for status, _, _ in conn.responses()] == [200, 200]

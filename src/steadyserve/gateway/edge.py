@@ -8,12 +8,18 @@ A connection's parser is always in one phase, and each phase has at most one tim
     (idle: the first to be closed at max_connections)
 
 and CLOSING (an answer the edge wrote, or an early answer of the app) ends every connection
-the same way: a lingering close. Limits: the request line (414) and header fields (431) are
-counted as httptools delivers them, and, because httptools buffers a header it has not finished
-in memory, the raw bytes fed to it while a head is incomplete are capped at
-`max_request_line_bytes + max_header_bytes` (at most one socket read more when a head starts
-mid-read behind a pipelined request). Every error the edge writes is the gateway's JSON error
-body with `connection: close`.
+the same way: a lingering close. Writing has its own timer, in every phase: while the
+transport's write buffer is over its high-water mark (the client's socket is full: it is not
+reading), `send_timeout_s` runs, and when it ends the connection is aborted. Without it a
+client that never reads a large response held it in memory and its socket open for ever —
+even after a close, which asyncio delays until the buffer is flushed.
+
+Limits: the request line (414) and header fields (431) are counted as httptools delivers
+them, and, because httptools buffers a header it has not finished in memory, the raw bytes
+fed to it while a head is incomplete are capped at `max_request_line_bytes +
+max_header_bytes` (at most one socket read more when a head starts mid-read behind a
+pipelined request). Every error the edge writes is the gateway's JSON error body with
+`connection: close`.
 
 Why lingering: uvicorn closes a non-keep-alive connection as soon as its response is written.
 When the app answered before reading the body (413 on Content-Length, 415, 401), the rest of
@@ -185,6 +191,7 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
         self._answered = 0  # …and answered (by it or by the edge): ahead of an edge answer
         self._after: Literal["linger", "close"] | None = None  # how the completing response ends
         self._pending: bytes | None = None  # an edge answer waiting for the one ahead of it
+        self._write_timer: asyncio.TimerHandle | None = None  # while the client is not reading
 
     # connection ---------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -206,11 +213,37 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         self._unset_keepalive_if_required()  # uvicorn only does it when exc is None
         self.table.discard(self)
         self.phase = Phase.CLOSING
         self._pending = None
         super().connection_lost(exc)
+
+    # writing ------------------------------------------------------------------------------------
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.send_timeout_s,
+                                                     self._send_timeout)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _send_timeout(self) -> None:
+        """The client read nothing for send_timeout_s while a response waited: cut it off
+        (abort: close would wait for the buffer to drain, which is what never happens)."""
+        self._write_timer = None
+        self._cancel_timer()
+        self._unset_keepalive_if_required()
+        self.phase = Phase.CLOSING
+        self.table.discard(self)
+        self.transport.abort()
 
     def timeout_keep_alive_handler(self) -> None:
         self.timeout_keep_alive_task = None
