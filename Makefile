@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench bench-cache bench-overload bench-deps clean
+.PHONY: install run test test-fast lint bench bench-cache bench-overload bench-balancers bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -42,6 +42,9 @@ bench-cache: bench-deps  ## response cache, feature cache, affinity (benchmarks/
 
 bench-overload: bench-deps  ## one class at 3x capacity: goodput, rejections, accepted latency, loop lag
 	$(BIN)/python benchmarks/overload.py
+
+bench-balancers: install  ## power_of_two vs peak_ewma vs least_squares, one replica 3x slower and equal
+	$(BIN)/python benchmarks/balancers.py
 
 clean:
 	rm -rf $(VENV) .steadyserve .pytest_cache .mypy_cache .ruff_cache

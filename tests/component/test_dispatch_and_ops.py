@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import steadyserve
 from steadyserve.config import ResilienceConfig
+from steadyserve.policies.balancing import make_balancer
 
 from .services import Echo
 
@@ -93,3 +96,52 @@ async def test_metrics_parse_and_include_gateway_and_replica_series(make_gateway
     assert all(s.labels["deployment"] == "echo" for s in batch.samples)
     assert "steadyserve_replica_queue_depth" in families
     assert "steadyserve_replica_process_resident_memory_bytes" in families
+
+
+class Uneven(steadyserve.Service):
+    """A 10 ms handler; one replica is told to take `delay` instead (a throttled node)."""
+
+    def setup(self) -> None:
+        self.delay = 0.010
+        self.calls = 0
+
+    @steadyserve.handler
+    async def work(self, x: int) -> dict[str, int]:
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        return {"x": x}
+
+
+async def test_least_squares_learns_which_replica_is_slow_and_shows_its_fit(make_gateway):
+    gateway, client, deployments = await make_gateway(
+        {"u": (Uneven, 2)}, resilience=ResilienceConfig(admission=False))
+    d = gateway.membership.deployments["u"]
+    d.config = replace(d.config, balancer="least_squares")
+    d.balancer = make_balancer("least_squares")
+    deployments["u"].apps["u-0"].service.delay = 0.040  # four times slower
+    for start in range(0, 320, 8):  # 8 at a time
+        rs = await asyncio.gather(*(client.post("/v1/deployments/u/work", json={"x": i})
+                                    for i in range(start, start + 8)))
+        for i, r in zip(range(start, start + 8), rs, strict=True):
+            assert r.status_code == 200, r.text
+            assert r.json() == {"x": i}
+    calls = {rid: app.service.calls for rid, app in deployments["u"].apps.items()}
+    assert sum(calls.values()) == 320
+    # these replicas run requests concurrently, so the fit learns that queued work costs the
+    # fast one nothing: it takes nearly everything, the slow one its probes (1 in 50 picks)
+    # and what came before it was learnt
+    assert calls["u-1"] >= 0.85 * 320, calls
+    assert calls["u-0"] >= 320 // 50 - 1, calls
+    listed = (await client.get("/v1/deployments")).json()["deployments"]
+    fit = next(x for x in listed if x["name"] == "u")["balancer_fit"]
+    assert fit["u-1"]["samples"] == calls["u-1"] and fit["u-0"]["samples"] == calls["u-0"], fit
+    assert fit["u-0"]["base_s"] > 2 * fit["u-1"]["base_s"] > 0, fit
+    r = await client.get("/metrics")
+    samples = {(s.labels["replica"], s.labels["term"]): s.value
+               for f in text_string_to_metric_families(r.text) for s in f.samples
+               if s.name == "steadyserve_balancer_fit_seconds"}
+    assert samples[("u-0", "base_s")] == pytest.approx(fit["u-0"]["base_s"])
+    assert {term for _, term in samples} == {"base_s", "per_kib_s", "per_outstanding_s"}
+    # a replica that leaves takes its fit along
+    gateway.membership.remove("u", "u-0")
+    assert set(d.balancer.coefficients()) == {"u-1"}

@@ -1,4 +1,5 @@
-"""policies/balancing.py: RoundRobin, PowerOfTwo, PeakEwma, update_peak_ewma, make_balancer."""
+"""policies/balancing.py: RoundRobin, PowerOfTwo, PeakEwma, LeastSquares, update_peak_ewma,
+make_balancer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 from steadyserve.errors import ConfigError
 from steadyserve.policies.balancing import (
     BALANCERS,
+    LS_MIN_SAMPLES,
     Candidate,
+    LeastSquares,
     PeakEwma,
     PowerOfTwo,
     RoundRobin,
@@ -247,7 +250,8 @@ def test_update_peak_ewma_decays_monotonically_towards_faster_sample():
 
 @pytest.mark.parametrize(
     ("name", "cls"),
-    [("power_of_two", PowerOfTwo), ("round_robin", RoundRobin), ("peak_ewma", PeakEwma)],
+    [("power_of_two", PowerOfTwo), ("round_robin", RoundRobin), ("peak_ewma", PeakEwma),
+     ("least_squares", LeastSquares)],
 )
 def test_make_balancer_known_names(name, cls):
     assert type(make_balancer(name)) is cls
@@ -271,7 +275,7 @@ def test_make_balancer_unknown_name_lists_known_ones(name):
 
 
 def test_balancer_registry_names():
-    assert sorted(BALANCERS) == ["peak_ewma", "power_of_two", "round_robin"]
+    assert sorted(BALANCERS) == ["least_squares", "peak_ewma", "power_of_two", "round_robin"]
 
 
 # --- small deployments: the gateway's power_of_two scans them ------------------------------
@@ -297,3 +301,95 @@ def test_gateway_power_of_two_samples_two_of_four_or_more():
     rand = random.Random(1).random
     picks = Counter(balancer.pick(c, rand) for _ in range(2000))
     assert 0 < picks[0] < picks[3] < 2000, picks  # the idle one wins often, not always
+
+
+# --- LeastSquares ------------------------------------------------------------------------------
+
+class Rep:
+    """A replica as the dispatcher's Endpoint shows it to a balancer."""
+
+    def __init__(self, replica_id: str, outstanding: int = 0, ewma: float = 0.0) -> None:
+        self.replica_id, self.outstanding, self.ewma_latency_s = replica_id, outstanding, ewma
+
+
+def trained(**speeds: tuple[float, float, float]) -> LeastSquares:
+    """A balancer that has seen 200 answers per replica of latency = base + per_kib × KiB +
+    per_outstanding × outstanding (sizes 0-16 KiB, 0-5 outstanding)."""
+    ls = LeastSquares()
+    rng = random.Random(3)
+    for rid, (base, per_kib, per_out) in speeds.items():
+        for _ in range(200):
+            size, out = rng.uniform(0, 16), rng.randint(0, 5)
+            ls.observe(rid, size, out, base + per_kib * size + per_out * out)
+    return ls
+
+
+@pytest.mark.parametrize(
+    ("outstanding", "size", "expected"),
+    [
+        ((0, 0), 1.0, 0),  # both idle: the fast one
+        ((2, 0), 1.0, 0),  # fast with 2 queued (0.0301 s) beats slow idle (0.033 s)
+        ((3, 0), 1.0, 1),  # fast with 3 queued (0.0401 s) loses to slow idle (0.033 s)
+        ((3, 0), 0.0, 1),
+        ((3, 0), 15.0, 0),  # a 15 KiB request: slow idle 0.075 s, fast with 3 queued 0.0415 s
+    ],
+)
+def test_least_squares_picks_the_least_predicted_completion(outstanding, size, expected):
+    # fast: 10 ms + 0.1 ms/KiB + 10 ms per queued; slow (3x): 30 ms + 3 ms/KiB + 30 ms per queued
+    ls = trained(fast=(0.010, 0.0001, 0.010), slow=(0.030, 0.003, 0.030))
+    pool = [Rep("fast", outstanding[0]), Rep("slow", outstanding[1])]
+    assert ls.pick(pool, lambda: 0.0, size) == expected
+
+
+def test_least_squares_learns_the_coefficients_and_reports_them():
+    ls = trained(fast=(0.010, 0.0001, 0.010), slow=(0.030, 0.003, 0.030))
+    fit = ls.coefficients()
+    assert fit["slow"]["base_s"] == pytest.approx(0.030, abs=1e-3)
+    assert fit["slow"]["per_kib_s"] == pytest.approx(0.003, abs=1e-4)
+    assert fit["slow"]["per_outstanding_s"] == pytest.approx(0.030, abs=1e-3)
+    assert fit["fast"]["samples"] == 200
+
+
+def test_least_squares_costs_an_unlearnt_replica_by_peak_ewma():
+    ls = trained(fast=(0.010, 0.0, 0.010))
+    for _ in range(LS_MIN_SAMPLES - 1):
+        ls.observe("new", 1.0, 0, 0.001)
+    # the new replica's 19 fast answers are not enough for a fit; its EWMA says 5 ms × 1
+    assert ls.cost(Rep("new", 0, ewma=0.005), 1.0) == pytest.approx(0.005)
+    assert ls.pick([Rep("fast", 0), Rep("new", 0, ewma=0.005)], lambda: 0.0, 1.0) == 1
+    assert ls.pick([Rep("fast", 0), Rep("new", 0, ewma=0.050)], lambda: 0.0, 1.0) == 0
+
+
+def test_least_squares_clamps_a_negative_slope():
+    # a fit that says more queued work is faster must not attract traffic to a busy replica
+    ls = LeastSquares()
+    rng = random.Random(4)
+    for _ in range(200):
+        out = rng.randint(0, 5)
+        ls.observe("odd", 1.0, out, 0.05 - 0.005 * out)
+    assert ls.coefficients()["odd"]["per_outstanding_s"] < 0
+    assert ls.cost(Rep("odd", 5), 1.0) >= ls.cost(Rep("odd", 0), 1.0)
+
+
+def test_least_squares_ties_are_broken_at_random_and_many_replicas_use_two_choices():
+    ls = LeastSquares()  # nothing learnt: equal peak-EWMA costs, a tie every time
+    rng = random.Random(6)
+    assert Counter(ls.pick([Rep(f"r{i}") for i in range(3)], rng.random) for _ in range(300)) \
+        .keys() == {0, 1, 2}
+    pool, seen = probes(20)
+    ls.pick(pool, seq(0.1, 0.5))
+    assert set(seen) <= {2, 10}  # only the two sampled ones were looked at
+
+
+def test_least_squares_forgets_replicas_that_left():
+    ls = trained(a=(0.01, 0.0, 0.01), b=(0.01, 0.0, 0.01))
+    ls.retain({"a"})
+    assert set(ls.coefficients()) == {"a"}
+
+
+def test_least_squares_probes_a_passed_over_replica_every_50_picks():
+    # slow once: without a probe it would never be chosen again, nor seen to recover
+    ls = trained(fast=(0.010, 0.0, 0.010), slow=(0.030, 0.0, 0.030))
+    pool = [Rep("fast"), Rep("slow")]
+    picks = [ls.pick(pool, lambda: 0.0, 1.0) for _ in range(500)]
+    assert [i for i, p in enumerate(picks) if p == 1] == list(range(50, 500, 50))  # 2 %

@@ -71,7 +71,7 @@ def test_unknown_balancer_lists_known_ones():
         assert known in str(info.value)
 
 
-@pytest.mark.parametrize("balancer", ["power_of_two", "round_robin", "peak_ewma"])
+@pytest.mark.parametrize("balancer", ["power_of_two", "round_robin", "peak_ewma", "least_squares"])
 def test_known_balancers_accepted(balancer):
     assert dep(balancer=balancer).balancer == balancer
 

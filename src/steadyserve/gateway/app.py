@@ -27,7 +27,7 @@ from ..config import Config
 from ..errors import DeadlineExceeded, SteadyError, to_http
 from ..observe import tracing
 from ..observe.aggregate import MAX_REPLICA_METRICS_BYTES, REPLICA_METRICS_TIMEOUT_S, merge_replica_metrics
-from ..observe.metrics import GatewayMetrics
+from ..observe.metrics import BalancerFitCollector, GatewayMetrics
 
 if TYPE_CHECKING:
     from ..observe.alerting import AlertEngine
@@ -144,6 +144,7 @@ class Gateway:
                 config.cache, origin=uuid.uuid4().hex, on_remote_invalidate=self.broadcast_invalidate,
                 lookup_counter=lambda level, result: lookups.labels(level, result).inc())
             self.metrics.registry.register(CacheCollector(self.cache))
+        self.metrics.registry.register(BalancerFitCollector(self.balancer_fits))
         self._spawned: set[asyncio.Task[None]] = set()
         self.draining = False
         obs = config.observability
@@ -395,9 +396,23 @@ class Gateway:
         return {"told": sum(told), "failed": len(told) - sum(told)}
 
     # status ------------------------------------------------------------------------------------
+    def balancer_fits(self) -> dict[str, dict[str, dict[str, float]]]:
+        """{deployment: {replica: coefficients}} for deployments whose balancer learns."""
+        out = {}
+        for d in self.membership.deployments.values():
+            coefficients = getattr(d.balancer, "coefficients", None)
+            if coefficients is not None:
+                out[d.name] = coefficients()
+        return out
+
     def describe(self, d: Deployment) -> dict[str, Any]:
+        coefficients = getattr(d.balancer, "coefficients", None)
         return {
             "name": d.name,
+            "balancer": d.config.balancer,
+            # least_squares: per replica, latency ≈ base_s + per_kib_s × KiB + per_outstanding_s
+            # × outstanding, and how many answers the fit has seen
+            **({"balancer_fit": coefficients()} if coefficients is not None else {}),
             "service": d.service or d.config.service,
             "version": d.version,
             "desired_replicas": d.config.replicas,

@@ -190,6 +190,9 @@ class Dispatcher:
         batch = max((h.spec.options.max_batch_size for h in d.handlers.values()
                      if h.spec.options.batch), default=1)
         self.state(d).admission.resize(d.config.replicas, batch)
+        retain = getattr(d.balancer, "retain", None)  # a learning balancer forgets the gone
+        if retain is not None:
+            retain({e.replica_id for e in d.endpoints})
 
     def on_replica_crash(self, deployment: str, keys: list[str]) -> None:
         """A replica died while its model was executing these inputs: blame them."""
@@ -273,7 +276,7 @@ class Dispatcher:
                 if pause > 0.0005:
                     await asyncio.sleep(pause)
                 self.metrics.retries.labels(d.name).inc()
-            endpoint = self._pick(d, tried, affinity if not tried else None)
+            endpoint = self._pick(d, tried, affinity if not tried else None, len(body) / 1024)
             if endpoint is None:
                 break
             tried.append(endpoint)
@@ -306,7 +309,7 @@ class Dispatcher:
             if delay is not None:
                 done, _ = await asyncio.wait(tasks, timeout=min(delay, deadline - self.clock()))
             if not done and delay is not None and st.budget.try_spend(self.clock()):
-                second = self._pick(d, tried)
+                second = self._pick(d, tried, size=len(body) / 1024)
                 if second is not None:
                     tried.append(second)
                     self.metrics.hedges.labels(d.name).inc()
@@ -336,7 +339,9 @@ class Dispatcher:
                 if not task.done():
                     task.cancel()  # the loser: closing its connection cancels it at the replica
 
-    def _pick(self, d: Deployment, tried: list[Endpoint], affinity: str | None = None) -> Endpoint | None:
+    def _pick(self, d: Deployment, tried: list[Endpoint], affinity: str | None = None,
+              size: float = 0.0) -> Endpoint | None:
+        """A replica for the next attempt; `size` is the request body's KiB (least_squares)."""
         now = self.clock()
         candidates: list[Endpoint] = []
         ramping: list[Endpoint] = []
@@ -368,7 +373,7 @@ class Dispatcher:
             ring = self._ring(pool)
             return pool[pick_bounded(ring, [e.outstanding for e in pool], stable_hash(affinity),
                                      balance=self.affinity_balance)]
-        return pool[d.balancer.pick(pool, self.rand)]
+        return pool[d.balancer.pick(pool, self.rand, size)]
 
     def _ring(self, pool: list[Endpoint]) -> HashRing:
         ids = tuple(e.replica_id for e in pool)
@@ -447,6 +452,7 @@ class Dispatcher:
             headers.append((b"traceparent", trace.header(span)))
             if trace.tracestate:
                 headers.append((b"tracestate", trace.tracestate.encode()))
+        held = endpoint.outstanding
         endpoint.outstanding += 1
         try:
             reply = await self.transport.request(
@@ -482,6 +488,9 @@ class Dispatcher:
             endpoint.ewma_latency_s = update_peak_ewma(endpoint.ewma_latency_s, endpoint.ewma_at,
                                                        latency, now)
             endpoint.ewma_at = now
+            observe = getattr(d.balancer, "observe", None)  # least_squares learns per answer
+            if observe is not None:
+                observe(endpoint.replica_id, len(body) / 1024, held, latency)
             st.admission.on_sample(queue_s=float(message.get("q", 0.0)),
                                    service_s=float(message.get("s", 0.0)),
                                    batched=h.spec.options.batch, rtt_s=latency,

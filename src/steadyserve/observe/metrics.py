@@ -10,7 +10,7 @@ before its first check) has no sample rather than a misleading 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -226,3 +226,25 @@ class GatewayMetrics:
         _remove_children(self.upstream, UPSTREAM_LABELS, match)
         _remove_children(self.pool_connections, POOL_LABELS, match)
         self._pools.discard((deployment, replica_id))
+
+
+class BalancerFitCollector(Collector):
+    """The least_squares balancer's per-replica fit, read at scrape time: only replicas in
+    rotation have a fit (the balancer forgets the ones that leave), so no retired series."""
+
+    def __init__(self, fits: Callable[[], Mapping[str, Mapping[str, Mapping[str, float]]]]) -> None:
+        self.fits = fits  # {deployment: {replica: {term: value, "samples": n}}}
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "steadyserve_balancer_fit_seconds",
+            "least_squares balancer: latency ≈ base_s + per_kib_s × request KiB + "
+            "per_outstanding_s × requests outstanding, fitted per replica",
+            labels=["deployment", "replica", "term"])
+        for deployment, replicas in self.fits().items():
+            for replica, terms in replicas.items():
+                for term, value in terms.items():
+                    if term != "samples":
+                        g.add_metric([deployment, replica, term], value)
+        yield g
+

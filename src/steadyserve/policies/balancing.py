@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import ConfigError
+from .rls import Rls
 
 
 class Load(Protocol):
@@ -30,7 +31,8 @@ class Candidate:
 
 
 class Balancer(Protocol):
-    def pick(self, candidates: Sequence[Load], rand: Callable[[], float]) -> int: ...
+    def pick(self, candidates: Sequence[Load], rand: Callable[[], float],
+             size: float = 0.0) -> int: ...
 
 
 class RoundRobin:
@@ -39,7 +41,8 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def pick(self, candidates: Sequence[Load], rand: Callable[[], float]) -> int:
+    def pick(self, candidates: Sequence[Load], rand: Callable[[], float],
+             size: float = 0.0) -> int:
         index = self._next % len(candidates)
         self._next = index + 1
         return index
@@ -73,7 +76,8 @@ class PowerOfTwo:
     def __init__(self, scan_all_below: int = 0) -> None:
         self.scan_all_below = scan_all_below
 
-    def pick(self, candidates: Sequence[Load], rand: Callable[[], float]) -> int:
+    def pick(self, candidates: Sequence[Load], rand: Callable[[], float],
+             size: float = 0.0) -> int:
         n = len(candidates)
         if n == 1:
             return 0
@@ -97,7 +101,8 @@ class PeakEwma:
     def __init__(self, default_latency_s: float = 0.01) -> None:
         self.default_latency_s = default_latency_s
 
-    def pick(self, candidates: Sequence[Load], rand: Callable[[], float]) -> int:
+    def pick(self, candidates: Sequence[Load], rand: Callable[[], float],
+             size: float = 0.0) -> int:
         n = len(candidates)
         if n == 1:
             return 0
@@ -118,10 +123,92 @@ def update_peak_ewma(
     return current_s * weight + sample_s * (1 - weight)
 
 
+LS_FEATURES = ("base_s", "per_kib_s", "per_outstanding_s")  # y ≈ θ · [1, KiB, outstanding]
+LS_MIN_SAMPLES = 20  # before this many, a replica is costed by peak-EWMA
+LS_SCAN_ALL_UP_TO = 8  # more replicas than this: two random choices, compared by prediction
+LS_PROBE_EVERY = 50  # a replica not chosen in this many picks gets the next request
+
+
+class LeastSquares:
+    """Smallest predicted completion time, for replicas that differ (a GPU and a CPU, a
+    throttled node). Per replica an online least-squares fit (`policies.rls`, forgetting
+    0.99: about the last 100 answers) of the gateway-observed latency against the request's
+    size (KiB of body: inputs, tokens and bytes all scale it) and the requests already
+    outstanding there; a new request goes where base + per_kib × size + per_outstanding ×
+    outstanding is least. P2C on outstanding counts requests, not their cost, and peak-EWMA
+    multiplies one latency by the queue: neither sees that a replica is slower per request
+    *and* per queued request, or that a large request favours the fast one more.
+
+    Coefficients are clamped at 0 when predicting (a noisy fit must not make a busy
+    replica look cheaper); a replica with fewer than LS_MIN_SAMPLES answers is costed by
+    peak-EWMA. A fit is only as fresh as the replica's last answer: one never chosen (it
+    was slow once) would never be seen to recover, so a replica passed over for
+    LS_PROBE_EVERY picks gets the next request — at most 2 % of traffic each."""
+
+    def __init__(self, default_latency_s: float = 0.01, forgetting: float = 0.99) -> None:
+        self.default_latency_s = default_latency_s
+        self.forgetting = forgetting
+        self.fits: dict[str, Rls] = {}
+        self.picks = 0
+        self.last_picked: dict[str, int] = {}
+
+    def cost(self, c: Load, size: float) -> float:
+        fit = self.fits.get(getattr(c, "replica_id", ""))
+        if fit is None or fit.samples < LS_MIN_SAMPLES:
+            return peak_ewma_cost(c, self.default_latency_s)
+        base, per_kib, per_outstanding = fit.theta
+        return max(1e-6, base + max(0.0, per_kib) * size + max(0.0, per_outstanding) * c.outstanding)
+
+    def pick(self, candidates: Sequence[Load], rand: Callable[[], float],
+             size: float = 0.0) -> int:
+        n = len(candidates)
+        if n == 1:
+            return 0
+        self.picks += 1
+        index = self._choose(candidates, rand, size)
+        ids = [getattr(c, "replica_id", "") for c in candidates]
+        for rid in ids:  # a replica seen for the first time starts its count now
+            self.last_picked.setdefault(rid, self.picks)
+        stale = min(range(n), key=lambda i: self.last_picked[ids[i]])
+        if self.picks - self.last_picked[ids[stale]] >= LS_PROBE_EVERY:
+            index = stale
+        self.last_picked[ids[index]] = self.picks
+        return index
+
+    def _choose(self, candidates: Sequence[Load], rand: Callable[[], float], size: float) -> int:
+        n = len(candidates)
+        if n > LS_SCAN_ALL_UP_TO:
+            a, b = _two_distinct(n, rand)
+            return b if self.cost(candidates[b], size) < self.cost(candidates[a], size) else a
+        costs = [self.cost(c, size) for c in candidates]
+        best = min(costs)
+        tied = [i for i, cost in enumerate(costs) if cost <= best * (1 + 1e-9)]
+        return tied[min(len(tied) - 1, int(rand() * len(tied)))]
+
+    def observe(self, replica_id: str, size: float, outstanding: int, latency_s: float) -> None:
+        """One answer: `outstanding` is what the replica held when the request was sent."""
+        fit = self.fits.get(replica_id)
+        if fit is None:
+            fit = self.fits[replica_id] = Rls(len(LS_FEATURES), forgetting=self.forgetting)
+        fit.update((1.0, size, float(outstanding)), latency_s)
+
+    def retain(self, replica_ids: set[str]) -> None:
+        """Forget the fits of replicas that left (a rollout retires ids for good)."""
+        for rid in [r for r in self.fits if r not in replica_ids]:
+            del self.fits[rid]
+        for rid in [r for r in self.last_picked if r not in replica_ids]:
+            del self.last_picked[rid]
+
+    def coefficients(self) -> dict[str, dict[str, float]]:
+        return {rid: {**dict(zip(LS_FEATURES, fit.theta, strict=True)), "samples": fit.samples}
+                for rid, fit in self.fits.items()}
+
+
 BALANCERS: dict[str, Callable[[], Balancer]] = {
     "power_of_two": lambda: PowerOfTwo(scan_all_below=SCAN_ALL_BELOW),
     "round_robin": RoundRobin,
     "peak_ewma": PeakEwma,
+    "least_squares": LeastSquares,
 }
 
 
