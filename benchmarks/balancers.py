@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from services.uneven import service_time_s
 from serving import REPO, Server, free_port, git_state, log, machine_info, running, steadyserve_argv
 
-from steadyserve.testing.load import in_window, is_ok, run_load
+from steadyserve.testing.load import all_of, in_window, is_ok, percentile, run_load
 
 RESULTS = REPO / "benchmarks" / "results"
 BALANCER_NAMES = ("power_of_two", "peak_ewma", "least_squares")
@@ -42,15 +42,10 @@ def texts(n: int, seed: int) -> list[str]:
     return ["x" * rng.randint(100, 4000) for _ in range(n)]
 
 
-def quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def raw_model(corpus: list[str]) -> dict[str, float]:
     """The compute alone for the same requests on a fast replica: the floor of any latency."""
     times = [service_time_s(len(t)) for t in corpus]
-    return {"p50_s": quantile(times, 0.5), "p99_s": quantile(times, 0.99),
+    return {"p50_s": percentile(times, 50) or 0.0, "p99_s": percentile(times, 99) or 0.0,
             "mean_s": statistics.fmean(times)}
 
 
@@ -72,16 +67,16 @@ async def one(balancer: str, slow_factor: float, rate: float, duration_s: float,
         await run_load(url, rate, warm_s, body_fn=lambda i: body(i + 7919))
         result = await run_load(url, rate, duration_s, body_fn=body, timeout_s=10.0)
     window = in_window(1.0, duration_s)
-    oks = [r.latency_s for r in result.select(is_ok, window) if r.latency_s is not None]
     share = result.replica_share(1.0, duration_s)
     info.update({
         "requests": result.total, "errors": result.error_count(),
-        "p50_s": quantile(oks, 0.5) if oks else None,
-        "p99_s": quantile(oks, 0.99) if oks else None,
+        "error_kinds": dict(result.errors()), "error_codes": dict(result.error_codes()),
+        "p50_s": result.p50(all_of(is_ok, window)), "p99_s": result.p99(all_of(is_ok, window)),
+        "max_send_lag_s": result.max_send_lag_s(),
         "slow_share": share.get("uneven-0", 0.0), "share": share,
     })
     log(f"{balancer} x{slow_factor:g}: p50 {info['p50_s']} p99 {info['p99_s']} "
-        f"errors {info['errors']} share {share}")
+        f"errors {info['error_codes'] or info['error_kinds']} share {share}")
     return info
 
 
