@@ -25,6 +25,14 @@ def admission(clock: FakeClock, **overrides) -> Admission:
     return Admission(ResilienceConfig(**cfg), replicas=2, clock=clock)
 
 
+async def saturated(clock: FakeClock, **overrides) -> Admission:
+    """An Admission (limit 2) with both slots held by interactive requests."""
+    adm = admission(clock, **overrides)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    return adm
+
+
 async def settle(rounds: int = 10) -> None:
     for _ in range(rounds):
         await asyncio.sleep(0)
@@ -121,9 +129,7 @@ async def test_third_waits_and_gets_the_slot_on_release():
 
 async def test_new_arrivals_queue_behind_waiters_even_when_a_slot_is_free():
     clock = FakeClock()
-    adm = admission(clock)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock)
     waiter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
     await settle()
     adm.limit.limit = 3.0  # room now, but someone is waiting: no overtaking on the fast path
@@ -142,9 +148,7 @@ async def test_new_arrivals_queue_behind_waiters_even_when_a_slot_is_free():
 
 async def test_interactive_waiters_go_before_earlier_batch_waiters():
     clock = FakeClock()
-    adm = admission(clock)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock)
     order: list[str] = []
 
     async def client(name: str, priority: str) -> None:
@@ -169,9 +173,7 @@ async def test_interactive_waiters_go_before_earlier_batch_waiters():
 
 async def test_overloaded_batch_class_waits_only_the_target_interactive_the_interval():
     clock = FakeClock()
-    adm = admission(clock, queue_target_s=0.01)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_target_s=0.01)
     adm.codels["batch"].overloaded = True
     started = time.monotonic()
     with pytest.raises(Overloaded) as info:
@@ -217,9 +219,7 @@ async def test_batch_share_of_the_queue_is_capped():
 
 async def test_full_queue_interactive_evicts_the_newest_batch_waiter():
     clock = FakeClock()
-    adm = admission(clock, queue_max=2, batch_queue_share=1.0)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_max=2, batch_queue_share=1.0)
     older = asyncio.create_task(adm.acquire("batch", clock.now + LONG))
     await settle()
     newer = asyncio.create_task(adm.acquire("batch", clock.now + LONG))
@@ -244,9 +244,7 @@ async def test_full_queue_interactive_evicts_the_newest_batch_waiter():
 @pytest.mark.parametrize("priority", ["batch", "interactive"])
 async def test_full_queue_without_batch_waiters_refuses(priority):
     clock = FakeClock()
-    adm = admission(clock, queue_max=2, batch_queue_share=1.0)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_max=2, batch_queue_share=1.0)
     queued = [asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
               for _ in range(2)]
     await settle()
@@ -260,9 +258,7 @@ async def test_full_queue_without_batch_waiters_refuses(priority):
 
 async def test_full_queue_batch_arrival_refused_even_with_batch_waiters():
     clock = FakeClock()
-    adm = admission(clock, queue_max=2, batch_queue_share=1.0)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_max=2, batch_queue_share=1.0)
     queued = [asyncio.create_task(adm.acquire(p, clock.now + LONG))
               for p in ("interactive", "batch")]
     await settle()
@@ -274,9 +270,7 @@ async def test_full_queue_batch_arrival_refused_even_with_batch_waiters():
 
 async def test_queue_max_zero_refuses_everything_past_the_limit():
     clock = FakeClock()
-    adm = admission(clock, queue_max=0)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_max=0)
     for priority in ("interactive", "batch"):
         with pytest.raises(Overloaded):
             at_once(adm.acquire(priority, clock.now + LONG))
@@ -288,9 +282,7 @@ async def test_queue_max_zero_refuses_everything_past_the_limit():
 
 async def test_waiter_refused_when_its_allowance_passes():
     clock = FakeClock()
-    adm = admission(clock, queue_target_s=0.005, queue_interval_s=0.01)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_target_s=0.005, queue_interval_s=0.01)
     started = time.monotonic()
     with pytest.raises(Overloaded):
         await promptly(adm.acquire("interactive", clock.now + LONG), 0.5)
@@ -317,9 +309,7 @@ async def test_waiter_with_no_time_left_refused_at_once(deadline_in):
 
 async def test_dequeue_feeds_codel_with_the_fake_clock_wait():
     clock = FakeClock()
-    adm = admission(clock, queue_target_s=0.005, queue_interval_s=LONG)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_target_s=0.005, queue_interval_s=LONG)
     tasks = [asyncio.create_task(adm.acquire("interactive", clock.now + LONG)) for _ in range(2)]
     await settle()
     clock.advance(0.5)
@@ -337,9 +327,7 @@ async def test_dequeue_feeds_codel_with_the_fake_clock_wait():
 
 async def test_cancelled_waiter_leaves_the_queue():
     clock = FakeClock()
-    adm = admission(clock)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock)
     waiter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
     await settle()
     waiter.cancel()
@@ -353,9 +341,7 @@ async def test_cancelled_waiter_leaves_the_queue():
 
 async def test_cancelled_waiter_that_was_just_handed_a_slot_passes_it_on():
     clock = FakeClock()
-    adm = admission(clock)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock)
     doomed = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
     await settle()
     nxt = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
@@ -377,9 +363,7 @@ async def test_cancelled_waiter_that_was_just_handed_a_slot_passes_it_on():
 
 async def test_waiter_cancelled_just_after_the_handover_is_still_cancelled():
     clock = FakeClock()
-    adm = admission(clock)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock)
     doomed = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
     await settle()
     nxt = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
@@ -460,9 +444,7 @@ async def test_a_request_that_would_wait_out_its_allowance_is_refused_at_once():
 
 async def test_nothing_measured_yet_means_the_request_queues():
     clock = FakeClock()
-    adm = admission(clock, queue_interval_s=0.1)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_interval_s=0.1)
     tasks = [asyncio.create_task(adm.acquire("interactive", clock.now + LONG)) for _ in range(3)]
     await settle()
     assert adm.queued == 3
@@ -483,9 +465,7 @@ async def test_the_interactive_target_follows_half_an_unloaded_round_trip():
 
 async def test_shed_reasons_name_the_rule():
     clock = FakeClock()
-    adm = admission(clock, queue_max=0)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock, queue_max=0)
     with pytest.raises(Overloaded) as full:
         at_once(adm.acquire("interactive", clock.now + LONG))
     assert full.value.reason == "queue_full"
@@ -535,9 +515,7 @@ async def test_a_stalled_gateway_loop_does_not_spend_a_waiters_allowance():
     # reply that frees a slot is read after the timer. The waiter keeps its place, once.
     # (The timers are driven by hand: the real ones are LONG.)
     clock = FakeClock()
-    adm = admission(clock)
-    await adm.acquire("interactive", clock.now + LONG)
-    await adm.acquire("interactive", clock.now + LONG)
+    adm = await saturated(clock)
     waiter = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
     await settle()
     queued = adm.queues["interactive"][0]

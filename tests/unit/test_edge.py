@@ -805,14 +805,21 @@ async def test_a_websocket_scope_is_declined_without_an_error():
     assert sent == [{"type": "websocket.close", "code": 1008}]
 
 
-@pytest.mark.parametrize("then_idle", [False, True], ids=["mid-response", "after-close"])
-async def test_a_client_that_reads_nothing_is_cut_off_after_send_timeout(then_idle, make_edge):
-    # the transport says its buffer is over the high-water mark: the client is not reading
-    edge = make_edge(send_timeout_s=5.0, keepalive_timeout_s=2.0 if then_idle else 15.0)
+async def not_reading(edge: Edge) -> Conn:
+    """A connection that was answered once, and whose client then stopped reading (the
+    transport says its buffer is over the high-water mark)."""
     conn = edge.connect()
     conn.send(GET)
     await settle()
     conn.protocol.pause_writing()
+    return conn
+
+
+@pytest.mark.parametrize("then_idle", [False, True], ids=["mid-response", "after-close"])
+async def test_a_client_that_reads_nothing_is_cut_off_after_send_timeout(then_idle, make_edge):
+    # the transport says its buffer is over the high-water mark: the client is not reading
+    edge = make_edge(send_timeout_s=5.0, keepalive_timeout_s=2.0 if then_idle else 15.0)
+    conn = await not_reading(edge)
     edge.loop.advance(2.01)
     # idle: the keep-alive timer closed it, and asyncio would wait to flush for ever
     assert conn.transport.closing is then_idle and not conn.transport.aborted
@@ -827,10 +834,7 @@ async def test_a_client_that_reads_nothing_is_cut_off_after_send_timeout(then_id
 
 async def test_a_client_that_reads_again_in_time_keeps_its_connection(make_edge):
     edge = make_edge(send_timeout_s=5.0)
-    conn = edge.connect()
-    conn.send(GET)
-    await settle()
-    conn.protocol.pause_writing()
+    conn = await not_reading(edge)
     edge.loop.advance(4.9)
     conn.protocol.resume_writing()  # it read: the buffer went under the low-water mark
     edge.loop.advance(10.0)
