@@ -543,3 +543,17 @@ async def test_a_stalled_gateway_loop_does_not_spend_a_waiters_allowance():
     adm._expire("interactive", adm.queues["interactive"][0], clock.now)
     with pytest.raises(Overloaded):
         await promptly(on_time, 0.5)
+
+
+async def test_an_overloaded_class_gets_no_stall_grace():
+    clock = FakeClock()
+    adm = await saturated(clock, queue_target_s=LONG / 2)
+    adm.codels["batch"].overloaded = True  # batch traffic alone overloads: short allowance
+    waiter = asyncio.create_task(adm.acquire("batch", clock.now + LONG))
+    await settle()
+    queued = adm.queues["batch"][0]
+    clock.advance(0.2)
+    adm._expire("batch", queued, clock.now - 0.2)  # late, but its class sheds on its clock
+    with pytest.raises(Overloaded) as info:
+        await promptly(waiter, 0.5)
+    assert info.value.reason == "waited"

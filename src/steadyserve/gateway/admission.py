@@ -77,7 +77,7 @@ LATE_TIMER_S = 0.010  # an expiry timer this late means the gateway's own loop s
 class _Waiter:
     future: asyncio.Future[None]
     enqueued_at: float
-    extended: bool = False  # its allowance was given back once for a stalled loop
+    extended: bool = False  # no (more) stall grace: given once, or its class is overloaded
 
 
 class Admission:
@@ -150,8 +150,10 @@ class Admission:
             # calm allowance, whatever CoDel says. Interactive traffic is shed only when it
             # alone overloads, and a starved CPU sheds nobody at light load
             allowance = min(self.cfg.queue_interval_s, remaining)
+            calm = True
         else:
             allowance = min(codel.max_wait_s(now), remaining)
+            calm = not codel.overloaded
         expected = self._expected_wait_s(priority)
         if expected > allowance:
             # it would time out in the queue: say so now. The queue may stay empty meanwhile,
@@ -159,7 +161,8 @@ class Admission:
             codel.on_enqueue()
             self._reject(priority, "at_once")
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(loop.create_future(), now)
+        # an overloaded class sheds on its own clock: no stall grace for its waiters
+        waiter = _Waiter(loop.create_future(), now, extended=not calm)
         self.queues[priority].append(waiter)
         codel.on_enqueue()
         # a timer, not asyncio.wait_for: on 3.11 wait_for can swallow a cancellation that
@@ -202,8 +205,9 @@ class Admission:
         late = self.clock() - due
         if late > LATE_TIMER_S and not waiter.extended and not waiter.future.done():
             # the gateway itself did not run (a starved CPU stalled its loop): replies that
-            # came in meanwhile are read after this timer and will free slots. Give the
-            # time the stall took back, once, before calling the wait the queue's fault
+            # came in meanwhile are read after this timer and will free slots. Give a calm
+            # waiter the time the stall took back, once, before calling the wait the queue's
+            # fault (an overloaded class's short allowance is its shedding: it keeps it)
             waiter.extended = True
             extra = min(late, self.cfg.queue_interval_s)
             asyncio.get_running_loop().call_later(
