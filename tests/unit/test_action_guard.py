@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from steadyserve.policies.actions import ActionGuard, PastAction
+from steadyserve.policies.actions import ActionGuard, PastAction, deployment_wide
 
 T0 = 10_000.0
 GUARD = ActionGuard(cooldown_s=300, max_per_hour=3, min_serving=1)
@@ -44,3 +44,18 @@ def test_dry_runs_and_real_runs_do_not_share_limits():
     dry = [PastAction("restart_replica", "a-0", T0 - 10, dry_run=True)]
     assert GUARD.check("restart_replica", "a-0", dry, T0, serving=3)[0]
     assert not GUARD.check("restart_replica", "a-0", dry, T0, serving=3, dry_run=True)[0]
+
+
+@pytest.mark.parametrize(
+    ("active", "replicas", "expected"),
+    [
+        ([("R", "d", "a"), ("R", "d", "b")], ["a", "b"], True),
+        ([("R", "d", "a")], ["a", "b"], False),
+        ([("R", "d", "a"), ("R", "other", "b")], ["a", "b"], False),  # another deployment's
+        ([("R", "d", "a"), ("S", "d", "b")], ["a", "b"], False),  # another rule's
+        ([("R", "d", "a")], ["a"], False),  # one replica: no peers to compare with
+        ([("R", "d", "a"), ("R", "d", "b"), ("R", "d", "gone")], ["a", "b"], True),
+    ],
+)
+def test_deployment_wide_means_every_replica_has_the_alert(active, replicas, expected):
+    assert deployment_wide("R", "d", active, replicas) is expected

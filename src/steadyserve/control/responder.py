@@ -12,10 +12,10 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..policies.actions import ActionGuard, PastAction
+from ..policies.actions import REMOVES_CAPACITY, ActionGuard, PastAction, deployment_wide
 from ..policies.alert_lifecycle import Alert
 from ..store import Database, DatabaseUnavailable
 
@@ -44,23 +44,35 @@ class Responder:
         self.history: deque[PastAction] = deque(maxlen=1000)
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
 
-    async def respond(self, alert: Alert, actions: tuple[str, ...]) -> list[dict[str, Any]]:
+    async def respond(self, alert: Alert, actions: tuple[str, ...],
+                      active: Sequence[Alert] = ()) -> list[dict[str, Any]]:
+        """`active`: every alert now pending or firing (a replica's failure is told from its
+        deployment's by its peers' alerts)."""
         records = []
         for action in actions:
             try:
-                records.append(await self._one(alert, action))
+                records.append(await self._one(alert, action, active))
             except Exception:  # one failed action never stops the others, nor the engine
                 log.exception("automatic action %s failed", action)
         return records
 
-    async def _one(self, alert: Alert, action: str) -> dict[str, Any]:
+    async def _one(self, alert: Alert, action: str, active: Sequence[Alert] = ()) -> dict[str, Any]:
         deployment = alert.labels.get("deployment", "")
         target = alert.labels.get("replica", deployment) if action in (
             "restart_replica", "eject_replica") else deployment
         now = self.wall()
-        serving = self._serving(deployment)
+        serving = self._serving(deployment, target)
         allowed, reason = self.guard.check(action, target, list(self.history), now,
                                            serving=serving, dry_run=self.dry_run)
+        if allowed and action in REMOVES_CAPACITY and "replica" in alert.labels:
+            d = self.gateway.membership.get(deployment)
+            replicas = [e.replica_id for e in d.endpoints] if d is not None else []
+            peers = [(a.rule, a.labels.get("deployment", ""), a.labels.get("replica", ""))
+                     for a in active if a.state in ("pending", "firing")]
+            if deployment_wide(alert.rule, deployment, peers, replicas):
+                allowed, reason = False, (
+                    f"every replica of {deployment} has {alert.rule}: the deployment fails, "
+                    f"not {target}; {action} would only remove capacity")
         if not allowed:
             outcome, detail = "refused", reason
         elif self.dry_run:
@@ -85,9 +97,16 @@ class Responder:
                 log.error("could not record action: %s", exc)
         return record
 
-    def _serving(self, deployment: str) -> int:
+    def _serving(self, deployment: str, target: str) -> int:
+        """What the guard counts as serving: the replicas in rotation and not ejected other
+        than the target, plus the target (the guard takes it away). An ejected replica serves
+        nothing — two of three restarted while the third was ejected left none — and
+        restarting an ejected one takes nothing away."""
         d = self.gateway.membership.get(deployment)
-        return len(d.endpoints) if d is not None else 0
+        if d is None:
+            return 0
+        return 1 + sum(1 for e in d.endpoints
+                       if e.health.ejected_until == 0 and e.replica_id != target)
 
     async def _do(self, action: str, deployment: str, target: str) -> tuple[str, str]:
         d = self.gateway.membership.get(deployment)

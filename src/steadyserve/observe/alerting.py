@@ -197,11 +197,12 @@ class AlertEngine:
                      "severity": t.labels.get("severity", "")} for t in result.transitions]
             await self._db(self.db.add_transitions, rows)
         if self.responder is not None:
+            active = self.book.alerts("pending", "firing")
             for t in result.transitions:
                 actions = self.actions.get(t.rule)
                 alert = self.book.get(t.alert_key)
                 if t.to_state == "firing" and actions and alert is not None:
-                    await self.responder.respond(alert, actions)
+                    await self.responder.respond(alert, actions, active)
         await self._persist(now)
 
     async def _persist(self, now: float, force: bool = False) -> None:

@@ -9,7 +9,7 @@ deployment below its minimum of serving replicas. Pure: history and time are arg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 ACTIONS = ("restart_replica", "eject_replica", "shed_batch", "rollback", "scale_up",
@@ -52,3 +52,17 @@ class ActionGuard:
             return False, (f"{action} would leave {serving - 1} serving replica(s), "
                            f"below the minimum of {self.min_serving}")
         return True, "allowed"
+
+
+def deployment_wide(rule: str, deployment: str, active: Iterable[tuple[str, str, str]],
+                    replicas: Collection[str]) -> bool:
+    """Does every replica of the deployment (two or more) have this rule's alert pending or
+    firing? `active` holds (rule, deployment, replica) of the alerts now pending or firing.
+    Then the failure is the deployment's (every replica 503s, a dependency is down), not a
+    replica's: restarting or ejecting replicas removes capacity and fixes nothing — the
+    chaos test of every replica answering 503 saw two of three restarted the moment the
+    outage ended, with the third still ejected."""
+    if len(replicas) < 2:
+        return False
+    alerted = {replica for r, d, replica in active if r == rule and d == deployment}
+    return set(replicas) <= alerted
