@@ -216,7 +216,7 @@ class Gateway:
         resp.headers.append((b"traceparent", trace.header(span)))
         await self._send(req, resp, send)
         elapsed = time.perf_counter() - started
-        self._observe(req, resp.status, elapsed, req.call.deadline_exceeded)
+        self._observe(req, resp.status, elapsed)
         span.attributes.update({"http.status_code": resp.status, "deployment": req.deployment,
                                 "handler": req.handler, "request_id": req.request_id})
         span.end(error=resp.status >= 500)
@@ -266,7 +266,7 @@ class Gateway:
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _observe(self, req: Request, status: int, seconds: float, deadline: bool) -> None:
+    def _observe(self, req: Request, status: int, seconds: float) -> None:
         """Count and time inference requests only: they are the SLO (ErrorBudgetBurn) and
         the latency users see. Probes (a starting gateway's /readyz answers 503), scrapes,
         admin calls and unknown routes or deployments would swamp both. A client deadline
@@ -275,14 +275,14 @@ class Gateway:
         route = req.route
         if route is None or route.access != "infer" or req.deployment == "-":
             return
-        key = (req.deployment, req.handler, status, deadline)
+        key = (req.deployment, req.handler, status, req.call.deadline_exceeded)
         observe = self._observers.get(key)
         if observe is None:
             observe = self._observers[key] = self._make_observer(*key)
         observe(seconds)
 
     def _make_observer(self, deployment: str, handler: str, status: int,
-                       deadline: bool = False) -> Callable[[float], None]:
+                       deadline: bool) -> Callable[[float], None]:
         m = self.metrics
         klass = "deadline" if deadline else f"{status // 100}xx"
         count = m.requests.labels(deployment, handler, klass).inc

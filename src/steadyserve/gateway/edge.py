@@ -239,22 +239,22 @@ class EdgeProtocol(NoDelayHttpToolsProtocol):
         """The client read nothing for send_timeout_s while a response waited: cut it off
         (abort: close would wait for the buffer to drain, which is what never happens)."""
         self._write_timer = None
-        self._cancel_timer()
-        self._unset_keepalive_if_required()
-        self.phase = Phase.CLOSING
-        self.table.discard(self)
-        self.transport.abort()
+        self.close_now(abort=True)
 
     def timeout_keep_alive_handler(self) -> None:
         self.timeout_keep_alive_task = None
         self.close_now()
 
-    def close_now(self) -> None:
+    def close_now(self, *, abort: bool = False) -> None:
+        """Close (flushing what is written), or abort (dropping it: also a transport that
+        is already closing but cannot flush)."""
         self._cancel_timer()
         self._unset_keepalive_if_required()
         self.phase = Phase.CLOSING
         self.table.discard(self)  # the slot is free now, not when the loop reports the loss
-        if not self.transport.is_closing():
+        if abort:
+            self.transport.abort()
+        elif not self.transport.is_closing():
             self.transport.close()
 
     # reading --------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import Any
 from ..config import Config
 from ..errors import ClientError, Conflict, PayloadTooLarge
 from ..policies.alert_lifecycle import (
+    Alert,
     AlertBook,
     NotifyPolicy,
     Silence,
@@ -197,11 +198,13 @@ class AlertEngine:
                      "severity": t.labels.get("severity", "")} for t in result.transitions]
             await self._db(self.db.add_transitions, rows)
         if self.responder is not None:
-            active = self.book.alerts("pending", "firing")
+            active: list[Alert] | None = None  # read once, and only when something fires
             for t in result.transitions:
                 actions = self.actions.get(t.rule)
                 alert = self.book.get(t.alert_key)
                 if t.to_state == "firing" and actions and alert is not None:
+                    if active is None:
+                        active = self.book.alerts("pending", "firing")
                     await self.responder.respond(alert, actions, active)
         await self._persist(now)
 
