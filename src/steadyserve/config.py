@@ -19,6 +19,56 @@ MiB = 1024 * 1024
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class AutoscaleConfig:
+    """`[deployments.<name>.autoscale]`: the replica count follows demand (policies.autoscale).
+
+    Demand is the deployment's ongoing requests at the gateway: in flight, waiting for an
+    admission slot, and held while it scales from zero."""
+
+    min_replicas: int = 1  # 0: scale to zero when idle (requests then wait for a replica)
+    max_replicas: int | None = None  # None: the deployment's max_replicas (cores and memory)
+    target_ongoing_requests: float = 2.0  # per replica, queued included
+    upscale_delay_s: float = 3.0  # demand must call for more replicas this long first…
+    downscale_delay_s: float = 60.0  # …and for fewer this long (a drop must last)
+    scale_to_zero_delay_s: float = 300.0  # no demand this long (after the stable window) → 0
+    stable_window_s: float = 30.0  # demand is averaged over this window (smoothing)
+    panic_window_s: float = 3.0  # …and over this one for bursts
+    panic_threshold: float = 2.0  # short-window demand ≥ this × ready capacity: scale up now
+    tolerance: float = 0.1  # demand within ±10 % of the current capacity changes nothing
+    interval_s: float = 0.5  # sample demand and decide this often
+    hold_max_requests: int = 256  # requests held while no replica is ready (then 503)
+    activation_timeout_s: float = 60.0  # a held request waits at most this long (then 503)
+    scale_up_hold_s: float = 600.0  # the scale_up automatic response holds its floor this long
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0:
+            raise ConfigError("autoscale: min_replicas must be >= 0")
+        if self.max_replicas is not None and not \
+                max(1, self.min_replicas) <= self.max_replicas <= 10_000:
+            raise ConfigError("autoscale: max_replicas must be >= max(1, min_replicas) and "
+                              "<= 10000")
+        if not self.target_ongoing_requests > 0:
+            raise ConfigError("autoscale: target_ongoing_requests must be > 0")
+        for name in ("upscale_delay_s", "downscale_delay_s", "scale_to_zero_delay_s"):
+            if not 0 <= getattr(self, name) <= 86_400:
+                raise ConfigError(f"autoscale: {name} must be in [0, 86400]")
+        if not 0 < self.panic_window_s <= self.stable_window_s <= 3600:
+            raise ConfigError("autoscale: need 0 < panic_window_s <= stable_window_s <= 3600")
+        if not self.panic_threshold > 1:
+            raise ConfigError("autoscale: panic_threshold must be > 1")
+        if not 0 <= self.tolerance < 1:
+            raise ConfigError("autoscale: tolerance must be in [0, 1)")
+        if not 0.05 <= self.interval_s <= 60:
+            raise ConfigError("autoscale: interval_s must be in [0.05, 60]")
+        if not 0 <= self.hold_max_requests <= 100_000:
+            raise ConfigError("autoscale: hold_max_requests must be in [0, 100000]")
+        if not 0 < self.activation_timeout_s <= 3600:
+            raise ConfigError("autoscale: activation_timeout_s must be in (0, 3600]")
+        if not 0 <= self.scale_up_hold_s <= 86_400:
+            raise ConfigError("autoscale: scale_up_hold_s must be in [0, 86400]")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DeploymentConfig:
     name: str
     service: str  # "path/to/file.py:Class" or "package.module:Class"
@@ -31,6 +81,8 @@ class DeploymentConfig:
     # what a rollout over the network may choose: nothing it sends becomes code or environment
     services: tuple[str, ...] = ()  # other service targets a rollout may switch to
     rollout_env: tuple[str, ...] = ()  # environment keys a rollout may set
+    # None: a fixed count (`replicas`); set: `replicas` is the count it starts with, clamped
+    autoscale: AutoscaleConfig | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -62,6 +114,11 @@ class DeploymentConfig:
             raise ConfigError(f"deployment {self.name}: torch_threads must be >= 1")
         if self.max_connections_per_replica < 1:
             raise ConfigError(f"deployment {self.name}: max_connections_per_replica must be >= 1")
+        scale = self.autoscale
+        if scale is not None and self.max_replicas is not None and \
+                scale.min_replicas > self.max_replicas:
+            raise ConfigError(f"deployment {self.name}: autoscale min_replicas "
+                              f"({scale.min_replicas}) is over max_replicas ({self.max_replicas})")
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")

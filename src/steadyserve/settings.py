@@ -9,6 +9,8 @@ steadyserve.toml:
     [deployments.minilm]      # one table per deployment; any DeploymentConfig field
     service = "steadyserve.examples.embedding:Embedder"
     replicas = 2
+    [deployments.minilm.autoscale]   # optional; any AutoscaleConfig field
+    min_replicas = 0
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .config import (
     RISK_SERVICE,
     AlertingConfig,
     AuthConfig,
+    AutoscaleConfig,
     CacheConfig,
     Config,
     DeploymentConfig,
@@ -167,6 +170,17 @@ def load_config(
                 if not isinstance(values["env"], dict):
                     raise ConfigError(f"{config_path}: [deployments.{name}] env must be a table")
                 values["env"] = tuple((str(k), str(v)) for k, v in values["env"].items())
+            if "autoscale" in values:
+                if not isinstance(values["autoscale"], dict):
+                    raise ConfigError(f"{config_path}: [deployments.{name}.autoscale] must be "
+                                      "a table")
+                where = f"[deployments.{name}.autoscale]"
+                try:
+                    values["autoscale"] = _build(AutoscaleConfig, values["autoscale"], where)
+                except ConfigError as exc:  # say which deployment's table is wrong
+                    message = exc.message.removeprefix("autoscale: ")
+                    raise ConfigError(message if message.startswith(where)
+                                      else f"{where}: {message}") from None
             deployments.append(_build(DeploymentConfig, values, f"[deployments.{name}]"))
     else:
         deployments.append(DeploymentConfig(

@@ -283,3 +283,51 @@ def test_bad_cache_settings_are_refused_with_the_reason(tmp_path, text, message)
     write(tmp_path, text)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load(tmp_path)
+
+
+# --- autoscaling ------------------------------------------------------------------------------
+
+def test_an_autoscale_table_configures_the_deployment(tmp_path):
+    write(tmp_path, """
+[deployments.embed]
+service = "app.py:Embedder"
+[deployments.embed.autoscale]
+min_replicas = 0
+max_replicas = 6
+target_ongoing_requests = 4
+downscale_delay_s = 120
+""")
+    d = load(tmp_path).deployments[0]
+    assert d.autoscale is not None
+    assert (d.autoscale.min_replicas, d.autoscale.max_replicas) == (0, 6)
+    assert (d.autoscale.target_ongoing_requests, d.autoscale.downscale_delay_s) == (4, 120)
+    assert d.autoscale.upscale_delay_s == 3.0  # the default
+
+
+@pytest.mark.parametrize("table,match", [
+    ("min_replicas = -1", r"\[deployments.embed.autoscale\]: min_replicas must be >= 0"),
+    ("max_replicas = 0", r"\[deployments.embed.autoscale\]: max_replicas"),
+    ("panic_window_s = 60", r"\[deployments.embed.autoscale\]: need 0 < panic_window_s"),
+    ("targets = 3", r"\[deployments.embed.autoscale\]: unknown setting 'targets'"),
+])
+def test_a_bad_autoscale_table_names_the_table_and_the_field(tmp_path, table, match):
+    write(tmp_path, f"""
+[deployments.embed]
+service = "app.py:Embedder"
+[deployments.embed.autoscale]
+{table}
+""")
+    with pytest.raises(ConfigError, match=match):
+        load(tmp_path)
+
+
+def test_autoscale_min_over_the_deployment_max_is_refused(tmp_path):
+    write(tmp_path, """
+[deployments.embed]
+service = "app.py:Embedder"
+max_replicas = 2
+[deployments.embed.autoscale]
+min_replicas = 3
+""")
+    with pytest.raises(ConfigError, match="min_replicas \\(3\\) is over max_replicas \\(2\\)"):
+        load(tmp_path)

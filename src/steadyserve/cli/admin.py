@@ -54,10 +54,21 @@ def status(args: argparse.Namespace) -> int:
     for d in body["deployments"]:
         print(f"{d['name']}: {d['ready_replicas']}/{d['desired_replicas']} ready, "
               f"version {d['version'] or '-'}")
+        scale = d.get("autoscale")
+        if scale:
+            print(f"  autoscale {scale['min_replicas']}..{scale['max_replicas']} replicas, "
+                  f"target {scale['target_ongoing_requests']:g} ongoing each; demand now "
+                  f"{scale['demand']:g}{', panicking' if scale['panicking'] else ''}")
+            for e in scale["events"][:AUTOSCALE_EVENTS_SHOWN]:
+                when = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+                print(f"    {when} {e['from']} -> {e['to']}: {e['reason']}")
         for r in d["replicas"]:
             print(f"  {r['id']:<16} {r['state']:<10} pid {r.get('pid') or '-':<8} "
                   f"restarts {r.get('restarts', 0)}")
     return exit_codes.OK
+
+
+AUTOSCALE_EVENTS_SHOWN = 5  # the newest scaling decisions under each deployment
 
 
 ROLLOUT_POLL_S = 0.5

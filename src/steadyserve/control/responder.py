@@ -78,7 +78,7 @@ class Responder:
         elif self.dry_run:
             outcome, detail = "dry_run", f"would {action} {target}"
         else:
-            outcome, detail = await self._do(action, deployment, target)
+            outcome, detail = await self._do(action, deployment, target, alert.rule)
         if allowed:
             self.history.append(PastAction(action, target, now, self.dry_run))
         record = {
@@ -108,7 +108,8 @@ class Responder:
         return 1 + sum(1 for e in d.endpoints
                        if e.health.ejected_until == 0 and e.replica_id != target)
 
-    async def _do(self, action: str, deployment: str, target: str) -> tuple[str, str]:
+    async def _do(self, action: str, deployment: str, target: str,
+                  rule: str = "") -> tuple[str, str]:
         d = self.gateway.membership.get(deployment)
         if action == "restart_replica":
             if self.supervisor is None or not self.supervisor.restart(target):
@@ -143,5 +144,7 @@ class Responder:
             return "done", (f"answering {deployment}'s cacheable requests from stale entries "
                             f"(up to stale_if_error_s old) for {SERVE_STALE_S:.0f}s")
         if action == "scale_up":
-            return "unavailable", "scale_up needs the autoscaler, which is not built yet"
+            if self.supervisor is None:
+                return "unavailable", "this gateway runs no control plane"
+            return self.supervisor.autoscaler.boost(deployment, f"alert {rule}")
         return "failed", f"unknown action {action!r}"

@@ -60,6 +60,7 @@ from ..policies.rollout import (
 )
 from ..replica.blackbox import read_flight_record
 from ..tasks import cancel_and_wait
+from .autoscaler import Autoscaler, initial_replicas
 from .launcher import (
     LaunchedReplica,
     LocalLauncher,
@@ -196,10 +197,18 @@ class Supervisor:
         self.max_replicas = {d.name: max_replicas(d, cores, memory) for d in config.deployments}
         self.records = {d.name: RolloutRecord(base=config_fingerprint(d), configs={0: d})
                         for d in config.deployments}
+        # autoscaled deployments: the count the autoscaler chose (rollouts keep it)
+        self.desired = {d.name: initial_replicas(d, self.max_replicas[d.name])
+                        for d in config.deployments if d.autoscale is not None}
+        for name, n in self.desired.items():
+            membership.set_desired(name, n)
+        # why a replica of a deployment last failed to start (at, reason): held requests
+        # waiting for a first replica are told at once
+        self.start_failures: dict[str, tuple[float, str]] = {}
         now = clock()
         self.slots = [
             Slot(d, f"{d.name}-{i}", created_at=now)
-            for d in config.deployments for i in range(d.replicas)
+            for d in config.deployments for i in range(self.desired.get(d.name, d.replicas))
         ]
         self.crash_listeners: list[Callable[[str, list[str]], None]] = []
         self.stopping = False
@@ -207,12 +216,14 @@ class Supervisor:
         self._retiring: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
+        self.autoscaler = Autoscaler(self, metrics, clock=clock, wall=wall)
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         await self._restore()
         await self.reconcile_once()  # spawn everything now, not one tick later
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="supervisor")
+        self.autoscaler.start()
 
     async def _loop(self) -> None:
         while not self.stopping:
@@ -225,6 +236,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Staged: out of rotation, SIGTERM (replicas drain), wait, SIGKILL what is left."""
         self.stopping = True
+        await self.autoscaler.stop()
         await cancel_and_wait(self._task)
         await self._terminate([s for s in self.slots if s.replica is not None])
         for s in self.slots:
@@ -296,6 +308,8 @@ class Supervisor:
             slot.replica = await self.launcher.launch(slot.deployment, slot.replica_id)
         except SteadyError as exc:
             log.error("cannot start replica: %s", exc, extra={"replica": slot.replica_id})
+            self.start_failures[slot.deployment.name] = (now, f"cannot start a replica: "
+                                                              f"{exc.message}")
             slot.restarts += 1  # a failed start counts like a crash (a rollout fails on it)
             self._schedule_restart(slot, now)
             return
@@ -327,6 +341,9 @@ class Supervisor:
             for listener in self.crash_listeners:
                 listener(slot.deployment.name, executing)
         self.metrics.restarts.labels(slot.deployment.name).inc()
+        if slot.state == "starting":  # it never got ready: held requests should know
+            self.start_failures[slot.deployment.name] = (
+                self.clock(), f"replica {slot.replica_id} exited with code {code} while starting")
         slot.restarts += 1
         delay = self._schedule_restart(slot, self.clock())
         log.warning("replica exited with code %s; restarting in %.2fs", code, delay,
@@ -426,6 +443,25 @@ class Supervisor:
                     return True
         return False
 
+    def start_failure(self, deployment: str, since: float) -> str | None:
+        """Why a replica of the deployment failed to start at or after `since`, or None."""
+        failed = self.start_failures.get(deployment)
+        return failed[1] if failed is not None and failed[0] >= since else None
+
+    def replica_target(self, deployment: str) -> int:
+        """How many replicas the deployment should run now: the autoscaler's count, or its
+        target revision's."""
+        if deployment in self.desired:
+            return self.desired[deployment]
+        rec = self.records[deployment]
+        return rec.configs[rec.target].replicas
+
+    def scale(self, deployment: str, replicas: int) -> None:
+        """The autoscaler's new count; the reconcile loop starts or drains replicas."""
+        self.desired[deployment] = replicas
+        self.membership.set_desired(deployment, replicas)
+        self._export_states()
+
     def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None:
         """Passive health: the data plane could not reach a replica; check it on the next tick."""
         for slot in self.slots:
@@ -437,7 +473,7 @@ class Supervisor:
         """One rollout step: ask the policy, then do what it says (never waits)."""
         rec = self.records[name]
         target_cfg = rec.configs[rec.target]
-        target = Target(rec.target, target_cfg.replicas, rolling=rec.state == "rolling")
+        target = Target(rec.target, self.replica_target(name), rolling=rec.state == "rolling")
         mine = [s for s in self.slots if s.deployment.name == name]
         plan = self.policy.decide(target, [self._view(s) for s in mine], now)
         if plan.outcome == "failed":
@@ -461,7 +497,8 @@ class Supervisor:
         # a slot not spawned yet (this very tick, or at boot) is starting, not down
         state = "starting" if slot.state == "backoff" and slot.generation == 0 else slot.state
         return SlotView(slot.replica_id, slot.revision, state, slot.restarts,
-                        slot.created_at, slot.was_ready, draining=slot.retired)
+                        slot.created_at, slot.was_ready, draining=slot.retired,
+                        outstanding=slot.endpoint.outstanding if slot.endpoint else 0)
 
     def _new_id(self, name: str, revision: int) -> str:
         """The lowest free index: a deployment rolled back keeps its familiar replica ids.
@@ -613,7 +650,8 @@ class Supervisor:
     def rollout_status(self, deployment: str) -> dict[str, Any]:
         rec = self._record(deployment)
         config = rec.configs[rec.target]
-        target = Target(rec.target, config.replicas, rolling=rec.state == "rolling")
+        target = Target(rec.target, self.replica_target(deployment),
+                        rolling=rec.state == "rolling")
         views = [self._view(s) for s in self.slots if s.deployment.name == deployment]
         return {
             "deployment": deployment,
@@ -624,6 +662,7 @@ class Supervisor:
             "good_revision": rec.good,
             "previous_revision": rec.previous,
             "max_replicas": self.max_replicas[deployment],
+            "autoscale": self.autoscaler.status(deployment),
             "progress": progress(target, views),
             "started_at": rec.started_at,
             "finished_at": rec.finished_at,
@@ -687,7 +726,7 @@ class Supervisor:
             serve = rec.good if rec.state == "rolling" else rec.target
             config = rec.configs[serve]
             self.slots = [s for s in self.slots if s.deployment.name != name]
-            for _ in range(config.replicas):
+            for _ in range(self.desired.get(name, config.replicas)):
                 self.slots.append(Slot(config, self._new_id(name, serve), revision=serve,
                                        created_at=now))
             self.membership.reconfigure(rec.configs[rec.target])
@@ -753,7 +792,7 @@ class Supervisor:
 
     def _export_states(self) -> None:
         for name, by_state in self.counts().items():
-            paused = self.membership.deployments[name].config.replicas == 0
+            paused = self.replica_target(name) == 0
             for state, n in by_state.items():
                 if paused and not any(by_state.values()):
                     # paused on purpose (replicas = 0) with nothing left running: no series,

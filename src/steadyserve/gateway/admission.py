@@ -120,7 +120,10 @@ class Admission:
     def queued(self) -> int:
         return len(self.queues["interactive"]) + len(self.queues["batch"])
 
-    async def acquire(self, priority: str, deadline: float) -> None:
+    async def acquire(self, priority: str, deadline: float, *, held: bool = False) -> None:
+        """A slot, or Shed. `held`: the request already waited for a first replica (scale
+        from zero); bounded by hold_max_requests, it was demand the deployment was scaled
+        for, so it waits for a slot until its deadline instead of CoDel's allowance."""
         if priority == "batch":
             if self.shed_batch_until and self.clock() < self.shed_batch_until:
                 self._reject("batch", "shed_batch")
@@ -145,7 +148,9 @@ class Admission:
                 self._reject(priority, "queue_full")
         codel = self.codels[priority]
         remaining = max(0.0, deadline - now)
-        if priority == "interactive" and not self._interactive_overloads(now):
+        if held:
+            allowance, calm = remaining, True
+        elif priority == "interactive" and not self._interactive_overloads(now):
             # the slots are held by batch traffic, or the machine is slow for a moment: the
             # calm allowance, whatever CoDel says. Interactive traffic is shed only when it
             # alone overloads, and a starved CPU sheds nobody at light load
@@ -155,7 +160,7 @@ class Admission:
             allowance = min(codel.max_wait_s(now), remaining)
             calm = not codel.overloaded
         expected = self._expected_wait_s(priority)
-        if expected > allowance:
+        if expected > allowance and not held:
             # it would time out in the queue: say so now. The queue may stay empty meanwhile,
             # yet the demand is there: CoDel must not read the silence as overload ending
             codel.on_enqueue()

@@ -415,8 +415,10 @@ class Gateway:
             **({"balancer_fit": coefficients()} if coefficients is not None else {}),
             "service": d.service or d.config.service,
             "version": d.version,
-            "desired_replicas": d.config.replicas,
+            "desired_replicas": d.desired_replicas,
             "ready_replicas": len(d.endpoints),
+            **({"autoscale": self._autoscale_status(d.name)}
+               if d.config.autoscale is not None else {}),
             "replicas": self.control.status(d.name) if self.control is not None else [
                 {"id": e.replica_id, "address": str(e.address), "state": "ready"}
                 for e in d.endpoints
@@ -433,6 +435,10 @@ class Gateway:
                 for name, h in d.handlers.items()
             },
         }
+
+    def _autoscale_status(self, name: str) -> dict[str, Any] | None:
+        autoscaler = getattr(self.control, "autoscaler", None)
+        return autoscaler.status(name) if autoscaler is not None else None
 
     def export_admission(self) -> None:
         """Refresh the gauges computed on demand: admission state and connection pools. Pool

@@ -15,6 +15,7 @@ from ..observe.metrics import GatewayMetrics
 from ..policies.actions import ActionGuard
 from ..store import Database, DatabaseUnavailable
 from ..store.keys import KeyStore
+from .activation import Activator
 from .app import Gateway
 from .membership import Membership
 from .transport import HttpTransport
@@ -39,6 +40,18 @@ def build_keyring(config: Config, db: Database | None) -> KeyRing:
                    refresh_s=config.auth.key_refresh_s)
 
 
+def wire_autoscaling(gateway: Gateway, supervisor: Supervisor) -> None:
+    """The data plane reports demand and ready replicas to the autoscaler, and holds requests
+    of an autoscaled deployment with no ready replica, asking it for one."""
+    membership = gateway.membership
+    autoscaler = supervisor.autoscaler
+    autoscaler.demand = lambda name: gateway.dispatcher.demand(membership.deployments[name])
+    autoscaler.ready = lambda name: len(membership.deployments[name].endpoints)
+    if autoscaler.policies:
+        gateway.dispatcher.activator = Activator(poke=autoscaler.activate,
+                                                 failure=supervisor.start_failure)
+
+
 def build_gateway(
     config: Config, launcher: LocalLauncher | None = None
 ) -> tuple[Gateway, Supervisor]:
@@ -54,6 +67,7 @@ def build_gateway(
     gateway = Gateway(config, transport=transport, membership=membership, metrics=metrics,
                       control=supervisor, keys=build_keyring(config, db))
     supervisor.crash_listeners.append(gateway.dispatcher.on_replica_crash)
+    wire_autoscaling(gateway, supervisor)
     if config.alerting.enabled:
         guard = ActionGuard(cooldown_s=config.alerting.action_cooldown_s,
                             max_per_hour=config.alerting.actions_per_hour)

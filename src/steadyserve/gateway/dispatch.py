@@ -93,6 +93,7 @@ from ..policies.outlier import (
 from ..policies.quarantine import Quarantine
 from ..policies.retry import RetryBudget, retry_backoff_s
 from ..replica.server import DEADLINE_HEADER, INPUT_KEY_HEADER
+from .activation import Activator
 from .admission import Admission, Shed
 from .membership import Deployment, Endpoint, Handler
 from .transport import Transport
@@ -136,6 +137,7 @@ class CallInfo:
     cache: str = "-"  # how the response cache answered: hit, miss, stale, partial, …
     priority: str = "interactive"  # its admission class
     deadline_exceeded: bool = False  # answered 504 deadline_exceeded: the client's deadline
+    held: bool = False  # waited for a first replica (scale from zero) before dispatch
 
 
 def input_key(handler: str, body: bytes) -> str:
@@ -173,6 +175,8 @@ class Dispatcher:
         self._states: dict[str, _DeploymentState] = {}
         self._rings: dict[tuple[str, ...], HashRing] = {}  # consistent-hash rings by replica set
         self.affinity_balance = 1.25
+        # holds requests of autoscaled deployments while none of their replicas is ready
+        self.activator: Activator | None = None
 
     # state ----------------------------------------------------------------------------------
     def state(self, d: Deployment) -> _DeploymentState:
@@ -189,10 +193,30 @@ class Dispatcher:
         """Called when a deployment's replicas or handlers change."""
         batch = max((h.spec.options.max_batch_size for h in d.handlers.values()
                      if h.spec.options.batch), default=1)
-        self.state(d).admission.resize(d.config.replicas, batch)
+        self.state(d).admission.resize(d.desired_replicas, batch)
         retain = getattr(d.balancer, "retain", None)  # a learning balancer forgets the gone
         if retain is not None:
             retain({e.replica_id for e in d.endpoints})
+        if self.activator is not None:
+            self.activator.changed(d)
+
+    def demand(self, d: Deployment) -> float:
+        """The deployment's ongoing requests here (what the autoscaler scales on): admitted
+        and in flight, waiting for an admission slot, and held for a first ready replica."""
+        adm = self.state(d).admission
+        inflight = adm.inflight if self.cfg.admission else \
+            sum(e.outstanding for e in d.endpoints)
+        held = self.activator.held(d.name) if self.activator is not None else 0
+        return float(inflight + adm.queued + held)
+
+    async def await_replica(self, d: Deployment, timeout_s: float) -> float:
+        """Hold until an autoscaled deployment has a ready replica (503 if it gets none in
+        time); NoReadyReplica at once for a fixed one. Returns the seconds it held."""
+        if self.activator is None or d.config.autoscale is None:
+            raise NoReadyReplica(f"deployment {d.name!r} has no ready replica", retry_after_s=1)
+        start = self.clock()
+        await self.activator.hold(d, start + timeout_s)
+        return self.clock() - start
 
     def on_replica_crash(self, deployment: str, keys: list[str]) -> None:
         """A replica died while its model was executing these inputs: blame them."""
@@ -223,6 +247,10 @@ class Dispatcher:
     ) -> Any:
         """The handler's result. `affinity` (a cacheable input's routing key) sends the first
         attempt to the replica that key hashes to, unless that replica is over its fair share."""
+        held = call is not None and call.held
+        if not deployment.endpoints:  # scaled to zero or starting: wait for one (bounded)
+            timeout_s -= await self.await_replica(deployment, timeout_s)
+            held = True
         now = self.clock()
         deadline = now + min(timeout_s, handler.spec.options.timeout_s)
         body = codec.encode({"args": args})
@@ -230,13 +258,10 @@ class Dispatcher:
         if self.quarantine.blocked(key, now):
             raise Quarantined("this input crashed replicas repeatedly and is refused for "
                               f"{self.cfg.quarantine_s:.0f} s; the replicas are fine")
-        if not deployment.endpoints:
-            raise NoReadyReplica(f"deployment {deployment.name!r} has no ready replica",
-                                 retry_after_s=1)
         st = self.state(deployment)
         if self.cfg.admission:
             try:
-                await st.admission.acquire(priority, deadline)
+                await st.admission.acquire(priority, deadline, held=held)
             except Shed as exc:
                 self.metrics.shed.labels(deployment.name, priority, exc.reason).inc()
                 raise

@@ -51,10 +51,15 @@ class Deployment:
     handlers: dict[str, Handler] = field(default_factory=dict)
     service: str = ""
     version: str = ""
+    desired: int | None = None  # an autoscaled deployment's count now; None: config.replicas
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def desired_replicas(self) -> int:
+        return self.config.replicas if self.desired is None else self.desired
 
     def openai_handler(self, kind: str) -> Handler | None:
         for h in self.handlers.values():
@@ -77,6 +82,12 @@ class Membership:
             # a fresh balancer: its state (a round-robin cursor) belongs to the old policy
             d.balancer = make_balancer(config.balancer)
         d.config = config
+        self._changed(d)
+
+    def set_desired(self, deployment: str, replicas: int) -> None:
+        """The autoscaler chose a new replica count."""
+        d = self.deployments[deployment]
+        d.desired = replicas
         self._changed(d)
 
     def _changed(self, d: Deployment) -> None:
@@ -106,9 +117,11 @@ class Membership:
         return None
 
     def readiness(self) -> tuple[bool, str]:
-        # a paused deployment (replicas = 0) is meant to have none
+        # a paused deployment (replicas = 0) is meant to have none; one that scales to zero
+        # holds its requests until a replica is ready
         missing = [n for n, d in self.deployments.items()
-                   if not d.endpoints and d.config.replicas > 0]
+                   if not d.endpoints and d.desired_replicas > 0
+                   and not (d.config.autoscale and d.config.autoscale.min_replicas == 0)]
         if missing:
             return False, "no ready replica for deployment(s): " + ", ".join(missing)
         return True, "ready"

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ClientError, HandlerFailed, NotFound
 from .access import Access
 from .http import Request, Response, json_response
-from .routes import call, check_items, find_deployment, find_handler
+from .routes import await_handlers, call, check_items, find_deployment, find_handler
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -70,6 +70,7 @@ async def embeddings(gw: Gateway, req: Request, params: dict[str, str]) -> Respo
     dimensions = body.get("dimensions")
     if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
         raise ClientError("'dimensions' must be a positive integer", param="dimensions")
+    await await_handlers(gw, req, d)
     h = d.openai_handler("embeddings")
     if h is None:
         if not d.handlers:

@@ -92,7 +92,21 @@ def check_items(h: Handler, args: dict[str, Any], max_inputs: int) -> None:
 
 
 def request_timeout_s(gw: Gateway, req: Request) -> float:
-    """The client's X-Request-Timeout-Ms, bounded by the gateway's request_timeout_s."""
+    """The client's X-Request-Timeout-Ms, bounded by the gateway's request_timeout_s, less
+    what it already waited for a first replica."""
+    budget = _timeout_s(gw, req)
+    return max(0.001, budget - req.held_s) if req.held_s else budget
+
+
+async def await_handlers(gw: Gateway, req: Request, d: Deployment) -> None:
+    """An autoscaled deployment that never had a replica ready (it starts at zero) does not
+    know its handlers yet: hold the request for its first replica (bounded; 503 if none)."""
+    if not d.handlers and not d.endpoints:
+        req.held_s += await gw.dispatcher.await_replica(d, request_timeout_s(gw, req))
+        req.call.held = True  # …and is not shed by admission for the backlog it was part of
+
+
+def _timeout_s(gw: Gateway, req: Request) -> float:
     ceiling = gw.config.request_timeout_s
     raw = req.header(b"x-request-timeout-ms")
     if raw is None:
@@ -197,9 +211,15 @@ async def invoke(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     d = find_deployment(gw, params["deployment"])
     Access.allow_deployment(req, d.name)
     req.deployment = d.name
-    h = find_handler(d, params["handler"])
+    if not d.handlers:  # the body first: the client is not kept sending while it waits
+        body = await req.json(gw.config.max_body_bytes)
+        await await_handlers(gw, req, d)
+        h = find_handler(d, params["handler"])
+    else:
+        h = find_handler(d, params["handler"])
+        body = await req.json(gw.config.max_body_bytes)
     req.handler = h.name
-    args = h.validate(await req.json(gw.config.max_body_bytes))
+    args = h.validate(body)
     check_items(h, args, h.spec.options.max_inputs)
     result = await call(gw, req, d, h, args)
     resp = Response(200, orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))

@@ -144,6 +144,26 @@ class GatewayMetrics:
             "steadyserve_admission_queued", "Requests waiting for an admission slot",
             ["deployment"], registry=r,
         )
+        self.autoscale_desired = Gauge(
+            "steadyserve_autoscale_desired_replicas",
+            "Replicas the autoscaler wants for an autoscaled deployment", ["deployment"],
+            registry=r,
+        )
+        self.autoscale_demand = Gauge(
+            "steadyserve_autoscale_demand",
+            "Ongoing requests the autoscaler sees (in flight, queued, held for a first replica)",
+            ["deployment"], registry=r,
+        )
+        self.autoscale_panic = Gauge(
+            "steadyserve_autoscale_panic",
+            "1 while the autoscaler is in panic mode (a burst: scales up at once, never down)",
+            ["deployment"], registry=r,
+        )
+        self.autoscale_decisions = Counter(
+            "steadyserve_autoscale_decisions",
+            "Replica count changes made by the autoscaler", ["deployment", "direction"],
+            registry=r,
+        )
         self.replicas = Gauge(
             "steadyserve_replicas", "Replicas by lifecycle state", ["deployment", "state"],
             registry=r,

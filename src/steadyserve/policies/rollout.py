@@ -13,10 +13,14 @@ rows combine into one plan:
     condition                                                     decision
     rolling, a new slot restarted >= max_restarts times           fail (back to the last good)
     rolling, a new slot never ready ready_timeout_s after created  fail
-    more than N new slots                                         retire the extra (not ready first)
+    more than N new slots (a scale-down)                          retire the extra: not ready
+                                                                    first, then the fewest
+                                                                    requests outstanding
     an old slot that is down (backoff, unhealthy, stopping)       retire it (it serves nothing)
     more old ready or starting slots than N - (new ready)         retire the extra: starting
                                                                     ones first, then the oldest
+    not rolling, no old slot, fewer than N new slots              start the missing ones at
+      (a scale-up, or a deployment starting)                        once
     fewer than N new slots, none of them pending, fewer than      start one (surge 1: one new
       N + 1 slots alive                                             replica at a time)
     rolling, N new slots all ready, no old one, none draining     done
@@ -98,6 +102,10 @@ def apply_changes(
                               "(add others to the deployment's `services`)", param="service")
         values["service"] = changes["service"]
     if "replicas" in changes:
+        if base.autoscale is not None:
+            raise ClientError(f"{base.name!r} is autoscaled: its replica count is the "
+                              "autoscaler's; change min_replicas / max_replicas in "
+                              f"[deployments.{base.name}.autoscale]", param="replicas")
         values["replicas"] = _int(changes["replicas"], "replicas", 0, max_replicas)
     if "torch_threads" in changes:
         threads = changes["torch_threads"]
@@ -124,7 +132,7 @@ def changes_schema(base: DeploymentConfig, max_replicas: int) -> dict[str, Any]:
     publishes it): declared here, beside the checks, so the two cannot drift apart."""
     env_value = {"anyOf": [{"type": "string", "maxLength": MAX_ENV_VALUE_BYTES,
                             "pattern": "^[^\\u0000]*$"}, {"type": "null"}]}
-    return {
+    schema: dict[str, Any] = {
         "type": "object", "additionalProperties": False,
         "properties": {
             "service": {"enum": [base.service, *base.services]},
@@ -138,6 +146,9 @@ def changes_schema(base: DeploymentConfig, max_replicas: int) -> dict[str, Any]:
                     "properties": {key: env_value for key in base.rollout_env}},
         },
     }
+    if base.autoscale is not None:  # the autoscaler's to set
+        del schema["properties"]["replicas"]
+    return schema
 
 
 def rollout_fields(config: DeploymentConfig) -> dict[str, Any]:
@@ -166,6 +177,7 @@ class SlotView:
     created_at: float = 0.0
     was_ready: bool = False  # ever in rotation since the slot was created
     draining: bool = False  # retired already: leaving, counted for nothing but "done"
+    outstanding: int = 0  # requests the gateway has at it now
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +209,10 @@ class RolloutPolicy:
         n = target.replicas
         retire: list[str] = []
         if len(new) > n:
-            extra = sorted(new, key=lambda s: (s.state == "ready", s.created_at))[: len(new) - n]
+            # starting replicas first, never a running one before them (ray #43034), then the
+            # idlest: a retired replica drains what it holds, the fewer the sooner
+            extra = sorted(new, key=lambda s: (s.state == "ready", s.outstanding,
+                                               s.created_at))[: len(new) - n]
             retire += [s.replica_id for s in extra]
             new = [s for s in new if s.replica_id not in retire]
         new_ready = sum(1 for s in new if s.state == "ready")
@@ -209,7 +224,10 @@ class RolloutPolicy:
         retire += [s.replica_id for s in hopeful[: len(hopeful) - keep]]  # starting ones first
         alive = len(new) + keep
         pending = any(s.state != "ready" for s in new)
-        start = 1 if len(new) < n and not pending and alive < n + 1 else 0
+        if not target.rolling and not old:  # scaling, not replacing: no surge limit
+            start = max(0, n - len(new))
+        else:
+            start = 1 if len(new) < n and not pending and alive < n + 1 else 0
         if target.rolling and not retire and not start and not old and new_ready == n \
                 and len(new) == n and not any(s.draining for s in slots):
             return Plan(outcome="done")
