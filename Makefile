@@ -5,14 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint bench bench-cache bench-overload bench-balancers bench-deps clean
+.PHONY: install run test test-fast lint bench bench-cache bench-overload bench-balancers bench-autoscale bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# pinned first: a CPU wheel from local disk (unpinned torch would pull a multi-GB CUDA build)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[model,dev]'
+	$(BIN)/python -m pip install -q -e '.[model,dev,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,6 +45,9 @@ bench-overload: bench-deps  ## one class at 3x capacity: goodput, rejections, ac
 
 bench-balancers: install  ## power_of_two vs peak_ewma vs least_squares, one replica 3x slower and equal
 	$(BIN)/python benchmarks/balancers.py
+
+bench-autoscale: bench-deps  ## burst at zero replicas, a load step up and down, 10 min of constant load
+	$(BIN)/python benchmarks/autoscale.py
 
 clean:
 	rm -rf $(VENV) .steadyserve .pytest_cache .mypy_cache .ruff_cache

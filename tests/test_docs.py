@@ -11,6 +11,7 @@ import pytest
 from steadyserve.config import (
     AlertingConfig,
     AuthConfig,
+    AutoscaleConfig,
     CacheConfig,
     Config,
     DeploymentConfig,
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("cls", [Config, AuthConfig, GatewayConfig, SupervisorConfig, ResilienceConfig,
                                  ObservabilityConfig, AlertingConfig, CacheConfig, DeploymentConfig,
-                                 HandlerOptions])
+                                 AutoscaleConfig, HandlerOptions])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
     skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "alerting",

@@ -83,6 +83,10 @@ class DeploymentConfig:
     rollout_env: tuple[str, ...] = ()  # environment keys a rollout may set
     # None: a fixed count (`replicas`); set: `replicas` is the count it starts with, clamped
     autoscale: AutoscaleConfig | None = None
+    # what one replica asks the Ray cluster for (backend = "ray"; unused by local replicas)
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -114,6 +118,11 @@ class DeploymentConfig:
             raise ConfigError(f"deployment {self.name}: torch_threads must be >= 1")
         if self.max_connections_per_replica < 1:
             raise ConfigError(f"deployment {self.name}: max_connections_per_replica must be >= 1")
+        if not 0 <= self.num_cpus <= 1024 or not 0 <= self.num_gpus <= 64:
+            raise ConfigError(f"deployment {self.name}: num_cpus must be in [0, 1024] and "
+                              "num_gpus in [0, 64]")
+        if self.memory_bytes is not None and self.memory_bytes < 1:
+            raise ConfigError(f"deployment {self.name}: memory_bytes must be >= 1")
         scale = self.autoscale
         if scale is not None and self.max_replicas is not None and \
                 scale.min_replicas > self.max_replicas:
@@ -122,6 +131,7 @@ class DeploymentConfig:
 
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+BACKENDS = ("local", "ray")
 
 
 def is_loopback(host: str) -> bool:
@@ -233,6 +243,7 @@ class SupervisorConfig:
     restart_unhealthy_after_s: float = 15.0  # unhealthy this long (wedged) → killed, restarted
     drain_timeout_s: float = 10.0  # SIGTERM'd replicas get this long before SIGKILL
     reconcile_interval_s: float = 0.2
+    ray_call_timeout_s: float = 30.0  # backend = "ray": placing a replica, any other Ray call
     rollout_max_restarts: int = 2  # a new replica restarting this often fails its rollout
     replica_nice: int = 5  # replicas run this much nicer than the gateway (0..19)
 
@@ -432,6 +443,8 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
+    backend: str = "local"  # local: replica processes of this machine; ray: Ray actors
+    ray_address: str | None = None  # backend = "ray": None starts a local Ray cluster
     data_dir: str = ".steadyserve"
     log_level: str = "info"
     log_format: str = "auto"  # json | text | auto (text on a terminal)
@@ -443,6 +456,8 @@ class Config:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"duplicate deployment names: {dupes}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.log_format not in ("json", "text", "auto"):
             raise ConfigError("log_format must be json, text or auto")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -117,7 +117,8 @@ def load_config(
         file = read_toml(Path(config_path))
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
                                   "alerting", "cache", "auth", "deployments", "data_dir",
-                                  "database_url", "log_level", "log_format"})
+                                  "database_url", "log_level", "log_format", "backend",
+                                  "ray_address"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
     for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
@@ -136,9 +137,9 @@ def load_config(
         if key in flags:
             gateway[key] = flags[key]
 
-    top: dict[str, Any] = {k: file[k] for k in ("data_dir", "database_url", "log_level", "log_format")
-                           if k in file}
-    for key in ("data_dir", "database_url", "log_level", "log_format"):
+    top_keys = ("data_dir", "database_url", "log_level", "log_format", "backend", "ray_address")
+    top: dict[str, Any] = {k: file[k] for k in top_keys if k in file}
+    for key in top_keys:
         if ENV_PREFIX + key.upper() in env:
             top[key] = env[ENV_PREFIX + key.upper()]
         if key in flags:

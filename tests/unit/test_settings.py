@@ -331,3 +331,40 @@ min_replicas = 3
 """)
     with pytest.raises(ConfigError, match="min_replicas \\(3\\) is over max_replicas \\(2\\)"):
         load(tmp_path)
+
+
+# --- backend ----------------------------------------------------------------------------------
+
+def test_the_ray_backend_from_the_file_and_from_flags(tmp_path):
+    write(tmp_path, """
+backend = "ray"
+ray_address = "10.0.0.5:6379"
+[deployments.embed]
+service = "app.py:Embedder"
+num_cpus = 2
+num_gpus = 0.5
+memory_bytes = 2000000000
+""")
+    config = load(tmp_path)
+    assert (config.backend, config.ray_address) == ("ray", "10.0.0.5:6379")
+    d = config.deployments[0]
+    assert (d.num_cpus, d.num_gpus, d.memory_bytes) == (2, 0.5, 2_000_000_000)
+    flagged = load(tmp_path, target="app.py:M", flags={"backend": "ray", "ray_address": "h:1"})
+    assert (flagged.backend, flagged.ray_address) == ("ray", "h:1")
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        load(tmp_path, target="app.py:M", flags={"backend": "k8s"})
+
+
+def test_ray_is_an_optional_extra_never_imported_by_the_local_backend():
+    import subprocess
+    import sys
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    base = project["project"]["dependencies"]
+    assert not [d for d in base if d.split("[")[0].split(">")[0].split("=")[0].strip() == "ray"]
+    assert any(d.startswith("ray") for d in project["project"]["optional-dependencies"]["ray"])
+    code = ("import sys; import steadyserve.gateway.assemble, steadyserve.cli.run, "
+            "steadyserve.control.supervisor; print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, help="listen port (default 8000)")
     run.add_argument("--redis-url", dest="redis_url",
                      help="redis://host:port/db: shared L2 response cache (default: L1 only)")
+    run.add_argument("--backend", choices=["local", "ray"],
+                     help="where replicas run: local processes (default) or Ray actors")
+    run.add_argument("--ray-address", dest="ray_address",
+                     help="with --backend ray: the cluster to join, e.g. 10.0.0.5:6379 "
+                          "(default: start a local one)")
     run.add_argument("--max-body-bytes", type=int, dest="max_body_bytes",
                      help="largest request body accepted (default 1 MiB)")
     run.add_argument("--allow-unauthenticated", dest="allow_unauthenticated", action="store_true",

@@ -135,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
             target=args.target, config_path=args.config, env=os.environ,
             flags={k: getattr(args, k) for k in ("name", "replicas", "balancer", "host", "port",
                                                   "max_body_bytes", "log_level", "log_format",
-                                                  "redis_url", "allow_unauthenticated")},
+                                                  "redis_url", "allow_unauthenticated",
+                                                  "backend", "ray_address")},
         )
     except ConfigError as exc:
         print(f"steadyserve: {exc}", file=sys.stderr)

@@ -88,6 +88,38 @@ def _resolved_format(fmt: str) -> str:
     return fmt
 
 
+def replica_env(config: Config, deployment: DeploymentConfig, replica_id: str,
+                base: dict[str, str]) -> dict[str, str]:
+    """A replica process's environment: `base`, where services keep their data (the risk
+    example's features and model), the deployment's `env`, and who it is."""
+    env = dict(base)
+    env["STEADYSERVE_DATABASE_URL"] = config.database
+    env["STEADYSERVE_DATA_DIR"] = os.path.abspath(config.data_dir)
+    env.update(deployment.env)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["STEADYSERVE_REPLICA_ID"] = replica_id
+    env["STEADYSERVE_DEPLOYMENT"] = deployment.name
+    return env
+
+
+def replica_argv(config: Config, deployment: DeploymentConfig, replica_id: str, threads: int,
+                 *, fd: str, parent_pid: str, recorder: str | None) -> list[str]:
+    """The replica server's command line (`python -m steadyserve.replica`)."""
+    argv = [
+        sys.executable, "-m", "steadyserve.replica",
+        "--service", deployment.service, "--fd", fd,
+        "--name", replica_id, "--threads", str(threads),
+        "--parent-pid", parent_pid,
+        "--drain-timeout-s", str(config.supervisor.drain_timeout_s),
+        "--log-level", config.log_level,
+        "--log-format", _resolved_format(config.log_format),
+        "--nice", str(config.supervisor.replica_nice),
+    ]
+    if recorder is not None:
+        argv += ["--flight-recorder", recorder]
+    return argv
+
+
 class LocalLauncher:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -103,25 +135,10 @@ class LocalLauncher:
             port = sock.getsockname()[1]
             threads = torch_threads(self.config, deployment, self.cores)
             recorder = os.path.join(self.config.data_dir, "flight", f"{replica_id}.keys")
-            env = dict(os.environ)
-            # where services keep their data (the risk example's features and model)
-            env["STEADYSERVE_DATABASE_URL"] = self.config.database
-            env["STEADYSERVE_DATA_DIR"] = self.config.data_dir
-            env.update(deployment.env)
-            env["PYTHONUNBUFFERED"] = "1"
-            env["STEADYSERVE_REPLICA_ID"] = replica_id
-            env["STEADYSERVE_DEPLOYMENT"] = deployment.name
-            argv = [
-                sys.executable, "-m", "steadyserve.replica",
-                "--service", deployment.service, "--fd", str(sock.fileno()),
-                "--name", replica_id, "--threads", str(threads),
-                "--parent-pid", str(os.getpid()),
-                "--drain-timeout-s", str(self.config.supervisor.drain_timeout_s),
-                "--log-level", self.config.log_level,
-                "--log-format", _resolved_format(self.config.log_format),
-                "--flight-recorder", recorder,
-                "--nice", str(self.config.supervisor.replica_nice),
-            ]
+            argv = replica_argv(self.config, deployment, replica_id, threads,
+                                fd=str(sock.fileno()), parent_pid=str(os.getpid()),
+                                recorder=recorder)
+            env = replica_env(self.config, deployment, replica_id, base=dict(os.environ))
             try:
                 process = await asyncio.create_subprocess_exec(
                     *argv, pass_fds=(sock.fileno(),), start_new_session=True, env=env,

@@ -220,6 +220,9 @@ class Supervisor:
 
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        start_launcher = getattr(self.launcher, "start", None)
+        if start_launcher is not None:  # Ray: join the cluster first
+            await start_launcher()
         await self._restore()
         await self.reconcile_once()  # spawn everything now, not one tick later
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="supervisor")
@@ -247,6 +250,9 @@ class Supervisor:
             retiring.cancel()
         if self._writes:  # the last rollout state should reach the store
             await asyncio.wait(list(self._writes), timeout=PERSIST_ON_STOP_S)
+        stop_launcher = getattr(self.launcher, "stop", None)
+        if stop_launcher is not None:
+            await stop_launcher()
         self._export_states()
 
     # reconcile -------------------------------------------------------------------------
@@ -436,6 +442,8 @@ class Supervisor:
             if slot.replica_id == replica_id and slot.replica is not None:
                 if slot.replica.process.returncode is not None:
                     return True
+                if getattr(self.launcher, "remote", False):  # its pid is on another node
+                    return False
                 try:
                     with open(f"/proc/{slot.replica.pid}/stat", "rb") as f:
                         return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")

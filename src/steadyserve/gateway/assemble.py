@@ -63,6 +63,10 @@ def build_gateway(
         max_response_bytes=config.gateway.max_upstream_response_bytes,
     )
     membership = Membership(config.deployments)
+    if launcher is None and config.backend == "ray":
+        from ..control.ray_launcher import RayLauncher  # Ray is imported only when chosen
+
+        launcher = RayLauncher(config)  # type: ignore[assignment]
     supervisor = Supervisor(config, membership, transport, metrics, launcher, state_store=db)
     gateway = Gateway(config, transport=transport, membership=membership, metrics=metrics,
                       control=supervisor, keys=build_keyring(config, db))
