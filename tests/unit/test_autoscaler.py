@@ -140,11 +140,17 @@ async def test_scale_to_zero_then_a_request_brings_one_back(scaled):
     assert h.sup.autoscaler.events["d"][0]["reason"].startswith("scale from zero")
 
 
-async def test_held_requests_get_a_503_with_the_reason_when_the_start_fails(scaled):
-    h = scaled(FakeLauncher(lambda config, rid: "crash"), min_replicas=0)
+async def at_zero(scaled, mode: str) -> Scaled:
+    """A started deployment at zero replicas whose replicas, once launched, do `mode`."""
+    h = scaled(FakeLauncher(lambda config, rid: mode), min_replicas=0)
     h.sup.desired["d"] = 0
     h.sup.slots.clear()
     await h.start()
+    return h
+
+
+async def test_held_requests_get_a_503_with_the_reason_when_the_start_fails(scaled):
+    h = await at_zero(scaled, "crash")
     held = asyncio.ensure_future(h.activator.hold(h.d, h.clock() + 30))
     await h.settle()
     await h.tick(2)
@@ -155,10 +161,7 @@ async def test_held_requests_get_a_503_with_the_reason_when_the_start_fails(scal
 
 
 async def test_held_requests_get_a_503_when_no_replica_is_ready_in_time(scaled):
-    h = scaled(FakeLauncher(lambda config, rid: "hang"), min_replicas=0)
-    h.sup.desired["d"] = 0
-    h.sup.slots.clear()
-    await h.start()
+    h = await at_zero(scaled, "hang")
     held = asyncio.ensure_future(h.activator.hold(h.d, h.clock() + 30))
     await h.tick(2)
     assert not held.done()
@@ -169,10 +172,7 @@ async def test_held_requests_get_a_503_when_no_replica_is_ready_in_time(scaled):
 
 
 async def test_held_requests_are_bounded(scaled):
-    h = scaled(FakeLauncher(lambda config, rid: "hang"), min_replicas=0)
-    h.sup.desired["d"] = 0
-    h.sup.slots.clear()
-    await h.start()
+    h = await at_zero(scaled, "hang")
     waiting = [asyncio.ensure_future(h.activator.hold(h.d, h.clock() + 30)) for _ in range(3)]
     await h.settle()
     with pytest.raises(ActivationFailed) as exc:
