@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serving import (
     REPO,
     Server,
+    _on_signal,
     free_port,
     git_state,
     http_get,
@@ -266,8 +268,8 @@ async def load_step(tmp: Path, low: float, high: float,
         sampler.stop()
         await sampling
         out["events"] = status(port, "paced")["autoscale"]["events"]
-    out["phases"] = [phase(results[0], 0, a), phase(results[1], a, a + b),
-                     phase(results[2], a + b, a + b + c)]
+    # each load run's record times are relative to its own start
+    out["phases"] = [phase(results[0], 0, a), phase(results[1], 0, b), phase(results[2], 0, c)]
     peak = max((d for _, d, _ in sampler.samples), default=0)
     out["peak_desired"] = peak
     out["up_decided_after_s"] = sampler.first(a, lambda d, r: d > 1)
@@ -357,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how long the constant-load part runs (default 600: ten minutes)")
     p.add_argument("--quick", action="store_true", help="a 120 s constant-load part")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_signal)  # a stopped run stops the servers it started
     args.phases = (20.0, 40.0, 45.0)
     if args.quick:
         args.constant_s = 120.0

@@ -34,7 +34,7 @@ def replica_errors(replica: str, state: str = "firing") -> Alert:
 async def test_a_replica_is_restarted_only_when_its_peers_do_not_fail_the_same_way(
         make_gateway, active, outcome):
     gateway, _, _ = await make_gateway({"echo": (Echo, 3)})
-    responder = Responder(gateway, None, ActionGuard(cooldown_s=0, max_per_hour=100), None)
+    responder = responder_for(gateway)
     alerts = [replica_errors(rid, state) for rid, state in active.items()]
     [record] = await responder.respond(alerts[0], ("restart_replica",), alerts)
     assert record["outcome"] == outcome, record
@@ -50,7 +50,7 @@ async def test_an_ejected_replica_does_not_count_as_serving(make_gateway):
     for rid in ("echo-1", "echo-2"):  # ejected by hand (the share limit stops the dispatcher)
         e = next(e for e in d.endpoints if e.replica_id == rid)
         e.health = type(e.health)(ejections=1, ejected_until=now + 30)
-    responder = Responder(gateway, None, ActionGuard(cooldown_s=0, max_per_hour=100), None)
+    responder = responder_for(gateway)
     [record] = await responder.respond(replica_errors("echo-0"), ("restart_replica",))
     assert record["outcome"] == "refused"
     assert "would leave 0 serving replica(s)" in record["detail"], record
@@ -62,6 +62,12 @@ async def test_restarting_an_ejected_replica_takes_nothing_away(make_gateway):
     assert d is not None
     e = next(e for e in d.endpoints if e.replica_id == "echo-0")
     e.health = type(e.health)(ejections=1, ejected_until=gateway.dispatcher.clock() + 30)
-    responder = Responder(gateway, None, ActionGuard(cooldown_s=0, max_per_hour=100), None)
+    responder = responder_for(gateway)
     [record] = await responder.respond(replica_errors("echo-0"), ("restart_replica",))
     assert record["outcome"] == "failed", record  # allowed (no supervisor here to do it)
+
+
+def responder_for(gateway) -> Responder:
+    """Automatic responses on this gateway's data plane, with no supervisor and no limits."""
+    return Responder(gateway.controls, gateway.metrics, None,
+                     ActionGuard(cooldown_s=0, max_per_hour=100), None)

@@ -50,7 +50,7 @@ async def test_serve_stale_answers_from_stale_entries_without_calling_replicas()
         again = await client.post(url, json={"key": "a"})
         assert (again.headers["x-steadyserve-cache"], Counted.calls) == ("miss", 2)
 
-        responder = Responder(gw, None, ActionGuard(), None, wall=clock)
+        responder = Responder(gw.controls, gw.metrics, None, ActionGuard(), None, wall=clock)
         [record] = await responder.respond(alert("c"), ("serve_stale",))
         assert record["outcome"] == "done", record
         clock.advance(20)
@@ -74,6 +74,6 @@ async def test_serve_stale_is_unavailable_without_a_cache():
     config = Config(deployments=(DeploymentConfig(name="c", service="tests:Counted"),),
                     cache=CacheConfig(enabled=False))
     gw = Gateway(config, transport=InProcessTransport())
-    responder = Responder(gw, None, ActionGuard(), None)
+    responder = Responder(gw.controls, gw.metrics, None, ActionGuard(), None)
     [record] = await responder.respond(alert("c"), ("serve_stale",))
     assert record["outcome"] == "unavailable"

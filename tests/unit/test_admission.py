@@ -557,3 +557,24 @@ async def test_an_overloaded_class_gets_no_stall_grace():
     with pytest.raises(Overloaded) as info:
         await promptly(waiter, 0.5)
     assert info.value.reason == "waited"
+
+
+async def test_ongoing_area_integrates_in_flight_and_queued_over_time():
+    # the autoscaler's demand: ∫ (in flight + queued) dt, exact between changes
+    clock = FakeClock()
+    adm = admission(clock)
+    assert adm.ongoing_area() == 0.0
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    clock.advance(1.0)  # 2 in flight for 1 s
+    third = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    clock.advance(0.5)  # 2 in flight + 1 queued for 0.5 s
+    assert adm.ongoing_area() == pytest.approx(2.0 + 1.5)
+    adm.release()  # the queued one takes the slot: still 2
+    await settle()
+    clock.advance(1.0)
+    adm.release()
+    adm.release()
+    clock.advance(5.0)  # idle adds nothing
+    assert third.done() and adm.ongoing_area() == pytest.approx(3.5 + 2.0)

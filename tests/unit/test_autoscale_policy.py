@@ -180,3 +180,17 @@ def test_constant_noisy_load_settles_and_stays(seed):
 def test_config_refuses_nonsense(field, value):
     with pytest.raises(ConfigError):
         AutoscaleConfig(**{field: value})
+
+
+def test_after_a_drop_the_count_reaches_the_bottom_a_window_and_a_delay_later():
+    # 4 replicas busy (8 ongoing), then 1 ongoing from t = 30: the stable mean (10 s) is down
+    # by t = 40, and the downscale window (20 s) has seen only "1 wanted" by t = 60; the count
+    # steps down as the window slides instead of waiting a whole delay per step
+    p = scaler()
+    demand = lambda t: 8.0 if t < 30 else 1.0  # noqa: E731
+    final, changes, _ = run(p, demand, 30, current=4)
+    assert final == 4 and changes == []
+    final, changes, _ = run(p, demand, 40, start=30, current=4)
+    assert final == 1
+    assert changes[0][0] >= 30 + 20  # nothing before the drop has lasted the delay
+    assert changes[-1][0] <= 30 + 10 + 20 + 0.5, changes

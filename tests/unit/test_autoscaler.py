@@ -9,7 +9,6 @@ autoscaler's loop is not started: each test calls `tick()` between reconcile ite
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from steadyserve.gateway.activation import ActivationFailed, Activator
 from steadyserve.policies.actions import ActionGuard
 from steadyserve.policies.alert_lifecycle import Alert
 
-from .test_supervisor import TICK_S, FakeLauncher, Harness, deployment
+from .test_supervisor import TICK_S, FakeLauncher, Harness, data_plane, deployment
 
 pytestmark = pytest.mark.asyncio
 
@@ -93,12 +92,13 @@ async def test_follows_demand_up_at_once_per_step_and_drains_the_idlest_down(sca
     busy = {e.replica_id: e for e in h.d.endpoints}
     busy["d-2"].outstanding = 3
     h.load = 1.0
-    # the 1 s stable mean passes through "3 wanted" on its way down: 4 → 3 after the delay,
-    # then 3 → 1 after another (a scale-down takes the highest count wanted while it waited)
+    # the 1 s stable mean passes through 3 and 2 wanted on its way down: once the drop has
+    # lasted the delay, the count follows the most wanted over the last 2 s, step by step
     await h.scale_ticks(2 * int((SCALE.downscale_delay_s + SCALE.stable_window_s) / TICK_S))
     assert h.sup.replica_target("d") == 1
     assert h.ready_ids() == ["d-2"]
-    assert [(e["from"], e["to"]) for e in h.sup.autoscaler.events["d"]] == [(3, 1), (4, 3), (1, 4)]
+    moves = [(e["from"], e["to"]) for e in reversed(h.sup.autoscaler.events["d"])]
+    assert moves == [(1, 4), (4, 3), (3, 2), (2, 1)]
     # the retired ones were drained (SIGTERM), never killed
     for rid in ("d-0", "d-1", "d-3"):
         assert h.launcher.process(rid).signals == [15]
@@ -188,9 +188,8 @@ async def test_scale_up_response_raises_the_floor_for_a_while(scaled):
     h = scaled()
     await h.start()
     await h.tick(2)
-    responder = Responder(SimpleNamespace(metrics=h.metrics, membership=h.membership), h.sup,
-                          ActionGuard(cooldown_s=0, max_per_hour=100), None, wall=lambda: 1.7e9,
-                          monotonic=h.clock)
+    responder = Responder(data_plane(h), h.metrics, h.sup,
+                          ActionGuard(cooldown_s=0, max_per_hour=100), None, wall=lambda: 1.7e9)
     alert = Alert(key="k", rule="LatencySLOBurn", labels={"deployment": "d"}, annotations={},
                   state="firing", value=1.0, description="")
     [record] = await responder.respond(alert, ("scale_up",))
@@ -209,7 +208,7 @@ async def test_scale_up_response_raises_the_floor_for_a_while(scaled):
 async def test_scale_up_response_on_a_fixed_deployment_says_why_not():
     h = Harness()
     await h.start()
-    responder = Responder(SimpleNamespace(metrics=h.metrics, membership=h.membership), h.sup,
+    responder = Responder(data_plane(h), h.metrics, h.sup,
                           ActionGuard(cooldown_s=0, max_per_hour=100), None, wall=lambda: 1.7e9)
     alert = Alert(key="k", rule="LatencySLOBurn", labels={"deployment": "d"}, annotations={},
                   state="firing", value=1.0, description="")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +21,8 @@ from steadyserve.control.launcher import LaunchedReplica
 from steadyserve.control.responder import Responder
 from steadyserve.control.supervisor import STATE_KEY, Supervisor
 from steadyserve.errors import ClientError, Conflict, ConnectionRefused
+from steadyserve.gateway.controls import DataPlaneControls
+from steadyserve.gateway.dispatch import Dispatcher
 from steadyserve.gateway.membership import Membership
 from steadyserve.gateway.transport import Address, Reply
 from steadyserve.observe.metrics import GatewayMetrics
@@ -185,6 +186,11 @@ class Harness:
 
     def ready_ids(self) -> list[str]:
         return sorted(e.replica_id for e in self.membership.deployments["d"].endpoints)
+
+
+def data_plane(h: Harness) -> DataPlaneControls:
+    """The data-plane seam over the harness's membership (what a responder acts through)."""
+    return DataPlaneControls(h.membership, Dispatcher(h.transport, h.metrics))
 
 
 @pytest.fixture
@@ -420,9 +426,8 @@ async def test_the_automatic_rollback_goes_through_the_stored_target(harnesses):
     h = harnesses()
     await h.start()
     await h.tick(2)
-    gateway = SimpleNamespace(metrics=h.metrics, membership=h.membership)
-    responder = Responder(gateway, h.sup, ActionGuard(cooldown_s=0, max_per_hour=100), None,
-                          wall=lambda: 1.7e9)
+    responder = Responder(data_plane(h), h.metrics, h.sup,
+                          ActionGuard(cooldown_s=0, max_per_hour=100), None, wall=lambda: 1.7e9)
     crash_loop = Alert(key="k", rule="ReplicaCrashLooping", labels={"deployment": "d"},
                        annotations={}, state="firing", value=1.0, description="")
 

@@ -54,13 +54,15 @@ class Autoscaler:
     def __init__(
         self, supervisor: Supervisor, metrics: GatewayMetrics, *,
         demand: Callable[[str], float] | None = None,
+        sample: Callable[[str], float] | None = None,
         ready: Callable[[str], int] | None = None,
         clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
     ) -> None:
         self.supervisor = supervisor
         self.metrics = metrics
         # the data plane's reports; unset (a control plane alone) reads as no demand
-        self.demand = demand or (lambda name: 0.0)
+        self.demand = demand or (lambda name: 0.0)  # ongoing now (activation, status)
+        self.sample = sample  # mean ongoing since the last sample; None: `demand` now
         self.ready = ready or (lambda name: 0)
         self.clock = clock
         self.wall = wall
@@ -101,9 +103,11 @@ class Autoscaler:
 
     def _step(self, name: str, now: float, *, sample: bool) -> Decision | None:
         policy = self.policies[name]
-        demand = self.demand(name)
         if sample:
+            demand = self.sample(name) if self.sample is not None else self.demand(name)
             policy.observe(now, demand)
+        else:
+            demand = self.demand(name)
         m = self.metrics
         m.autoscale_demand.labels(name).set(demand)
         current = self.supervisor.replica_target(name)

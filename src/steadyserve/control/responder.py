@@ -3,7 +3,8 @@
 The engine calls `respond(alert, actions)` when an alert starts firing. Each action is
 checked by `policies.actions.ActionGuard` (cool-down, hourly cap, minimum serving replicas),
 then done — or, in dry-run mode, only recorded — and every decision, done or refused, goes to
-the log, the database and the status API with the alert that caused it.
+the log, the database and the status API with the alert that caused it. It acts on the data
+plane only through `gateway.controls.DataPlaneControls`, and on replicas through the supervisor.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from ..policies.alert_lifecycle import Alert
 from ..store import Database, DatabaseUnavailable
 
 if TYPE_CHECKING:
-    from ..gateway.app import Gateway
+    from ..gateway.controls import DataPlaneControls
+    from ..observe.metrics import GatewayMetrics
     from .supervisor import Supervisor
 
 log = logging.getLogger("steadyserve.responder")
@@ -30,17 +32,16 @@ SERVE_STALE_S = 300.0
 
 
 class Responder:
-    def __init__(self, gateway: Gateway, supervisor: Supervisor | None, guard: ActionGuard,
-                 db: Database | None, *, dry_run: bool = False,
-                 wall: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        self.gateway = gateway
+    def __init__(self, data: DataPlaneControls, metrics: GatewayMetrics,
+                 supervisor: Supervisor | None, guard: ActionGuard, db: Database | None, *,
+                 dry_run: bool = False, wall: Callable[[], float] = time.time) -> None:
+        self.data = data
+        self.metrics = metrics
         self.supervisor = supervisor
         self.guard = guard
         self.db = db
         self.dry_run = dry_run
         self.wall = wall
-        self.monotonic = monotonic
         self.history: deque[PastAction] = deque(maxlen=1000)
         self.recent: deque[dict[str, Any]] = deque(maxlen=200)
 
@@ -65,8 +66,7 @@ class Responder:
         allowed, reason = self.guard.check(action, target, list(self.history), now,
                                            serving=serving, dry_run=self.dry_run)
         if allowed and action in REMOVES_CAPACITY and "replica" in alert.labels:
-            d = self.gateway.membership.get(deployment)
-            replicas = [e.replica_id for e in d.endpoints] if d is not None else []
+            replicas = [r.replica_id for r in self.data.replicas(deployment) or []]
             peers = [(a.rule, a.labels.get("deployment", ""), a.labels.get("replica", ""))
                      for a in active if a.state in ("pending", "firing")]
             if deployment_wide(alert.rule, deployment, peers, replicas):
@@ -87,7 +87,7 @@ class Responder:
             "dry_run": self.dry_run, "outcome": outcome, "detail": detail,
         }
         self.recent.appendleft(record)
-        self.gateway.metrics.actions.labels(action, outcome).inc()
+        self.metrics.actions.labels(action, outcome).inc()
         log.warning("automatic response %s on %s: %s (%s)", action, target, outcome, detail,
                     extra={"alert": alert.key, "rule": alert.rule})
         if self.db is not None:
@@ -102,28 +102,24 @@ class Responder:
         than the target, plus the target (the guard takes it away). An ejected replica serves
         nothing — two of three restarted while the third was ejected left none — and
         restarting an ejected one takes nothing away."""
-        d = self.gateway.membership.get(deployment)
-        if d is None:
+        replicas = self.data.replicas(deployment)
+        if replicas is None:
             return 0
-        return 1 + sum(1 for e in d.endpoints
-                       if e.health.ejected_until == 0 and e.replica_id != target)
+        return 1 + sum(1 for r in replicas if not r.ejected and r.replica_id != target)
 
     async def _do(self, action: str, deployment: str, target: str,
                   rule: str = "") -> tuple[str, str]:
-        d = self.gateway.membership.get(deployment)
         if action == "restart_replica":
             if self.supervisor is None or not self.supervisor.restart(target):
                 return "failed", f"no running replica {target!r}"
             return "done", f"restarting {target}"
         if action == "eject_replica":
-            if d is None or not self.gateway.dispatcher.eject(d, target, self.monotonic()):
+            if not self.data.eject(deployment, target):
                 return "failed", f"cannot eject {target!r} (share limit or not in rotation)"
             return "done", f"ejected {target}"
         if action == "shed_batch":
-            if d is None:
+            if not self.data.shed_batch(deployment, SHED_BATCH_S):
                 return "failed", f"no deployment {deployment!r}"
-            adm = self.gateway.dispatcher.state(d).admission
-            adm.shed_batch_until = self.monotonic() + SHED_BATCH_S
             return "done", f"shedding batch traffic of {deployment} for {SHED_BATCH_S:.0f}s"
         if action == "rollback":
             # only the stored target changes here; the supervisor's loop does the rolling
@@ -137,10 +133,9 @@ class Responder:
             return "started", (f"rolling {deployment} back as revision {rolled['revision']} "
                                f"(the config of revision {rolled['previous_revision']})")
         if action == "serve_stale":
-            cache = self.gateway.cache
-            if cache is None:
-                return "unavailable", "the response cache is disabled ([cache] enabled = false)"
-            cache.serve_stale(deployment, SERVE_STALE_S)
+            why_not = self.data.serve_stale(deployment, SERVE_STALE_S)
+            if why_not is not None:
+                return "unavailable", why_not
             return "done", (f"answering {deployment}'s cacheable requests from stale entries "
                             f"(up to stale_if_error_s old) for {SERVE_STALE_S:.0f}s")
         if action == "scale_up":

@@ -103,6 +103,12 @@ class Admission:
                            calm_wait_s=min(cfg.queue_interval_s, cfg.batch_max_wait_s)),
         }
         self.inflight = 0
+        # ∫ (inflight + queued) dt: the autoscaler's demand is its mean over each sample
+        # interval, exact however short the requests (an instant count aliases with
+        # periodic traffic)
+        self._area = 0.0
+        self._area_at = clock()
+        self._ongoing = 0
         self.shed_batch_until = 0.0  # an automatic response: refuse batch traffic until then
         self.queues: dict[str, deque[_Waiter]] = {p: deque() for p in PRIORITIES}
         self.shed = {p: 0 for p in PRIORITIES}
@@ -132,6 +138,7 @@ class Admission:
         # floor, not ceiling: a limit of 3.9 admits 3 (a fourth would queue at a replica)
         if self.inflight + 1 <= self.limit.limit and not self.queued:
             self.inflight += 1
+            self._account()
             return
         now = self.clock()
         if priority == "batch":
@@ -169,6 +176,7 @@ class Admission:
         # an overloaded class sheds on its own clock: no stall grace for its waiters
         waiter = _Waiter(loop.create_future(), now, extended=not calm)
         self.queues[priority].append(waiter)
+        self._account()
         codel.on_enqueue()
         # a timer, not asyncio.wait_for: on 3.11 wait_for can swallow a cancellation that
         # races with the slot being handed over (cpython gh-86296)
@@ -232,6 +240,20 @@ class Admission:
             self.queues[priority].remove(waiter)
         except ValueError:
             pass
+        else:
+            self._account()
+
+    def _account(self) -> None:
+        """Add the time since the last change at the old count, then note the new one."""
+        now = self.clock()
+        self._area += self._ongoing * (now - self._area_at)
+        self._area_at = now
+        self._ongoing = self.inflight + self.queued
+
+    def ongoing_area(self) -> float:
+        """∫ (in flight + queued) dt since this Admission was made, up to now."""
+        self._account()
+        return self._area
 
     def _overloaded(self, priority: str, reason: str) -> Shed:
         return Shed(f"overloaded: {priority} request shed by admission control "
@@ -245,6 +267,7 @@ class Admission:
         self.inflight -= 1
         self.completions.add(self.clock())
         self._wake()
+        self._account()
 
     def _wake(self) -> None:
         while self.inflight + 1 <= self.limit.limit and self.queued:

@@ -36,6 +36,7 @@ from . import key_routes, openai, rollout_routes, routes
 from . import openapi as openapi_doc
 from .access import Access
 from .cached import CACHE_HEADER
+from .controls import DataPlaneControls
 from .dispatch import Dispatcher
 from .encoding import choose_encoding, compress
 from .http import Receive, Request, Response, Scope, Send, request_id_from
@@ -145,6 +146,8 @@ class Gateway:
                 lookup_counter=lambda level, result: lookups.labels(level, result).inc())
             self.metrics.registry.register(CacheCollector(self.cache))
         self.metrics.registry.register(BalancerFitCollector(self.balancer_fits))
+        # all the control plane may do to this data plane, and read from it
+        self.controls = DataPlaneControls(self.membership, self.dispatcher, self.cache)
         self._spawned: set[asyncio.Task[None]] = set()
         self.draining = False
         obs = config.observability

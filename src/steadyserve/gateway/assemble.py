@@ -43,10 +43,10 @@ def build_keyring(config: Config, db: Database | None) -> KeyRing:
 def wire_autoscaling(gateway: Gateway, supervisor: Supervisor) -> None:
     """The data plane reports demand and ready replicas to the autoscaler, and holds requests
     of an autoscaled deployment with no ready replica, asking it for one."""
-    membership = gateway.membership
     autoscaler = supervisor.autoscaler
-    autoscaler.demand = lambda name: gateway.dispatcher.demand(membership.deployments[name])
-    autoscaler.ready = lambda name: len(membership.deployments[name].endpoints)
+    autoscaler.demand = gateway.controls.demand
+    autoscaler.sample = gateway.controls.sample_demand
+    autoscaler.ready = gateway.controls.ready
     if autoscaler.policies:
         gateway.dispatcher.activator = Activator(poke=autoscaler.activate,
                                                  failure=supervisor.start_failure)
@@ -75,7 +75,8 @@ def build_gateway(
     if config.alerting.enabled:
         guard = ActionGuard(cooldown_s=config.alerting.action_cooldown_s,
                             max_per_hour=config.alerting.actions_per_hour)
-        responder = Responder(gateway, supervisor, guard, db, dry_run=config.alerting.dry_run)
+        responder = Responder(gateway.controls, metrics, supervisor, guard, db,
+                              dry_run=config.alerting.dry_run)
         gateway.alerting = AlertEngine(config, metrics, db, responder,
                                        before_sample=gateway.export_admission)
     return gateway, supervisor

@@ -206,8 +206,14 @@ class Dispatcher:
         adm = self.state(d).admission
         inflight = adm.inflight if self.cfg.admission else \
             sum(e.outstanding for e in d.endpoints)
-        held = self.activator.held(d.name) if self.activator is not None else 0
-        return float(inflight + adm.queued + held)
+        return float(inflight + adm.queued + self.held(d))
+
+    def ongoing_area(self, d: Deployment) -> float | None:
+        """∫ (admitted + queued) dt so far (None without admission control: no count kept)."""
+        return self.state(d).admission.ongoing_area() if self.cfg.admission else None
+
+    def held(self, d: Deployment) -> int:
+        return self.activator.held(d.name) if self.activator is not None else 0
 
     async def await_replica(self, d: Deployment, timeout_s: float) -> float:
         """Hold until an autoscaled deployment has a ready replica (503 if it gets none in

@@ -25,13 +25,18 @@ the first matching row decides:
     panicking (within a stable window of the last panic row)     unchanged   never down
     want(stable) within ±tolerance of the current capacity       unchanged   -
     want(stable) > current                                       want(stable) upscale_delay_s
-    want(stable) < current, > 0                                  the highest downscale_delay_s
-                                                                   want seen while waiting
-    want(stable) = 0 (no demand over the whole stable window)    0           scale_to_zero_delay_s
+    want(stable) < current                                       the highest downscale_delay_s
+                                                                   want over
+                                                                   the delay
+    …and that highest want is 0 (no demand over the whole        0, else 1   scale_to_zero_delay_s
+      stable window)
 
-A delay is how long the same direction must hold, uninterrupted, before the change is made;
-the other direction (or no change) resets it. So a demand that wobbles around a boundary
-changes nothing, and under constant load the count settles once. `floor` is `min_replicas`,
+The upscale delay is how long more replicas must be wanted, uninterrupted, before they start;
+fewer wanted resets it. A scale-down takes the most replicas wanted at any time over the last
+downscale_delay_s (Kubernetes' stabilization window), so a drop must last the whole delay, and
+then the count follows the demand down as the window slides. A demand that wobbles around a
+boundary changes nothing, and under constant load the count settles once. A move up clears
+the downscale window. `floor` is `min_replicas`,
 raised for a while by the `scale_up` automatic response (`boost`). Scale to zero happens only
 when `min_replicas` is 0 (honoured, unlike Ray Serve 2.51+: ray #59076).
 """
@@ -67,8 +72,7 @@ class Autoscale:
     samples: deque[tuple[float, float]] = field(default_factory=deque)
     panic_until: float = 0.0
     up_since: float | None = None
-    down_since: float | None = None
-    down_peak: int = 0  # the highest count wanted while a scale-down waits
+    wants: deque[tuple[float, int]] = field(default_factory=deque)  # (time, count wanted)
     boost_floor: int = 0
     boost_until: float = 0.0
 
@@ -115,9 +119,10 @@ class Autoscale:
                   "floor": floor, "max": self.max_replicas,
                   "target_ongoing_requests": cfg.target_ongoing_requests}
 
-        def change(desired: int, reason: str) -> Decision | None:
-            self.up_since = self.down_since = None
-            self.down_peak = 0
+        def change(desired: int, reason: str, *, keep_history: bool = False) -> Decision | None:
+            self.up_since = None
+            if not keep_history:  # a move up starts the downscale window over
+                self.wants.clear()
             if desired == current:
                 return None
             return Decision(desired, current, reason,
@@ -136,16 +141,15 @@ class Autoscale:
                           f">= {cfg.panic_threshold:g} x the capacity of {ready} ready "
                           f"replica(s) ({capacity:g})")
         if now < self.panic_until:  # never down while panicking; up only by the row above
-            self.up_since = self.down_since = None
-            self.down_peak = 0
+            self.up_since = None
+            self.wants.clear()
             return None
         want = self._want(stable, floor)
         if current > 0 and want != 0 and \
                 abs(stable / (current * cfg.target_ongoing_requests) - 1) <= cfg.tolerance:
             want = current
+        self._remember(now, want)
         if want > current:
-            self.down_since = None
-            self.down_peak = 0
             if self.up_since is None:
                 self.up_since = now
             if now - self.up_since >= cfg.upscale_delay_s:
@@ -154,21 +158,36 @@ class Autoscale:
                                     f"replica > target {cfg.target_ongoing_requests:g} for "
                                     f"{cfg.upscale_delay_s:g}s")
             return None
-        if want < current:
-            self.up_since = None
-            if self.down_since is None:
-                self.down_since = now
-                self.down_peak = want
-            self.down_peak = max(self.down_peak, want)
-            delay = cfg.scale_to_zero_delay_s if self.down_peak == 0 else cfg.downscale_delay_s
-            if now - self.down_since >= delay:
-                if self.down_peak == 0:
-                    return change(0, f"no requests for {cfg.stable_window_s + delay:g}s")
-                return change(self.down_peak,
-                              f"{stable:.1f} ongoing over {cfg.stable_window_s:g}s: "
-                              f"{stable / current:.2f} per replica < target "
-                              f"{cfg.target_ongoing_requests:g} for {delay:g}s")
+        self.up_since = None
+        if want == current or not self._covered(now, cfg.downscale_delay_s):
             return None
-        self.up_since = self.down_since = None
-        self.down_peak = 0
-        return None
+        # the most replicas wanted at any time over the last downscale_delay_s (Kubernetes'
+        # stabilization window): a drop must last, and the count then follows it down as the
+        # window slides, without waiting a whole delay again per step
+        down = self._highest(now, cfg.downscale_delay_s)
+        if down == 0 and not (self._covered(now, cfg.scale_to_zero_delay_s)
+                              and self._highest(now, cfg.scale_to_zero_delay_s) == 0):
+            down = 1  # zero waits for its own, longer delay
+        if down >= current:
+            return None
+        if down == 0:
+            return change(0, f"no requests for {cfg.stable_window_s + cfg.scale_to_zero_delay_s:g}s",
+                          keep_history=True)
+        return change(down, f"{stable:.1f} ongoing over {cfg.stable_window_s:g}s: "
+                            f"{stable / current:.2f} per replica < target "
+                            f"{cfg.target_ongoing_requests:g}; at most {down} wanted for "
+                            f"{cfg.downscale_delay_s:g}s", keep_history=True)
+
+    # the downscale window ----------------------------------------------------------------
+    def _remember(self, now: float, want: int) -> None:
+        self.wants.append((now, want))
+        horizon = now - max(self.cfg.downscale_delay_s, self.cfg.scale_to_zero_delay_s)
+        # keep one entry at or before the horizon: it shows the window is covered
+        while len(self.wants) > 1 and self.wants[1][0] <= horizon:
+            self.wants.popleft()
+
+    def _covered(self, now: float, delay: float) -> bool:
+        return bool(self.wants) and self.wants[0][0] <= now - delay
+
+    def _highest(self, now: float, delay: float) -> int:
+        return max(w for t, w in self.wants if t >= now - delay)
