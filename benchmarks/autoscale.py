@@ -303,13 +303,27 @@ async def constant(tmp: Path, rate: float, duration_s: float) -> dict[str, Any]:
     return out
 
 
+def ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f} ms"
+
+
 def report(out: dict[str, Any]) -> str:
-    z = out["zero"]
+    lines = []
+    if "zero" in out:
+        lines += report_zero(out["zero"])
+    if "step" in out:
+        lines += report_step(out["step"])
+    if "constant" in out:
+        c = out["constant"]
+        lines.append(f"3. constant {c['rate']:g} req/s for {c['duration_s']:g} s: "
+                     f"{len(c['decisions'])} decision(s) "
+                     f"{[(a, b) for a, b, _ in c['decisions']]}, {c['direction_changes']} "
+                     f"change(s) of direction, errors {c['errors']}")
+    return "\n".join(lines)
 
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v * 1000:.0f} ms"
 
-    lines = [
+def report_zero(z: dict[str, Any]) -> list[str]:
+    return [
         f"1. scale from zero, {BURST} concurrent /v1/embeddings (MiniLM, 0 replicas, max 2)",
         f"   steadyserve: {z['burst']['ok']}/{BURST} ok, errors {z['burst']['errors']}, "
         f"p50 {ms(z['burst']['p50_s'])}, max {ms(z['burst']['max_s'])}; warm again: p50 "
@@ -324,9 +338,11 @@ def report(out: dict[str, Any]) -> str:
         f"answer {ms(z['peer']['max_s'])}; served / peer = "
         f"{(z['burst']['max_s'] or 0) / (z['peer']['max_s'] or float('nan')):.2f}",
     ]
-    s = out["step"]
-    lines.append(f"2. load step {s['rates'][0]:g} -> {s['rates'][1]:g} -> {s['rates'][2]:g} req/s "
-                 f"(phases {'/'.join(f'{p:g}' for p in s['phase_s'])} s; 20 req/s per replica)")
+
+
+def report_step(s: dict[str, Any]) -> list[str]:
+    lines = [f"2. load step {s['rates'][0]:g} -> {s['rates'][1]:g} -> {s['rates'][2]:g} req/s "
+             f"(phases {'/'.join(f'{p:g}' for p in s['phase_s'])} s; 20 req/s per replica)"]
     for name, p in zip(("low", "high", "back"), s["phases"], strict=True):
         lines.append(f"   {name:<5} {p['requests']:>5} requests, errors {p['errors']} "
                      f"{p['error_codes'] or ''}, p50 {ms(p['p50_s'])}, p99 {ms(p['p99_s'])} "
@@ -336,20 +352,20 @@ def report(out: dict[str, Any]) -> str:
                  f"{s['up_ready_after_s']} s; down decided {s['down_decided_after_s']} s after "
                  f"the drop (stable window 10 + downscale_delay_s 10), back at 1 "
                  f"{s['down_to_one_after_s']} s")
-    c = out["constant"]
-    lines.append(f"3. constant {c['rate']:g} req/s for {c['duration_s']:g} s: "
-                 f"{len(c['decisions'])} decision(s) {[(a, b) for a, b, _ in c['decisions']]}, "
-                 f"{c['direction_changes']} change(s) of direction, errors {c['errors']}")
-    return "\n".join(lines)
+    return lines
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ss-bench-autoscale-") as tmp:
-        out = {"zero": await scale_from_zero(Path(tmp))}
-        log(f"scale from zero: {out['zero']}")
-        out["step"] = await load_step(Path(tmp), 10, 40, args.phases)
-        log(f"load step: { {k: v for k, v in out['step'].items() if k != 'samples'} }")
-        out["constant"] = await constant(Path(tmp), 20, args.constant_s)
+        if args.only in (None, "zero"):
+            out["zero"] = await scale_from_zero(Path(tmp))
+            log(f"scale from zero: {out['zero']}")
+        if args.only in (None, "step"):
+            out["step"] = await load_step(Path(tmp), 10, 40, args.phases)
+            log(f"load step: { {k: v for k, v in out['step'].items() if k != 'samples'} }")
+        if args.only in (None, "constant"):
+            out["constant"] = await constant(Path(tmp), 20, args.constant_s)
     return out
 
 
@@ -358,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--constant-s", type=float, default=600.0,
                    help="how long the constant-load part runs (default 600: ten minutes)")
     p.add_argument("--quick", action="store_true", help="a 120 s constant-load part")
+    p.add_argument("--only", choices=["zero", "step", "constant"], help="one part")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_signal)  # a stopped run stops the servers it started
     args.phases = (20.0, 40.0, 45.0)

@@ -20,7 +20,7 @@ from steadyserve.gateway.activation import ActivationFailed, Activator
 from steadyserve.policies.actions import ActionGuard
 from steadyserve.policies.alert_lifecycle import Alert
 
-from .test_supervisor import TICK_S, FakeLauncher, Harness, data_plane, deployment
+from .test_supervisor import TICK_S, FakeLauncher, FakeStore, Harness, data_plane, deployment
 
 pytestmark = pytest.mark.asyncio
 
@@ -35,9 +35,10 @@ class Scaled(Harness):
     """The harness with an autoscaled deployment, demand set by the test, and an activator
     wired as the gateway wires it."""
 
-    def __init__(self, launcher: FakeLauncher | None = None, **scale: Any) -> None:
+    def __init__(self, launcher: FakeLauncher | None = None, *, store: FakeStore | None = None,
+                 **scale: Any) -> None:
         cfg = AutoscaleConfig(**{**_fields(SCALE), **scale})
-        super().__init__(launcher, config=deployment(replicas=1, autoscale=cfg))
+        super().__init__(launcher, store=store, config=deployment(replicas=1, autoscale=cfg))
         self.load = 0.0
         self.activator = Activator(poke=self.sup.autoscaler.activate,
                                    failure=self.sup.start_failure, clock=self.clock)
@@ -235,3 +236,23 @@ async def test_a_rollout_keeps_the_autoscaled_count_and_refuses_replicas(scaled)
     assert h.ready_ids() == ["d-r1-0", "d-r1-1", "d-r1-2"]
     assert done["autoscale"]["desired"] == 3 and done["autoscale"]["events"]
 
+
+
+async def test_a_restarted_gateway_starts_at_the_last_autoscaled_count(scaled):
+    store = FakeStore()
+    h = scaled(store=store)
+    await h.start()
+    h.load = 5.0
+    await h.scale_ticks(int(SCALE.upscale_delay_s / TICK_S) + 3)
+    assert h.sup.replica_target("d") == 3
+    await h.sup.stop()
+    assert store.data["autoscale:d"]["replicas"] == 3
+    again = scaled(store=store)  # `replicas = 1` in the file; the stored count wins
+    await again.start()
+    await again.tick(2)
+    assert again.sup.replica_target("d") == 3
+    assert again.ready_ids() == ["d-0", "d-1", "d-2"]
+    store.data["autoscale:d"] = {"replicas": 99}  # beyond today's max: clamped
+    third = scaled(store=store)
+    await third.start()
+    assert third.sup.replica_target("d") == SCALE.max_replicas

@@ -73,6 +73,7 @@ log = logging.getLogger("steadyserve.supervisor")
 
 STABLE_AFTER_S = 30.0  # ready this long → the next crash restarts with the shortest backoff
 STATE_KEY = "rollout:{}"
+SCALE_KEY = "autoscale:{}"  # an autoscaled deployment's last count: a restart starts from it
 RECORD_FORMAT = 1
 PERSIST_ON_STOP_S = 5.0  # how long stopping waits for the last rollout state to be written
 
@@ -224,6 +225,7 @@ class Supervisor:
         if start_launcher is not None:  # Ray: join the cluster first
             await start_launcher()
         await self._restore()
+        await self._restore_scale()
         await self.reconcile_once()  # spawn everything now, not one tick later
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="supervisor")
         self.autoscaler.start()
@@ -469,6 +471,8 @@ class Supervisor:
         self.desired[deployment] = replicas
         self.membership.set_desired(deployment, replicas)
         self._export_states()
+        if self.state_store is not None:
+            self._write_soon(self._persist_scale(deployment), f"persist-scale-{deployment}")
 
     def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None:
         """Passive health: the data plane could not reach a replica; check it on the next tick."""
@@ -679,10 +683,50 @@ class Supervisor:
 
     # rollout state in the store ----------------------------------------------------------
     def _persist_soon(self, name: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._persist(name),
-                                                      name=f"persist-rollout-{name}")
+        self._write_soon(self._persist(name), f"persist-rollout-{name}")
+
+    def _write_soon(self, write: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(write, name=name)
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+
+    async def _persist_scale(self, name: str) -> None:
+        """Store an autoscaled deployment's count (the newest when the write runs)."""
+        if self.state_store is None:
+            return
+        store = self.state_store
+        async with self._write_lock:
+            record = {"replicas": self.desired[name], "at": self.wall()}
+            try:
+                await asyncio.to_thread(store.put_state, SCALE_KEY.format(name), record)
+            except Exception as exc:
+                log.error("could not store the autoscaled replica count: %s", exc,
+                          extra={"deployment": name})
+
+    async def _restore_scale(self) -> None:
+        """A restarted gateway starts an autoscaled deployment at the count it last had
+        (within today's min and max), not at `replicas`: a restart under load would
+        otherwise start short and shed until the autoscaler caught up."""
+        if self.state_store is None:
+            return
+        store = self.state_store
+        for name in list(self.desired):
+            try:
+                raw = await asyncio.to_thread(store.get_state, SCALE_KEY.format(name))
+                stored = raw.get("replicas") if isinstance(raw, dict) else None
+            except Exception as exc:
+                log.error("could not read the autoscaled replica count: %s", exc,
+                          extra={"deployment": name})
+                continue
+            if type(stored) is not int:
+                continue
+            policy = self.autoscaler.policies[name]
+            n = max(policy.cfg.min_replicas, min(policy.max_replicas, stored))
+            if n != self.desired[name]:
+                log.info("starting at the stored autoscaled count: %d replicas", n,
+                         extra={"deployment": name})
+                self.desired[name] = n
+                self.membership.set_desired(name, n)
 
     async def _persist(self, name: str) -> None:
         """Write the record as it is when the write starts: writes are serialised, so the
