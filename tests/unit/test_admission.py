@@ -13,7 +13,7 @@ import pytest
 
 from steadyserve.config import ResilienceConfig
 from steadyserve.errors import ClientError, Overloaded
-from steadyserve.gateway.admission import Admission, parse_priority
+from steadyserve.gateway.admission import Admission, Shed, parse_priority
 from steadyserve.testing import FakeClock
 
 LONG = 10.0  # a deadline and queue allowance no test reaches
@@ -578,3 +578,28 @@ async def test_ongoing_area_integrates_in_flight_and_queued_over_time():
     adm.release()
     clock.advance(5.0)  # idle adds nothing
     assert third.done() and adm.ongoing_area() == pytest.approx(3.5 + 2.0)
+
+
+async def test_while_replicas_start_for_the_demand_interactive_waiters_wait_for_them():
+    clock = FakeClock()
+    # without a scale-up, a waiter gets the calm allowance (50 ms here) and is then shed
+    adm = await saturated(clock, queue_interval_s=0.05)
+    shed = asyncio.create_task(adm.acquire("interactive", clock.now + 30))
+    await asyncio.sleep(0.2)
+    assert shed.done() and isinstance(shed.exception(), Shed)
+    # with replicas starting (the autoscaler said so), it waits for a slot instead
+    adm = await saturated(clock, queue_interval_s=0.05)
+    adm.scaling_up_until = clock.now + 5
+    waiting = asyncio.create_task(adm.acquire("interactive", clock.now + 30))
+    batch = asyncio.create_task(adm.acquire("batch", clock.now + 30))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    assert batch.done() and isinstance(batch.exception(), Shed)  # batch traffic still yields
+    adm.release()
+    await settle()
+    assert waiting.done() and waiting.exception() is None
+    # past the time the replicas were due, the usual rules again
+    clock.advance(6)
+    late = asyncio.create_task(adm.acquire("interactive", clock.now + 30))
+    await asyncio.sleep(0.2)
+    assert late.done() and isinstance(late.exception(), Shed)

@@ -256,3 +256,16 @@ async def test_a_restarted_gateway_starts_at_the_last_autoscaled_count(scaled):
     third = scaled(store=store)
     await third.start()
     assert third.sup.replica_target("d") == SCALE.max_replicas
+
+
+async def test_a_scale_up_tells_the_data_plane_capacity_is_coming(scaled):
+    h = scaled()
+    told: list[tuple[str, float]] = []
+    h.sup.autoscaler.expect = lambda name, seconds: told.append((name, seconds))
+    await h.start()
+    h.load = 5.0
+    await h.scale_ticks(int(SCALE.upscale_delay_s / TICK_S) + 3)
+    assert told == [("d", SCALE.activation_timeout_s)]
+    h.load = 0.0
+    await h.scale_ticks(2 * int((SCALE.downscale_delay_s + SCALE.stable_window_s) / TICK_S))
+    assert told == [("d", SCALE.activation_timeout_s)]  # not on the way down

@@ -56,6 +56,7 @@ class Autoscaler:
         demand: Callable[[str], float] | None = None,
         sample: Callable[[str], float] | None = None,
         ready: Callable[[str], int] | None = None,
+        expect: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
     ) -> None:
         self.supervisor = supervisor
@@ -64,6 +65,8 @@ class Autoscaler:
         self.demand = demand or (lambda name: 0.0)  # ongoing now (activation, status)
         self.sample = sample  # mean ongoing since the last sample; None: `demand` now
         self.ready = ready or (lambda name: 0)
+        # tells the data plane that replicas are starting for its demand (wait, don't shed)
+        self.expect = expect
         self.clock = clock
         self.wall = wall
         self.policies: dict[str, Autoscale] = {}
@@ -150,6 +153,8 @@ class Autoscaler:
 
     def _apply(self, name: str, decision: Decision) -> None:
         self.supervisor.scale(name, decision.desired)
+        if decision.direction == "up" and self.expect is not None:
+            self.expect(name, self.policies[name].cfg.activation_timeout_s)
         event = {"at": self.wall(), "deployment": name, "from": decision.previous,
                  "to": decision.desired, "direction": decision.direction,
                  "reason": decision.reason, "inputs": decision.inputs}

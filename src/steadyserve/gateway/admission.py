@@ -110,6 +110,10 @@ class Admission:
         self._area_at = clock()
         self._ongoing = 0
         self.shed_batch_until = 0.0  # an automatic response: refuse batch traffic until then
+        # the autoscaler is starting replicas for this demand: until they are ready (or this
+        # time), interactive waiters wait for them instead of being shed for capacity that is
+        # seconds away (Knative's activator buffers the same way while it panics)
+        self.scaling_up_until = 0.0
         self.queues: dict[str, deque[_Waiter]] = {p: deque() for p in PRIORITIES}
         self.shed = {p: 0 for p in PRIORITIES}
         self.interactive_arrivals = DecayingRate()
@@ -155,8 +159,9 @@ class Admission:
                 self._reject(priority, "queue_full")
         codel = self.codels[priority]
         remaining = max(0.0, deadline - now)
-        if held:
-            allowance, calm = remaining, True
+        patient = held or (priority == "interactive" and now < self.scaling_up_until)
+        if patient:
+            allowance, calm = remaining if held else min(remaining, self.scaling_up_until - now), True
         elif priority == "interactive" and not self._interactive_overloads(now):
             # the slots are held by batch traffic, or the machine is slow for a moment: the
             # calm allowance, whatever CoDel says. Interactive traffic is shed only when it
@@ -167,7 +172,7 @@ class Admission:
             allowance = min(codel.max_wait_s(now), remaining)
             calm = not codel.overloaded
         expected = self._expected_wait_s(priority)
-        if expected > allowance and not held:
+        if expected > allowance and not patient:
             # it would time out in the queue: say so now. The queue may stay empty meanwhile,
             # yet the demand is there: CoDel must not read the silence as overload ending
             codel.on_enqueue()

@@ -46,6 +46,7 @@ def wire_autoscaling(gateway: Gateway, supervisor: Supervisor) -> None:
     autoscaler = supervisor.autoscaler
     autoscaler.demand = gateway.controls.demand
     autoscaler.sample = gateway.controls.sample_demand
+    autoscaler.expect = gateway.controls.expect_capacity
     autoscaler.ready = gateway.controls.ready
     if autoscaler.policies:
         gateway.dispatcher.activator = Activator(poke=autoscaler.activate,

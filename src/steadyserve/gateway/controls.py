@@ -9,6 +9,7 @@ and hears back about unreachable replicas (`report_unavailable`), crashes blamed
 
     control → data plane            data plane → control
     membership, desired counts      demand (ongoing requests) and ready replicas, per deployment
+    capacity on its way (scale-up)
     eject a replica                 replicas it could not reach
     shed batch traffic for a while  inputs executing when a replica died
     serve stale answers for a while a request waiting for a first replica
@@ -88,6 +89,13 @@ class DataPlaneControls:
             return False
         self._dispatcher.state(d).admission.shed_batch_until = self._clock() + seconds
         return True
+
+    def expect_capacity(self, deployment: str, seconds: float) -> None:
+        """Replicas are starting for this deployment's demand: until they are in rotation
+        (at most `seconds`), its interactive requests wait for a slot instead of being shed."""
+        d = self._membership.get(deployment)
+        if d is not None and len(d.endpoints) < d.desired_replicas:
+            self._dispatcher.state(d).admission.scaling_up_until = self._clock() + seconds
 
     def serve_stale(self, deployment: str, seconds: float) -> str | None:
         """Answer the deployment's cacheable requests from stale entries for `seconds`;

@@ -101,6 +101,7 @@ from .transport import Transport
 log = logging.getLogger("steadyserve.dispatch")
 
 REQUEST_ID_HEADER = b"x-request-id"
+BACKLOG_GRACE_S = 2.0  # after a scale-up's replicas are ready, waiters stay patient this long
 
 
 class _Retryable(Exception):
@@ -193,7 +194,12 @@ class Dispatcher:
         """Called when a deployment's replicas or handlers change."""
         batch = max((h.spec.options.max_batch_size for h in d.handlers.values()
                      if h.spec.options.batch), default=1)
-        self.state(d).admission.resize(d.desired_replicas, batch)
+        adm = self.state(d).admission
+        adm.resize(d.desired_replicas, batch)
+        if adm.scaling_up_until and len(d.endpoints) >= d.desired_replicas:
+            # the replicas it waited for are in rotation: a little longer for the backlog
+            # they inherit to drain, then the usual rules
+            adm.scaling_up_until = min(adm.scaling_up_until, self.clock() + BACKLOG_GRACE_S)
         retain = getattr(d.balancer, "retain", None)  # a learning balancer forgets the gone
         if retain is not None:
             retain({e.replica_id for e in d.endpoints})

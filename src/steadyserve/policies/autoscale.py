@@ -20,16 +20,15 @@ the first matching row decides:
                                                                    at least 1  (activation)
     panic ≥ panic_threshold × max(1, ready) × target             max(current, none; panic
       (Knative's panic mode; replicas still starting are not       want(panic)) mode for a
-      capacity yet)
-                                                                                stable window
+      capacity yet)                                                             stable window
     panicking (within a stable window of the last panic row)     unchanged   never down
     want(stable) within ±tolerance of the current capacity       unchanged   -
     want(stable) > current                                       want(stable) upscale_delay_s
-    want(stable) < current                                       the highest downscale_delay_s
-                                                                   want over
-                                                                   the delay
-    …and that highest want is 0 (no demand over the whole        0, else 1   scale_to_zero_delay_s
-      stable window)
+    want(stable) = 0 (no demand over the whole stable window)    0           scale_to_zero_delay_s
+      and none wanted over the last scale_to_zero_delay_s                    (its own delay)
+    want(stable) < current                                       the most    downscale_delay_s
+                                                                   wanted over
+                                                                   the delay, ≥ 1
 
 The upscale delay is how long more replicas must be wanted, uninterrupted, before they start;
 fewer wanted resets it. A scale-down takes the most replicas wanted at any time over the last
@@ -159,20 +158,21 @@ class Autoscale:
                                     f"{cfg.upscale_delay_s:g}s")
             return None
         self.up_since = None
-        if want == current or not self._covered(now, cfg.downscale_delay_s):
+        if want == current:
+            return None
+        if want == 0 and self._covered(now, cfg.scale_to_zero_delay_s) and \
+                self._highest(now, cfg.scale_to_zero_delay_s) == 0:
+            # nothing at all for a stable window and then scale_to_zero_delay_s: its own delay
+            return change(0, f"no requests for {cfg.stable_window_s + cfg.scale_to_zero_delay_s:g}s",
+                          keep_history=True)
+        if not self._covered(now, cfg.downscale_delay_s):
             return None
         # the most replicas wanted at any time over the last downscale_delay_s (Kubernetes'
         # stabilization window): a drop must last, and the count then follows it down as the
         # window slides, without waiting a whole delay again per step
-        down = self._highest(now, cfg.downscale_delay_s)
-        if down == 0 and not (self._covered(now, cfg.scale_to_zero_delay_s)
-                              and self._highest(now, cfg.scale_to_zero_delay_s) == 0):
-            down = 1  # zero waits for its own, longer delay
+        down = max(1, self._highest(now, cfg.downscale_delay_s))  # zero: the rule above
         if down >= current:
             return None
-        if down == 0:
-            return change(0, f"no requests for {cfg.stable_window_s + cfg.scale_to_zero_delay_s:g}s",
-                          keep_history=True)
         return change(down, f"{stable:.1f} ongoing over {cfg.stable_window_s:g}s: "
                             f"{stable / current:.2f} per replica < target "
                             f"{cfg.target_ongoing_requests:g}; at most {down} wanted for "
