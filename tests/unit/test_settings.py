@@ -368,3 +368,10 @@ def test_ray_is_an_optional_extra_never_imported_by_the_local_backend():
             "steadyserve.control.supervisor; print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_example_configuration_loads():
+    config = load_config(config_path=str(Path(__file__).resolve().parents[2] / "examples" /
+                                         "steadyserve.toml"), env={})
+    echo = config.deployment("echo")
+    assert echo.autoscale is not None and echo.autoscale.min_replicas == 0
