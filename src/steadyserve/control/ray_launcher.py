@@ -98,7 +98,6 @@ class RayProcess:
         self.pid = pid
         self.returncode: int | None = None
         self._waiter = waiter
-        self._done = asyncio.Event()
 
     async def wait(self) -> int:
         if self.returncode is not None:
@@ -130,7 +129,6 @@ class RayProcess:
                 ray.kill(self.actor, no_restart=True)
             except ray.exceptions.RayError:
                 pass
-        self._done.set()
         return self.returncode
 
 
