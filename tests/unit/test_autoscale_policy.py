@@ -194,3 +194,14 @@ def test_after_a_drop_the_count_reaches_the_bottom_a_window_and_a_delay_later():
     assert final == 1
     assert changes[0][0] >= 30 + 20  # nothing before the drop has lasted the delay
     assert changes[-1][0] <= 30 + 10 + 20 + 0.5, changes
+
+
+def test_an_activation_decides_on_the_demand_now_and_adds_no_sample():
+    p = scaler(min_replicas=0)
+    p.observe(0.0, 0.0)
+    decision = p.decide(0.1, 0, 0, demand_now=3.0)
+    assert decision is not None and decision.desired == 2 and "zero" in decision.reason
+    assert list(p.samples) == [(0.0, 0.0)]  # a burst of held requests is not 3 samples
+    # before any sample, an activation still decides
+    assert scaler(min_replicas=0).decide(0.0, 0, 0, demand_now=1.0).desired == 1
+    assert scaler(min_replicas=0).decide(0.0, 0, 0) is None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from steadyserve.config import DeploymentConfig
+from steadyserve.config import AutoscaleConfig, DeploymentConfig
 from steadyserve.errors import ClientError
 from steadyserve.policies.rollout import (
     Plan,
@@ -17,6 +17,7 @@ from steadyserve.policies.rollout import (
     SlotView,
     Target,
     apply_changes,
+    changes_schema,
     progress,
 )
 
@@ -241,3 +242,15 @@ def test_env_null_after_a_rollout_goes_back_to_the_file() -> None:
     current = apply_changes(BASE, BASE, {"env": {"DEBUG": "1", "MODEL_TAG": "v2"}}, 8)
     back = apply_changes(BASE, current, {"env": {"DEBUG": None, "MODEL_TAG": None}}, 8)
     assert dict(back.env) == {"DEBUG": "0", "DB": "x"}
+
+
+def test_an_autoscaled_deployment_refuses_replicas_and_its_schema_leaves_them_out() -> None:
+    fixed = DeploymentConfig(name="d", service="m:C")
+    scaled = DeploymentConfig(name="d", service="m:C", autoscale=AutoscaleConfig())
+    assert apply_changes(fixed, fixed, {"replicas": 3}, 8).replicas == 3
+    assert "replicas" in changes_schema(fixed, 8)["properties"]
+    with pytest.raises(ClientError) as exc:
+        apply_changes(scaled, scaled, {"replicas": 3}, 8)
+    assert exc.value.param == "replicas" and "autoscale" in exc.value.message
+    assert "replicas" not in changes_schema(scaled, 8)["properties"]
+    assert changes_schema(scaled, 8)["additionalProperties"] is False  # so it is refused there

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..config import AutoscaleConfig, DeploymentConfig
+from ..config import DeploymentConfig
 from ..observe.metrics import GatewayMetrics
 from ..policies.autoscale import Autoscale, Decision
 from ..tasks import cancel_and_wait
@@ -78,9 +78,6 @@ class Autoscaler:
                 self.events[d.name] = deque(maxlen=EVENTS_KEPT)
         self._task: asyncio.Task[None] | None = None
 
-    def config(self, name: str) -> AutoscaleConfig:
-        return self.policies[name].cfg
-
     # lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
         if self.policies and self._task is None:
@@ -114,7 +111,10 @@ class Autoscaler:
         m = self.metrics
         m.autoscale_demand.labels(name).set(demand)
         current = self.supervisor.replica_target(name)
-        decision = policy.decide(now, current, self.ready(name))
+        # between samples (an activation) it decides on the demand now, adding no sample: a
+        # burst of held requests would otherwise weigh in the stable mean once per request
+        decision = policy.decide(now, current, self.ready(name),
+                                 demand_now=None if sample else demand)
         m.autoscale_panic.labels(name).set(1 if now < policy.panic_until else 0)
         if decision is not None:
             self._apply(name, decision)
@@ -129,7 +129,6 @@ class Autoscaler:
         if policy is None:
             return
         try:
-            policy.observe(self.clock(), self.demand(name))
             self._step(name, self.clock(), sample=False)
         except Exception:
             log.exception("activation failed", extra={"deployment": name})
@@ -147,7 +146,6 @@ class Autoscaler:
         self._apply(name, Decision(floor, current, f"scale_up response to {why}",
                                    {"current": current, "floor": floor,
                                     "hold_s": policy.cfg.scale_up_hold_s}))
-        self.metrics.autoscale_desired.labels(name).set(floor)
         return "done", (f"scaled {name} from {current} to {floor} replica(s), kept at least "
                         f"that for {policy.cfg.scale_up_hold_s:g}s")
 
@@ -160,6 +158,7 @@ class Autoscaler:
                  "reason": decision.reason, "inputs": decision.inputs}
         self.events[name].appendleft(event)
         self.metrics.autoscale_decisions.labels(name, decision.direction).inc()
+        self.metrics.autoscale_desired.labels(name).set(decision.desired)
         log.info("autoscale %s: %d -> %d replicas (%s)", name, decision.previous,
                  decision.desired, decision.reason,
                  extra={"deployment": name, "inputs": decision.inputs})

@@ -54,7 +54,7 @@ class ReplicaHost:
     """The actor: starts the replica server as its child, reports its address, relays signals
     and waits for it. Threaded (max_concurrency > 1) so `wait` blocks while `signal` runs."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cwd: str) -> None:
+    def __init__(self, argv: list[str], overrides: dict[str, str], cwd: str) -> None:
         import socket
         import subprocess
 
@@ -71,7 +71,9 @@ class ReplicaHost:
                     str(sock.fileno()) if a == "{fd}" else
                     str(os.getpid()) if a == "{parent}" else a for a in argv]
             self.child = subprocess.Popen(
-                argv, pass_fds=(sock.fileno(),), start_new_session=True, env=env,
+                # the node's own environment (PATH, HOME, its devices), then steadyserve's
+                argv, pass_fds=(sock.fileno(),), start_new_session=True,
+                env={**os.environ, **overrides},
                 cwd=cwd if os.path.isdir(cwd) else None, stdin=subprocess.DEVNULL)
         finally:
             sock.close()
@@ -191,7 +193,9 @@ class RayLauncher:
         argv = replica_argv(self.config, deployment, replica_id, threads,
                             fd="{fd}", parent_pid="{parent}", recorder=None)
         argv[0] = "{python}"  # the actor's interpreter, on its node
-        env = replica_env(self.config, deployment, replica_id, base=dict(os.environ))
+        # only what steadyserve sets: the gateway's own environment (its PATH, its secrets)
+        # does not travel to other nodes
+        overrides = replica_env(self.config, deployment, replica_id, base={})
         options: dict[str, Any] = {
             "name": f"{replica_id}-{uuid.uuid4().hex[:8]}", "max_restarts": 0,
             "max_concurrency": 4, "num_cpus": deployment.num_cpus,
@@ -200,7 +204,7 @@ class RayLauncher:
         if deployment.memory_bytes is not None:
             options["memory"] = deployment.memory_bytes
         try:
-            actor = self._actor_cls.options(**options).remote(argv, env, os.getcwd())
+            actor = self._actor_cls.options(**options).remote(argv, overrides, os.getcwd())
             host, port, pid = await asyncio.wait_for(
                 _as_future(actor.address.remote()), self.timeout_s)
         except TimeoutError:

@@ -692,16 +692,9 @@ class Supervisor:
 
     async def _persist_scale(self, name: str) -> None:
         """Store an autoscaled deployment's count (the newest when the write runs)."""
-        if self.state_store is None:
-            return
-        store = self.state_store
-        async with self._write_lock:
-            record = {"replicas": self.desired[name], "at": self.wall()}
-            try:
-                await asyncio.to_thread(store.put_state, SCALE_KEY.format(name), record)
-            except Exception as exc:
-                log.error("could not store the autoscaled replica count: %s", exc,
-                          extra={"deployment": name})
+        await self._put(SCALE_KEY.format(name),
+                        lambda: {"replicas": self.desired[name], "at": self.wall()},
+                        "the autoscaled replica count", name)
 
     async def _restore_scale(self) -> None:
         """A restarted gateway starts an autoscaled deployment at the count it last had
@@ -729,19 +722,23 @@ class Supervisor:
                 self.membership.set_desired(name, n)
 
     async def _persist(self, name: str) -> None:
-        """Write the record as it is when the write starts: writes are serialised, so the
-        last one to run stores the newest state. A store that fails is logged; the target
-        in memory still drives the loop."""
+        """Write the record as it is when the write starts (see `_put`); the target in
+        memory drives the loop whether or not the store took it."""
+        await self._put(STATE_KEY.format(name), self.records[name].to_json,
+                        "the rollout state", name)
+
+    async def _put(self, key: str, value: Callable[[], Any], what: str, name: str) -> None:
+        """Writes are serialised and each takes its value when it starts, so the last one
+        to run stores the newest state. A store that fails is logged."""
         if self.state_store is None:
             return
         store = self.state_store
         async with self._write_lock:
-            snapshot = self.records[name].to_json()
+            snapshot = value()
             try:
-                await asyncio.to_thread(store.put_state, STATE_KEY.format(name), snapshot)
+                await asyncio.to_thread(store.put_state, key, snapshot)
             except Exception as exc:
-                log.error("could not store the rollout state: %s", exc,
-                          extra={"deployment": name})
+                log.error("could not store %s: %s", what, exc, extra={"deployment": name})
 
     async def _restore(self) -> None:
         """Take back the stored targets (see the module docstring for what wins)."""

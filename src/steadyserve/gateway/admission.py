@@ -248,9 +248,10 @@ class Admission:
         else:
             self._account()
 
-    def _account(self) -> None:
+    def _account(self, now: float | None = None) -> None:
         """Add the time since the last change at the old count, then note the new one."""
-        now = self.clock()
+        if now is None:
+            now = self.clock()
         self._area += self._ongoing * (now - self._area_at)
         self._area_at = now
         self._ongoing = self.inflight + self.queued
@@ -270,9 +271,10 @@ class Admission:
 
     def release(self) -> None:
         self.inflight -= 1
-        self.completions.add(self.clock())
+        now = self.clock()
+        self.completions.add(now)
         self._wake()
-        self._account()
+        self._account(now)
 
     def _wake(self) -> None:
         while self.inflight + 1 <= self.limit.limit and self.queued:

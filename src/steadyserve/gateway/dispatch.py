@@ -138,7 +138,7 @@ class CallInfo:
     cache: str = "-"  # how the response cache answered: hit, miss, stale, partial, …
     priority: str = "interactive"  # its admission class
     deadline_exceeded: bool = False  # answered 504 deadline_exceeded: the client's deadline
-    held: bool = False  # waited for a first replica (scale from zero) before dispatch
+    held_s: float = 0.0  # spent waiting for a first replica (scale from zero): off its budget
 
 
 def input_key(handler: str, body: bytes) -> str:
@@ -259,7 +259,7 @@ class Dispatcher:
     ) -> Any:
         """The handler's result. `affinity` (a cacheable input's routing key) sends the first
         attempt to the replica that key hashes to, unless that replica is over its fair share."""
-        held = call is not None and call.held
+        held = call is not None and call.held_s > 0
         if not deployment.endpoints:  # scaled to zero or starting: wait for one (bounded)
             timeout_s -= await self.await_replica(deployment, timeout_s)
             held = True

@@ -50,7 +50,6 @@ class Request:
     call: CallInfo = field(default_factory=CallInfo)
     route: Route | None = None
     principal: ApiKey | None = None  # the API key that authenticated it, if any
-    held_s: float = 0.0  # spent waiting for a first replica (scale from zero): off its budget
     _headers: dict[bytes, bytes] | None = None  # first value of each name, built on first use
 
     @property

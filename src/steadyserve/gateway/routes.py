@@ -95,15 +95,16 @@ def request_timeout_s(gw: Gateway, req: Request) -> float:
     """The client's X-Request-Timeout-Ms, bounded by the gateway's request_timeout_s, less
     what it already waited for a first replica."""
     budget = _timeout_s(gw, req)
-    return max(0.001, budget - req.held_s) if req.held_s else budget
+    held = req.call.held_s
+    return max(0.001, budget - held) if held else budget
 
 
 async def await_handlers(gw: Gateway, req: Request, d: Deployment) -> None:
     """An autoscaled deployment that never had a replica ready (it starts at zero) does not
     know its handlers yet: hold the request for its first replica (bounded; 503 if none)."""
     if not d.handlers and not d.endpoints:
-        req.held_s += await gw.dispatcher.await_replica(d, request_timeout_s(gw, req))
-        req.call.held = True  # …and is not shed by admission for the backlog it was part of
+        # off its budget, and not shed by admission for the backlog it was part of
+        req.call.held_s += await gw.dispatcher.await_replica(d, request_timeout_s(gw, req))
 
 
 def _timeout_s(gw: Gateway, req: Request) -> float:

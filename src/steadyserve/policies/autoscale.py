@@ -103,15 +103,18 @@ class Autoscale:
         return max(floor, min(self.max_replicas, need))
 
     # the decision -------------------------------------------------------------------------
-    def decide(self, now: float, current: int, ready: int) -> Decision | None:
-        """The new desired count with its reason and inputs, or None to keep `current`."""
-        if not self.samples:
+    def decide(self, now: float, current: int, ready: int, *,
+               demand_now: float | None = None) -> Decision | None:
+        """The new desired count with its reason and inputs, or None to keep `current`.
+        `demand_now`: the demand at this moment, between samples (an activation); by default
+        the latest sample."""
+        if not self.samples and demand_now is None:
             return None
         cfg = self.cfg
         floor = self.floor(now)
         stable = self._mean(now, cfg.stable_window_s)
         panic = self._mean(now, cfg.panic_window_s)
-        latest = self.samples[-1][1]
+        latest = demand_now if demand_now is not None else self.samples[-1][1]
         capacity = max(1, ready) * cfg.target_ongoing_requests
         inputs = {"stable_demand": round(stable, 3), "panic_demand": round(panic, 3),
                   "demand_now": round(latest, 3), "ready": ready, "current": current,
