@@ -13,6 +13,7 @@ from steadyserve.config import (
     AuthConfig,
     AutoscaleConfig,
     CacheConfig,
+    ClusterConfig,
     Config,
     DeploymentConfig,
     GatewayConfig,
@@ -27,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("cls", [Config, AuthConfig, GatewayConfig, SupervisorConfig, ResilienceConfig,
                                  ObservabilityConfig, AlertingConfig, CacheConfig, DeploymentConfig,
-                                 AutoscaleConfig, HandlerOptions])
+                                 AutoscaleConfig, ClusterConfig, HandlerOptions])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
     skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "alerting",
-            "cache", "auth", "name"}
+            "cache", "auth", "cluster", "name"}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in skip
                and f"`{f.name}`" not in doc]
     assert missing == []

@@ -207,6 +207,34 @@ AUTH_MODES = ("auto", "required")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class ClusterConfig:
+    """Several gateways sharing one database: the singleton duties (alert evaluation and
+    notification, autoscaling decisions, rollouts) run on one leader, chosen by a lease in
+    the database with a fencing token (control.leadership). Off: this gateway does them all."""
+
+    enabled: bool = False
+    gateway_id: str = ""  # "": <hostname>:<port>; unique per gateway (a restart keeps it)
+    advertise_url: str = ""  # where operators reach this gateway (named when it leads)
+    lease_ttl_s: float = 10.0  # a dead leader's duties move to another gateway within this
+    renew_interval_s: float = 2.0  # the leader renews (and followers try to take) this often
+    follow_interval_s: float = 1.0  # followers read the stored targets and counts this often
+
+    def __post_init__(self) -> None:
+        if self.lease_ttl_s <= 0 or self.renew_interval_s <= 0 or self.follow_interval_s <= 0:
+            raise ConfigError("[cluster] lease_ttl_s, renew_interval_s and follow_interval_s "
+                              "must be > 0")
+        if self.lease_ttl_s < 3 * self.renew_interval_s:
+            raise ConfigError("[cluster] lease_ttl_s must be at least 3 x renew_interval_s "
+                              "(a leader gets two tries to renew before its lease runs out)")
+        if len(self.gateway_id) > 200 or len(self.advertise_url) > 2000:
+            raise ConfigError("[cluster] gateway_id is at most 200 characters, advertise_url "
+                              "at most 2000")
+        if self.advertise_url and not self.advertise_url.startswith(("http://", "https://")):
+            raise ConfigError(f"[cluster] advertise_url must be http(s)://, got "
+                              f"{self.advertise_url!r}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class AuthConfig:
     """API keys (docs/configuration.md, README "Access control")."""
 
@@ -348,6 +376,7 @@ class AlertingConfig:
     actions_per_hour: int = 3
     fast_window_s: float = 60.0  # window of the fast per-replica error rule
     fast_for_s: float = 15.0  # how long it must hold before firing
+    not_ready_for_s: float = 30.0  # DeploymentNotReady: no ready replica this long pages
     external_url: str = ""  # shown in notifications as where to look
     actions: tuple[tuple[str, tuple[str, ...]], ...] = ()  # rule → actions, over the defaults
     slo_min_requests: int = 100  # burn-rate alerts need this many requests in the long window
@@ -357,7 +386,8 @@ class AlertingConfig:
     max_silence_s: float = 30 * 86_400.0
 
     def __post_init__(self) -> None:
-        if self.evaluation_interval_s <= 0 or self.fast_window_s <= 0 or self.fast_for_s < 0:
+        if self.evaluation_interval_s <= 0 or self.fast_window_s <= 0 or self.fast_for_s < 0 \
+                or self.not_ready_for_s < 0:
             raise ConfigError("alerting intervals must be > 0")
         if self.slo_min_requests < 0 or self.max_silences < 1 or self.max_silence_bytes < 256:
             raise ConfigError("need slo_min_requests >= 0, max_silences >= 1, "
@@ -442,6 +472,7 @@ class Config:
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
     backend: str = "local"  # local: replica processes of this machine; ray: Ray actors
     ray_address: str | None = None  # backend = "ray": None starts a local Ray cluster

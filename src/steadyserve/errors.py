@@ -9,6 +9,8 @@
     │   ├── MethodNotAllowed (405)
     │   ├── RequestTimeout (408)      headers or body not received in time
     │   ├── Conflict (409)            the state does not allow it now (a rollout already runs)
+    │   │   └── NotLeader (409)       a singleton duty (rollouts) asked of a gateway that does
+    │   │                             not lead the cluster; the message names the leader
     │   ├── PayloadTooLarge (413)     body or input count over a limit
     │   ├── UriTooLong (414)          request line over its limit
     │   ├── UnsupportedMediaType (415)  not JSON, or a Content-Encoding we do not decode
@@ -103,6 +105,10 @@ class RequestTimeout(ClientError):
 class Conflict(ClientError):
     status = 409
     code = "conflict"
+
+
+class NotLeader(Conflict):
+    code = "not_leader"
 
 
 class PayloadTooLarge(ClientError):

@@ -29,6 +29,7 @@ from .config import (
     AuthConfig,
     AutoscaleConfig,
     CacheConfig,
+    ClusterConfig,
     Config,
     DeploymentConfig,
     GatewayConfig,
@@ -116,13 +117,13 @@ def load_config(
     if config_path is not None:
         file = read_toml(Path(config_path))
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
-                                  "alerting", "cache", "auth", "deployments", "data_dir",
+                                  "alerting", "cache", "auth", "cluster", "deployments", "data_dir",
                                   "database_url", "log_level", "log_format", "backend",
                                   "ray_address"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
     for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
-                    "cache", "auth", "deployments"):
+                    "cache", "auth", "cluster", "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
@@ -202,5 +203,6 @@ def load_config(
         alerting=_build(AlertingConfig, _alerting(file.get("alerting", {})), "[alerting]"),
         cache=_build(CacheConfig, cache, "[cache]"),
         auth=_build(AuthConfig, auth, "[auth]"),
+        cluster=_build(ClusterConfig, file.get("cluster", {}), "[cluster]"),
         **top,
     )

@@ -57,7 +57,7 @@ class ScriptedDb:
             self.ping_gate.wait(10)
         self._call("ping")
 
-    def put_state(self, key: str, obj: Any) -> None:
+    def put_state(self, key: str, obj: Any, fence: Any = None) -> None:
         self._call("put_state")
         self.state = obj
 

@@ -129,8 +129,11 @@ class FakeStore:
     def get_state(self, key: str) -> Any:
         return self.data.get(key)
 
-    def put_state(self, key: str, obj: Any) -> None:
+    def put_state(self, key: str, obj: Any, fence: Any = None) -> None:
         self.data[key] = obj
+
+    def states_with_prefix(self, prefix: str, limit: int = 1000) -> dict[str, Any]:
+        return {k: v for k, v in sorted(self.data.items()) if k.startswith(prefix)}
 
 
 def deployment(**overrides: Any) -> DeploymentConfig:
@@ -168,6 +171,7 @@ class Harness:
 
     async def tick(self, n: int = 1) -> None:
         for _ in range(n):
+            await self.sup._follow_soon()  # [cluster]: what the loop does before reconciling
             await self.sup.reconcile_once()
             await self.settle()
             self.min_ready = min(self.min_ready, len(self.membership.deployments["d"].endpoints))

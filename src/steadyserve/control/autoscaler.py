@@ -8,12 +8,21 @@ replicas first, then the ones with the fewest requests outstanding, and a retire
 finishes what it holds before it exits (SIGTERM, drain_timeout_s).
 
 The loop catches and logs its own errors, and a deployment's trouble never stops another's.
+
+Several gateways ([cluster]): each runs its own replicas, and only the leader decides. A
+follower stores its demand each tick (`demand:<deployment>:<gateway_id>`) and adopts the
+count the leader stores (`autoscale:<deployment>`); the leader decides on the busiest
+gateway's demand (its own or a follower's report younger than `REPORT_FRESH_TICKS` ticks),
+since each gateway routes only to its own replicas. A follower at zero replicas that gets a
+request still scales itself up at once (the held requests must not wait for a leader's
+tick); it adopts the leader's count again once the leader has stored one after that.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -30,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("steadyserve.autoscaler")
 
 EVENTS_KEPT = 100  # per deployment, newest first
+SCALE_KEY = "autoscale:{}"  # an autoscaled deployment's last count: a restart starts from it,
+# and followers adopt the leader's (written by the supervisor)
+DEMAND_KEY = "demand:{}:{}"  # deployment, gateway id: a follower's last demand report
+REPORT_FRESH_TICKS = 3  # a report older than this many ticks is a gateway gone
 
 
 def ceiling(d: DeploymentConfig, machine_max: int) -> int:
@@ -76,6 +89,10 @@ class Autoscaler:
                 self.policies[d.name] = Autoscale(d.autoscale,
                                                   ceiling(d, supervisor.max_replicas[d.name]))
                 self.events[d.name] = deque(maxlen=EVENTS_KEPT)
+        self.gateway_id = ""  # set with [cluster]: names this gateway's demand reports
+        self.sampled: dict[str, float] = {}  # this gateway's last demand sample
+        self.peer_demand: dict[str, float] = {}  # the busiest follower's (the leader reads)
+        self.activated_at: dict[str, float] = {}  # a follower's own activations (wall time)
         self._task: asyncio.Task[None] | None = None
 
     # lifecycle ---------------------------------------------------------------------------
@@ -87,11 +104,57 @@ class Autoscaler:
         await cancel_and_wait(self._task)
         self._task = None
 
+    @property
+    def interval_s(self) -> float:
+        return min(p.cfg.interval_s for p in self.policies.values())
+
     async def _loop(self) -> None:
-        interval = min(p.cfg.interval_s for p in self.policies.values())
         while True:
+            try:
+                await self.share()
+            except Exception:
+                log.exception("sharing autoscaling state failed; continuing")
             self.tick()
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.interval_s)
+
+    async def share(self) -> None:
+        """With [cluster]: the leader reads the followers' demand; a follower reports its
+        own and adopts the leader's count."""
+        store = self.supervisor.state_store
+        lead = self.supervisor.lead
+        if store is None or not lead.clustered:
+            return
+        leading = lead.leading()
+        for name in self.policies:
+            own = DEMAND_KEY.format(name, self.gateway_id)
+            if leading:
+                reports = await asyncio.to_thread(store.states_with_prefix, f"demand:{name}:")
+                oldest = self.wall() - REPORT_FRESH_TICKS * self.interval_s
+                self.peer_demand[name] = max(
+                    (float(r["demand"]) for k, r in reports.items()
+                     if k != own and isinstance(r, dict)
+                     and isinstance(r.get("demand"), int | float) and r["demand"] >= 0
+                     and isinstance(r.get("at"), int | float) and r["at"] >= oldest),
+                    default=0.0)
+                continue
+            self.peer_demand[name] = 0.0
+            report = {"demand": round(self.sampled.get(name, 0.0), 4), "at": self.wall()}
+            await asyncio.to_thread(store.put_state, own, report)
+            self._adopt(name, await asyncio.to_thread(store.get_state, SCALE_KEY.format(name)))
+
+    def _adopt(self, name: str, stored: Any) -> None:
+        """A follower takes the leader's count, unless it activated itself since."""
+        if not isinstance(stored, dict) or type(stored.get("replicas")) is not int \
+                or not isinstance(stored.get("at"), int | float):
+            return
+        if stored["at"] <= self.activated_at.get(name, -math.inf):
+            return  # older than this gateway's own activation: wait for the leader's next word
+        policy = self.policies[name]
+        n = max(policy.cfg.min_replicas, min(policy.max_replicas, stored["replicas"]))
+        current = self.supervisor.replica_target(name)
+        if n != current:
+            self._apply(name, Decision(n, current, "the leader's count",
+                                       {"stored_at": stored["at"]}))
 
     def tick(self) -> None:
         now = self.clock()
@@ -103,21 +166,27 @@ class Autoscaler:
 
     def _step(self, name: str, now: float, *, sample: bool) -> Decision | None:
         policy = self.policies[name]
+        m = self.metrics
+        leading = self.supervisor.lead.leading()
         if sample:
             demand = self.sample(name) if self.sample is not None else self.demand(name)
+            self.sampled[name] = demand
+            demand = max(demand, self.peer_demand.get(name, 0.0))
+            m.autoscale_demand.labels(name).set(demand)
+            if not leading:
+                return None  # a follower reports its demand (share) and adopts the count
             policy.observe(now, demand)
         else:
             demand = self.demand(name)
-        m = self.metrics
-        m.autoscale_demand.labels(name).set(demand)
+            m.autoscale_demand.labels(name).set(demand)
         current = self.supervisor.replica_target(name)
         # between samples (an activation) it decides on the demand now, adding no sample: a
         # burst of held requests would otherwise weigh in the stable mean once per request
         decision = policy.decide(now, current, self.ready(name),
                                  demand_now=None if sample else demand)
         m.autoscale_panic.labels(name).set(1 if now < policy.panic_until else 0)
-        if decision is not None:
-            self._apply(name, decision)
+        if decision is not None and (leading or decision.direction == "up"):
+            self._apply(name, decision)  # a follower only activates itself (held requests)
         m.autoscale_desired.labels(name).set(self.supervisor.replica_target(name))
         return decision
 
@@ -150,7 +219,10 @@ class Autoscaler:
                         f"that for {policy.cfg.scale_up_hold_s:g}s")
 
     def _apply(self, name: str, decision: Decision) -> None:
-        self.supervisor.scale(name, decision.desired)
+        leading = self.supervisor.lead.leading()
+        if not leading and decision.reason != "the leader's count":
+            self.activated_at[name] = self.wall()
+        self.supervisor.scale(name, decision.desired, store=leading)
         if decision.direction == "up" and self.expect is not None:
             self.expect(name, self.policies[name].cfg.activation_timeout_s)
         event = {"at": self.wall(), "deployment": name, "from": decision.previous,
@@ -172,6 +244,7 @@ class Autoscaler:
         cfg = policy.cfg
         return {
             "desired": self.supervisor.replica_target(name),
+            "decided_here": self.supervisor.lead.leading(),
             "min_replicas": cfg.min_replicas,
             "max_replicas": policy.max_replicas,
             "floor": policy.floor(now),

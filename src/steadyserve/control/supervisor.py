@@ -48,6 +48,7 @@ from ..gateway.membership import Endpoint, Membership
 from ..gateway.transport import Address, Transport
 from ..observe.metrics import REPLICA_STATES, GatewayMetrics
 from ..policies.backoff import Backoff
+from ..policies.lease import Alone, Lead
 from ..policies.rollout import (
     ROLLOUT_FIELDS,
     ROLLOUT_STATES,
@@ -59,8 +60,9 @@ from ..policies.rollout import (
     rollout_fields,
 )
 from ..replica.blackbox import read_flight_record
+from ..store.database import Fence, Fenced
 from ..tasks import cancel_and_wait
-from .autoscaler import Autoscaler, initial_replicas
+from .autoscaler import SCALE_KEY, Autoscaler, initial_replicas
 from .launcher import (
     LaunchedReplica,
     LocalLauncher,
@@ -73,7 +75,6 @@ log = logging.getLogger("steadyserve.supervisor")
 
 STABLE_AFTER_S = 30.0  # ready this long → the next crash restarts with the shortest backoff
 STATE_KEY = "rollout:{}"
-SCALE_KEY = "autoscale:{}"  # an autoscaled deployment's last count: a restart starts from it
 RECORD_FORMAT = 1
 PERSIST_ON_STOP_S = 5.0  # how long stopping waits for the last rollout state to be written
 
@@ -82,7 +83,8 @@ class StateStore(Protocol):
     """Where rollout targets outlive the process (`store.Database` fits)."""
 
     def get_state(self, key: str) -> Any: ...
-    def put_state(self, key: str, obj: Any) -> None: ...
+    def put_state(self, key: str, obj: Any, fence: Fence | None = None) -> None: ...
+    def states_with_prefix(self, prefix: str, limit: int = 1000) -> dict[str, Any]: ...
 
 
 @dataclass(slots=True)
@@ -217,6 +219,12 @@ class Supervisor:
         self._retiring: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[None]] = set()
         self._write_lock = asyncio.Lock()
+        # several gateways ([cluster]): rollout verdicts and stored writes are the leader's;
+        # a follower converges its own replicas on the records the leader stores
+        self.lead: Lead = Alone()
+        self._followed: dict[str, Any] = {}  # the stored record last adopted, per deployment
+        self._resync = False  # just elected: read the stored records before any verdict
+        self._followed_at = -float("inf")
         self.autoscaler = Autoscaler(self, metrics, clock=clock, wall=wall)
 
     # lifecycle ---------------------------------------------------------------------------
@@ -233,10 +241,65 @@ class Supervisor:
     async def _loop(self) -> None:
         while not self.stopping:
             try:
+                await self._follow_soon()
                 await self.reconcile_once()
             except Exception:
                 log.exception("reconcile iteration failed; continuing")
             await asyncio.sleep(self.cfg.reconcile_interval_s)
+
+    def elected(self) -> None:
+        """This gateway leads now: read the stored records before its first verdict (the
+        last leader may have changed them since this gateway last looked)."""
+        self._resync = True
+
+    async def _follow_soon(self) -> None:
+        if self.state_store is None:
+            return
+        leading = self.lead.leading()
+        now = self.clock()
+        if self._resync and leading:
+            await self.follow()
+            self._resync = False
+        elif not leading and now - self._followed_at >= self.follow_interval_s:
+            self._followed_at = now
+            await self.follow()
+
+    @property
+    def follow_interval_s(self) -> float:
+        return self.config.cluster.follow_interval_s
+
+    async def follow(self) -> None:
+        """Adopt the rollout records the leader stored (a follower, or a gateway just elected)."""
+        assert self.state_store is not None
+        store = self.state_store
+        for name, file_cfg in self.file_configs.items():
+            try:
+                raw = await asyncio.to_thread(store.get_state, STATE_KEY.format(name))
+            except Exception as exc:
+                log.error("could not read the leader's rollout record: %s", exc,
+                          extra={"deployment": name})
+                continue
+            if raw is None or raw == self._followed.get(name):
+                continue
+            self._followed[name] = raw
+            try:
+                rec = RolloutRecord.from_json(raw, file_cfg)
+            except ValueError as exc:
+                log.error("ignoring the leader's rollout record: %s", exc,
+                          extra={"deployment": name})
+                continue
+            if rec.base != self.records[name].base:
+                log.error("ignoring the leader's rollout record: the leader's configuration of "
+                          "this deployment differs from this gateway's file",
+                          extra={"deployment": name})
+                continue
+            before = self.records[name]
+            self.records[name] = rec
+            self.membership.reconfigure(rec.configs[rec.target])
+            if (before.revision, before.state, before.target) != (rec.revision, rec.state,
+                                                                   rec.target):
+                log.info("following the leader's rollout: revision %d (%s), target %d",
+                         rec.revision, rec.state, rec.target, extra={"deployment": name})
 
     async def stop(self) -> None:
         """Staged: out of rotation, SIGTERM (replicas drain), wait, SIGKILL what is left."""
@@ -466,12 +529,13 @@ class Supervisor:
         rec = self.records[deployment]
         return rec.configs[rec.target].replicas
 
-    def scale(self, deployment: str, replicas: int) -> None:
-        """The autoscaler's new count; the reconcile loop starts or drains replicas."""
+    def scale(self, deployment: str, replicas: int, *, store: bool = True) -> None:
+        """The autoscaler's new count; the reconcile loop starts or drains replicas. `store`:
+        written for the other gateways and the next start (the leader's decisions)."""
         self.desired[deployment] = replicas
         self.membership.set_desired(deployment, replicas)
         self._export_states()
-        if self.state_store is not None:
+        if self.state_store is not None and store:
             self._write_soon(self._persist_scale(deployment), f"persist-scale-{deployment}")
 
     def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None:
@@ -488,6 +552,8 @@ class Supervisor:
         target = Target(rec.target, self.replica_target(name), rolling=rec.state == "rolling")
         mine = [s for s in self.slots if s.deployment.name == name]
         plan = self.policy.decide(target, [self._view(s) for s in mine], now)
+        if plan.outcome is not None and (self._resync or not self.lead.leading()):
+            return  # finished or failed is the leader's verdict, stored for every gateway
         if plan.outcome == "failed":
             self._fall_back(name, "failed", plan.reason)
             return
@@ -621,6 +687,7 @@ class Supervisor:
         loop rolls it out (one new replica at a time, an old one retired per new one ready)
         whether or not the caller waits. ClientError (400) leaves everything as it was."""
         rec = self._record(deployment)
+        self.lead.require("a rollout")
         if rec.state == "rolling":
             raise Conflict(f"revision {rec.revision} of {deployment!r} is still rolling out; "
                            "wait for it or cancel it first")
@@ -633,6 +700,7 @@ class Supervisor:
     async def cancel_rollout(self, deployment: str) -> dict[str, Any]:
         """Stop a running rollout: the target goes back to the last good revision."""
         rec = self._record(deployment)
+        self.lead.require("cancelling a rollout")
         if rec.state != "rolling":
             raise Conflict(f"no rollout of {deployment!r} is running (last: revision "
                            f"{rec.revision}, {rec.state})")
@@ -651,6 +719,7 @@ class Supervisor:
         """Undo the last rollout: cancel it while it runs, else roll out the revision that
         served before it (a new revision with that config, through the same loop)."""
         rec = self._record(deployment)
+        self.lead.require("a rollback")
         if rec.state == "rolling":
             return await self.cancel_rollout(deployment)
         if not self.can_roll_back(deployment) or rec.previous is None:
@@ -736,7 +805,10 @@ class Supervisor:
         async with self._write_lock:
             snapshot = value()
             try:
-                await asyncio.to_thread(store.put_state, key, snapshot)
+                await asyncio.to_thread(store.put_state, key, snapshot, self.lead.fence())
+            except Fenced as exc:
+                log.warning("%s not stored: this gateway no longer leads (%s)", what, exc,
+                            extra={"deployment": name})
             except Exception as exc:
                 log.error("could not store %s: %s", what, exc, extra={"deployment": name})
 

@@ -30,8 +30,10 @@ from ..observe.aggregate import MAX_REPLICA_METRICS_BYTES, REPLICA_METRICS_TIMEO
 from ..observe.metrics import BalancerFitCollector, GatewayMetrics
 
 if TYPE_CHECKING:
+    from ..control.leadership import Leadership
     from ..observe.alerting import AlertEngine
 from ..observe.otlp import OtlpExporter
+from ..policies.lease import Alone
 from . import key_routes, openai, rollout_routes, routes
 from . import openapi as openapi_doc
 from .access import Access
@@ -78,6 +80,8 @@ ROUTES = (
           json_body=True, tag="inference", summary="call a handler"),
     Route("GET", "/v1/alerts", routes.alerts, "read", tag="alerting",
           summary="active alerts, silences, recent automatic actions and history"),
+    Route("GET", "/v1/cluster", routes.cluster, "read", tag="ops",
+          summary="which gateway leads the ones sharing this database ([cluster])"),
     Route("POST", "/v1/silences", routes.create_silence, "admin", json_body=True,
           tag="alerting", summary="mute matching alerts for a while", responses=(201,)),
     Route("DELETE", "/v1/silences/{silence}", routes.expire_silence, "admin", tag="alerting",
@@ -156,6 +160,7 @@ class Gateway:
             if obs.otlp_endpoint else None
         self._background: list[asyncio.Task[None]] = []
         self.alerting: AlertEngine | None = None
+        self.lead: Alone | Leadership = Alone()  # [cluster]: the lease (control.leadership)
         self._observers: dict[tuple[str, str, int, bool], Callable[[float], None]] = {}
         self.router = Router(ROUTES)
         # no key ring given (tests, embedded use): keys in memory, an admin key made up now
@@ -315,6 +320,7 @@ class Gateway:
                             self.exporter.run(), name="otlp-export"))
                     if self.cache is not None:
                         await self.cache.start()
+                    await self.lead.start()  # who leads is known before the duties start
                     if self.control is not None:
                         await self.control.start()
                     if self.alerting is not None:
@@ -337,6 +343,7 @@ class Gateway:
                         await self.control.stop()
                     if self.cache is not None:
                         await self.cache.stop()
+                    await self.lead.stop()  # the lease goes to another gateway now
                     await self.keys.stop()
                     await self.transport.close()
                 finally:

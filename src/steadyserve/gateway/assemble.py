@@ -8,6 +8,7 @@ from pathlib import Path
 from ..auth.keyring import KeyRing
 from ..config import Config
 from ..control.launcher import LocalLauncher
+from ..control.leadership import Leadership, default_gateway_id
 from ..control.responder import Responder
 from ..control.supervisor import Supervisor
 from ..observe.alerting import AlertEngine
@@ -53,6 +54,22 @@ def wire_autoscaling(gateway: Gateway, supervisor: Supervisor) -> None:
                                                  failure=supervisor.start_failure)
 
 
+def join_cluster(config: Config, gateway: Gateway, supervisor: Supervisor, db: Database | None,
+                 metrics: GatewayMetrics) -> None:
+    """[cluster]: the singleton duties follow a lease in the shared database."""
+    if db is None:
+        # no database, no lease: do every duty here (alerts keep being told) and say so
+        log.error("[cluster] is on but the database did not open: this gateway does every "
+                  "singleton duty alone until it restarts with the database up")
+        return
+    gateway_id = config.cluster.gateway_id or default_gateway_id(config.gateway.port)
+    lead = Leadership(db, config.cluster, gateway_id, metrics)
+    lead.on_elected.append(supervisor.elected)
+    supervisor.lead = lead
+    supervisor.autoscaler.gateway_id = gateway_id
+    gateway.lead = lead
+
+
 def build_gateway(
     config: Config, launcher: LocalLauncher | None = None
 ) -> tuple[Gateway, Supervisor]:
@@ -73,6 +90,8 @@ def build_gateway(
                       control=supervisor, keys=build_keyring(config, db))
     supervisor.crash_listeners.append(gateway.dispatcher.on_replica_crash)
     wire_autoscaling(gateway, supervisor)
+    if config.cluster.enabled:
+        join_cluster(config, gateway, supervisor, db, metrics)
     if config.alerting.enabled:
         guard = ActionGuard(cooldown_s=config.alerting.action_cooldown_s,
                             max_per_hour=config.alerting.actions_per_hour)
@@ -80,4 +99,5 @@ def build_gateway(
                               dry_run=config.alerting.dry_run)
         gateway.alerting = AlertEngine(config, metrics, db, responder,
                                        before_sample=gateway.export_admission)
+        gateway.alerting.lead = gateway.lead
     return gateway, supervisor

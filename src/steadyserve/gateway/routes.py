@@ -250,8 +250,14 @@ async def alerts(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     return json_response(body)
 
 
+async def cluster(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    """Whether this gateway leads the gateways sharing its database, and who does."""
+    return json_response(gw.lead.status())
+
+
 async def create_silence(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     engine = _alerting(gw)
+    engine.lead.require("silences")  # the book lives with the alerting duty
     body = await req.json(gw.config.max_body_bytes)
     if not isinstance(body, dict):
         raise ClientError("send a JSON object: matchers, duration_s, created_by, comment, "
@@ -260,6 +266,8 @@ async def create_silence(gw: Gateway, req: Request, params: dict[str, str]) -> R
     silence = engine.add_silence(body.get("matchers"), body.get("duration_s"),
                                  body.get("created_by", "api"), body.get("comment", ""),
                                  body.get("match_all", False))
+    if engine.lead.clustered and engine.db is not None:
+        await engine.store_book()  # the next leader must know it
     if engine.db is not None:
         try:
             await asyncio.to_thread(engine.db.put_silence, silence.to_dict())
@@ -270,8 +278,11 @@ async def create_silence(gw: Gateway, req: Request, params: dict[str, str]) -> R
 
 async def expire_silence(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     engine = _alerting(gw)
+    engine.lead.require("silences")
     if not engine.book.expire_silence(params["silence"], engine.wall()):
         raise NotFound(f"no active silence {params['silence'][:64]!r}")
+    if engine.lead.clustered and engine.db is not None:
+        await engine.store_book()
     if engine.db is not None:
         try:
             await asyncio.to_thread(engine.db.expire_silence, params["silence"], engine.wall())

@@ -14,6 +14,13 @@ calls also run on threads of their own, not the default pool that every `to_thre
 gateway shares: writes one at a time on one thread (they no longer contend with each other
 for SQLite's lock), pings on another (a long prune never makes a ping late), and a ping
 still unanswered counts as a failed check instead of queueing another behind it.
+
+Several gateways ([cluster]): only the one with the alerting duty evaluates, notifies and
+responds (`lead.alerting()`: the leader, or the last leader while the database is out of
+reach, so DatabaseDown is still told, once). The others keep sampling their own series.
+The book is stored (fenced) right after every evaluation that changed or notified
+anything, and a gateway that takes the duty over reads it back first: an alert already
+notified is not notified again by the new leader.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from ..policies.alert_lifecycle import (
     check_text,
 )
 from ..policies.alert_rules import SEVERITIES, Rule, evaluate_all
-from ..store import Database, DatabaseUnavailable
+from ..policies.lease import Alone, Lead
+from ..store import Database, DatabaseUnavailable, Fenced
 from .default_rules import INHIBITS, RULE_ACTIONS, default_rules
 from .metrics import GatewayMetrics
 from .notifiers import AlertmanagerNotifier, DeliveryQueue, LogNotifier, Notifier, WebhookNotifier
@@ -114,6 +122,8 @@ class AlertEngine:
         self._ping: asyncio.Future[Any] | None = None
         self._last_persist = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self.lead: Lead = Alone()
+        self._on_duty = True  # whether the last evaluation tick had the alerting duty
 
     # lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -144,6 +154,24 @@ class AlertEngine:
             self._checked(False)
             return
         self._checked(True)
+        self._load_book(state, now)
+        if points:
+            # series of deployments no longer configured (or of no deployment) would keep
+            # old burn rates alive after the restart
+            self.store.load((n, labels_of(labels), t, v) for n, labels, t, v in points
+                            if isinstance(labels, dict) and labels.get("deployment") in self.deployments)
+
+    async def _take_over(self) -> None:
+        """This gateway has the alerting duty now: the book as the last one stored it."""
+        if self.db is None:
+            return
+        state = await self._db(self.db.get_state, STATE_KEY)
+        if state is _FAILED:
+            self._checked(False)
+            return
+        self._load_book(state, self.wall())
+
+    def _load_book(self, state: Any, now: float) -> None:
         if state:
             try:
                 self.book = AlertBook.from_dict(state, self.rules, NotifyPolicy(inhibit=INHIBITS),
@@ -153,11 +181,6 @@ class AlertEngine:
                          len(self.book.silences()))
             except (KeyError, TypeError, ValueError) as exc:
                 log.error("stored alert state unreadable, starting fresh: %s", exc)
-        if points:
-            # series of deployments no longer configured (or of no deployment) would keep
-            # old burn rates alive after the restart
-            self.store.load((n, labels_of(labels), t, v) for n, labels, t, v in points
-                            if isinstance(labels, dict) and labels.get("deployment") in self.deployments)
 
     # loops ------------------------------------------------------------------------------------
     async def _sample_loop(self) -> None:
@@ -175,7 +198,13 @@ class AlertEngine:
         while True:
             await asyncio.sleep(self.cfg.evaluation_interval_s)
             try:
-                await self.step(self.wall())
+                on_duty = self.lead.alerting()
+                if on_duty and not self._on_duty:
+                    log.info("taking over alert evaluation and notification")
+                    await self._take_over()
+                self._on_duty = on_duty
+                if on_duty:
+                    await self.step(self.wall())
             except Exception:
                 log.exception("alert evaluation failed; continuing")
 
@@ -197,6 +226,9 @@ class AlertEngine:
                      "value": t.value, "description": t.description,
                      "severity": t.labels.get("severity", "")} for t in result.transitions]
             await self._db(self.db.add_transitions, rows)
+        if (result.transitions or result.notifications) and self.lead.clustered:
+            # the next leader must know what was told: store the book now, not in a minute
+            await self.store_book()
         if self.responder is not None:
             active: list[Alert] | None = None  # read once, and only when something fires
             for t in result.transitions:
@@ -218,7 +250,7 @@ class AlertEngine:
             self._checked(await self._ping_db())
             return
         self._last_persist = now
-        ok = await self._db(self.db.put_state, STATE_KEY, self.book.to_dict()) is not _FAILED
+        ok = await self.store_book()
         points = self.store.snapshot_for_persistence(now)
         if ok and points:
             rows = [(n, dict(labels), t, v) for n, labels, t, v in points]
@@ -226,6 +258,16 @@ class AlertEngine:
         if ok:
             ok = await self._db(self.db.prune, now - HISTORY_S) is not _FAILED
         self._checked(ok)
+
+    async def store_book(self) -> bool:
+        """Store the book (fenced with [cluster]); False if the database failed."""
+        assert self.db is not None
+        try:
+            return await self._db(self.db.put_state, STATE_KEY, self.book.to_dict(),
+                                  self.lead.fence()) is not _FAILED
+        except Fenced as exc:
+            log.warning("alert book not stored: this gateway no longer leads (%s)", exc)
+            return True  # the database answered
 
     def _checked(self, ok: bool) -> None:
         before = self.db_state.up
@@ -283,6 +325,9 @@ class AlertEngine:
     def status(self) -> dict[str, Any]:
         now = self.wall()
         return {
+            # [cluster]: only the gateway with the alerting duty evaluates; another's book
+            # is the one it last read
+            "evaluated_here": self.lead.alerting(),
             "alerts": [a.to_dict() for a in self.book.alerts("pending", "firing")],
             # restored after a restart, not yet re-evaluated (see AlertBook.unconfirmed)
             "unconfirmed": self.book.unconfirmed(),

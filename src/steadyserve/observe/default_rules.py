@@ -50,7 +50,7 @@ def default_rules(cfg: AlertingConfig) -> list[ExportedRule]:
             },
         ),
         Threshold(
-            name="DeploymentNotReady", severity="page", for_s=30,
+            name="DeploymentNotReady", severity="page", for_s=cfg.not_ready_for_s,
             expr=gauge("steadyserve_replicas", match={"state": "ready"}),
             op="<", threshold=1,
             annotations={

@@ -154,6 +154,16 @@ class GatewayMetrics:
             "Ongoing requests the autoscaler sees (in flight, queued, held for a first replica)",
             ["deployment"], registry=r,
         )
+        self.cluster_leader = Gauge(
+            "steadyserve_cluster_leader",
+            "1 while this gateway leads the gateways sharing its database ([cluster]), else 0",
+            registry=r,
+        )
+        self.cluster_lease_changes = Counter(
+            "steadyserve_cluster_lease_changes_total",
+            "Times this gateway became (gained) or stopped being (lost) the leader",
+            ["change"], registry=r,
+        )
         self.autoscale_panic = Gauge(
             "steadyserve_autoscale_panic",
             "1 while the autoscaler is in panic mode (a burst: scales up at once, never down)",

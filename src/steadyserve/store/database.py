@@ -48,6 +48,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    func,
     insert,
     select,
     text,
@@ -65,7 +66,7 @@ from ..errors import ConfigError, DependencyUnavailable
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///.steadyserve/steadyserve.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_ROWS = 10_000  # the most rows any read returns
 INSERT_CHUNK_ROWS = 1_000  # rows per executemany round trip
 PRUNE_BATCH_ROWS = 5_000  # rows per DELETE statement in prune
@@ -73,6 +74,14 @@ _PG_SCHEMA_LOCK = 0x5734_D5E4  # advisory lock key: serialises schema creation a
 
 SeriesPoint = tuple[str, Mapping[str, Any], float, float]
 """(name, labels, t epoch seconds, value) as written by `add_series_points`."""
+
+
+Fence = tuple[str, str, int]
+"""(lease name, holder, token): a write that must come from the lease's current holder."""
+
+
+class Fenced(Exception):
+    """A fenced write was refused: the lease moved on (another gateway leads now)."""
 
 
 class DatabaseUnavailable(DependencyUnavailable):
@@ -175,13 +184,30 @@ api_keys = Table(
     Index("ix_api_keys_name", "name"),
 )
 
+# Leases (store.lease): who leads the gateways sharing this database, and the fencing token
+# every singleton write checks (a deposed leader's late write is refused)
+leases = Table(
+    "leases", metadata,
+    Column("name", Text, primary_key=True),
+    Column("holder", Text, nullable=False),  # "<gateway_id>#<incarnation>"; "" when never held
+    Column("token", BigInteger, nullable=False),  # +1 on every change of holder
+    Column("expires_at", Double, nullable=False),  # the database's clock, epoch seconds
+    Column("url", Text, nullable=False),  # the holder's advertise_url ("" when not set)
+    Column("acquired_at", Double, nullable=False),
+)
+
+
+def _v3_leases(conn: Connection) -> None:
+    """Version 3 added `leases`, a new table (created before the migrations run)."""
+
+
 def _v2_api_keys(conn: Connection) -> None:
     """Version 2 added `api_keys`, a new table: created in its newest shape before the
     migrations run, so there is nothing left to alter."""
 
 
 # version -> function that brings a database from version-1 to version.
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_api_keys}
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_api_keys, 3: _v3_leases}
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -566,10 +592,33 @@ class Database:
 
     # -- small state (the alert book across restarts) --
 
-    def put_state(self, key: str, obj: Any) -> None:
-        """Store any JSON-serialisable object under `key`, replacing what was there."""
+    def put_state(self, key: str, obj: Any, fence: Fence | None = None) -> None:
+        """Store any JSON-serialisable object under `key`, replacing what was there. With a
+        `fence` (lease name, holder, token) the write happens only while that lease still
+        carries that token, checked in the same transaction (which locks the lease row, so
+        no takeover commits in between); otherwise `Fenced` is raised and nothing changes."""
+        value = _dumps(obj)
         with self._connect("put_state", write=True) as conn:
-            conn.execute(self._upsert(kv, {"key": str(key), "value": _dumps(obj)}, ["key"]))
+            if fence is not None:
+                name, holder, token = fence
+                held = conn.execute(
+                    update(leases).where(leases.c.name == name, leases.c.holder == holder,
+                                         leases.c.token == token)
+                    .values(token=leases.c.token)  # a no-op write: the row lock is the point
+                ).rowcount
+                if held != 1:
+                    raise Fenced(f"not written: lease {name!r} no longer carries token {token} "
+                                 f"of {holder!r}")
+            conn.execute(self._upsert(kv, {"key": str(key), "value": value}, ["key"]))
+
+    def states_with_prefix(self, prefix: str, limit: int = 1000) -> dict[str, Any]:
+        """{key: object} of the stored keys that start with `prefix` (at most `limit`)."""
+        stmt = (select(kv.c.key, kv.c.value)
+                .where(func.substr(kv.c.key, 1, len(prefix)) == prefix)
+                .order_by(kv.c.key).limit(_clamp_limit(limit)))
+        with self._connect("states_with_prefix") as conn:
+            rows = conn.execute(stmt).all()
+        return {str(k): _loads(v) for k, v in rows}
 
     def get_state(self, key: str) -> Any:
         """The object stored under `key`, or None."""

@@ -55,3 +55,14 @@ class Flaky(steadyserve.Service):
             # a replica fault (retried elsewhere, counted against it), not the request's fault
             raise steadyserve.RetryableError("this replica is broken")
         return {"x": x, "pid": os.getpid()}
+
+
+class Broken(steadyserve.Service):
+    """Never starts: setup fails every time (a deployment that stays not ready)."""
+
+    def setup(self) -> None:
+        raise RuntimeError("this service cannot start (on purpose)")
+
+    @steadyserve.handler
+    def work(self, x: str) -> dict[str, Any]:
+        return {"x": x}
