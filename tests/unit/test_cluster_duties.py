@@ -8,6 +8,7 @@ fences the way `store.Database.put_state` does; who leads is set by the test.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -74,6 +75,18 @@ def pair(make: Any, store: FencedStore, **kw: Any) -> tuple[Any, Any]:
     return leader, follower
 
 
+async def written(h: Harness) -> None:
+    """Wait for the supervisor's store writes in flight (they run on a worker thread)."""
+    while h.sup._writes:
+        await asyncio.wait(list(h.sup._writes))
+
+
+async def started(*hs: Harness) -> None:
+    for h in hs:
+        await h.start()
+        await h.tick(2)
+
+
 @pytest.fixture
 async def harnesses():
     made: list[Harness] = []
@@ -91,9 +104,7 @@ async def harnesses():
 async def test_a_follower_converges_on_the_leaders_rollout_and_refuses_to_start_one(harnesses):
     store = FencedStore()
     a, b = pair(harnesses, store)
-    for h in (a, b):
-        await h.start()
-        await h.tick(2)
+    await started(a, b)
     with pytest.raises(NotLeader, match="a rollout is done by the leading gateway"):
         await b.sup.rollout("d", {"env": {"TAG": "v2"}})
     with pytest.raises(NotLeader):
@@ -114,7 +125,7 @@ async def test_a_follower_converges_on_the_leaders_rollout_and_refuses_to_start_
     assert store.data[STATE_KEY.format("d")]["state"] == "rolling"
 
     await a.until("done")
-    await a.settle()  # the leader's write
+    await written(a)  # the leader's write
     b.clock.advance(b.sup.follow_interval_s)
     await b.tick()
     got = b.sup.rollout_status("d")
@@ -125,9 +136,7 @@ async def test_a_follower_converges_on_the_leaders_rollout_and_refuses_to_start_
 async def test_a_new_leader_finishes_the_rollout_of_a_dead_one_and_fences_it_out(harnesses):
     store = FencedStore()
     a, b = pair(harnesses, store)
-    for h in (a, b):
-        await h.start()
-        await h.tick(2)
+    await started(a, b)
     await a.sup.rollout("d", {"env": {"TAG": "v2"}})  # then the leader stops ticking: dead
     b.clock.advance(b.sup.follow_interval_s)
     await b.tick(3)
@@ -136,7 +145,7 @@ async def test_a_new_leader_finishes_the_rollout_of_a_dead_one_and_fences_it_out
     b.sup.lead.elect()  # the lease moves to b (token 2)
     b.sup.elected()
     done = await b.until("done")
-    await b.settle()
+    await written(b)
     assert (done["revision"], done["good_revision"]) == (1, 1)
     assert b.ids() == b.ready_ids() == ["d-r1-0", "d-r1-1"]
     assert store.data[STATE_KEY.format("d")]["state"] == "done"
@@ -153,9 +162,7 @@ async def test_a_just_elected_leader_reads_the_store_before_any_verdict(harnesse
     first verdict must come after reading the store, not from its stale record."""
     store = FencedStore()
     a, b = pair(harnesses, store)
-    for h in (a, b):
-        await h.start()
-        await h.tick(2)
+    await started(a, b)
     await a.sup.rollout("d", {"env": {"TAG": "v2"}})
     b.clock.advance(b.sup.follow_interval_s)
     await b.tick()
@@ -173,9 +180,7 @@ async def test_only_the_leader_decides_counts_and_it_weighs_the_busiest_gateway(
     store = FencedStore()
     a, b = pair(harnesses, store, cls=Scaled)
     a.sup.autoscaler.gateway_id, b.sup.autoscaler.gateway_id = "a", "b"
-    for h in (a, b):
-        await h.start()
-        await h.tick(2)
+    await started(a, b)
     b.load = 6.0  # the follower is busy (target 2 per replica), the leader idle
 
     async def both() -> None:
