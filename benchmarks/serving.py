@@ -8,6 +8,9 @@ Parts (--only picks one):
   embed        raw model in process (batch 1/8/32/64, 2 and 1 torch threads), then
                `steadyserve run` (minilm, 2 replicas) and a FastAPI peer under the same wrk load
   echo         steadyserve gateway + 1 echo replica vs a FastAPI echo app, wrk -c64 and -c1
+  workers      the echo service behind `--workers 1` and `--workers 2` (2 replicas), and the
+               FastAPI echo app under uvicorn --workers 1 and 2: req/s and CPU per request
+               of the gateway processes and of the replicas (not in the default run)
   memory       launch → /readyz 200 time; idle RSS of the gateway and of each replica
   compression  body sizes and µs: identity / gzip / zstd; msgpack vs JSON for the replica hop
 
@@ -400,7 +403,8 @@ def running(server: Server, into: dict[str, Any]) -> Iterator[Server]:
         into["stop"] = server.stop()
 
 
-def steadyserve_argv(target: str | None, replicas: int | None, port: int) -> list[str]:
+def steadyserve_argv(target: str | None, replicas: int | None, port: int,
+                     workers: int = 1) -> list[str]:
     exe = BIN / "steadyserve"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "steadyserve.cli.main"]
     cmd.append("run")
@@ -408,13 +412,37 @@ def steadyserve_argv(target: str | None, replicas: int | None, port: int) -> lis
         cmd.append(target)
     if replicas is not None:
         cmd += ["--replicas", str(replicas)]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     return [*cmd, "--port", str(port), "--log-format", "json"]
 
 
-def uvicorn_argv(app: str, port: int) -> list[str]:
+def uvicorn_argv(app: str, port: int, workers: int = 1) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "--app-dir", str(PEERS), app,
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
             "--log-level", "warning", "--no-access-log"]
+
+
+def split_cpu_s(pid: int) -> tuple[float, float]:
+    """(CPU seconds of the gateway's processes — itself and its data-plane workers —, CPU
+    seconds of its replicas), so far."""
+    import psutil
+
+    gateway = replicas = 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [(root, True)] + [(c, "spawn_main" in " ".join(c.cmdline()))
+                                  for c in root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0, 0.0
+    for proc, is_gateway in procs:
+        with contextlib.suppress(psutil.Error):
+            t = proc.cpu_times()
+            if is_gateway:
+                gateway += t.user + t.system
+            elif "resource_tracker" not in " ".join(proc.cmdline()):
+                replicas += t.user + t.system
+    return gateway, replicas
 
 
 # ---------------------------------------------------------------------------------------------
@@ -911,6 +939,62 @@ def section_echo(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
                  f"{out['p50_ratio']:.2f}" if out["p50_ratio"] else "n/a", "", ""))
 
 
+def section_workers(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    """Echo through 1 and 2 gateway processes (SO_REUSEPORT), 2 replicas, wrk -c64; the
+    FastAPI echo app under uvicorn --workers 1 and 2 as the peer, in the same run."""
+    out: dict[str, Any] = {}
+    res["workers"] = out
+    path = "/v1/deployments/echo/echo"
+    for n in (1, 2):
+        port = free_port()
+        srv = Server(f"steadyserve-echo-w{n}", steadyserve_argv(ECHO_SERVICE, 2, port, n), port,
+                     b.log_dir / f"steadyserve-echo-w{n}.log")
+        ss: dict[str, Any] = {}
+        out[f"steadyserve_w{n}"] = ss
+        with running(srv, ss):
+            srv.wait_all_replicas("echo")
+            b.wrk(f"workers{n}-warmup", port, path, 64, b.warm_echo_s, "text", watch=[srv.pid])
+            g0, r0 = split_cpu_s(srv.pid)
+            ss["c64"] = run = b.wrk(f"workers{n}-c64", port, path, 64, b.duration_s, "text",
+                                    watch=[srv.pid])
+            g1, r1 = split_cpu_s(srv.pid)
+            ok = max(1, run["requests"] - run["non_2xx_3xx"])
+            ss["gateway_cpu_ms_per_request"] = 1000 * (g1 - g0) / ok
+            ss["replica_cpu_ms_per_request"] = 1000 * (r1 - r0) / ok
+    for n in (1, 2):
+        port = free_port()
+        peer = Server(f"fastapi-echo-w{n}", uvicorn_argv("fastapi_echo:app", port, n), port,
+                      b.log_dir / f"fastapi-echo-w{n}.log")
+        fa: dict[str, Any] = {}
+        out[f"fastapi_w{n}"] = fa
+        with running(peer, fa):
+            b.wrk(f"peer-w{n}-warmup", port, path, 64, b.warm_echo_s, "text", watch=[peer.pid])
+            g0, _ = split_cpu_s(peer.pid)
+            fa["c64"] = run = b.wrk(f"peer-w{n}-c64", port, path, 64, b.duration_s, "text",
+                                    watch=[peer.pid])
+            g1, r1 = split_cpu_s(peer.pid)
+            ok = max(1, run["requests"] - run["non_2xx_3xx"])
+            # uvicorn's workers are multiprocessing children too: all of it is "gateway"
+            fa["cpu_ms_per_request"] = 1000 * (g1 - g0 + r1) / ok
+    one, two = out["steadyserve_w1"]["c64"], out["steadyserve_w2"]["c64"]
+    out["rps_ratio_2_to_1"] = two["ok_rps"] / one["ok_rps"] if one["ok_rps"] else 0.0
+    for n in (1, 2):
+        s = out[f"steadyserve_w{n}"]
+        rows.append(("workers", f"steadyserve --workers {n}: req/s, p50 / p99 (c64)",
+                     f"{s['c64']['ok_rps']:.0f}, {s['c64']['p50_ms']:.2f} / "
+                     f"{s['c64']['p99_ms']:.2f} ms", "", "" if not s["c64"]["errors"]
+                     else f"{s['c64']['errors']} errors"))
+        rows.append(("workers", f"steadyserve --workers {n}: CPU ms/request gateway, replicas",
+                     f"{s['gateway_cpu_ms_per_request']:.3f}, "
+                     f"{s['replica_cpu_ms_per_request']:.3f}", "", ""))
+    rows.append(("workers", "steadyserve req/s, 2 workers / 1", f"{out['rps_ratio_2_to_1']:.2f}",
+                 "", ""))
+    for n in (1, 2):
+        f = out[f"fastapi_w{n}"]
+        rows.append(("workers", f"fastapi uvicorn --workers {n}: req/s, CPU ms/request",
+                     f"{f['c64']['ok_rps']:.0f}, {f['cpu_ms_per_request']:.3f}", "", ""))
+
+
 def section_memory(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
     out: dict[str, Any] = {}
     res["memory"] = out
@@ -1040,7 +1124,7 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short smoke run, about a minute")
-    p.add_argument("--only", choices=["echo", "embed", "memory", "compression"],
+    p.add_argument("--only", choices=["echo", "embed", "memory", "compression", "workers"],
                    help="run one part (embed = raw model + served + FastAPI peer)")
     p.add_argument("--duration-s", type=int, help="seconds per measured wrk run "
                    "(default 30; 4 with --quick)")
@@ -1117,6 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("echo", section_echo))
     if args.only in (None, "memory"):
         plan.append(("memory", section_memory))
+    if args.only == "workers":
+        plan.append(("workers", section_workers))
 
     wait_until = time.monotonic() + args.wait_quiet
     while True:

@@ -164,10 +164,15 @@ class GatewayConfig:
     lingering_close_bytes: int = 8 * MiB  # …or this much, so the client reads the answer
     send_timeout_s: float = 30.0  # a client that reads nothing of a response this long is cut off
     max_upstream_response_bytes: int = 256 * MiB  # a replica's answer larger than this is refused
+    # data-plane processes sharing the port (SO_REUSEPORT): 1 is the gateway process alone;
+    # N > 1 adds N - 1 workers that serve inference, fed membership by the gateway process
+    workers: int = 1
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError(f"workers must be 1..64, got {self.workers}")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be >= 1024")
         if self.compress_min_bytes < 0:

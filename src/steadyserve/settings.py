@@ -134,7 +134,7 @@ def load_config(
                 gateway[key] = cast(env[ENV_PREFIX + key.upper()])
             except ValueError:
                 raise ConfigError(f"{ENV_PREFIX}{key.upper()} must be {cast.__name__}") from None
-    for key in ("host", "port", "max_body_bytes"):
+    for key in ("host", "port", "max_body_bytes", "workers"):
         if key in flags:
             gateway[key] = flags[key]
 

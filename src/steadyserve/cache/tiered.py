@@ -219,6 +219,11 @@ class ResponseCache:
         body["l2"] = "off" if self.l2 is None else ("up" if self.l2.up else "down: replayed later")
         return body
 
+    def drop_local(self, tags: Iterable[str]) -> int:
+        """Drop these tags from this process's L1 only: another process of this gateway
+        already told the replicas and L2 (data-plane workers)."""
+        return self.l1.invalidate(sorted(set(tags)), self.clock())
+
     def serve_stale(self, deployment: str, seconds: float) -> None:
         """Emergency response: answer this deployment's cacheable requests from any entry
         within the stale-if-error window, without calling (or revalidating) upstream."""

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--balancer", choices=sorted(BALANCERS), help="default power_of_two")
     run.add_argument("--host", help="listen address (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="listen port (default 8000)")
+    run.add_argument("--workers", type=int,
+                     help="processes serving the port (SO_REUSEPORT): the gateway and N-1 "
+                          "data-plane workers fed by it (default 1)")
     run.add_argument("--redis-url", dest="redis_url",
                      help="redis://host:port/db: shared L2 response cache (default: L1 only)")
     run.add_argument("--backend", choices=["local", "ray"],

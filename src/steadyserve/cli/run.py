@@ -8,6 +8,7 @@ import asyncio
 import logging
 import math
 import shlex
+import socket
 import sys
 import time
 from typing import Any, TextIO
@@ -20,8 +21,10 @@ from ..control.launcher import LocalLauncher, torch_threads, usable_cores
 from ..control.supervisor import Supervisor
 from ..errors import ConfigError
 from ..gateway.app import Gateway
-from ..gateway.assemble import build_gateway
+from ..gateway.assemble import build_gateway, join_workers
 from ..gateway.edge import EdgeProtocol
+from ..gateway.worker import reuseport_socket
+from ..gateway.workers import WorkerPool, unix_listener
 from ..observe.logs import configure_logging
 from ..settings import load_config
 from . import exit_codes
@@ -109,21 +112,41 @@ async def serve(config: Config, out: TextIO = sys.stderr, launcher: LocalLaunche
     )
     server = uvicorn.Server(uv_config)
     progress: asyncio.Task[None] | None = None
+    pool: WorkerPool | None = None
+    sockets: list[socket.socket] | None = None
+    if config.gateway.workers > 1:
+        # every process binds the port with SO_REUSEPORT; the routes workers forward come
+        # in on a private Unix socket
+        pool = WorkerPool(config, gateway, supervisor)
+        join_workers(gateway, supervisor, pool)
+        try:
+            sockets = [reuseport_socket(config.gateway.host, config.gateway.port),
+                       unix_listener(pool.http_path)]
+        except OSError as exc:
+            print(f"steadyserve: cannot listen on {config.gateway.host}:{config.gateway.port}: "
+                  f"{exc}", file=out)
+            return exit_codes.FAILURE
 
     async def watch() -> None:
         nonlocal progress
         while not server.started and not server.should_exit:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         if server.started:
+            if pool is not None:
+                await pool.start()
             progress = asyncio.create_task(show_progress(config, gateway, supervisor, out, started))
 
     watcher = asyncio.create_task(watch())  # uvicorn offers no "started" hook to await
     try:
-        await server.serve()
+        await server.serve(sockets=sockets)
     finally:
         watcher.cancel()
         if progress is not None:
             progress.cancel()
+        if pool is not None:
+            await pool.stop()  # no-op when the lifespan shutdown stopped it already
+        for sock in sockets or ():
+            sock.close()
     return exit_codes.OK if server.started else exit_codes.FAILURE
 
 
@@ -134,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(
             target=args.target, config_path=args.config, env=os.environ,
             flags={k: getattr(args, k) for k in ("name", "replicas", "balancer", "host", "port",
-                                                  "max_body_bytes", "log_level", "log_format",
+                                                  "max_body_bytes", "workers",
+                                                  "log_level", "log_format",
                                                   "redis_url", "allow_unauthenticated",
                                                   "backend", "ray_address")},
         )

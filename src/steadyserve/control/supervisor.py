@@ -50,12 +50,12 @@ from ..observe.metrics import REPLICA_STATES, GatewayMetrics
 from ..policies.backoff import Backoff
 from ..policies.lease import Alone, Lead
 from ..policies.rollout import (
-    ROLLOUT_FIELDS,
     ROLLOUT_STATES,
     RolloutPolicy,
     SlotView,
     Target,
     apply_changes,
+    config_from_fields,
     progress,
     rollout_fields,
 )
@@ -121,9 +121,7 @@ class RolloutRecord:
                 raise ValueError(f"unknown record format {raw.get('format')!r}")
             configs = {}
             for rev, fields in raw["configs"].items():
-                values = {k: v for k, v in fields.items() if k in ROLLOUT_FIELDS}
-                values["env"] = tuple((str(k), str(v)) for k, v in values.get("env", {}).items())
-                configs[int(rev)] = dataclasses.replace(file_config, **values)
+                configs[int(rev)] = config_from_fields(file_config, fields)
             record = cls(
                 base=str(raw["base"]), configs=configs, revision=int(raw["revision"]),
                 state=str(raw["state"]), target=int(raw["target"]), good=int(raw["good"]),

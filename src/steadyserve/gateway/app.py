@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
+from prometheus_client import generate_latest
 
 from .. import codec
 from ..auth.exposure import exposure_problem
@@ -26,7 +27,12 @@ from ..cache.tiered import CacheCollector, ResponseCache
 from ..config import Config
 from ..errors import DeadlineExceeded, SteadyError, to_http
 from ..observe import tracing
-from ..observe.aggregate import MAX_REPLICA_METRICS_BYTES, REPLICA_METRICS_TIMEOUT_S, merge_replica_metrics
+from ..observe.aggregate import (
+    MAX_REPLICA_METRICS_BYTES,
+    REPLICA_METRICS_TIMEOUT_S,
+    merge_replica_metrics,
+    summed_registry,
+)
 from ..observe.metrics import BalancerFitCollector, GatewayMetrics
 
 if TYPE_CHECKING:
@@ -51,6 +57,7 @@ access = logging.getLogger("steadyserve.access")
 audit = logging.getLogger("steadyserve.audit")
 
 PROBES = frozenset({"/healthz", "/readyz"})  # never Host-checked: load balancers probe by IP
+LOCAL_ACCESS = frozenset({"infer", "public"})  # what a data-plane worker serves itself
 INVALIDATE_TIMEOUT_S = 1.0  # a replica that cannot take an invalidation this fast is logged
 DEPLOYMENTS_PREFIX = "/v1/deployments/"
 # Responses this large are compressed in a worker thread. Measured (JSON floats, 2 busy
@@ -161,6 +168,12 @@ class Gateway:
         self._background: list[asyncio.Task[None]] = []
         self.alerting: AlertEngine | None = None
         self.lead: Alone | Leadership = Alone()  # [cluster]: the lease (control.leadership)
+        # data-plane workers ([gateway] workers): in a worker, how other routes reach the
+        # gateway process; in the gateway process, the workers' metrics and invalidations
+        self.forward: Any = None
+        self.worker_metrics: Callable[[], list[bytes]] = list
+        self.on_invalidated: Callable[[list[str]], None] | None = None
+        self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
         self._observers: dict[tuple[str, str, int, bool], Callable[[float], None]] = {}
         self.router = Router(ROUTES)
         # no key ring given (tests, embedded use): keys in memory, an admin key made up now
@@ -208,12 +221,17 @@ class Gateway:
                 route, params = self.router.match(req.method, req.path)
                 req.route = route
                 req.openai = route.tag == "openai"  # errors in OpenAI's shape, auth's too
-                self.access.check(req, route)
-                resp = await route.fn(self, req, params)
+                if self.forward is not None and route.access not in LOCAL_ACCESS:
+                    # a data-plane worker: the gateway process checks access and answers
+                    req.forwarded = True
+                    resp = await self.forward(req)
+                else:
+                    self.access.check(req, route)
+                    resp = await route.fn(self, req, params)
         except Exception as exc:
             resp = self._error(req, exc)
         self.access.add_cors(req, resp)
-        if req.route is not None and req.route.access == "admin":
+        if req.route is not None and req.route.access == "admin" and not req.forwarded:
             # an audit line per state change: who (key id, never the key), what, the outcome
             audit.info("admin request", extra={
                 "request_id": req.request_id, "method": req.method, "path": req.path,
@@ -333,6 +351,8 @@ class Gateway:
             elif message["type"] == "lifespan.shutdown":
                 self.draining = True
                 try:
+                    for hook in self.on_shutdown:  # workers first: they route to our replicas
+                        await hook()
                     for task in self._background:
                         task.cancel()
                     if self.alerting is not None:
@@ -373,6 +393,8 @@ class Gateway:
         body: dict[str, Any] = await self.cache.invalidate(tags) if self.cache is not None \
             else {"tags": list(tags)}
         body["replicas"] = replicas
+        if self.on_invalidated is not None:  # the other processes of this gateway drop theirs
+            self.on_invalidated(list(tags))
         return body
 
     async def broadcast_invalidate(self, tags: list[str]) -> dict[str, int]:
@@ -404,6 +426,14 @@ class Gateway:
 
         told = await asyncio.gather(*(tell(e) for e in targets))
         return {"told": sum(told), "failed": len(told) - sum(told)}
+
+    def metrics_text(self) -> bytes:
+        """This process's metrics, summed with its workers' when it has any: /metrics looks
+        the same whatever the number of workers."""
+        texts = self.worker_metrics()
+        if not texts:
+            return generate_latest(self.metrics.registry)
+        return generate_latest(summed_registry(self.metrics.registry, texts))
 
     # status ------------------------------------------------------------------------------------
     def balancer_fits(self) -> dict[str, dict[str, dict[str, float]]]:

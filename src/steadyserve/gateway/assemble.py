@@ -11,6 +11,7 @@ from ..control.launcher import LocalLauncher
 from ..control.leadership import Leadership, default_gateway_id
 from ..control.responder import Responder
 from ..control.supervisor import Supervisor
+from ..observe.aggregate import summed_registry
 from ..observe.alerting import AlertEngine
 from ..observe.metrics import GatewayMetrics
 from ..policies.actions import ActionGuard
@@ -20,6 +21,8 @@ from .activation import Activator
 from .app import Gateway
 from .membership import Membership
 from .transport import HttpTransport
+from .worker import Forwarder, WorkerControl, WorkerLink
+from .workers import WorkerPool
 
 log = logging.getLogger("steadyserve.gateway")
 
@@ -68,6 +71,43 @@ def join_cluster(config: Config, gateway: Gateway, supervisor: Supervisor, db: D
     supervisor.lead = lead
     supervisor.autoscaler.gateway_id = gateway_id
     gateway.lead = lead
+
+
+def build_worker_gateway(config: Config, index: int, channel_path: str,
+                         http_path: str) -> tuple[Gateway, WorkerLink]:
+    """A data-plane worker's gateway (gateway.worker): membership from the channel, reports
+    to it, and every route but inference and probes forwarded to the gateway process."""
+    metrics = GatewayMetrics()
+    db = open_database(config)  # API keys: this worker checks them itself
+    transport = HttpTransport(
+        max_connections=max(d.max_connections_per_replica for d in config.deployments),
+        max_response_bytes=config.gateway.max_upstream_response_bytes,
+    )
+    membership = Membership(config.deployments)
+    gateway = Gateway(config, transport=transport, membership=membership, metrics=metrics,
+                      keys=build_keyring(config, db))
+    link = WorkerLink(index, channel_path, gateway, {d.name: d for d in config.deployments})
+    gateway.control = WorkerControl(link)
+    gateway.dispatcher.on_unavailable = link.unavailable
+    if any(d.autoscale is not None for d in config.deployments):
+        # resize (membership.on_change) wakes the held requests when a replica arrives
+        gateway.dispatcher.activator = Activator(poke=link.activate, failure=link.start_failure)
+    gateway.forward = Forwarder(http_path, config.gateway.request_timeout_s,
+                                config.gateway.max_body_bytes)
+    gateway.on_invalidated = link.invalidated
+    return gateway, link
+
+
+def join_workers(gateway: Gateway, supervisor: Supervisor, pool: WorkerPool) -> None:
+    """The gateway process's side of its data-plane workers (gateway.workers)."""
+    gateway.controls.remote_demand = pool.demand
+    gateway.controls.fanout = pool.broadcast
+    gateway.worker_metrics = pool.metric_texts
+    gateway.on_invalidated = lambda tags: pool.broadcast({"t": "invalidate", "tags": tags})
+    gateway.on_shutdown.append(pool.stop)
+    if gateway.alerting is not None:
+        registry = gateway.metrics.registry
+        gateway.alerting.samples = lambda: summed_registry(registry, pool.metric_texts())
 
 
 def build_gateway(

@@ -14,8 +14,9 @@ and hears back about unreachable replicas (`report_unavailable`), crashes blamed
     shed batch traffic for a while  inputs executing when a replica died
     serve stale answers for a while a request waiting for a first replica
 
-Both planes run in one process today, so this is a plain object; data-plane workers would
-implement the same calls by message.
+With data-plane workers (gateway.workers) the same object also sends every action to the
+workers (`fanout`) and adds their reported demand (`remote_demand`); a worker applies what
+arrives through its own `DataPlaneControls` (gateway.worker).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..cache.tiered import ResponseCache
 from .dispatch import Dispatcher
@@ -44,6 +46,10 @@ class DataPlaneControls:
         self._cache = cache
         self._clock = clock
         self._last_sample: dict[str, tuple[float, float]] = {}
+        # data-plane workers (gateway.workers): their demand is added to this process's,
+        # and every action is sent to them too
+        self.remote_demand: Callable[[str], float] = lambda deployment: 0.0
+        self.fanout: Callable[[dict[str, Any]], None] = lambda message: None
 
     # reports ---------------------------------------------------------------------------------
     def replicas(self, deployment: str) -> list[ReplicaView] | None:
@@ -55,7 +61,8 @@ class DataPlaneControls:
 
     def demand(self, deployment: str) -> float:
         """Ongoing requests: in flight, queued for admission, held for a first replica."""
-        return self._dispatcher.demand(self._membership.deployments[deployment])
+        return self._dispatcher.demand(self._membership.deployments[deployment]) \
+            + self.remote_demand(deployment)
 
     def sample_demand(self, deployment: str) -> float:
         """The mean ongoing requests since the previous sample of this deployment (time-
@@ -66,12 +73,13 @@ class DataPlaneControls:
         held = self._dispatcher.held(d)
         now = self._clock()
         last = self._last_sample.get(deployment)
+        remote = self.remote_demand(deployment)
         if area is None:
-            return self._dispatcher.demand(d)
+            return self._dispatcher.demand(d) + remote
         self._last_sample[deployment] = (now, area)
         if last is None or now <= last[0]:
-            return self._dispatcher.demand(d)
-        return (area - last[1]) / (now - last[0]) + held
+            return self._dispatcher.demand(d) + remote
+        return (area - last[1]) / (now - last[0]) + held + remote
 
     def ready(self, deployment: str) -> int:
         return len(self._membership.deployments[deployment].endpoints)
@@ -80,6 +88,7 @@ class DataPlaneControls:
     def eject(self, deployment: str, replica_id: str) -> bool:
         """Eject a replica as outlier detection would (share limit, probe, slow start)."""
         d = self._membership.get(deployment)
+        self.fanout({"t": "eject", "deployment": deployment, "replica": replica_id})
         return d is not None and self._dispatcher.eject(d, replica_id, self._clock())
 
     def shed_batch(self, deployment: str, seconds: float) -> bool:
@@ -88,6 +97,7 @@ class DataPlaneControls:
         if d is None:
             return False
         self._dispatcher.state(d).admission.shed_batch_until = self._clock() + seconds
+        self.fanout({"t": "shed_batch", "deployment": deployment, "seconds": seconds})
         return True
 
     def expect_capacity(self, deployment: str, seconds: float) -> None:
@@ -96,6 +106,7 @@ class DataPlaneControls:
         d = self._membership.get(deployment)
         if d is not None and len(d.endpoints) < d.desired_replicas:
             self._dispatcher.state(d).admission.scaling_up_until = self._clock() + seconds
+            self.fanout({"t": "expect_capacity", "deployment": deployment, "seconds": seconds})
 
     def serve_stale(self, deployment: str, seconds: float) -> str | None:
         """Answer the deployment's cacheable requests from stale entries for `seconds`;
@@ -103,4 +114,5 @@ class DataPlaneControls:
         if self._cache is None:
             return "the response cache is disabled ([cache] enabled = false)"
         self._cache.serve_stale(deployment, seconds)
+        self.fanout({"t": "serve_stale", "deployment": deployment, "seconds": seconds})
         return None

@@ -50,6 +50,7 @@ class Request:
     call: CallInfo = field(default_factory=CallInfo)
     route: Route | None = None
     principal: ApiKey | None = None  # the API key that authenticated it, if any
+    forwarded: bool = False  # a worker sent it to the gateway process (gateway.worker)
     _headers: dict[bytes, bytes] | None = None  # first value of each name, built on first use
 
     @property

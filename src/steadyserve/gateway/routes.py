@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import orjson
-from prometheus_client import generate_latest
 
 from ..asgi import cancel_on_disconnect
 from ..cache.invalidation import ALL_TAGS, check_tags
@@ -49,7 +48,7 @@ async def readyz(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
 
 async def metrics(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     gw.export_admission()
-    body = generate_latest(gw.metrics.registry) + await gw.replica_metrics()
+    body = gw.metrics_text() + await gw.replica_metrics()
     return Response(200, body, b"text/plain; version=0.0.4; charset=utf-8")
 
 

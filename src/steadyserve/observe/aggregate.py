@@ -12,7 +12,7 @@ checked here), so one replica with a runaway label cannot stall or bloat the scr
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -55,3 +55,41 @@ def merge_replica_metrics(texts: Mapping[tuple[str, str], str | bytes]) -> bytes
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged(list(merged.values())))
     return generate_latest(registry)
+
+
+def summed_registry(own: CollectorRegistry, texts: Sequence[bytes]) -> _Merged:
+    """This process's families with its data-plane workers' (their exposition `texts`)
+    added, sample by sample with the same name and labels: counters and histogram buckets
+    sum exactly, gauges of in-flight work and queues add up to the gateway's. A collector
+    object: `generate_latest` renders it, the alert engine's sampler reads it. A worker
+    text that does not parse is left out of this round."""
+    merged: dict[str, Metric] = {}
+    index: dict[tuple[str, str, tuple[tuple[str, str], ...]], int] = {}
+
+    def add(fam: Metric) -> None:
+        for s in fam.samples:
+            if s.name.endswith("_created"):
+                continue  # a creation time does not add up
+            target = merged.get(fam.name)
+            if target is None:
+                target = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type,
+                                                   fam.unit)
+            key = (fam.name, s.name, tuple(sorted(s.labels.items())))
+            at = index.get(key)
+            if at is None:
+                index[key] = len(target.samples)
+                target.samples.append(Sample(s.name, dict(s.labels), s.value, None, None))
+            else:
+                old = target.samples[at]
+                target.samples[at] = Sample(old.name, old.labels, old.value + s.value, None, None)
+
+    for fam in own.collect():
+        add(fam)
+    for raw in texts:
+        try:
+            families = list(text_string_to_metric_families(raw.decode()))
+        except ValueError:
+            continue
+        for fam in families:
+            add(fam)
+    return _Merged(list(merged.values()))

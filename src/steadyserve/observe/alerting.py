@@ -123,6 +123,9 @@ class AlertEngine:
         self._last_persist = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self.lead: Lead = Alone()
+        # what the sampler reads: this process's registry, or (data-plane workers) the sum
+        # of its families and the workers' (observe.aggregate.summed_registry)
+        self.samples: Callable[[], Any] = lambda: metrics.registry
         self._on_duty = True  # whether the last evaluation tick had the alerting duty
 
     # lifecycle ------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ class AlertEngine:
                 self.metrics.loop_lag.set(self.lag.take())
                 if self.before_sample is not None:
                     self.before_sample()
-                sample_registry(self.metrics.registry, self.store, self.wall())
+                sample_registry(self.samples(), self.store, self.wall())
             except Exception:
                 log.exception("sampling failed; continuing")
             await asyncio.sleep(1.0)

@@ -154,6 +154,11 @@ class GatewayMetrics:
             "Ongoing requests the autoscaler sees (in flight, queued, held for a first replica)",
             ["deployment"], registry=r,
         )
+        self.workers_alive = Gauge(
+            "steadyserve_gateway_workers",
+            "Processes serving the gateway's port: the gateway process and its live workers",
+            registry=r,
+        )
         self.cluster_leader = Gauge(
             "steadyserve_cluster_leader",
             "1 while this gateway leads the gateways sharing its database ([cluster]), else 0",

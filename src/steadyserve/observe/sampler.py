@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -25,7 +26,7 @@ log = logging.getLogger("steadyserve.sampler")
 SKIP_SUFFIXES = ("_created",)  # prometheus_client's creation timestamps: not a series
 
 
-def sample_registry(registry: CollectorRegistry, store: SeriesStore, now: float,
+def sample_registry(registry: CollectorRegistry | Any, store: SeriesStore, now: float,
                     prefix: str = "steadyserve_") -> int:
     """Record every sample of the registry's families whose name starts with `prefix`."""
     n = 0

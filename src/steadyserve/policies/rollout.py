@@ -244,3 +244,11 @@ def progress(target: Target, slots: Sequence[SlotView]) -> dict[str, Any]:
     return {"desired": target.replicas, "updated": len(new), "ready": ready, "old": old,
             "draining": draining,
             "converged": ready == len(new) == target.replicas and old == 0 and draining == 0}
+
+
+def config_from_fields(file_config: DeploymentConfig, fields: dict[str, Any]) -> DeploymentConfig:
+    """A deployment's config as the gateway process runs it: the file's, with the rollout
+    fields it sent (the same shape a stored rollout record keeps)."""
+    values = {k: v for k, v in fields.items() if k in ROLLOUT_FIELDS}
+    values["env"] = tuple((str(k), str(v)) for k, v in values.get("env", {}).items())
+    return dataclasses.replace(file_config, **values)

@@ -1,0 +1,336 @@
+"""A data-plane worker process (`[gateway] workers` > 1): inference on the shared port.
+
+It runs the data plane alone — edge, admission, response cache (its own L1; L2 shared
+through Redis), dispatch — and nothing of the control plane. What it receives from the
+gateway process (gateway.workers, over gateway.channel): the membership (each deployment's
+config, desired count and replicas in rotation, with their handlers), the actions of
+automatic responses, and invalidations. What it reports: its demand (time-weighted, for the
+autoscaler) and its metrics each second, replicas it could not reach, requests held for a
+first replica, and invalidations its requests caused. Every other route (admin, status,
+alerts, /metrics, rollouts) is forwarded to the gateway process over a private Unix socket,
+which answers it with the whole picture.
+
+Start order: the worker binds the port only after the first membership arrived, so the
+kernel never hands it a connection it could not route. It dies with the gateway process
+(PR_SET_PDEATHSIG), and reconnects to the channel if it breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import httpx
+import orjson
+
+from ..config import Config, DeploymentConfig
+from ..policies.rollout import config_from_fields
+from .channel import MAX_MESSAGE_BYTES, ChannelClosed, encode, read_message
+from .http import Request, Response
+from .membership import Endpoint, Membership
+from .transport import Address
+
+log = logging.getLogger("steadyserve.worker")
+
+REPORT_EVERY_S = 1.0
+RECONNECT_S = 0.5
+# request headers not forwarded: hop-by-hop, and what the forwarder sets itself (the body
+# is forwarded decoded, and the gateway process answers uncompressed: this worker compresses)
+_DROP_REQUEST = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length",
+                           b"content-encoding", b"accept-encoding", b"upgrade", b"te",
+                           b"x-request-id"})
+_KEEP_RESPONSE = frozenset({"retry-after", "www-authenticate", "location", "allow", "vary",
+                            "x-steadyserve-cache"})
+
+
+def apply_state(membership: Membership, transport: Any, file_configs: dict[str, DeploymentConfig],
+                deployments: dict[str, Any]) -> None:
+    """Make this worker's membership what the gateway process says it is. Endpoints keep
+    their own state (outstanding, health) across updates; only new replicas are added."""
+    for name, state in deployments.items():
+        d = membership.get(name)
+        if d is None or name not in file_configs:
+            continue
+        config = config_from_fields(file_configs[name], state["config"])
+        if config != d.config:
+            membership.reconfigure(config)
+        if state.get("desired") != d.desired and state.get("desired") is not None:
+            membership.set_desired(name, int(state["desired"]))
+        wanted = {e["id"]: e for e in state["endpoints"]}
+        for e in list(d.endpoints):
+            if e.replica_id not in wanted or (e.address.host, e.address.port) != (
+                    wanted[e.replica_id]["host"], wanted[e.replica_id]["port"]):
+                membership.remove(name, e.replica_id)
+        have = {e.replica_id for e in d.endpoints}
+        for rid, e in wanted.items():
+            if rid in have:
+                continue
+            address = Address(str(e["host"]), int(e["port"]))
+            set_max = getattr(transport, "set_max_connections", None)
+            if set_max is not None:
+                set_max(address, config.max_connections_per_replica)
+            membership.add(name, Endpoint(rid, address), e["info"])
+
+
+class WorkerLink:
+    """This worker's end of the channel: applies what arrives, sends what it reports."""
+
+    def __init__(self, index: int, channel_path: str, gateway: Any,
+                 file_configs: dict[str, DeploymentConfig]) -> None:
+        self.index = index
+        self.channel_path = channel_path
+        self.gateway = gateway
+        self.file_configs = file_configs
+        self.start_failures: dict[str, tuple[float, str]] = {}
+        self.first_state = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._reports: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="worker-channel")
+        self._reports = loop.create_task(self._report_loop(), name="worker-reports")
+
+    async def stop(self) -> None:
+        for task in (self._task, self._reports):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Best effort: a message while the channel is down is dropped (the next report
+        carries the news again; a held request asks again when it is re-poked)."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(encode(message))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(
+                    self.channel_path, limit=MAX_MESSAGE_BYTES)
+                self._writer = writer
+                writer.write(encode({"t": "hello", "worker": self.index}))
+                while True:
+                    self._handle(await read_message(reader))
+            except (OSError, ChannelClosed) as exc:
+                log.warning("control channel lost (%s); reconnecting", exc)
+            except Exception:
+                log.exception("control channel failed; reconnecting")
+            finally:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+            await asyncio.sleep(RECONNECT_S)
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["t"]
+        gw = self.gateway
+        if kind == "state":
+            apply_state(gw.membership, gw.transport, self.file_configs, message["deployments"])
+            self.start_failures = {k: (float(v[0]), str(v[1]))
+                                   for k, v in message.get("start_failures", {}).items()}
+            self.first_state.set()
+        elif kind == "invalidate":
+            if gw.cache is not None:
+                gw.cache.drop_local(message["tags"])
+        elif kind == "eject":
+            gw.controls.eject(message["deployment"], message["replica"])
+        elif kind == "shed_batch":
+            gw.controls.shed_batch(message["deployment"], float(message["seconds"]))
+        elif kind == "serve_stale":
+            gw.controls.serve_stale(message["deployment"], float(message["seconds"]))
+        elif kind == "expect_capacity":
+            gw.controls.expect_capacity(message["deployment"], float(message["seconds"]))
+        else:
+            log.warning("unknown control message %r ignored", kind[:40])
+
+    async def _report_loop(self) -> None:
+        from prometheus_client import generate_latest
+
+        while True:
+            await asyncio.sleep(REPORT_EVERY_S)
+            try:
+                gw = self.gateway
+                gw.export_admission()
+                demand = {name: gw.controls.sample_demand(name)
+                          for name, d in gw.membership.deployments.items()
+                          if d.config.autoscale is not None}
+                self.send({"t": "report", "demand": demand,
+                           "metrics": generate_latest(gw.metrics.registry).decode()})
+            except Exception:
+                log.exception("worker report failed; continuing")
+
+    # what the data plane calls -------------------------------------------------------------------
+    def unavailable(self, deployment: str, endpoint: Endpoint) -> None:
+        self.send({"t": "unavailable", "deployment": deployment, "replica": endpoint.replica_id})
+
+    def activate(self, deployment: str) -> None:
+        self.send({"t": "activate", "deployment": deployment})
+
+    def start_failure(self, deployment: str, since: float) -> str | None:
+        failed = self.start_failures.get(deployment)
+        return failed[1] if failed is not None and failed[0] >= since else None
+
+    def invalidated(self, tags: list[str]) -> None:
+        self.send({"t": "invalidated", "tags": tags})
+
+
+class WorkerControl:
+    """The control plane as a worker sees it: reports go over the channel; everything else
+    is the gateway process's, reached by forwarding the route."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self.link = link
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def status(self, deployment: str) -> list[dict[str, Any]]:
+        return []
+
+    def report_unavailable(self, deployment: str, endpoint: Endpoint) -> None:
+        self.link.unavailable(deployment, endpoint)
+
+    def replica_exited(self, replica_id: str) -> bool:
+        return False  # only the gateway process sees its replicas exit
+
+    async def rollout(self, deployment: str, changes: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError("forwarded to the gateway process")
+
+    def rollout_status(self, deployment: str) -> dict[str, Any]:
+        raise AssertionError("forwarded to the gateway process")
+
+    async def cancel_rollout(self, deployment: str) -> dict[str, Any]:
+        raise AssertionError("forwarded to the gateway process")
+
+
+class Forwarder:
+    """Sends a route the worker does not serve to the gateway process, as it came."""
+
+    def __init__(self, http_path: str, timeout_s: float, max_body_bytes: int) -> None:
+        self.client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=http_path),
+                                        base_url="http://gateway", timeout=timeout_s)
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, req: Request) -> Response:
+        body = await req.body(self.max_body_bytes)
+        headers = [(k, v) for k, v in req.scope["headers"] if k not in _DROP_REQUEST]
+        headers.append((b"x-request-id", req.request_id.encode()))
+        query = req.scope.get("query_string", b"")
+        target = req.scope.get("raw_path") or req.path.encode()
+        url = target.decode("latin-1") + (("?" + query.decode("latin-1")) if query else "")
+        reply = await self.client.request(req.method, url, content=body, headers=headers)
+        kept = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in reply.headers.items()
+                if k.lower() in _KEEP_RESPONSE]
+        content_type = reply.headers.get("content-type", "application/json").encode("latin-1")
+        return Response(reply.status_code, reply.content, content_type, kept)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that other processes of this user can share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(False)
+    return sock
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def worker_main(config: Config, index: int, channel_path: str, http_path: str,
+                parent_pid: int) -> None:
+    """The worker process's entry point (multiprocessing, spawn)."""
+    _die_with_parent()
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the gateway process died before PDEATHSIG was set
+    from ..observe.logs import configure_logging
+
+    configure_logging(config.log_level, "json" if config.log_format == "auto" else config.log_format,
+                      process=f"worker-{index}")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded route: noise
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(_serve(config, index, channel_path, http_path))
+
+
+async def _serve(config: Config, index: int, channel_path: str, http_path: str) -> None:
+    import math
+
+    import uvicorn
+
+    from .assemble import build_worker_gateway
+    from .edge import EdgeProtocol
+
+    gateway, link = build_worker_gateway(config, index, channel_path, http_path)
+    link.start()
+    started = time.monotonic()
+    while not link.first_state.is_set():
+        await asyncio.sleep(0.05)
+        if time.monotonic() - started > 60:
+            log.error("no membership from the gateway process in 60 s; exiting")
+            return
+    sock = reuseport_socket(config.gateway.host, config.gateway.port)
+    uv_config = uvicorn.Config(
+        gateway, http=EdgeProtocol.configured(config.gateway), ws="none", lifespan="on",
+        access_log=False, log_config=None, backlog=4096,
+        timeout_graceful_shutdown=int(config.gateway.graceful_shutdown_s) or None,
+        timeout_keep_alive=max(1, math.ceil(config.gateway.keepalive_timeout_s)),
+    )
+    server = uvicorn.Server(uv_config)
+    log.info("worker %d serving", index, extra={"worker": index, "pid": os.getpid()})
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        await link.stop()
+        forward = gateway.forward
+        if forward is not None:
+            await forward.close()
+        sock.close()
+
+
+def describe_endpoint(endpoint: Endpoint, info: dict[str, Any]) -> dict[str, Any]:
+    return {"id": endpoint.replica_id, "host": endpoint.address.host,
+            "port": endpoint.address.port, "info": info}
+
+
+def state_message(membership: Membership, infos: dict[str, dict[str, Any]],
+                  start_failures: dict[str, tuple[float, str]]) -> bytes:
+    """The whole membership, as `apply_state` takes it."""
+    from ..policies.rollout import rollout_fields
+
+    deployments = {}
+    for name, d in membership.deployments.items():
+        fields = rollout_fields(d.config)
+        deployments[name] = {
+            "config": fields, "desired": d.desired,
+            "endpoints": [describe_endpoint(e, infos.get(e.replica_id, {})) for e in d.endpoints],
+        }
+    return orjson.dumps({"t": "state", "deployments": deployments,
+                         "start_failures": {k: list(v) for k, v in start_failures.items()}}) + b"\n"
