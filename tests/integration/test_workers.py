@@ -6,6 +6,7 @@ started again; and stopping leaves nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import time
@@ -116,5 +117,48 @@ replicas = 1
             raise AssertionError(f"the worker was not started again:\n{gw.log.read_text()[-3000:]}")
         served_by_new = {p.pid for p in workers_of(gw)}
         assert worker.pid not in served_by_new
+    finally:
+        assert gw.stop() == []
+
+
+def test_a_burst_at_zero_replicas_spread_over_both_processes_is_served(tmp_path: Path) -> None:
+    """Requests held in either process are served once the first replica is ready: the
+    worker tells the gateway process's autoscaler at once, and gets the replica with the
+    membership it pushes."""
+    (tmp_path / "steadyserve.toml").write_text(f"""
+data_dir = "{tmp_path / 'state'}"
+[gateway]
+workers = 2
+[alerting]
+enabled = false
+[deployments.work]
+service = "{HERE / 'services' / 'scaling.py'}:SlowStart"
+replicas = 0
+torch_threads = 1
+env = {{ LOAD_S = "0.5" }}
+[deployments.work.autoscale]
+min_replicas = 0
+max_replicas = 1
+target_ongoing_requests = 8
+scale_to_zero_delay_s = 600
+""")
+    gw = start([], tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers_of(gw)) < 1 or "worker 1 serving" not in gw.log.read_text():
+            assert time.monotonic() < deadline, gw.log.read_text()[-3000:]
+            time.sleep(0.1)
+        assert gw.status("work")["ready_replicas"] == 0
+
+        async def burst() -> list[httpx.Response]:
+            async def one() -> httpx.Response:
+                async with httpx.AsyncClient(base_url=gw.url, timeout=30) as c:  # own connection
+                    return await c.post("/v1/deployments/work/work", json={"seconds": 0.01})
+            return await asyncio.gather(*(one() for _ in range(16)))
+
+        replies = asyncio.run(burst())
+        assert [r.status_code for r in replies] == [200] * 16, \
+            [r.text for r in replies if r.status_code != 200][:3]
+        assert processes_that_served(gw) == {"gateway", "worker-1"}
     finally:
         assert gw.stop() == []

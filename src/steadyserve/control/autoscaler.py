@@ -164,7 +164,7 @@ class Autoscaler:
             except Exception:  # one deployment's trouble never stops the others' scaling
                 log.exception("autoscaling step failed", extra={"deployment": name})
 
-    def _step(self, name: str, now: float, *, sample: bool) -> Decision | None:
+    def _step(self, name: str, now: float, *, sample: bool, held: float = 0.0) -> Decision | None:
         policy = self.policies[name]
         m = self.metrics
         leading = self.supervisor.lead.leading()
@@ -177,7 +177,7 @@ class Autoscaler:
                 return None  # a follower reports its demand (share) and adopts the count
             policy.observe(now, demand)
         else:
-            demand = self.demand(name)
+            demand = max(self.demand(name), held)
             m.autoscale_demand.labels(name).set(demand)
         current = self.supervisor.replica_target(name)
         # between samples (an activation) it decides on the demand now, adding no sample: a
@@ -191,14 +191,15 @@ class Autoscaler:
         return decision
 
     # the data plane's and the responder's calls ------------------------------------------------
-    def activate(self, name: str) -> None:
+    def activate(self, name: str, held: float = 0.0) -> None:
         """A request arrived at a deployment with no ready replica: decide now, not a tick
-        later (the held requests are in the demand)."""
+        later (the held requests are in the demand; `held`: those another process of this
+        gateway holds, which its last report may not show yet)."""
         policy = self.policies.get(name)
         if policy is None:
             return
         try:
-            self._step(name, self.clock(), sample=False)
+            self._step(name, self.clock(), sample=False, held=held)
         except Exception:
             log.exception("activation failed", extra={"deployment": name})
 

@@ -174,7 +174,9 @@ class WorkerLink:
         self.send({"t": "unavailable", "deployment": deployment, "replica": endpoint.replica_id})
 
     def activate(self, deployment: str) -> None:
-        self.send({"t": "activate", "deployment": deployment})
+        activator = self.gateway.dispatcher.activator
+        held = activator.held(deployment) if activator is not None else 0
+        self.send({"t": "activate", "deployment": deployment, "held": max(1, held)})
 
     def start_failure(self, deployment: str, since: float) -> str | None:
         failed = self.start_failures.get(deployment)

@@ -208,7 +208,9 @@ class WorkerPool:
         elif kind == "activate":
             name = str(message.get("deployment"))
             if name in self.gateway.membership.deployments:
-                self.supervisor.autoscaler.activate(name)
+                held = message.get("held")
+                self.supervisor.autoscaler.activate(
+                    name, float(held) if isinstance(held, int) and 0 < held < 1_000_000 else 1.0)
                 self._dirty.set()  # start failures travel with the state
         elif kind == "invalidated":
             tags = [str(t) for t in message.get("tags", [])][:10_000]
