@@ -13,6 +13,8 @@ from .policies.balancing import BALANCERS
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_RESOURCE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DEFAULT_SERVICE = "steadyserve.examples.embedding:Embedder"
 RISK_SERVICE = "steadyserve.examples.risk.service:RiskScorer"
 MiB = 1024 * 1024
@@ -87,6 +89,31 @@ class DeploymentConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     memory_bytes: int | None = None
+    # a replica that needs several bundles of resources (shards of a model on several GPUs):
+    # Ray reserves them together as a placement group; the replica runs in the first
+    placement_bundles: tuple[tuple[tuple[str, float], ...], ...] = ()
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+
+    def _check_placement(self) -> None:
+        where = f"deployment {self.name}: placement_bundles"
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"deployment {self.name}: placement_strategy must be one of "
+                              f"{list(PLACEMENT_STRATEGIES)}, got {self.placement_strategy!r}")
+        if len(self.placement_bundles) > 64:
+            raise ConfigError(f"{where}: at most 64 bundles")
+        for bundle in self.placement_bundles:
+            if not bundle or len(bundle) > 16:
+                raise ConfigError(f"{where}: each bundle names 1 to 16 resources")
+            for resource, amount in bundle:
+                if not _RESOURCE.fullmatch(resource) or not 0 < amount <= 1e12:
+                    raise ConfigError(f"{where}: {resource!r} = {amount!r}: a resource name "
+                                      "(letters, digits, _ - . : /) and an amount > 0")
+        if self.placement_bundles:
+            first = dict(self.placement_bundles[0])
+            if first.get("CPU", 0.0) < self.num_cpus or first.get("GPU", 0.0) < self.num_gpus:
+                raise ConfigError(f"{where}: the replica runs in the first bundle, which must "
+                                  f"hold its num_cpus ({self.num_cpus:g}) and num_gpus "
+                                  f"({self.num_gpus:g}) as CPU and GPU")
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):
@@ -123,6 +150,7 @@ class DeploymentConfig:
                               "num_gpus in [0, 64]")
         if self.memory_bytes is not None and self.memory_bytes < 1:
             raise ConfigError(f"deployment {self.name}: memory_bytes must be >= 1")
+        self._check_placement()
         scale = self.autoscale
         if scale is not None and self.max_replicas is not None and \
                 scale.min_replicas > self.max_replicas:

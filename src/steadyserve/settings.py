@@ -49,6 +49,22 @@ def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _bundles(raw: Any, name: str) -> tuple[tuple[tuple[str, float], ...], ...]:
+    """`placement_bundles = [{CPU = 1, GPU = 1}, {GPU = 1}]` as the config holds it."""
+    where = f"[deployments.{name}] placement_bundles"
+    if not isinstance(raw, list) or not all(isinstance(b, dict) for b in raw):
+        raise ConfigError(f"{where} must be a list of tables, e.g. [{{CPU = 1, GPU = 1}}]")
+    out = []
+    for bundle in raw:
+        items = []
+        for resource, amount in bundle.items():
+            if isinstance(amount, bool) or not isinstance(amount, int | float):
+                raise ConfigError(f"{where}: {resource} must be a number, got {amount!r}")
+            items.append((str(resource), float(amount)))
+        out.append(tuple(sorted(items)))
+    return tuple(out)
+
+
 def _build(cls: type, values: Mapping[str, Any], where: str) -> Any:
     unknown = sorted(set(values) - _fields(cls))
     if unknown:
@@ -172,6 +188,8 @@ def load_config(
                 if not isinstance(values["env"], dict):
                     raise ConfigError(f"{config_path}: [deployments.{name}] env must be a table")
                 values["env"] = tuple((str(k), str(v)) for k, v in values["env"].items())
+            if "placement_bundles" in values:
+                values["placement_bundles"] = _bundles(values["placement_bundles"], name)
             if "autoscale" in values:
                 if not isinstance(values["autoscale"], dict):
                     raise ConfigError(f"{config_path}: [deployments.{name}.autoscale] must be "

@@ -244,3 +244,53 @@ def test_silences_are_checked_against_the_configured_limits():
         engine.add_silence({"a": "c"}, 600)
     assert caught.value.status == 409
     assert len(engine.status()["silences"]) == 2
+
+
+class Lead:
+    """Who has the alerting duty, set by the test ([cluster])."""
+
+    clustered = True
+
+    def __init__(self, on_duty: bool) -> None:
+        self.on_duty = on_duty
+
+    def alerting(self) -> bool:
+        return self.on_duty
+
+    def fence(self) -> tuple[str, str, int]:
+        return ("leader", "x", 1)
+
+
+async def test_a_new_leader_reads_the_book_and_does_not_notify_a_notified_alert_again():
+    """Two gateways, one database: the leader notifies DeploymentNotReady and stores its book
+    at once; the follower evaluates nothing; when the duty moves, the follower reads the book
+    first, confirms the alert, and tells nobody again."""
+    clock = FakeClock(T0)
+    db = ScriptedDb()
+    a = make_engine(db, clock, not_ready_for_s=0)
+    b = make_engine(db, clock, not_ready_for_s=0)
+    a.lead, b.lead = Lead(True), Lead(False)
+    for engine in (a, b):
+        engine.metrics.replicas.labels("a", "ready").set(0)
+    told = {id(a): 0, id(b): 0}
+    for _ in range(3):
+        clock.advance(5.0)
+        for engine in (a, b):
+            sample_registry(engine.metrics.registry, engine.store, clock())
+            before = engine.metrics.notifications._value.get()
+            await engine.tick(clock())
+            told[id(engine)] += engine.metrics.notifications._value.get() - before
+    assert told == {id(a): 1, id(b): 0}
+    assert [x.rule for x in a.book.alerts("firing")] == ["DeploymentNotReady"]
+    assert b.book.alerts("firing") == []  # never evaluated
+    assert db.state is not None and "put_state" in db.calls  # stored right after notifying
+
+    a.lead.on_duty, b.lead.on_duty = False, True  # the lease moved
+    for _ in range(3):
+        clock.advance(5.0)
+        sample_registry(b.metrics.registry, b.store, clock())
+        before = b.metrics.notifications._value.get()
+        await b.tick(clock())
+        told[id(b)] += b.metrics.notifications._value.get() - before
+    assert [x.rule for x in b.book.alerts("firing")] == ["DeploymentNotReady"]
+    assert told == {id(a): 1, id(b): 0}

@@ -1,6 +1,7 @@
 """Replicas as Ray actors (`--backend ray`): served like local ones; an actor killed under load
-is out of rotation within 2 s and replaced, with no client error; a gateway can join a
-cluster it did not start (`--ray-address`) and leaves nothing behind on it."""
+is out of rotation within 2 s and replaced, with no client error; placement groups are
+reserved per replica and given back; a gateway can join a cluster it did not start
+(`--ray-address`) and leaves nothing behind on it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import pytest
 
 from steadyserve.testing.load import run_load, sleep_until
 
-from .conftest import ECHO, Running, free_port
+from .conftest import ECHO, Running, free_port, start
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -89,6 +90,68 @@ def test_ray_replicas_serve_and_a_killed_actor_is_replaced_with_no_client_error(
     assert after[victim["id"]]["restarts"] == 1
     assert not psutil.pid_exists(victim["pid"]) or \
         psutil.Process(victim["pid"]).status() == psutil.STATUS_ZOMBIE
+
+
+def test_placement_groups_are_reserved_per_replica_and_given_back(tmp_path):
+    """The local cluster has 2 CPUs; two replicas each reserve a group of 2 × 0.5 CPU, so
+    the cluster is full. A killed replica comes back only if its group was given back; a
+    deployment whose group cannot fit fails its start with the reason, and the other one
+    keeps serving."""
+    (tmp_path / "steadyserve.toml").write_text(f"""
+data_dir = "{tmp_path / 'state'}"
+backend = "ray"
+[supervisor]
+ray_call_timeout_s = 5
+[alerting]
+enabled = false
+[deployments.echo]
+service = "{ECHO}"
+replicas = 2
+num_cpus = 0.5
+placement_bundles = [{{CPU = 0.5}}, {{CPU = 0.5}}]
+placement_strategy = "STRICT_PACK"
+[deployments.huge]
+service = "{ECHO}"
+replicas = 1
+num_cpus = 0.5
+placement_bundles = [{{CPU = 0.5}}, {{CPU = 64}}]
+""")
+    gw = start([], tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert gw.proc.poll() is None and time.monotonic() < deadline, \
+                gw.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{gw.url}/v1/deployments/echo", timeout=2).json()[
+                        "ready_replicas"] == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        served = replicas(gw)
+        for r in served:  # the replica knows its group (its actor's name)
+            group = psutil.Process(r["pid"]).environ().get("STEADYSERVE_PLACEMENT_GROUP", "")
+            assert group.startswith(r["id"] + "-"), group
+        victim = served[0]
+        os.kill(actor_of(victim["pid"]).pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            now = {r["id"]: r for r in replicas(gw)}[victim["id"]]
+            if now["state"] == "ready" and now["pid"] != victim["pid"]:
+                break
+            assert time.monotonic() < deadline, (now, gw.log.read_text()[-3000:])
+            time.sleep(0.2)
+        with gw.client() as c:
+            for _ in range(20):
+                assert c.post("/v1/deployments/echo/echo", json={"text": "x"}).status_code \
+                    == 200
+        log = gw.log.read_text()
+        assert "could not reserve the placement group of a huge replica" in log, log[-3000:]
+        huge = httpx.get(f"{gw.url}/v1/deployments/huge", timeout=5).json()
+        assert huge["ready_replicas"] == 0
+    finally:
+        assert gw.stop() == []
 
 
 def test_a_gateway_joins_a_cluster_it_did_not_start_and_leaves_nothing_on_it(serve, tmp_path):

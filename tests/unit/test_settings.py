@@ -355,6 +355,44 @@ memory_bytes = 2000000000
         load(tmp_path, target="app.py:M", flags={"backend": "k8s"})
 
 
+def test_placement_bundles_from_the_file(tmp_path):
+    write(tmp_path, """
+backend = "ray"
+[deployments.llm]
+service = "app.py:Llm"
+num_cpus = 1
+num_gpus = 1
+placement_bundles = [{CPU = 1, GPU = 1}, {GPU = 1}]
+placement_strategy = "STRICT_PACK"
+""")
+    d = load(tmp_path).deployments[0]
+    assert d.placement_bundles == ((("CPU", 1.0), ("GPU", 1.0)), (("GPU", 1.0),))
+    assert d.placement_strategy == "STRICT_PACK"
+
+
+@pytest.mark.parametrize(("table", "error"), [
+    ('placement_bundles = {CPU = 1}', "must be a list of tables"),
+    ('placement_bundles = [1, 2]', "must be a list of tables"),
+    ('placement_bundles = [{CPU = "lots"}]', "CPU must be a number"),
+    ('placement_bundles = [{CPU = true}]', "CPU must be a number"),
+    ('placement_bundles = [{CPU = 0}]', "an amount > 0"),
+    ('placement_bundles = [{CPU = -1}]', "an amount > 0"),
+    ('placement_bundles = [{"bad name!" = 1}]', "a resource name"),
+    ('placement_bundles = [{}]', "1 to 16 resources"),
+    ('placement_bundles = [{GPU = 1}]', "must hold its num_cpus"),  # num_cpus = 1, no CPU
+    ('num_gpus = 2\nplacement_bundles = [{CPU = 1, GPU = 1}, {GPU = 1}]', "num_gpus \\(2\\)"),
+    ('placement_strategy = "ANYWHERE"', "placement_strategy must be one of"),
+])
+def test_bad_placement_is_refused_with_the_reason(tmp_path, table, error):
+    write(tmp_path, f"""
+[deployments.llm]
+service = "app.py:Llm"
+{table}
+""")
+    with pytest.raises(ConfigError, match=error):
+        load(tmp_path)
+
+
 def test_ray_is_an_optional_extra_never_imported_by_the_local_backend():
     import subprocess
     import sys

@@ -3,10 +3,15 @@
 `[deployments.X] backend = "ray"` is not a thing: the whole gateway picks a backend
 (`backend = "ray"`, `--backend ray [--ray-address ADDR]`). Each replica is then one Ray actor,
 placed by Ray with the deployment's resource requests (`num_cpus`, `num_gpus`,
-`memory_bytes`). The actor starts the same replica server a local replica runs, as its own
-child process, on a socket it binds on its node's address, and reports that address; the
-gateway routes to it over HTTP exactly as to a local replica, and the supervisor treats it the
-same way (probes, restarts, drains, rollouts, autoscaling). The replica process dies with its
+`memory_bytes`). A replica that needs several bundles (`placement_bundles`: a model sharded
+over GPUs, say) gets a placement group of its own, reserved whole before its actor starts in
+the first bundle, named to the replica (`STEADYSERVE_PLACEMENT_GROUP`, for service code that
+schedules its own Ray work into it) and removed when the replica ends; a group the cluster
+cannot reserve within `ray_call_timeout_s` fails the start with the reason. The actor starts
+the same replica server a local replica runs, as its own child process, on a socket it binds
+on its node's address, and reports that address; the gateway routes to it over HTTP exactly
+as to a local replica, and the supervisor treats it the same way (probes, restarts, drains,
+rollouts, autoscaling). The replica process dies with its
 actor (PR_SET_PDEATHSIG), and the actor with its replica process.
 
 Death detection without polling lag: each actor has one long-running `wait()` call in flight,
@@ -95,11 +100,12 @@ class ReplicaHost:
 class RayProcess:
     """What the supervisor's watcher awaits: quacks like an asyncio subprocess."""
 
-    def __init__(self, actor: Any, pid: int, waiter: Any) -> None:
+    def __init__(self, actor: Any, pid: int, waiter: Any, group: Any = None) -> None:
         self.actor = actor
         self.pid = pid
         self.returncode: int | None = None
         self._waiter = waiter
+        self.group = group  # the replica's placement group, removed when it ends
 
     async def wait(self) -> int:
         if self.returncode is not None:
@@ -131,6 +137,7 @@ class RayProcess:
                 ray.kill(self.actor, no_restart=True)
             except ray.exceptions.RayError:
                 pass
+        _remove_group(self.group)
         return self.returncode
 
 
@@ -203,22 +210,51 @@ class RayLauncher:
         }
         if deployment.memory_bytes is not None:
             options["memory"] = deployment.memory_bytes
+        group = None
+        if deployment.placement_bundles:
+            group = await self._reserve(deployment, replica_id)
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                placement_group=group, placement_group_bundle_index=0)
+            overrides["STEADYSERVE_PLACEMENT_GROUP"] = options["name"]
         try:
             actor = self._actor_cls.options(**options).remote(argv, overrides, os.getcwd())
             host, port, pid = await asyncio.wait_for(
                 _as_future(actor.address.remote()), self.timeout_s)
         except TimeoutError:
+            _remove_group(group)
             raise ConfigError(f"the Ray cluster placed no replica of {deployment.name} within "
                               f"{self.timeout_s:g} s (resources: num_cpus="
                               f"{deployment.num_cpus:g}, num_gpus={deployment.num_gpus:g})"
                               ) from None
         except ray.exceptions.RayError as exc:
+            _remove_group(group)
             raise ConfigError(f"cannot start a replica of {deployment.name} on Ray: "
                               f"{str(exc).splitlines()[0][:300]}") from None
-        process = RayProcess(actor, int(pid), actor.wait.remote())
+        process = RayProcess(actor, int(pid), actor.wait.remote(), group)
         log.info("replica actor started", extra={"replica": replica_id, "host": host,
                                                  "port": port})
         return LaunchedReplica(process, str(host), int(port), None)  # type: ignore[arg-type]
+
+    async def _reserve(self, deployment: DeploymentConfig, replica_id: str) -> Any:
+        """The replica's placement group, reserved whole, or ConfigError saying why not."""
+        ray = _ray()
+        from ray.util.placement_group import placement_group
+
+        bundles = [dict(b) for b in deployment.placement_bundles]
+        group = placement_group(bundles, strategy=deployment.placement_strategy,
+                                name=f"{replica_id}-{uuid.uuid4().hex[:8]}")
+        try:
+            await asyncio.wait_for(_as_future(group.ready()), self.timeout_s)
+        except (TimeoutError, ray.exceptions.RayError) as exc:
+            _remove_group(group)
+            why = "timed out" if isinstance(exc, TimeoutError) else \
+                str(exc).splitlines()[0][:300]
+            raise ConfigError(f"the Ray cluster could not reserve the placement group of a "
+                              f"{deployment.name} replica within {self.timeout_s:g} s "
+                              f"({deployment.placement_strategy} {bundles}): {why}") from None
+        return group
 
     def signal(self, replica: LaunchedReplica, sig: signal.Signals) -> None:
         process: RayProcess = replica.process  # type: ignore[assignment]
@@ -232,6 +268,17 @@ class RayLauncher:
                 process.actor.signal.remote(int(sig))  # fire and forget: wait() tells the end
         except ray.exceptions.RayError as exc:
             log.warning("could not signal a replica actor: %s", exc)
+
+
+def _remove_group(group: Any) -> None:
+    """Give a replica's placement group back to the cluster (None: it had none)."""
+    if group is None:
+        return
+    ray = _ray()
+    try:
+        ray.util.remove_placement_group(group)
+    except (ray.exceptions.RayError, ValueError) as exc:
+        log.warning("could not remove a placement group: %s", exc)
 
 
 def _as_future(ref: Any) -> asyncio.Future[Any]:

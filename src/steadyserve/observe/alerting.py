@@ -140,7 +140,8 @@ class AlertEngine:
         for task in self._tasks:
             task.cancel()
         await self.queue.close(2.0)
-        await self._persist(self.wall(), force=True)
+        if self.lead.alerting():  # a follower's book is not the one to keep
+            await self._persist(self.wall(), force=True)
         self._writer.shutdown(wait=False)
         self._pinger.shutdown(wait=False)
 
@@ -201,15 +202,20 @@ class AlertEngine:
         while True:
             await asyncio.sleep(self.cfg.evaluation_interval_s)
             try:
-                on_duty = self.lead.alerting()
-                if on_duty and not self._on_duty:
-                    log.info("taking over alert evaluation and notification")
-                    await self._take_over()
-                self._on_duty = on_duty
-                if on_duty:
-                    await self.step(self.wall())
+                await self.tick(self.wall())
             except Exception:
                 log.exception("alert evaluation failed; continuing")
+
+    async def tick(self, now: float) -> None:
+        """One evaluation, if this gateway has the alerting duty ([cluster]); one that just
+        took it over reads the stored book first."""
+        on_duty = self.lead.alerting()
+        if on_duty and not self._on_duty:
+            log.info("taking over alert evaluation and notification")
+            await self._take_over()
+        self._on_duty = on_duty
+        if on_duty:
+            await self.step(now)
 
     async def step(self, now: float) -> None:
         result = self.book.step(evaluate_all(self.rules, self.store, now), now)
