@@ -939,6 +939,17 @@ def section_echo(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
                  f"{out['p50_ratio']:.2f}" if out["p50_ratio"] else "n/a", "", ""))
 
 
+def _c64_with_cpu(b: Bench, label: str, port: int, path: str,
+                  pid: int) -> tuple[dict[str, Any], float, float]:
+    """One measured wrk -c64 run, and the CPU ms per answered request of the server's
+    gateway processes and of its other children (split_cpu_s)."""
+    g0, r0 = split_cpu_s(pid)
+    run = b.wrk(f"{label}-c64", port, path, 64, b.duration_s, "text", watch=[pid])
+    g1, r1 = split_cpu_s(pid)
+    ok = max(1, run["requests"] - run["non_2xx_3xx"])
+    return run, 1000 * (g1 - g0) / ok, 1000 * (r1 - r0) / ok
+
+
 def section_workers(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
     """Echo through 1 and 2 gateway processes (SO_REUSEPORT), 2 replicas, wrk -c64; the
     FastAPI echo app under uvicorn --workers 1 and 2 as the peer, in the same run."""
@@ -954,13 +965,10 @@ def section_workers(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
         with running(srv, ss):
             srv.wait_all_replicas("echo")
             b.wrk(f"workers{n}-warmup", port, path, 64, b.warm_echo_s, "text", watch=[srv.pid])
-            g0, r0 = split_cpu_s(srv.pid)
-            ss["c64"] = run = b.wrk(f"workers{n}-c64", port, path, 64, b.duration_s, "text",
-                                    watch=[srv.pid])
-            g1, r1 = split_cpu_s(srv.pid)
-            ok = max(1, run["requests"] - run["non_2xx_3xx"])
-            ss["gateway_cpu_ms_per_request"] = 1000 * (g1 - g0) / ok
-            ss["replica_cpu_ms_per_request"] = 1000 * (r1 - r0) / ok
+            ss["c64"], gateway_ms, replica_ms = _c64_with_cpu(b, f"workers{n}", port, path,
+                                                              srv.pid)
+            ss["gateway_cpu_ms_per_request"] = gateway_ms
+            ss["replica_cpu_ms_per_request"] = replica_ms
     for n in (1, 2):
         port = free_port()
         peer = Server(f"fastapi-echo-w{n}", uvicorn_argv("fastapi_echo:app", port, n), port,
@@ -969,13 +977,10 @@ def section_workers(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
         out[f"fastapi_w{n}"] = fa
         with running(peer, fa):
             b.wrk(f"peer-w{n}-warmup", port, path, 64, b.warm_echo_s, "text", watch=[peer.pid])
-            g0, _ = split_cpu_s(peer.pid)
-            fa["c64"] = run = b.wrk(f"peer-w{n}-c64", port, path, 64, b.duration_s, "text",
-                                    watch=[peer.pid])
-            g1, r1 = split_cpu_s(peer.pid)
-            ok = max(1, run["requests"] - run["non_2xx_3xx"])
-            # uvicorn's workers are multiprocessing children too: all of it is "gateway"
-            fa["cpu_ms_per_request"] = 1000 * (g1 - g0 + r1) / ok
+            fa["c64"], main_ms, children_ms = _c64_with_cpu(b, f"peer-w{n}", port, path,
+                                                            peer.pid)
+            # uvicorn's workers are its children: the server's CPU is all of it
+            fa["cpu_ms_per_request"] = main_ms + children_ms
     one, two = out["steadyserve_w1"]["c64"], out["steadyserve_w2"]["c64"]
     out["rps_ratio_2_to_1"] = two["ok_rps"] / one["ok_rps"] if one["ok_rps"] else 0.0
     for n in (1, 2):
