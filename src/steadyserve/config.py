@@ -15,6 +15,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _RESOURCE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+_GPU = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # "0", "GPU-8f0c…", "MIG-…"
 DEFAULT_SERVICE = "steadyserve.examples.embedding:Embedder"
 RISK_SERVICE = "steadyserve.examples.risk.service:RiskScorer"
 MiB = 1024 * 1024
@@ -150,6 +151,9 @@ class DeploymentConfig:
                               "num_gpus in [0, 64]")
         if self.memory_bytes is not None and self.memory_bytes < 1:
             raise ConfigError(f"deployment {self.name}: memory_bytes must be >= 1")
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ConfigError(f"deployment {self.name}: num_gpus above 1 must be a whole "
+                              f"number of GPUs, got {self.num_gpus:g}")
         self._check_placement()
         scale = self.autoscale
         if scale is not None and self.max_replicas is not None and \
@@ -507,6 +511,9 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
+    # the GPUs local replicas may be given (indices or UUIDs, as CUDA_VISIBLE_DEVICES takes
+    # them); None: the gateway's CUDA_VISIBLE_DEVICES, else what nvidia-smi lists
+    gpus: tuple[str, ...] | None = None
     backend: str = "local"  # local: replica processes of this machine; ray: Ray actors
     ray_address: str | None = None  # backend = "ray": None starts a local Ray cluster
     data_dir: str = ".steadyserve"
@@ -516,6 +523,10 @@ class Config:
     def __post_init__(self) -> None:
         if not self.deployments:
             raise ConfigError("at least one deployment is needed")
+        if self.gpus is not None and (len(self.gpus) > 1024 or not all(
+                _GPU.fullmatch(g) for g in self.gpus)):
+            raise ConfigError("gpus: a list of device indices or UUIDs (at most 1024), e.g. "
+                              '["0", "1"]')
         names = [d.name for d in self.deployments]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

@@ -135,7 +135,7 @@ def load_config(
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
                                   "alerting", "cache", "auth", "cluster", "deployments", "data_dir",
                                   "database_url", "log_level", "log_format", "backend",
-                                  "ray_address"})
+                                  "ray_address", "gpus"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
     for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
@@ -156,6 +156,10 @@ def load_config(
 
     top_keys = ("data_dir", "database_url", "log_level", "log_format", "backend", "ray_address")
     top: dict[str, Any] = {k: file[k] for k in top_keys if k in file}
+    if "gpus" in file:
+        if not isinstance(file["gpus"], list):
+            raise ConfigError(f"{config_path}: gpus must be a list, e.g. [\"0\", \"1\"]")
+        top["gpus"] = tuple(str(g) for g in file["gpus"])
     for key in top_keys:
         if ENV_PREFIX + key.upper() in env:
             top[key] = env[ENV_PREFIX + key.upper()]

