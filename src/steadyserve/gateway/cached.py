@@ -34,8 +34,8 @@ from .dispatch import CallInfo
 from .membership import Deployment, Handler
 
 if TYPE_CHECKING:
-    from .app import Gateway
     from .http import Request
+    from .plane import DataPlane
 
 log = logging.getLogger("steadyserve.cache")
 
@@ -47,7 +47,7 @@ STALE_IF_ERROR = (ReplicaError, Overloaded)  # server-side failures a stale copy
 class _Request:
     """One client request's cacheable items and what became of each."""
 
-    def __init__(self, gw: Gateway, d: Deployment, h: Handler, args: dict[str, Any]) -> None:
+    def __init__(self, gw: DataPlane, d: Deployment, h: Handler, args: dict[str, Any]) -> None:
         opts = h.spec.options
         self.batched = opts.batch
         self.values: list[Any] = list(args[h.item_param]) if opts.batch else [args]
@@ -65,7 +65,7 @@ Dispatch = Callable[[dict[str, Any], "str | None"], Awaitable[tuple[Any, "str | 
 """Calls upstream: (args, affinity key) → (result, model version of the replica that answered)."""
 
 
-async def cached_call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[str, Any],
+async def cached_call(gw: DataPlane, req: Request, d: Deployment, h: Handler, args: dict[str, Any],
                       dispatch: Dispatch, *, timeout_s: float, reuse: bool = True) -> Any:
     """The handler's result, from cache where possible (`reuse=False`: computed afresh and
     stored, as `Cache-Control: no-cache` asks). `timeout_s` bounds waiting for others too."""
@@ -104,7 +104,7 @@ async def cached_call(gw: Gateway, req: Request, d: Deployment, h: Handler, args
 
 
 async def _fill(
-    gw: Gateway, h: Handler, r: _Request, todo: dict[str, list[int]], found: list[Cached | None],
+    gw: DataPlane, h: Handler, r: _Request, todo: dict[str, list[int]], found: list[Cached | None],
     tokens: Tokens, dispatch: Dispatch, deadline: float,
 ) -> None:
     cache = gw.cache
@@ -156,7 +156,7 @@ async def _fill(
 
 
 async def _lead(
-    gw: Gateway, h: Handler, r: _Request, led: list[str], pending: dict[str, list[int]],
+    gw: DataPlane, h: Handler, r: _Request, led: list[str], pending: dict[str, list[int]],
     found: list[Cached | None], tokens: Tokens, dispatch: Dispatch,
 ) -> None:
     """Call upstream for the keys this request leads; store, and hand results to waiters."""
@@ -194,7 +194,7 @@ def _items(r: _Request, out: Any, expected: int) -> list[Any]:
     return items
 
 
-def _keep(gw: Gateway, h: Handler, r: _Request, keys: list[str], indices: list[int],
+def _keep(gw: DataPlane, h: Handler, r: _Request, keys: list[str], indices: list[int],
           items: list[Any], answered: str | None, tokens: Tokens) -> None:
     """Store fresh answers (only from the model version the keys name) and hand them to the
     requests waiting on them, with the epoch their computation began at (see `_fill`)."""
@@ -231,7 +231,7 @@ def _serve_stale(
     return True
 
 
-async def _revalidate(gw: Gateway, d: Deployment, h: Handler, r: _Request, refresh: dict[str, int],
+async def _revalidate(gw: DataPlane, d: Deployment, h: Handler, r: _Request, refresh: dict[str, int],
                       tokens: Tokens) -> None:
     """stale-while-revalidate: one background call for the stale keys nobody is computing."""
     cache = gw.cache
@@ -260,7 +260,7 @@ async def _revalidate(gw: Gateway, d: Deployment, h: Handler, r: _Request, refre
     _keep(gw, h, r, led, indices, items, call.version, tokens)
 
 
-def _account(gw: Gateway, req: Request, d: Deployment, h: Handler, r: _Request) -> None:
+def _account(gw: DataPlane, req: Request, d: Deployment, h: Handler, r: _Request) -> None:
     counts = Counter(r.outcome)
     for outcome, n in counts.items():
         gw.metrics.cache_items.labels(d.name, h.name, outcome).inc(n)

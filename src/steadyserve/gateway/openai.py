@@ -19,12 +19,12 @@ from .http import Request, Response, json_response
 from .routes import await_handlers, call, check_items, find_deployment, find_handler
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .plane import DataPlane
 
 _STARTED = int(time.time())
 
 
-async def models(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+async def models(gw: DataPlane, req: Request, params: dict[str, str]) -> Response:
     req.openai = True
     return json_response({
         "object": "list",
@@ -52,7 +52,7 @@ def _inputs(value: Any) -> list[str]:
     return value
 
 
-async def embeddings(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+async def embeddings(gw: DataPlane, req: Request, params: dict[str, str]) -> Response:
     req.openai = True
     body = await req.json(gw.config.max_body_bytes)
     if not isinstance(body, dict):

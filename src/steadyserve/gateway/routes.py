@@ -27,15 +27,16 @@ from .membership import Deployment, Handler
 if TYPE_CHECKING:
     from ..observe.alerting import AlertEngine
     from .app import Gateway
+    from .plane import DataPlane
 
 Route = Callable[["Gateway", Request, dict[str, str]], Awaitable[Response]]
 
 
-async def healthz(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+async def healthz(gw: DataPlane, req: Request, params: dict[str, str]) -> Response:
     return json_response({"status": "alive"})
 
 
-async def readyz(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+async def readyz(gw: DataPlane, req: Request, params: dict[str, str]) -> Response:
     ok, reason = gw.membership.readiness()
     if gw.draining:
         ok, reason = False, "draining: the gateway is shutting down"
@@ -60,7 +61,7 @@ async def get_deployment(gw: Gateway, req: Request, params: dict[str, str]) -> R
     return json_response(gw.describe(find_deployment(gw, params["deployment"])))
 
 
-def find_deployment(gw: Gateway, name: str) -> Deployment:
+def find_deployment(gw: DataPlane, name: str) -> Deployment:
     d = gw.membership.get(name)
     if d is None:
         known = ", ".join(sorted(gw.membership.deployments)) or "none"
@@ -90,7 +91,7 @@ def check_items(h: Handler, args: dict[str, Any], max_inputs: int) -> None:
                               "per request", param=h.item_param)
 
 
-def request_timeout_s(gw: Gateway, req: Request) -> float:
+def request_timeout_s(gw: DataPlane, req: Request) -> float:
     """The client's X-Request-Timeout-Ms, bounded by the gateway's request_timeout_s, less
     what it already waited for a first replica."""
     budget = _timeout_s(gw, req)
@@ -98,7 +99,7 @@ def request_timeout_s(gw: Gateway, req: Request) -> float:
     return max(0.001, budget - held) if held else budget
 
 
-async def await_handlers(gw: Gateway, req: Request, d: Deployment) -> None:
+async def await_handlers(gw: DataPlane, req: Request, d: Deployment) -> None:
     """An autoscaled deployment that never had a replica ready (it starts at zero) does not
     know its handlers yet: hold the request for its first replica (bounded; 503 if none)."""
     if not d.handlers and not d.endpoints:
@@ -106,7 +107,7 @@ async def await_handlers(gw: Gateway, req: Request, d: Deployment) -> None:
         req.call.held_s += await gw.dispatcher.await_replica(d, request_timeout_s(gw, req))
 
 
-def _timeout_s(gw: Gateway, req: Request) -> float:
+def _timeout_s(gw: DataPlane, req: Request) -> float:
     ceiling = gw.config.request_timeout_s
     raw = req.header(b"x-request-timeout-ms")
     if raw is None:
@@ -121,7 +122,7 @@ def _timeout_s(gw: Gateway, req: Request) -> float:
     return min(ceiling, ms / 1000)
 
 
-async def call(gw: Gateway, req: Request, d: Deployment, h: Handler, args: dict[str, Any]) -> Any:
+async def call(gw: DataPlane, req: Request, d: Deployment, h: Handler, args: dict[str, Any]) -> Any:
     """Answer from the response cache or dispatch, with the request's deadline and priority;
     a client that hangs up cancels it. A handler declared with `invalidates=` then drops the
     cached data it changed, on every replica and gateway, before the client hears back."""
@@ -207,7 +208,7 @@ async def cache_invalidate(gw: Gateway, req: Request, params: dict[str, str]) ->
     return json_response(await gw.invalidate(tags))
 
 
-async def invoke(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+async def invoke(gw: DataPlane, req: Request, params: dict[str, str]) -> Response:
     d = find_deployment(gw, params["deployment"])
     Access.allow_deployment(req, d.name)
     req.deployment = d.name
