@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from ..observe.alerting import AlertEngine
 from ..observe.otlp import OtlpExporter
 from ..policies.lease import Alone
-from . import key_routes, openai, rollout_routes, routes
+from . import key_routes, oip, openai, rollout_routes, routes
 from . import openapi as openapi_doc
 from .access import Access
 from .cached import CACHE_HEADER
@@ -79,6 +79,25 @@ ROUTES = (
           summary="deployments, OpenAI shape"),
     Route("POST", "/v1/embeddings", openai.embeddings, "infer", json_body=True, tag="openai",
           summary="OpenAI embeddings"),
+    # the Open Inference Protocol (KServe v2 / Triton HTTP): every deployment is a model
+    Route("GET", "/v2", oip.server_metadata, "read", tag="oip",
+          summary="Open Inference Protocol: server metadata"),
+    Route("GET", "/v2/health/live", oip.live, "public", tag="oip", summary="the gateway is alive"),
+    Route("GET", "/v2/health/ready", oip.ready, "public", tag="oip",
+          summary="200 when every deployment has a ready replica, else 503"),
+    Route("GET", "/v2/models/{model}", oip.model_metadata, "read", tag="oip",
+          summary="a model's input and output tensors"),
+    Route("GET", "/v2/models/{model}/ready", oip.model_ready, "read", tag="oip",
+          summary="200 when the model has a ready replica, else 503"),
+    Route("POST", "/v2/models/{model}/infer", oip.infer, "infer", tag="oip",
+          request_schema=oip.INFER_SCHEMA,
+          summary="inference with named tensors (JSON or the binary data extension)"),
+    Route("GET", "/v2/models/{model}/versions/{version}", oip.model_metadata, "read",
+          tag="oip", summary="a model's tensors, at its version"),
+    Route("GET", "/v2/models/{model}/versions/{version}/ready", oip.model_ready, "read",
+          tag="oip", summary="readiness at a version"),
+    Route("POST", "/v2/models/{model}/versions/{version}/infer", oip.infer, "infer",
+          tag="oip", request_schema=oip.INFER_SCHEMA, summary="inference at a version"),
     Route("GET", "/v1/deployments", routes.list_deployments, "read", tag="deployments",
           summary="every deployment: replicas, handlers and their schemas"),
     Route("GET", "/v1/deployments/{deployment}", routes.get_deployment, "read",
@@ -263,6 +282,9 @@ class Gateway:
         if not isinstance(exc, SteadyError):
             log.error("unhandled error on %s %s", req.method, req.path, exc_info=exc,
                       extra={"request_id": req.request_id})
+        if req.oip:
+            return Response(err.status, orjson.dumps({"error": err.message}),
+                            headers=list(err.headers))
         if req.openai:
             kind = "invalid_request_error" if err.status < 500 else "server_error"
             code = "model_not_found" if (err.code, err.param) == ("not_found", "model") else err.code

@@ -47,6 +47,7 @@ class Request:
     deployment: str = "-"
     handler: str = "-"
     openai: bool = False
+    oip: bool = False  # Open Inference Protocol: errors as {"error": "..."} (gateway.oip)
     call: CallInfo = field(default_factory=CallInfo)
     route: Route | None = None
     principal: ApiKey | None = None  # the API key that authenticated it, if any

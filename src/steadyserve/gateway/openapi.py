@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .router import Route
 
 ERROR = {"$ref": "#/components/schemas/Error"}
+OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 JSON_ANY: dict[str, Any] = {}
 
 
@@ -99,18 +100,22 @@ def _operation(route: Route, *, path_params: list[str], body: dict[str, Any] | N
                summary: str, op_id: str, deployments: list[str] | None = None) -> dict[str, Any]:
     media = "text/plain" if route.pattern == "/metrics" else "application/json"
     ok_schema = {"type": "string"} if media == "text/plain" else JSON_ANY
+    ok_content: dict[str, Any] = {media: {"schema": ok_schema}}
+    if route.tag == "oip" and route.access == "infer":  # the binary data extension
+        ok_content["application/octet-stream"] = {"schema": {"type": "string"}}
     op: dict[str, Any] = {
         "operationId": op_id, "summary": summary, "tags": [route.tag or "gateway"],
         "security": _security(route.access),
         "responses": {
-            **{str(status): {"description": "success", "content": {media: {"schema": ok_schema}}}
+            **{str(status): {"description": "success", "content": ok_content}
                for status in (route.responses or (200,))},
             "default": {"description": "an error: what was wrong, in one sentence",
-                        "content": {"application/json": {"schema": ERROR}}},
+                        "content": {"application/json": {
+                            "schema": OIP_ERROR if route.tag == "oip" else ERROR}}},
         },
     }
     params: list[dict[str, Any]] = [{"name": name, "in": "path", "required": True,
-               "schema": {"enum": deployments} if name == "deployment" and deployments
+               "schema": {"enum": deployments} if name in ("deployment", "model") and deployments
                else {"type": "string", "pattern": "^[A-Za-z0-9_.:@-]{1,128}$"}}
               for name in path_params]
     if route.access == "infer":
@@ -163,10 +168,13 @@ def document(gw: Gateway, routes: tuple[Route, ...]) -> dict[str, Any]:
         if route.pattern in (INVOKE, ROLLOUT):
             continue  # one concrete path per handler / deployment below, with its own schema
         path_params = [s[1:-1] for s in route.segments if s.startswith("{")]
-        body = dynamic.get(route.pattern, route.request_schema) if route.json_body else None
+        body = dynamic.get(route.pattern, route.request_schema) \
+            if route.json_body or route.request_schema is not None else None
         if route.json_body and body is None:
             body = {"type": "object"}
-        op_id = f"{route.method.lower()}_{route.fn.__name__}"
+        # one function may serve a path with and without a version (the v2 model routes)
+        op_id = f"{route.method.lower()}_{route.fn.__name__}" + \
+            ("_at_version" if "{version}" in route.pattern else "")
         paths.setdefault(route.pattern, {})[route.method.lower()] = _operation(
             route, path_params=path_params, body=body, summary=route.summary, op_id=op_id,
             deployments=names)
