@@ -206,7 +206,7 @@ def _tensor_head(tensor: Any, where: str) -> tuple[str, str, list[int], int]:
     name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
         raise ClientError(f"{where}: 'name' must be a string of 1 to {MAX_NAME_CHARS} characters")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise ClientError(f"input {name!r}: unknown datatype {str(datatype)[:20]!r}; one of "
                           f"{sorted(DATATYPES)}", param=name)
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
