@@ -14,6 +14,8 @@ from .service import HandlerOptions, Service, handler
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncClient",
+    "Client",
     "ClientError",
     "ConfigError",
     "HandlerOptions",
@@ -26,3 +28,12 @@ __all__ = [
     "__version__",
     "handler",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The client SDK on first use: service code that imports steadyserve does not load it."""
+    if name in ("AsyncClient", "Client"):
+        from . import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'steadyserve' has no attribute {name!r}")

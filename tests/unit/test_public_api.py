@@ -9,6 +9,8 @@ import pytest
 import steadyserve
 
 EXPECTED_ALL = [
+    "AsyncClient",
+    "Client",
     "ClientError",
     "ConfigError",
     "HandlerOptions",
@@ -59,3 +61,13 @@ def test_version_is_a_dotted_string():
 )
 def test_public_names_are_the_real_objects(name, module):
     assert getattr(steadyserve, name) is getattr(importlib.import_module(module), name)
+
+
+def test_service_code_does_not_load_the_client():
+    import subprocess
+    import sys
+
+    code = "import sys, steadyserve; print('steadyserve.client' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.strip()
+    assert out == "False"
