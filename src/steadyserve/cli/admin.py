@@ -48,23 +48,50 @@ def get_json(url: str, path: str) -> Any:
 
 
 def status(args: argparse.Namespace) -> int:
+    """Deployments, replicas, autoscaling, alerts and the cluster: rich tables, or --json."""
     body = get_json(args.url, "/v1/deployments")
     if body is None:
         return exit_codes.FAILURE
+    alerts = get_json(args.url, "/v1/alerts") or {}
+    cluster = get_json(args.url, "/v1/cluster") or {}
+    if args.json:
+        print(json.dumps({"deployments": body["deployments"], "cluster": cluster,
+                          "alerts": alerts.get("alerts", [])}, indent=2))
+        return exit_codes.OK
+    from rich.console import Console
+    from rich.table import Table
+
+    # soft_wrap: a long line stays one line (for grep); markup off: names are not markup
+    console = Console(soft_wrap=True, markup=False, highlight=False)
     for d in body["deployments"]:
-        print(f"{d['name']}: {d['ready_replicas']}/{d['desired_replicas']} ready, "
-              f"version {d['version'] or '-'}")
+        table = Table(title=f"{d['name']}: {d['ready_replicas']}/{d['desired_replicas']} ready, "
+                            f"version {d['version'] or '-'}, balancer {d['balancer']}",
+                      title_justify="left")
+        for col in ("replica", "state", "revision", "pid", "restarts", "ready for", "ejected"):
+            table.add_column(col)
+        for r in d["replicas"]:
+            table.add_row(r["id"], r["state"] + (" (retiring)" if r.get("retiring") else ""),
+                          str(r.get("revision", 0)), str(r.get("pid") or "-"),
+                          str(r.get("restarts", 0)), f"{r.get('ready_for_s', 0):g}s",
+                          "yes" if r.get("ejected") else "")
+        console.print(table)
         scale = d.get("autoscale")
         if scale:
-            print(f"  autoscale {scale['min_replicas']}..{scale['max_replicas']} replicas, "
-                  f"target {scale['target_ongoing_requests']:g} ongoing each; demand now "
-                  f"{scale['demand']:g}{', panicking' if scale['panicking'] else ''}")
+            console.print(f"  autoscale {scale['min_replicas']}..{scale['max_replicas']} "
+                          f"replicas, target {scale['target_ongoing_requests']:g} ongoing each; "
+                          f"demand now {scale['demand']:g}"
+                          f"{', panicking' if scale['panicking'] else ''}")
             for e in scale["events"][:AUTOSCALE_EVENTS_SHOWN]:
                 when = time.strftime("%H:%M:%S", time.localtime(e["at"]))
-                print(f"    {when} {e['from']} -> {e['to']}: {e['reason']}")
-        for r in d["replicas"]:
-            print(f"  {r['id']:<16} {r['state']:<10} pid {r.get('pid') or '-':<8} "
-                  f"restarts {r.get('restarts', 0)}")
+                console.print(f"    {when} {e['from']} -> {e['to']}: {e['reason']}")
+    firing = [a for a in alerts.get("alerts", []) if a.get("state") == "firing"]
+    console.print(f"alerts: {len(firing)} firing" + "".join(
+        f"\n  {a['rule']} {a.get('labels', {}).get('deployment', '')} ({a.get('severity', '')})"
+        for a in firing))
+    if cluster.get("enabled"):
+        leader = "this gateway leads" if cluster.get("leading") else \
+            f"led by {cluster.get('leader')}"
+        console.print(f"cluster: {leader}")
     return exit_codes.OK
 
 

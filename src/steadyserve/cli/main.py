@@ -54,8 +54,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", dest="log_format", choices=["json", "text", "auto"],
                      help="default auto: text on a terminal, JSON lines otherwise")
     url_help = "gateway URL (default http://127.0.0.1:8000)"
-    st = verbs.add_parser("status", help="show a running gateway's deployments and replicas")
+    examples = argparse.RawDescriptionHelpFormatter
+    st = verbs.add_parser(
+        "status", help="show a running gateway's deployments and replicas",
+        formatter_class=examples,
+        epilog="examples:\n  steadyserve status\n  steadyserve status --json | jq .cluster\n"
+               "  steadyserve status --url http://gw-1.internal:8000")
     st.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
+    st.add_argument("--json", action="store_true", help="print JSON (deployments, cluster, alerts)")
+    tp = verbs.add_parser(
+        "top", help="live: requests/s, errors, p50/p99, admission and cache per deployment",
+        formatter_class=examples,
+        epilog="examples:\n  steadyserve top\n  steadyserve top --interval-s 5")
+    tp.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
+    tp.add_argument("--interval-s", type=float, default=2.0, dest="interval_s",
+                    help="seconds between scrapes (default 2)")
+    tp.add_argument("--iterations", type=int, help="stop after this many refreshes")
+    be = verbs.add_parser(
+        "bench", help="load a running deployment (open loop), then throughput and latency",
+        formatter_class=examples,
+        epilog="examples:\n  steadyserve bench minilm embed --body '{\"texts\": [\"hi\"]}'\n"
+               "  steadyserve bench risk account --body '{\"account_id\": 1}' --rate 200 "
+               "--duration-s 30 --json")
+    be.add_argument("deployment")
+    be.add_argument("handler")
+    be.add_argument("--body", required=True, help="the handler's parameters as a JSON object")
+    be.add_argument("--rate", type=float, default=50.0, help="requests per second (default 50)")
+    be.add_argument("--duration-s", type=float, default=10.0, dest="duration_s",
+                    help="seconds of load (default 10)")
+    be.add_argument("--timeout-s", type=float, default=10.0, dest="timeout_s",
+                    help="per request (default 10)")
+    be.add_argument("--json", action="store_true", help="print the figures as JSON")
+    be.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     ro = verbs.add_parser(
         "rollout", help="replace a deployment's replicas one by one with no downtime",
         description=("Set a new target for a deployment; the gateway starts a new replica, waits "
@@ -117,6 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         from .admin import rollout
 
         return rollout(args)
+    if args.verb == "top":
+        from .top import top
+
+        return top(args)
+    if args.verb == "bench":
+        from .bench import bench
+
+        return bench(args)
     if args.verb == "keys":
         return keys_cli.keys(args)
     if args.verb in ("alerts", "silence", "export"):
