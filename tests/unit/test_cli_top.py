@@ -58,8 +58,10 @@ def test_quantile(deltas, q, want):
     assert got == want if want is None else got == pytest.approx(want)
 
 
-@pytest.mark.parametrize("verb", ["status", "top", "bench"])
-def test_every_new_command_shows_examples(verb, capsys):
+@pytest.mark.parametrize("verb", ["run", "status", "top", "bench", "rollout", "alerts",
+                                  "silence", "keys", "export"])
+def test_every_command_shows_examples(verb, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([verb, "--help"])
-    assert "examples:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "examples:" in out.lower() and f"steadyserve {verb}" in out

@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
             "exists); or else the built-in all-MiniLM-L6-v2 embedding example as 'minilm' "
             "with 2 replicas."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  steadyserve run\n  steadyserve run app.py:Model --replicas 2\n"
+               "  steadyserve run --config steadyserve.toml --workers 2\n"
+               "  steadyserve run --backend ray --ray-address 10.0.0.5:6379",
     )
     run.add_argument("target", nargs="?", help="file.py:Class or module:Class")
     run.add_argument("--config", help="steadyserve.toml with several deployments")
@@ -94,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "that crash-loops or is never ready fails the rollout, and the deployment "
                      "goes back to its last good revision. Waits for the outcome (one line per "
                      "change of progress) unless --no-wait; exit status 0 only when it is done."),
+        formatter_class=examples,
+        epilog="examples:\n  steadyserve rollout minilm\n"
+               "  steadyserve rollout risk --service app.py:RiskV2 --replicas 3\n"
+               "  steadyserve rollout risk --env MODEL_TAG=v7 --no-wait\n"
+               "  steadyserve rollout risk --cancel",
     )
     ro.add_argument("deployment")
     ro.add_argument("--service", help="one of the deployment's configured targets "
@@ -111,10 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     ro.add_argument("--timeout-s", type=float, default=600.0, dest="timeout_s",
                     help="stop waiting for the outcome after this long (it goes on)")
-    al = verbs.add_parser("alerts", help="active alerts, silences, recent actions and history")
+    al = verbs.add_parser("alerts", help="active alerts, silences, recent actions and history",
+                          formatter_class=examples,
+                          epilog="examples:\n  steadyserve alerts\n  steadyserve alerts --json")
     al.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     al.add_argument("--json", action="store_true", help="print the API's JSON")
-    si = verbs.add_parser("silence", help="mute matching alerts for a while")
+    si = verbs.add_parser(
+        "silence", help="mute matching alerts for a while", formatter_class=examples,
+        epilog="examples:\n  steadyserve silence --match alertname=LatencyAnomaly --for 2h\n"
+               "  steadyserve silence --match deployment=risk --for 30m --comment 'migration'")
     si.add_argument("--match-all", dest="match_all", action="store_true",
                     help="mute every alert (refused unless said: matchers that all read \"\" "
                     "would match everything)")
@@ -125,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--by", default="cli", help="who is silencing")
     si.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     keys_cli.add_parser(verbs)
-    ex = verbs.add_parser("export", help="export configuration for other systems")
+    ex = verbs.add_parser(
+        "export", help="export configuration for other systems", formatter_class=examples,
+        epilog="examples:\n  steadyserve export prometheus-rules --out rules.yml\n"
+               "  steadyserve export prometheus-rules --config steadyserve.toml")
     ex.add_argument("what", choices=["prometheus-rules"])
     ex.add_argument("--config", help="steadyserve.toml (for the SLO and rule settings)")
     ex.add_argument("--out", help="file to write (default: stdout)")
