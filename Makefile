@@ -4,6 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# the dashboard's charting library, from the npm registry at set-up (served by the gateway)
+UPLOT_VERSION := 1.6.32
+DASH_STATIC := src/steadyserve/dashboard/static
+UPLOT := $(DASH_STATIC)/uPlot.iife.min.js
 
 .PHONY: install run test test-fast lint bench bench-cache bench-overload bench-balancers bench-autoscale bench-deps clean
 
@@ -15,7 +19,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[model,dev,ray]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(UPLOT):
+	mkdir -p build/npm
+	cd build/npm && npm pack --silent uplot@$(UPLOT_VERSION)
+	tar -xzf build/npm/uplot-$(UPLOT_VERSION).tgz -C build/npm
+	cp build/npm/package/dist/uPlot.iife.min.js build/npm/package/dist/uPlot.min.css $(DASH_STATIC)/
+	cp build/npm/package/LICENSE $(DASH_STATIC)/uPlot.LICENSE
+
+install: $(STAMP) $(UPLOT)
 
 run: install  ## serve the default deployment (minilm, 2 replicas) on http://127.0.0.1:8000
 	$(BIN)/steadyserve run

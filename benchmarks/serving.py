@@ -8,6 +8,9 @@ Parts (--only picks one):
   embed        raw model in process (batch 1/8/32/64, 2 and 1 torch threads), then
                `steadyserve run` (minilm, 2 replicas) and a FastAPI peer under the same wrk load
   echo         steadyserve gateway + 1 echo replica vs a FastAPI echo app, wrk -c64 and -c1
+  dashboard    echo throughput (wrk -c64) with no dashboard, with one open (a poller doing
+               what the page does: /v1/dashboard every 2 s, history first), and with none
+               again: the cost of an open dashboard (not in the default run)
   workers      the echo service behind `--workers 1` and `--workers 2` (2 replicas), and the
                FastAPI echo app under uvicorn --workers 1 and 2: req/s and CPU per request
                of the gateway processes and of the replicas (not in the default run)
@@ -1000,6 +1003,63 @@ def section_workers(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
                      f"{f['c64']['ok_rps']:.0f}, {f['cpu_ms_per_request']:.3f}", "", ""))
 
 
+def section_dashboard(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    """wrk -c64 on echo three times — without, with, without an open dashboard — so drift
+    of the machine shows as a difference between the two runs without."""
+    import threading
+
+    out: dict[str, Any] = {}
+    res["dashboard"] = out
+    path = "/v1/deployments/echo/echo"
+    port = free_port()
+    srv = Server("steadyserve-echo-dash", steadyserve_argv(ECHO_SERVICE, 1, port), port,
+                 b.log_dir / "steadyserve-echo-dash.log")
+    with running(srv, out):
+        srv.wait_all_replicas("echo")
+        b.wrk("dash-warmup", port, path, 64, b.warm_echo_s, "text", watch=[srv.pid])
+        stop = threading.Event()
+        polls: list[float] = []
+
+        def page() -> None:  # what an open dashboard asks of the gateway
+            first = True
+            while not stop.is_set():
+                t = time.perf_counter()
+                try:
+                    status, _ = http_get(port, "/v1/dashboard" + ("?history=180" if first
+                                                                  else ""), timeout=5.0)
+                except OSError:
+                    status = 0
+                if status == 200:
+                    polls.append(time.perf_counter() - t)
+                first = False
+                stop.wait(2.0)
+
+        out["without"] = b.wrk("dash-without", port, path, 64, b.duration_s, "text",
+                               watch=[srv.pid])
+        poller = threading.Thread(target=page, daemon=True)
+        poller.start()
+        try:
+            out["with"] = b.wrk("dash-with", port, path, 64, b.duration_s, "text",
+                                watch=[srv.pid])
+        finally:
+            stop.set()
+            poller.join(10)
+        out["without_again"] = b.wrk("dash-without-again", port, path, 64, b.duration_s,
+                                     "text", watch=[srv.pid])
+    base = (out["without"]["ok_rps"] + out["without_again"]["ok_rps"]) / 2
+    out["polls"] = len(polls)
+    out["poll_ms_p50"] = 1000 * statistics.median(polls) if polls else None
+    out["cost"] = 1 - out["with"]["ok_rps"] / base if base else None
+    rows.append(("dashboard", "echo req/s without / with / without an open dashboard",
+                 f"{out['without']['ok_rps']:.0f} / {out['with']['ok_rps']:.0f} / "
+                 f"{out['without_again']['ok_rps']:.0f}", "", ""))
+    rows.append(("dashboard", "throughput cost of an open dashboard",
+                 f"{100 * out['cost']:.1f} %" if out["cost"] is not None else "n/a", "< 5 %",
+                 verdict(out["cost"], 0.05, False) if out["cost"] is not None else ""))
+    rows.append(("dashboard", "/v1/dashboard polls during the run, median time",
+                 f"{len(polls)}, {out['poll_ms_p50']:.1f} ms" if polls else "0", "", ""))
+
+
 def section_memory(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
     out: dict[str, Any] = {}
     res["memory"] = out
@@ -1129,7 +1189,8 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short smoke run, about a minute")
-    p.add_argument("--only", choices=["echo", "embed", "memory", "compression", "workers"],
+    p.add_argument("--only", choices=["echo", "embed", "memory", "compression", "workers",
+                                      "dashboard"],
                    help="run one part (embed = raw model + served + FastAPI peer)")
     p.add_argument("--duration-s", type=int, help="seconds per measured wrk run "
                    "(default 30; 4 with --quick)")
@@ -1208,6 +1269,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("memory", section_memory))
     if args.only == "workers":
         plan.append(("workers", section_workers))
+    if args.only == "dashboard":
+        plan.append(("dashboard", section_dashboard))
 
     wait_until = time.monotonic() + args.wait_quiet
     while True:

@@ -38,6 +38,7 @@ from ..observe.metrics import BalancerFitCollector, GatewayMetrics
 if TYPE_CHECKING:
     from ..control.leadership import Leadership
     from ..observe.alerting import AlertEngine
+from ..dashboard import routes as dashboard
 from ..observe.otlp import OtlpExporter
 from ..policies.lease import Alone
 from . import key_routes, oip, openai, rollout_routes, routes
@@ -67,6 +68,13 @@ OFF_LOOP_COMPRESS_BYTES = 32 * 1024
 
 # Every route, in one table: its access class decides who may call it (gateway.router).
 ROUTES = (
+    Route("GET", "/", dashboard.page, "public", tag="dashboard",
+          summary="the operator's dashboard (its data comes from /v1/dashboard)"),
+    Route("GET", "/dashboard/{asset}", dashboard.asset, "public", tag="dashboard",
+          summary="the dashboard's script, styles and charting library"),
+    Route("GET", "/v1/dashboard", dashboard.data, "read", tag="dashboard",
+          summary="what the dashboard shows: counters, replicas, alerts, actions; "
+                  "?history=MINUTES adds the per-minute history"),
     Route("GET", "/healthz", routes.healthz, "public", summary="the gateway process is alive",
           tag="ops"),
     Route("GET", "/readyz", routes.readyz, "public", tag="ops",

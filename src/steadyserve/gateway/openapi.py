@@ -20,6 +20,7 @@ from .. import __version__
 from ..cache.invalidation import request_schema
 from ..config import DeploymentConfig
 from ..control.launcher import max_replicas, usable_cores, usable_memory_bytes
+from ..dashboard.routes import ASSETS
 from ..policies.alert_lifecycle import silence_schema
 from ..policies.rollout import changes_schema
 from .http import Request, Response, json_response
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from .router import Route
 
 ERROR = {"$ref": "#/components/schemas/Error"}
+PAGE_MEDIA = {"/": ["text/html"],
+              "/dashboard/{asset}": ["text/html", "text/javascript", "text/css"]}
 OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 JSON_ANY: dict[str, Any] = {}
 
@@ -101,6 +104,8 @@ def _operation(route: Route, *, path_params: list[str], body: dict[str, Any] | N
     media = "text/plain" if route.pattern == "/metrics" else "application/json"
     ok_schema = {"type": "string"} if media == "text/plain" else JSON_ANY
     ok_content: dict[str, Any] = {media: {"schema": ok_schema}}
+    if route.pattern in PAGE_MEDIA:  # the dashboard's page and assets
+        ok_content = {m: {"schema": {"type": "string"}} for m in PAGE_MEDIA[route.pattern]}
     if route.tag == "oip" and route.access == "infer":  # the binary data extension
         ok_content["application/octet-stream"] = {"schema": {"type": "string"}}
     op: dict[str, Any] = {
@@ -116,6 +121,7 @@ def _operation(route: Route, *, path_params: list[str], body: dict[str, Any] | N
     }
     params: list[dict[str, Any]] = [{"name": name, "in": "path", "required": True,
                "schema": {"enum": deployments} if name in ("deployment", "model") and deployments
+               else {"enum": sorted(ASSETS)} if name == "asset"
                else {"type": "string", "pattern": "^[A-Za-z0-9_.:@-]{1,128}$"}}
               for name in path_params]
     if route.access == "infer":

@@ -1,0 +1,105 @@
+"""The dashboard's routes: the page and its assets (public: they hold no data), and the data
+it polls (`GET /v1/dashboard`, read access: open on loopback while no keys exist, an API key
+otherwise — the page asks for one and keeps it for the tab's session)."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ClientError, NotFound
+from ..gateway.http import Request, Response, json_response
+from .data import MAX_HISTORY_MIN, history, snapshot
+
+if TYPE_CHECKING:
+    from ..gateway.app import Gateway
+
+ASSETS = {  # file -> content type: nothing else is served from the package
+    "index.html": b"text/html; charset=utf-8",
+    "app.js": b"text/javascript; charset=utf-8",
+    "style.css": b"text/css; charset=utf-8",
+    "uPlot.iife.min.js": b"text/javascript; charset=utf-8",
+    "uPlot.min.css": b"text/css; charset=utf-8",
+}
+_cache: dict[str, bytes | None] = {}
+ACTIONS_SHOWN = 20
+EVENTS_SHOWN = 10
+
+
+def _asset(name: str) -> bytes | None:
+    if name not in _cache:
+        try:
+            _cache[name] = (resources.files(__package__) / "static" / name).read_bytes()
+        except (FileNotFoundError, OSError):
+            _cache[name] = None  # the charting library was not installed (`make install`)
+    return _cache[name]
+
+
+def _static(name: str) -> Response:
+    body = _asset(name)
+    if body is None:
+        raise NotFound(f"dashboard asset {name!r} is not installed; `make install` fetches the "
+                       "charting library from npm")
+    headers = [(b"cache-control", b"max-age=300"), (b"x-content-type-options", b"nosniff")]
+    if name == "index.html":  # only its own scripts, never framed
+        headers += [(b"content-security-policy", b"default-src 'self'; style-src 'self' "
+                     b"'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'"),
+                    (b"x-frame-options", b"DENY")]
+    return Response(200, body, ASSETS[name], headers)
+
+
+async def page(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    return _static("index.html")
+
+
+async def asset(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    name = params["asset"]
+    if name not in ASSETS:
+        raise NotFound(f"no dashboard asset {name[:64]!r}")
+    return _static(name)
+
+
+async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    """Everything one refresh of the page shows; `?history=MINUTES` adds the per-minute
+    history the page opens with."""
+    query = bytes(req.scope.get("query_string", b"")).decode("latin-1")
+    minutes = 0
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == "history":
+            if not (value.isascii() and value.isdigit()) or len(value) > 5 \
+                    or not 1 <= int(value) <= MAX_HISTORY_MIN:
+                raise ClientError(f"'history' must be minutes from 1 to {MAX_HISTORY_MIN}",
+                                  param="history")
+            minutes = int(value)
+    engine = gw.alerting
+    families = engine.samples().collect() if engine is not None else \
+        gw.metrics.registry.collect()
+    counters = snapshot(families)
+    deployments = []
+    for d in gw.membership.deployments.values():
+        described = gw.describe(d)
+        scale = described.get("autoscale") or {}
+        deployments.append({
+            "name": d.name, "version": d.version, "balancer": d.config.balancer,
+            "desired": d.desired_replicas, "ready": len(d.endpoints),
+            "replicas": described["replicas"],
+            "autoscale": {k: scale[k] for k in ("min_replicas", "max_replicas", "demand",
+                                                "panicking") if k in scale} or None,
+            "scaling": list(scale.get("events", []))[:EVENTS_SHOWN],
+            "metrics": counters.get(d.name, {}),
+        })
+    body: dict[str, Any] = {"t": time.time(), "deployments": deployments,
+                            "cluster": gw.lead.status()}
+    if engine is not None:
+        status = engine.status()
+        body["alerts"] = status["alerts"]
+        body["silences"] = len(status["silences"])
+        body["actions"] = status["actions"][:ACTIONS_SHOWN]
+    if gw.cache is not None:
+        body["cache"] = {k: v for k, v in gw.cache.status(0).items()
+                         if k in ("l1", "l2", "hit_ratio_curve")}
+    if minutes and engine is not None:
+        body["history"] = history(engine.store, time.time(), minutes)
+    return json_response(body)

@@ -1,0 +1,191 @@
+// The steadyserve dashboard: polls /v1/dashboard every 2 s, draws rates and latency
+// percentiles from the difference of two snapshots (uPlot), and tables of replicas, scaling
+// decisions, alerts and automatic actions. It opens on the gateway's own history.
+"use strict";
+
+const POLL_MS = 2000;
+const HISTORY_MIN = 180;
+const KEEP_S = 3 * 3600;  // points kept per chart
+const state = { key: sessionStorage.getItem("steadyserve-key") || "", prev: null, polls: 0,
+                points: 0, charts: {}, series: {} };
+window.__steadyserve = state;  // for tests and the curious
+
+function esc(s) {
+  return String(s).replace(/[&<>"']/g, c => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;",
+                                               '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+async function fetchData(history) {
+  const headers = state.key ? { authorization: "Bearer " + state.key } : {};
+  const r = await fetch("/v1/dashboard" + (history ? "?history=" + HISTORY_MIN : ""),
+                        { headers });
+  if (r.status === 401 || r.status === 403) {
+    document.getElementById("keyform").hidden = false;
+    throw new Error("an API key is needed");
+  }
+  if (!r.ok) throw new Error("HTTP " + r.status);
+  return r.json();
+}
+
+function quantile(deltas, q) {
+  const bounds = Object.keys(deltas).map(le => [le === "+Inf" ? Infinity : Number(le), deltas[le]])
+    .sort((a, b) => a[0] - b[0]);
+  if (!bounds.length) return null;
+  const total = bounds[bounds.length - 1][1];
+  if (total <= 0) return null;
+  const rank = q * total;
+  let lower = 0, below = 0;
+  for (const [le, count] of bounds) {
+    if (count >= rank) {
+      if (le === Infinity) return lower;
+      const inside = count - below;
+      return lower + (le - lower) * (inside ? (rank - below) / inside : 0);
+    }
+    lower = le; below = count;
+  }
+  return lower;
+}
+
+function sum(obj) { return Object.values(obj || {}).reduce((a, b) => a + b, 0); }
+
+function seriesFor(name) {
+  if (!state.series[name]) state.series[name] = { t: [], rps: [], err: [], p50: [], p95: [], p99: [] };
+  return state.series[name];
+}
+
+function push(name, t, rps, err, p50, p95, p99) {
+  const s = seriesFor(name);
+  s.t.push(t); s.rps.push(rps); s.err.push(err); s.p50.push(p50); s.p95.push(p95); s.p99.push(p99);
+  while (s.t.length && s.t[0] < t - KEEP_S) for (const k in s) s[k].shift();
+  state.points += 1;
+}
+
+function chart(el, title, labels, colors, unit) {
+  const series = [{}].concat(labels.map((label, i) => ({ label, stroke: colors[i], width: 1.5,
+    value: (u, v) => v == null ? "-" : v.toFixed(unit === "ms" ? 1 : 2) + " " + unit })));
+  return new uPlot({ title, width: 520, height: 220, series,
+                     axes: [{}, { label: unit }], scales: { x: { time: true, auto: false } } },
+                   [[]].concat(labels.map(() => [])), el);
+}
+
+function ensureDeployment(d) {
+  let box = document.getElementById("d-" + d.name);
+  if (box) return box;
+  box = document.createElement("section");
+  box.className = "deployment";
+  box.id = "d-" + d.name;
+  box.innerHTML = `<h2>${esc(d.name)}</h2><div class="facts"></div><div class="charts"></div>
+    <h3>Replicas</h3><table class="replicas"><thead><tr><th>replica</th><th>state</th>
+    <th>revision</th><th>pid</th><th>restarts</th><th>ready for</th><th>ejected</th></tr></thead>
+    <tbody></tbody></table><h3>Scaling decisions</h3><table class="scaling"><thead><tr><th>at</th>
+    <th>from → to</th><th>reason</th></tr></thead><tbody></tbody></table>`;
+  document.getElementById("deployments").appendChild(box);
+  const charts = box.querySelector(".charts");
+  const a = document.createElement("div"), b = document.createElement("div");
+  charts.appendChild(a); charts.appendChild(b);
+  state.charts[d.name] = {
+    traffic: chart(a, "requests / s", ["requests", "5xx"], ["#2563eb", "#dc2626"], "req/s"),
+    latency: chart(b, "latency", ["p50", "p95", "p99"], ["#16a34a", "#ca8a04", "#dc2626"], "ms"),
+  };
+  return box;
+}
+
+function redraw(name) {
+  const s = seriesFor(name), c = state.charts[name];
+  if (!c) return;
+  // the x range is set here: at least the last 5 minutes (one point alone would span years)
+  const max = s.t.length ? s.t[s.t.length - 1] : Date.now() / 1000;
+  const min = Math.min(s.t.length ? s.t[0] : max, max - 300);
+  for (const [u, data] of [[c.traffic, [s.t, s.rps, s.err]], [c.latency, [s.t, s.p50, s.p95, s.p99]]]) {
+    u.setData(data, false);
+    u.setScale("x", { min, max });
+  }
+}
+
+function time(t) { return new Date(t * 1000).toLocaleTimeString(); }
+
+function render(data) {
+  const prev = state.prev;
+  for (const d of data.deployments) {
+    const box = ensureDeployment(d);
+    const m = d.metrics || {};
+    if (prev) {
+      const p = (prev.deployments.find(x => x.name === d.name) || {}).metrics || {};
+      const dt = data.t - prev.t;
+      if (dt > 0) {
+        const deltas = {};
+        for (const le in (m.buckets || {})) deltas[le] = m.buckets[le] - ((p.buckets || {})[le] || 0);
+        const ms = q => { const v = quantile(deltas, q); return v == null ? null : v * 1000; };
+        push(d.name, data.t, Math.max(0, sum(m.requests) - sum(p.requests)) / dt,
+             Math.max(0, ((m.requests || {})["5xx"] || 0) - ((p.requests || {})["5xx"] || 0)) / dt,
+             ms(0.5), ms(0.95), ms(0.99));
+        redraw(d.name);
+      }
+    }
+    const scale = d.autoscale ? `, autoscale ${d.autoscale.min_replicas}..${d.autoscale.max_replicas}` +
+      ` (demand ${Number(d.autoscale.demand).toFixed(1)}${d.autoscale.panicking ? ", panicking" : ""})` : "";
+    box.querySelector(".facts").textContent =
+      `${d.ready}/${d.desired} ready, version ${d.version || "-"}, balancer ${d.balancer}${scale}; ` +
+      `admission limit ${m.limit ?? "-"}, in flight ${m.inflight ?? "-"}, queued ${m.queued ?? "-"}, ` +
+      `shed ${m.shed ?? 0}; cache hits ${m.cache ? m.cache.hit : 0} / misses ${m.cache ? m.cache.miss : 0}`;
+    box.querySelector(".replicas tbody").innerHTML = d.replicas.map(r =>
+      `<tr><td>${esc(r.id)}</td><td>${esc(r.state)}${r.retiring ? " (draining)" : ""}</td>` +
+      `<td>${esc(r.revision ?? "")}</td><td>${esc(r.pid ?? "-")}</td><td>${esc(r.restarts ?? 0)}</td>` +
+      `<td>${esc(r.ready_for_s ?? 0)}s</td><td>${r.ejected ? "yes" : ""}</td></tr>`).join("");
+    box.querySelector(".scaling tbody").innerHTML = (d.scaling || []).map(e =>
+      `<tr><td>${time(e.at)}</td><td>${e.from} → ${e.to}</td><td>${esc(e.reason)}</td></tr>`).join("");
+  }
+  document.querySelector("#alerts tbody").innerHTML = (data.alerts || []).map(a =>
+    `<tr class="${esc(a.state)}"><td>${esc(a.state)}</td><td>${esc(a.rule)}</td>` +
+    `<td>${esc(a.severity || (a.labels || {}).severity || "")}</td>` +
+    `<td>${esc(Object.entries(a.labels || {}).map(([k, v]) => k + "=" + v).join(" "))}</td>` +
+    `<td>${esc(a.value ?? "")}</td><td>${a.active_since ? time(a.active_since) : ""}</td></tr>`).join("")
+    || `<tr><td colspan="6">none</td></tr>`;
+  document.querySelector("#actions tbody").innerHTML = (data.actions || []).map(a =>
+    `<tr><td>${a.at ? time(a.at) : ""}</td><td>${esc(a.action)}</td><td>${esc(a.target || a.deployment || "")}</td>` +
+    `<td>${esc(a.outcome)}</td><td>${esc(a.rule || "")}</td></tr>`).join("")
+    || `<tr><td colspan="5">none</td></tr>`;
+  const c = data.cluster || {};
+  document.getElementById("cluster").textContent = c.enabled ?
+    (c.leading ? "this gateway leads the cluster" : "cluster led by " + c.leader) : "";
+  state.prev = data;
+}
+
+function seed(history) {
+  for (const name in history || {}) {
+    for (const [t, rps, err] of history[name]) push(name, t, rps, err, null, null, null);
+  }
+}
+
+async function poll(first) {
+  const status = document.getElementById("status");
+  try {
+    const data = await fetchData(first);
+    if (first) { for (const d of data.deployments) ensureDeployment(d); seed(data.history); }
+    render(data);
+    for (const name in state.series) redraw(name);
+    state.polls += 1;
+    status.textContent = "updated " + new Date().toLocaleTimeString();
+    status.className = "";
+    return true;
+  } catch (err) {
+    status.textContent = "cannot read the gateway: " + err.message;
+    status.className = "down";
+    return false;
+  }
+}
+
+document.getElementById("keyform").addEventListener("submit", ev => {
+  ev.preventDefault();
+  state.key = document.getElementById("key").value.trim();
+  sessionStorage.setItem("steadyserve-key", state.key);
+  document.getElementById("keyform").hidden = true;
+  start();
+});
+
+let timer = null;
+async function start() {
+  if (timer) clearInterval(timer);
+  if (await poll(true)) timer = setInterval(() => poll(false), POLL_MS);
+}
+start();

@@ -1,0 +1,113 @@
+"""The dashboard in a real headless Chromium (Debian's, driven by Playwright): the page loads
+with no console error, its charts draw the requests sent during the test, an alert fired in
+the test appears, the data needs a key once keys exist; a screenshot is kept in
+test-artifacts/dashboard.png."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import ECHO, HERE, start, unavailable
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ARTIFACTS = HERE.parents[1] / "test-artifacts"
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        unavailable("Debian's chromium (.ci/run installs it)", FileNotFoundError("chromium"))
+    return str(path)
+
+
+def test_the_dashboard_in_a_real_browser(tmp_path: Path) -> None:
+    browser_path = chromium()
+    from playwright.sync_api import sync_playwright
+
+    (tmp_path / "steadyserve.toml").write_text(f"""
+data_dir = "{tmp_path / 'state'}"
+[alerting]
+evaluation_interval_s = 0.5
+not_ready_for_s = 1
+[deployments.echo]
+service = "{ECHO}"
+replicas = 2
+[deployments.down]
+service = "{HERE / 'services' / 'echo.py'}:Broken"
+replicas = 1
+""")
+    gw = start([], tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert gw.proc.poll() is None and time.monotonic() < deadline, \
+                gw.log.read_text()[-3000:]
+            try:
+                if httpx.get(f"{gw.url}/v1/deployments/echo", timeout=2).json()[
+                        "ready_replicas"] == 2:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        problems: list[str] = []
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=browser_path,
+                                         args=["--no-sandbox"] if os.geteuid() == 0 else [])
+            # bypass_csp: the test evaluates its own probes in the page (the CSP stays on)
+            page = browser.new_page(viewport={"width": 1280, "height": 1400}, bypass_csp=True)
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(f"{gw.url}/")
+            page.wait_for_function("window.__steadyserve && window.__steadyserve.polls >= 1",
+                                   timeout=15_000)
+            with httpx.Client(base_url=gw.url, timeout=10) as c:
+                for i in range(100):
+                    r = c.post("/v1/deployments/echo/echo", json={"text": f"t{i}"})
+                    assert r.status_code == 200
+            page.wait_for_function(
+                "(window.__steadyserve.series.echo || {rps: []}).rps.some(v => v > 0)",
+                timeout=15_000)
+            with httpx.Client(base_url=gw.url, timeout=10) as c:  # a few points of a line
+                for i in range(200):
+                    assert c.post("/v1/deployments/echo/echo", json={"text": f"u{i}"}
+                                  ).status_code == 200
+                    time.sleep(0.02)
+            page.wait_for_function("window.__steadyserve.series.echo.t.length >= 3",
+                                   timeout=15_000)
+            page.wait_for_selector("#alerts tbody tr.firing", timeout=30_000)
+            assert "DeploymentNotReady" in page.inner_text("#alerts")
+            assert page.locator("#d-echo canvas").count() >= 2
+            assert "2/2 ready" in page.inner_text("#d-echo .facts")
+            assert "echo-0" in page.inner_text("#d-echo .replicas")
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+            # once a user key exists, the data needs one: the page asks for it
+            made = httpx.post(f"{gw.url}/v1/admin/keys", headers=gw.admin_headers(), timeout=10,
+                              json={"name": "ops", "scopes": ["infer"]})
+            assert made.status_code == 201, made.text
+            fresh = browser.new_page(bypass_csp=True)
+            deadline = time.monotonic() + 10
+            while True:
+                fresh.goto(f"{gw.url}/")
+                try:
+                    fresh.wait_for_selector("#keyform:not([hidden])", timeout=2_000)
+                    break
+                except Exception:  # the key reaches the data plane within key_refresh_s
+                    assert time.monotonic() < deadline
+            fresh.fill("#key", made.json()["key"])
+            fresh.click("#keyform button")
+            fresh.wait_for_function("window.__steadyserve.polls >= 1", timeout=15_000)
+            browser.close()
+        # the key form's 401 is the browser's own console line for a failed fetch
+        assert [p for p in problems if "401" not in p] == [], problems
+    finally:
+        assert gw.stop() == []
