@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -306,6 +307,8 @@ async def _serve(config: Config, index: int, channel_path: str, http_path: str) 
         timeout_keep_alive=max(1, math.ceil(config.gateway.keepalive_timeout_s)),
     )
     server = uvicorn.Server(uv_config)
+    gc.collect()  # as the gateway process does (cli.run): no full-collection pause later
+    gc.freeze()
     log.info("worker %d serving", index, extra={"worker": index, "pid": os.getpid()})
     try:
         await server.serve(sockets=[sock])
