@@ -144,6 +144,23 @@ class Running:
             time.sleep(0.1)
         raise AssertionError(f"not ready in {timeout_s}s:\n{self.log.read_text()[-4000:]}")
 
+    def wait_ready_replicas(self, deployment: str, ready: int, timeout_s: float) -> None:
+        """Until `deployment` has `ready` replicas in rotation (when another deployment of the
+        gateway never gets ready, on purpose, and `wait_ready` would wait for it too)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited early:\n{self.log.read_text()[-4000:]}")
+            try:
+                if self.status(deployment)["ready_replicas"] == ready:
+                    return
+            except (httpx.HTTPError, KeyError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{deployment}: not {ready} ready replicas in "
+                                     f"{timeout_s}s:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.1)
+
     def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> list[int]:
         """Signal the gateway, wait for it, and return the replica pids still alive."""
         children = self.replica_pids() if self.proc.poll() is None else []

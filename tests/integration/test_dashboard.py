@@ -45,17 +45,7 @@ replicas = 1
 """)
     gw = start([], tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert gw.proc.poll() is None and time.monotonic() < deadline, \
-                gw.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{gw.url}/v1/deployments/echo", timeout=2).json()[
-                        "ready_replicas"] == 2:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        gw.wait_ready_replicas("echo", 2, 60)  # `down` never gets ready
         problems: list[str] = []
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=browser_path,

@@ -5,6 +5,7 @@ fails its start with the reason while the others serve."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -33,21 +34,13 @@ num_gpus = 1
 """)
     gw = start([], tmp_path)
     try:
-        import time
-
-        deadline = time.monotonic() + 60
-        while True:
-            assert gw.proc.poll() is None and time.monotonic() < deadline, \
-                gw.log.read_text()[-3000:]
-            try:
-                listing = {d["name"]: d for d in httpx.get(f"{gw.url}/v1/deployments",
-                                                          timeout=2).json()["deployments"]}
-                if listing["echo"]["ready_replicas"] == 3 and \
-                        "no GPU free for replica big-0" in gw.log.read_text():
-                    break
-            except httpx.HTTPError:
-                pass
+        gw.wait_ready_replicas("echo", 3, 60)
+        deadline = time.monotonic() + 30
+        while "no GPU free for replica big-0" not in gw.log.read_text():
+            assert time.monotonic() < deadline, gw.log.read_text()[-3000:]
             time.sleep(0.1)
+        listing = {d["name"]: d for d in httpx.get(f"{gw.url}/v1/deployments",
+                                                  timeout=5).json()["deployments"]}
         devices = sorted(psutil.Process(r["pid"]).environ()["CUDA_VISIBLE_DEVICES"]
                          for r in listing["echo"]["replicas"])
         shares = {psutil.Process(r["pid"]).environ()["STEADYSERVE_GPU_SHARE"]

@@ -118,17 +118,7 @@ placement_bundles = [{{CPU = 0.5}}, {{CPU = 64}}]
 """)
     gw = start([], tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert gw.proc.poll() is None and time.monotonic() < deadline, \
-                gw.log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{gw.url}/v1/deployments/echo", timeout=2).json()[
-                        "ready_replicas"] == 2:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        gw.wait_ready_replicas("echo", 2, 120)  # `huge` never gets placed
         served = replicas(gw)
         for r in served:  # the replica knows its group (its actor's name)
             group = psutil.Process(r["pid"]).environ().get("STEADYSERVE_PLACEMENT_GROUP", "")
