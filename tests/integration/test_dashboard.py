@@ -76,6 +76,8 @@ replicas = 1
             assert page.locator("#d-echo canvas").count() >= 2
             assert "2/2 ready" in page.inner_text("#d-echo .facts")
             assert "echo-0" in page.inner_text("#d-echo .replicas")
+            assert "L1 (" in page.inner_text("#cache-facts")  # the cache and its curve
+            assert page.locator("#cache-curve canvas").count() == 1
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -148,7 +148,31 @@ function render(data) {
   const c = data.cluster || {};
   document.getElementById("cluster").textContent = c.enabled ?
     (c.leading ? "this gateway leads the cluster" : "cluster led by " + c.leader) : "";
+  renderCache(data.cache);
   state.prev = data;
+}
+
+function renderCache(cache) {
+  if (!cache) return;
+  document.getElementById("cache-section").hidden = false;
+  const l1 = cache.l1 || {}, l2 = cache.l2 || {};
+  const mib = b => (b / 1048576).toFixed(1);
+  document.getElementById("cache-facts").textContent =
+    `L1 (${l1.policy || "-"}): ${mib(l1.bytes || 0)} of ${mib(l1.capacity_bytes || 0)} MiB, ` +
+    `${l1.entries ?? 0} entries, hit ratio ${l1.hit_ratio == null ? "-" : (100 * l1.hit_ratio).toFixed(1) + " %"}; ` +
+    `L2: ${esc(l2.state || (cache.l2 ? "on" : "off"))}`;
+  const points = ((cache.hit_ratio_curve || {}).points || []);
+  const data = [points.map(p => p.capacity_bytes / 1048576), points.map(p => p.hit_ratio)];
+  if (!state.curve) {
+    state.curve = new uPlot({
+      title: "estimated hit ratio by L1 capacity", width: 520, height: 220,
+      scales: { x: { time: false, distr: 3 }, y: { range: [0, 1] } },
+      axes: [{ label: "capacity (MiB)" }, { label: "hit ratio" }],
+      series: [{ label: "MiB" }, { label: "hit ratio", stroke: "#7c3aed", width: 1.5 }],
+    }, data, document.getElementById("cache-curve"));
+  } else {
+    state.curve.setData(data);
+  }
 }
 
 function seed(history) {
