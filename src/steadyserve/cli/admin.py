@@ -14,15 +14,12 @@ import urllib.request
 from typing import Any
 
 from . import exit_codes
-from .credentials import api_key_for
+from .credentials import auth_headers
 
 
 def _call(method: str, url: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
-    headers = {"content-type": "application/json"}
-    key = api_key_for(url)
-    if key:
-        headers["authorization"] = f"Bearer {key}"
+    headers = {"content-type": "application/json", **auth_headers(url)}
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:

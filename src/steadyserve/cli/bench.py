@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from . import exit_codes
-from .credentials import api_key_for
+from .credentials import auth_headers
 
 MAX_RATE = 10_000.0
 MAX_DURATION_S = 600.0
@@ -54,8 +54,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"steadyserve: --body is not JSON: {exc}", file=sys.stderr)
         return exit_codes.USAGE
     url = f"{args.url}/v1/deployments/{args.deployment}/{args.handler}"
-    key = api_key_for(args.url)
-    headers = {"authorization": f"Bearer {key}"} if key else {}
+    headers = auth_headers(args.url)
     console = Console(stderr=True)
 
     async def go() -> Any:

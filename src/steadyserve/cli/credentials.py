@@ -30,6 +30,12 @@ def local_admin_key_path(env: Mapping[str, str]) -> Path:
         return Path(env.get("STEADYSERVE_DATA_DIR", ".steadyserve")) / "admin.key"
 
 
+def auth_headers(url: str) -> dict[str, str]:
+    """{"authorization": "Bearer <key>"} for the key `api_key_for` picks, or {}."""
+    key = api_key_for(url)
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
 def api_key_for(url: str, env: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     if env.get(ENV_KEY):

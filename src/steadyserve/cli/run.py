@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
-import math
 import shlex
 import socket
 import sys
@@ -23,10 +21,11 @@ from ..control.supervisor import Supervisor
 from ..errors import ConfigError
 from ..gateway.app import Gateway
 from ..gateway.assemble import build_gateway, join_workers
-from ..gateway.edge import EdgeProtocol
-from ..gateway.worker import reuseport_socket
-from ..gateway.workers import WorkerPool, unix_listener
+from ..gateway.edge import server_config
+from ..gateway.workers import WorkerPool
+from ..netutil import reuseport_socket, unix_listener
 from ..observe.logs import configure_logging
+from ..process import event_loop_runner, freeze_startup_heap
 from ..settings import load_config
 from . import exit_codes
 
@@ -101,22 +100,8 @@ async def serve(config: Config, out: TextIO = sys.stderr, launcher: LocalLaunche
     if problem is not None:
         print(f"steadyserve: {problem}", file=out)
         return exit_codes.CONFIG
-    # the edge (gateway.edge) bounds every connection from [gateway]'s limits, keep-alive
-    # included (it uses the exact float, uvicorn's own knob wants an int); ws="none": upgrades
-    # are refused by the edge, never handed to the app
-    uv_config = uvicorn.Config(
-        gateway, host=config.gateway.host, port=config.gateway.port,
-        http=EdgeProtocol.configured(config.gateway), ws="none",
-        lifespan="on", access_log=False, log_config=None, backlog=4096,
-        timeout_graceful_shutdown=int(config.gateway.graceful_shutdown_s) or None,
-        timeout_keep_alive=max(1, math.ceil(config.gateway.keepalive_timeout_s)),
-    )
-    server = uvicorn.Server(uv_config)
-    # Everything built so far (modules, config, the gateway) lives as long as the process:
-    # move it out of the collector's reach. A full collection otherwise walks those hundreds
-    # of thousands of objects in one ~0.2 s pause of the event loop, soon after the start.
-    gc.collect()
-    gc.freeze()
+    server = uvicorn.Server(server_config(gateway, config.gateway))
+    freeze_startup_heap()
     progress: asyncio.Task[None] | None = None
     pool: WorkerPool | None = None
     sockets: list[socket.socket] | None = None
@@ -178,11 +163,5 @@ def run(args: argparse.Namespace) -> int:
         for d in config.deployments
     )
     print(f"steadyserve {__version__}: starting {summary}", file=sys.stderr)
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
+    with event_loop_runner() as runner:
         return runner.run(serve(config))

@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from . import exit_codes
-from .credentials import api_key_for
+from .credentials import auth_headers
 
 
 @dataclass
@@ -106,11 +106,7 @@ def rows(before: dict[str, Snap], after: dict[str, Snap], seconds: float,
 
 
 def _get(url: str, path: str) -> bytes:
-    headers = {}
-    key = api_key_for(url)
-    if key:
-        headers["authorization"] = f"Bearer {key}"
-    with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", headers=headers),
+    with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", headers=auth_headers(url)),
                                 timeout=10) as r:
         return bytes(r.read())
 

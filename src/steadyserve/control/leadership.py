@@ -26,11 +26,10 @@ from typing import Any
 from ..config import ClusterConfig
 from ..errors import NotLeader
 from ..observe.metrics import GatewayMetrics
-from ..policies.lease import LeaseState, Seen
+from ..policies.lease import Fence, LeaseState, Seen, gateway_of
 from ..store import Database, DatabaseUnavailable
-from ..store.database import Fence
 from ..store.lease import acquire, release
-from ..tasks import cancel_and_wait
+from ..tasks import cancel_and_wait, consume_outcome
 
 log = logging.getLogger("steadyserve.cluster")
 
@@ -97,7 +96,7 @@ class Leadership:
             call = self._pending = asyncio.get_running_loop().run_in_executor(
                 self._calls, acquire, self.db, LEASE, self.holder, self.cfg.lease_ttl_s,
                 self.cfg.advertise_url)
-            call.add_done_callback(_consume)
+            call.add_done_callback(consume_outcome)
             try:
                 view = await asyncio.wait_for(asyncio.shield(call), self.cfg.renew_interval_s)
                 seen = Seen(view.holder, view.token, view.url, view.mine)
@@ -148,7 +147,7 @@ class Leadership:
         """NotLeader (409) unless this gateway leads: `what` is the refused duty."""
         if self.leading():
             return
-        leader = self.state.holder.rpartition("#")[0] or "nobody (an election is under way)"
+        leader = gateway_of(self.state.holder) or "nobody (an election is under way)"
         where = f" at {self.state.url}" if self.state.url else ""
         raise NotLeader(f"{what} is done by the leading gateway; this one "
                         f"({self.gateway_id}) follows. Leader: {leader}{where}")
@@ -158,15 +157,9 @@ class Leadership:
             "enabled": True,
             "gateway_id": self.gateway_id,
             "leading": self.leading(),
-            "leader": self.state.holder.rpartition("#")[0] or None,
+            "leader": gateway_of(self.state.holder) or None,
             "leader_url": self.state.url or None,
             "token": self.state.token if self.leading() else None,
             "store_reachable": not self.state.store_down,
             "lease_ttl_s": self.cfg.lease_ttl_s,
         }
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve a call's outcome even when nobody awaits it any more (after a timeout)."""
-    if not future.cancelled():
-        future.exception()

@@ -48,7 +48,7 @@ from ..gateway.membership import Endpoint, Membership
 from ..gateway.transport import Address, Transport
 from ..observe.metrics import REPLICA_STATES, GatewayMetrics
 from ..policies.backoff import Backoff
-from ..policies.lease import Alone, Lead
+from ..policies.lease import Alone, Fence, Lead
 from ..policies.rollout import (
     ROLLOUT_STATES,
     RolloutPolicy,
@@ -60,7 +60,7 @@ from ..policies.rollout import (
     rollout_fields,
 )
 from ..replica.blackbox import read_flight_record
-from ..store.database import Fence, Fenced
+from ..store.database import Fenced
 from ..tasks import cancel_and_wait
 from .autoscaler import SCALE_KEY, Autoscaler, initial_replicas
 from .launcher import (

@@ -8,7 +8,7 @@ import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ClientError, NotFound
+from ..errors import NotFound
 from ..gateway.http import Request, Response, json_response
 from .data import MAX_HISTORY_MIN, history, snapshot
 
@@ -63,16 +63,7 @@ async def asset(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
 async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     """Everything one refresh of the page shows; `?history=MINUTES` adds the per-minute
     history the page opens with."""
-    query = bytes(req.scope.get("query_string", b"")).decode("latin-1")
-    minutes = 0
-    for part in query.split("&"):
-        key, _, value = part.partition("=")
-        if key == "history":
-            if not (value.isascii() and value.isdigit()) or len(value) > 5 \
-                    or not 1 <= int(value) <= MAX_HISTORY_MIN:
-                raise ClientError(f"'history' must be minutes from 1 to {MAX_HISTORY_MIN}",
-                                  param="history")
-            minutes = int(value)
+    minutes = req.query_int("history", 1, MAX_HISTORY_MIN, default=0)
     engine = gw.alerting
     families = engine.samples().collect() if engine is not None else \
         gw.metrics.registry.collect()

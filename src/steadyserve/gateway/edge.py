@@ -130,12 +130,61 @@ class ConnectionTable(Generic[C]):
         return None
 
 
+class _HeldHead:
+    """The cycle's transport while a response starts: the head is held until the first body
+    write and both leave in one write. uvicorn writes them apart, so a gateway killed between
+    the two writes sent a head with no body — which no proxy in front can retry (nginx retries
+    only what it has sent nothing of); one write is all or nothing for a response that fits
+    the socket buffer."""
+
+    __slots__ = ("head", "holding", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.head = b""
+        self.holding = True  # while the head is written
+
+    def write(self, data: bytes) -> None:
+        if self.holding:
+            self.head += data
+            return
+        if self.head:
+            data, self.head = self.head + data, b""
+        if data:
+            self.transport.write(data)
+
+    def flush(self) -> None:
+        self.write(b"")
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
 class _EdgeCycle(RequestResponseCycle):
     """uvicorn's request/response cycle, with the edge watching how the response ends."""
 
     edge: EdgeProtocol
 
     async def send(self, message: ASGISendEvent) -> None:
+        if message["type"] == "http.response.start" and not self.response_started \
+                and not isinstance(self.transport, _HeldHead):
+            held = _HeldHead(self.transport)
+            self.transport = held  # type: ignore[assignment]
+            try:
+                await self._send(message)
+            finally:
+                held.holding = False  # body writes: head and body together
+            return
+        await self._send(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False) \
+                and isinstance(self.transport, _HeldHead):
+            self.transport.flush()  # a HEAD answer writes no body: the head alone
+
+    async def _send(self, message: ASGISendEvent) -> None:
         if not self.disconnected and not self.response_complete:
             if message["type"] == "http.response.start" and not self.response_started:
                 # answered early: uvicorn writes "connection: close". The body timer keeps
@@ -161,6 +210,23 @@ class _EdgeCycle(RequestResponseCycle):
 
 class _Refused(Exception):
     """Stops httptools mid-feed once the edge has answered from inside a parser callback."""
+
+
+def server_config(app: Any, limits: GatewayConfig) -> Any:
+    """uvicorn's settings for a gateway process (the gateway's or a worker's): the edge bounds
+    every connection from [gateway]'s limits, keep-alive included (it uses the exact float,
+    uvicorn's own knob wants an int); ws="none": upgrades are refused by the edge, never
+    handed to the app."""
+    import math
+
+    import uvicorn
+
+    return uvicorn.Config(
+        app, host=limits.host, port=limits.port, http=EdgeProtocol.configured(limits),
+        ws="none", lifespan="on", access_log=False, log_config=None, backlog=4096,
+        timeout_graceful_shutdown=int(limits.graceful_shutdown_s) or None,
+        timeout_keep_alive=max(1, math.ceil(limits.keepalive_timeout_s)),
+    )
 
 
 class EdgeProtocol(NoDelayHttpToolsProtocol):

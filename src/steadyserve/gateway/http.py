@@ -7,6 +7,7 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import orjson
 
@@ -110,6 +111,21 @@ class Request:
                 if decoder is not None and received:
                     decoder.finish()
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def query_int(self, name: str, low: int, high: int, default: int) -> int:
+        """A whole-number query parameter in [low, high] (the last one given), `default`
+        when absent; ClientError (400) naming it otherwise. ASCII digits only, and short:
+        str.isdigit() also accepts "²", and int() refuses over 4,300 digits."""
+        values = parse_qs(bytes(self.scope.get("query_string", b"")).decode("latin-1"),
+                          keep_blank_values=True).get(name)
+        if not values:
+            return default
+        raw = values[-1]
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(high)) \
+                or not low <= int(raw) <= high:
+            raise ClientError(f"'{name}' must be a whole number from {low} to {high}",
+                              param=name)
+        return int(raw)
 
     async def json(self, limit: int) -> Any:
         raw = await self.body(limit)

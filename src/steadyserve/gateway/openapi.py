@@ -35,6 +35,11 @@ PAGE_MEDIA = {"/": ["text/html"],
               "/dashboard/{asset}": ["text/html", "text/javascript", "text/css"]}
 OIP_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
 JSON_ANY: dict[str, Any] = {}
+# query parameters per route (read with Request.query_int, which answers 400 to others)
+QUERY_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "/v1/cache": (("top", "how many of the hottest keys to list: 1 to 1000"),),
+    "/v1/dashboard": (("history", "minutes of per-minute history to add: 1 to 4320"),),
+}
 
 
 def json_schema(desc: dict[str, Any]) -> dict[str, Any]:
@@ -126,10 +131,9 @@ def _operation(route: Route, *, path_params: list[str], body: dict[str, Any] | N
               for name in path_params]
     if route.access == "infer":
         params += INFER_HEADERS
-    if route.pattern == "/v1/cache":
-        params.append({"name": "top", "in": "query", "required": False,
-                       "schema": {"type": "string"},
-                       "description": "how many of the hottest keys to list: 1 to 1000"})
+    params += [{"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+                "description": description}
+               for name, description in QUERY_PARAMS.get(route.pattern, ())]
     if params:
         op["parameters"] = params
     if body is not None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
 
 import orjson
 
@@ -181,12 +180,7 @@ async def _result(work: Awaitable[tuple[Any, str | None]]) -> Any:
 async def cache_status(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     if gw.cache is None:
         raise NotFound("the response cache is disabled on this gateway ([cache] enabled = false)")
-    query = parse_qs(bytes(req.scope.get("query_string", b"")).decode("latin-1"))
-    raw = query.get("top", ["20"])[-1]
-    # ASCII and short: str.isdigit() also accepts "²", and int() refuses over 4,300 digits
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 4 or not 1 <= int(raw) <= 1000:
-        raise ClientError("'top' must be a whole number from 1 to 1000", param="top")
-    return json_response(gw.cache.status(int(raw)))
+    return json_response(gw.cache.status(req.query_int("top", 1, 1000, default=20)))
 
 
 async def cache_invalidate(gw: Gateway, req: Request, params: dict[str, str]) -> Response:

@@ -18,20 +18,17 @@ kernel never hands it a connection it could not route. It dies with the gateway 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import logging
 import os
-import signal
-import socket
-import time
 from typing import Any
 
 import httpx
-import orjson
 
 from ..config import Config, DeploymentConfig
+from ..netutil import reuseport_socket
 from ..policies.rollout import config_from_fields
+from ..process import die_with_parent, event_loop_runner, freeze_startup_heap
+from ..tasks import cancel_and_wait
 from .channel import MAX_MESSAGE_BYTES, ChannelClosed, encode, read_message
 from .http import Request, Response
 from .membership import Endpoint, Membership
@@ -40,6 +37,7 @@ from .transport import Address
 log = logging.getLogger("steadyserve.worker")
 
 REPORT_EVERY_S = 1.0
+FIRST_STATE_TIMEOUT_S = 60.0  # a worker with no membership by then exits (and is restarted)
 RECONNECT_S = 0.5
 # request headers not forwarded: hop-by-hop, and what the forwarder sets itself (the body
 # is forwarded decoded, and the gateway process answers uncompressed: this worker compresses)
@@ -101,10 +99,7 @@ class WorkerLink:
 
     async def stop(self) -> None:
         for task in (self._task, self._reports):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
 
     def send(self, message: dict[str, Any]) -> None:
         """Best effort: a message while the channel is down is dropped (the next report
@@ -244,71 +239,36 @@ class Forwarder:
         await self.client.aclose()
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port that other processes of this user can share."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(False)
-    return sock
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def worker_main(config: Config, index: int, channel_path: str, http_path: str,
                 parent_pid: int) -> None:
     """The worker process's entry point (multiprocessing, spawn)."""
-    _die_with_parent()
-    if os.getppid() != parent_pid:
-        os._exit(1)  # the gateway process died before PDEATHSIG was set
+    die_with_parent(parent_pid)
     from ..observe.logs import configure_logging
 
     configure_logging(config.log_level, "json" if config.log_format == "auto" else config.log_format,
                       process=f"worker-{index}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded route: noise
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:
-        runner = asyncio.Runner()
-    with runner:
+    with event_loop_runner() as runner:
         runner.run(_serve(config, index, channel_path, http_path))
 
 
 async def _serve(config: Config, index: int, channel_path: str, http_path: str) -> None:
-    import math
-
     import uvicorn
 
     from .assemble import build_worker_gateway
-    from .edge import EdgeProtocol
+    from .edge import server_config
 
     gateway, link = build_worker_gateway(config, index, channel_path, http_path)
     link.start()
-    started = time.monotonic()
-    while not link.first_state.is_set():
-        await asyncio.sleep(0.05)
-        if time.monotonic() - started > 60:
-            log.error("no membership from the gateway process in 60 s; exiting")
-            return
+    try:
+        await asyncio.wait_for(link.first_state.wait(), FIRST_STATE_TIMEOUT_S)
+    except TimeoutError:
+        log.error("no membership from the gateway process in %g s; exiting",
+                  FIRST_STATE_TIMEOUT_S)
+        return
     sock = reuseport_socket(config.gateway.host, config.gateway.port)
-    uv_config = uvicorn.Config(
-        gateway, http=EdgeProtocol.configured(config.gateway), ws="none", lifespan="on",
-        access_log=False, log_config=None, backlog=4096,
-        timeout_graceful_shutdown=int(config.gateway.graceful_shutdown_s) or None,
-        timeout_keep_alive=max(1, math.ceil(config.gateway.keepalive_timeout_s)),
-    )
-    server = uvicorn.Server(uv_config)
-    gc.collect()  # as the gateway process does (cli.run): no full-collection pause later
-    gc.freeze()
+    server = uvicorn.Server(server_config(gateway, config.gateway))
+    freeze_startup_heap()  # as the gateway process does (cli.run)
     log.info("worker %d serving", index, extra={"worker": index, "pid": os.getpid()})
     try:
         await server.serve(sockets=[sock])
@@ -337,5 +297,5 @@ def state_message(membership: Membership, infos: dict[str, dict[str, Any]],
             "config": fields, "desired": d.desired,
             "endpoints": [describe_endpoint(e, infos.get(e.replica_id, {})) for e in d.endpoints],
         }
-    return orjson.dumps({"t": "state", "deployments": deployments,
-                         "start_failures": {k: list(v) for k, v in start_failures.items()}}) + b"\n"
+    return encode({"t": "state", "deployments": deployments,
+                   "start_failures": {k: list(v) for k, v in start_failures.items()}})

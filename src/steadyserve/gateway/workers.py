@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -90,6 +89,10 @@ class WorkerPool:
                        loop.create_task(self._watch_loop(), name="workers-watch")]
 
     async def stop(self) -> None:
+        """Staged, like replicas: SIGTERM (workers drain), wait, kill. Once: the gateway's
+        shutdown calls it, and `steadyserve run` again when the server ends otherwise."""
+        if self._stopping:
+            return
         self._stopping = True
         for task in self._tasks:
             task.cancel()
@@ -130,7 +133,7 @@ class WorkerPool:
                         code = w.process.exitcode
                         w.process = None
                         w.restarts += 1
-                        delay = self.backoff.delay(min(w.restarts, 6), 0.5)
+                        delay = self.backoff.delay(w.restarts, 0.5)  # capped by cap_s
                         w.next_start_at = now + delay
                         log.error("worker %d exited with %s; starting it again in %.1fs",
                                   w.index, code, delay, extra={"worker": w.index})
@@ -236,11 +239,3 @@ class WorkerPool:
         return [{"worker": w.index, "pid": w.process.pid if w.process is not None else None,
                  "connected": w.writer is not None, "restarts": w.restarts}
                 for w in self.workers]
-
-
-def unix_listener(path: str) -> socket.socket:
-    """A listening Unix socket (0600) for the routes workers forward to this process."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    os.chmod(path, 0o600)
-    return sock

@@ -51,6 +51,7 @@ from ..policies.alert_lifecycle import (
 from ..policies.alert_rules import SEVERITIES, Rule, evaluate_all
 from ..policies.lease import Alone, Lead
 from ..store import Database, DatabaseUnavailable, Fenced
+from ..tasks import consume_outcome
 from .default_rules import INHIBITS, RULE_ACTIONS, default_rules
 from .metrics import GatewayMetrics
 from .notifiers import AlertmanagerNotifier, DeliveryQueue, LogNotifier, Notifier, WebhookNotifier
@@ -294,7 +295,7 @@ class AlertEngine:
             return False  # the last ping is still hanging: a failed check, and no pile-up
         loop = asyncio.get_running_loop()
         ping = self._ping = loop.run_in_executor(self._pinger, self.db.ping)
-        ping.add_done_callback(_consume)
+        ping.add_done_callback(consume_outcome)
         try:
             await asyncio.wait_for(asyncio.shield(ping), PING_TIMEOUT_S)
         except TimeoutError:
@@ -344,12 +345,6 @@ class AlertEngine:
             "notifications": self.queue.stats(),
             "actions": list(self.responder.recent) if self.responder is not None else [],
         }
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve a ping's outcome even when nobody awaits it any more (after a timeout)."""
-    if not future.cancelled():
-        future.exception()
 
 
 _FAILED = object()

@@ -17,13 +17,17 @@ before anyone else may take it (and fenced writes catch what a paused process st
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 Fence = tuple[str, str, int]  # (lease name, holder, token), as store.database checks it
 
 LEAD_SHARE = 0.8  # of the TTL a leader acts on one successful call
+
+
+def gateway_of(holder: str) -> str:
+    """The gateway id of a lease holder ("<gateway_id>#<incarnation>"; "" for nobody)."""
+    return holder.rpartition("#")[0] or holder
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,10 +82,6 @@ class Alone:
     """[cluster] off: this gateway does every duty, unfenced."""
 
     clustered = False
-    on_elected: list[Callable[[], None]]
-
-    def __init__(self) -> None:
-        self.on_elected = []
 
     def leading(self) -> bool:
         return True

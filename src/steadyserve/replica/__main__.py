@@ -8,23 +8,12 @@ PR_SET_PDEATHSIG, plus a parent-pid check for the window before it was set.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
-import signal
 import sys
 from types import FrameType
 
-
-def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-    if parent_pid and os.getppid() != parent_pid:
-        os._exit(0)  # the gateway died before we could ask to die with it
+from ..process import die_with_parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="lower this process's CPU priority by this much (inherited by "
                              "every thread it starts): the gateway stays responsive")
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    die_with_parent(args.parent_pid)
 
     # thread counts must be in the environment before torch/tokenizers are imported
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):

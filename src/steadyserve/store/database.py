@@ -62,6 +62,7 @@ from sqlalchemy.pool import StaticPool
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from ..errors import ConfigError, DependencyUnavailable
+from ..policies.lease import Fence  # (lease name, holder, token): a write from its holder
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,6 @@ _PG_SCHEMA_LOCK = 0x5734_D5E4  # advisory lock key: serialises schema creation a
 
 SeriesPoint = tuple[str, Mapping[str, Any], float, float]
 """(name, labels, t epoch seconds, value) as written by `add_series_points`."""
-
-
-Fence = tuple[str, str, int]
-"""(lease name, holder, token): a write that must come from the lease's current holder."""
 
 
 class Fenced(Exception):

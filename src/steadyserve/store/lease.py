@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, case, func, or_, select, text, update
 
-from .database import Database, Fence, leases
+from ..policies.lease import Fence, gateway_of
+from .database import Database, leases
 
 _NOW = {  # epoch seconds by the database server's clock
     "postgresql": "SELECT extract(epoch from clock_timestamp())::float8",
@@ -40,13 +41,13 @@ class LeaseView:
 
     @property
     def gateway_id(self) -> str:
-        return self.holder.rpartition("#")[0] or self.holder
+        return gateway_of(self.holder)
 
 
 def acquire(db: Database, name: str, holder: str, ttl_s: float, url: str = "") -> LeaseView:
     """Renew or take the lease for `ttl_s` if it is ours, expired, or our earlier
     incarnation's (`holder` is "<gateway_id>#<incarnation>"); read it either way."""
-    own_prefix = holder.rpartition("#")[0] + "#"
+    own_prefix = gateway_of(holder) + "#"
     with db.connect("lease", write=True) as conn:
         conn.execute(db.insert_ignore(leases, {"name": name, "holder": "", "token": 0,
                                                "expires_at": 0.0, "url": "", "acquired_at": 0.0}))
