@@ -5,10 +5,12 @@ No I/O here: `settings.py` is the only reader of files, environment and flags.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .observe.logs import FileSink
 from .policies.balancing import BALANCERS
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -392,8 +394,22 @@ class ObservabilityConfig:
     access_log: bool = True  # one JSON line per request (logger steadyserve.access)
     otlp_endpoint: str | None = None  # e.g. http://127.0.0.1:4318: export traces over OTLP/HTTP
     service_name: str = "steadyserve"
+    # every process also writes JSON lines to <data_dir>/logs/<process>.jsonl, which
+    # `steadyserve logs` and GET /v1/logs read back (observe.logfiles)
+    log_files: bool = True
+    log_file_bytes: int = 8 * MiB  # one file before it is rotated
+    log_file_backups: int = 2  # rotated copies kept per process
+    log_dir_max_bytes: int = 256 * MiB  # the directory is pruned to this, oldest files first
+    log_scan_bytes: int = 32 * MiB  # the most one query reads
+    log_query_max_lines: int = 5000  # the most lines one query returns
 
     def __post_init__(self) -> None:
+        if self.log_file_bytes < 4096 or self.log_file_backups < 0 \
+                or self.log_dir_max_bytes < self.log_file_bytes or self.log_scan_bytes < 4096 \
+                or self.log_query_max_lines < 1:
+            raise ConfigError("[observability] need log_file_bytes >= 4096, log_file_backups "
+                              ">= 0, log_dir_max_bytes >= log_file_bytes, log_scan_bytes >= "
+                              "4096 and log_query_max_lines >= 1")
         if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(
                 ("http://", "https://")):
             raise ConfigError("otlp_endpoint must be an http(s):// URL")
@@ -543,6 +559,20 @@ class Config:
             if d.name == name:
                 return d
         raise KeyError(name)
+
+    @property
+    def log_dir(self) -> str | None:
+        """Where every process writes its log file; None when `log_files` is off."""
+        return os.path.join(self.data_dir, "logs") if self.observability.log_files else None
+
+    def log_sink(self, process: str) -> FileSink | None:
+        if self.log_dir is None:
+            return None
+        from .observe.logfiles import file_name
+
+        obs = self.observability
+        return FileSink(os.path.join(self.log_dir, file_name(process)), obs.log_file_bytes,
+                        obs.log_file_backups)
 
     @property
     def database(self) -> str:

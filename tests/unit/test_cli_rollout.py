@@ -36,7 +36,7 @@ class Gateway:
 def run(monkeypatch: pytest.MonkeyPatch, argv: list[str], answers: list[tuple[int, Any]]
         ) -> tuple[int, Gateway]:
     gateway = Gateway(answers)
-    monkeypatch.setattr(admin, "_call", gateway)
+    monkeypatch.setattr(admin, "call_json", gateway)
     monkeypatch.setattr(admin.time, "sleep", lambda s: None)
     args = build_parser().parse_args(["rollout", "echo", "--url", URL, *argv])
     return admin.rollout(args), gateway

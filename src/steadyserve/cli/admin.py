@@ -17,7 +17,7 @@ from . import exit_codes
 from .credentials import auth_headers
 
 
-def _call(method: str, url: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, Any]:
+def call_json(method: str, url: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, Any]:
     data = json.dumps(body).encode() if body is not None else None
     headers = {"content-type": "application/json", **auth_headers(url)}
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
@@ -34,7 +34,7 @@ def _call(method: str, url: str, body: dict[str, Any] | None, timeout_s: float) 
 def get_json(url: str, path: str) -> Any:
     """GET a gateway API path; None (after saying why on stderr) when it fails."""
     try:
-        code, body = _call("GET", f"{url}{path}", None, 10)
+        code, body = call_json("GET", f"{url}{path}", None, 10)
     except OSError as exc:
         print(f"steadyserve: cannot reach {url}: {exc}", file=sys.stderr)
         return None
@@ -122,11 +122,11 @@ def rollout(args: argparse.Namespace) -> int:
         return exit_codes.USAGE
     try:
         if args.cancel:
-            code, body = _call("DELETE", path, None, ROLLOUT_CALL_TIMEOUT_S)
+            code, body = call_json("DELETE", path, None, ROLLOUT_CALL_TIMEOUT_S)
         else:
             print(f"rolling out {args.deployment}: "
                   f"{json.dumps(changes) if changes else 'restart every replica'}", file=sys.stderr)
-            code, body = _call("POST", path, changes, ROLLOUT_CALL_TIMEOUT_S)
+            code, body = call_json("POST", path, changes, ROLLOUT_CALL_TIMEOUT_S)
     except OSError as exc:
         print(f"steadyserve: cannot reach {args.url}: {exc}", file=sys.stderr)
         return exit_codes.FAILURE
@@ -180,7 +180,7 @@ def _follow(path: str, body: dict[str, Any], timeout_s: float) -> int:
             return exit_codes.FAILURE
         time.sleep(ROLLOUT_POLL_S)
         try:
-            code, got = _call("GET", path, None, ROLLOUT_CALL_TIMEOUT_S)
+            code, got = call_json("GET", path, None, ROLLOUT_CALL_TIMEOUT_S)
         except OSError as exc:  # a gateway restarting: it resumes the rollout; keep asking
             print(f"steadyserve: cannot reach the gateway ({exc}); retrying", file=sys.stderr)
             continue

@@ -13,7 +13,7 @@ from ..errors import ConfigError
 from ..observe.prom_rules import prometheus_rules
 from ..settings import load_config
 from . import exit_codes
-from .admin import _call, get_json
+from .admin import call_json, get_json
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -75,7 +75,7 @@ def silence(args: argparse.Namespace) -> int:
     body = {"matchers": matchers, "duration_s": duration, "created_by": args.by,
             "comment": args.comment, "match_all": bool(args.match_all)}
     try:
-        code, reply = _call("POST", f"{args.url}/v1/silences", body, 10)
+        code, reply = call_json("POST", f"{args.url}/v1/silences", body, 10)
     except OSError as exc:
         print(f"steadyserve: cannot reach {args.url}: {exc}", file=sys.stderr)
         return exit_codes.FAILURE

@@ -156,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"steadyserve: {exc}", file=sys.stderr)
         return exit_codes.CONFIG
-    configure_logging(config.log_level, config.log_format, process="gateway")
+    configure_logging(config.log_level, config.log_format, file=config.log_sink("gateway"),
+                      process="gateway")
     cores = usable_cores()
     summary = ", ".join(
         f"{d.name} ({d.replicas} × {d.service}, {torch_threads(config, d, cores)} thread(s) each)"

@@ -10,6 +10,7 @@ shutdown) and die with the gateway (PR_SET_PDEATHSIG in the child).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -17,11 +18,15 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import Config, DeploymentConfig
 from ..errors import ConfigError
+from ..observe import logfiles
 from ..policies import gpus as gpu_policy
+
+log = logging.getLogger("steadyserve.launcher")
 
 
 @dataclass(slots=True)
@@ -121,6 +126,10 @@ def replica_argv(config: Config, deployment: DeploymentConfig, replica_id: str, 
     ]
     if recorder is not None:
         argv += ["--flight-recorder", recorder]
+    sink = config.log_sink(replica_id)
+    if sink is not None:
+        argv += ["--log-file", os.path.abspath(sink.path), "--log-file-bytes", str(sink.max_bytes),
+                 "--log-file-backups", str(sink.backups)]
     return argv
 
 
@@ -148,6 +157,20 @@ class LocalLauncher:
             if any(d.num_gpus > 0 for d in config.deployments) else []
         # the devices each live replica holds: (its process, [(device, share)])
         self.gpu_held: dict[str, tuple[Any, list[tuple[str, float]]]] = {}
+        self.processes: dict[str, asyncio.subprocess.Process] = {}  # by replica id
+
+    def prune_logs(self) -> None:
+        """Keep the log directory under `log_dir_max_bytes`, sparing the files of the gateway,
+        its workers and every replica still running (called before each start)."""
+        if self.config.log_dir is None:
+            return
+        self.processes = {r: p for r, p in self.processes.items() if p.returncode is None}
+        running = ["gateway", *(f"worker-{i}" for i in range(1, self.config.gateway.workers)),
+                   *self.processes]
+        removed = logfiles.prune(Path(self.config.log_dir),
+                                 self.config.observability.log_dir_max_bytes, running)
+        if removed:
+            log.info("pruned %d old log files", len(removed), extra={"dir": self.config.log_dir})
 
     def _gpus_for(self, deployment: DeploymentConfig,
                   replica_id: str) -> list[tuple[str, float]]:
@@ -175,6 +198,7 @@ class LocalLauncher:
             sock.listen(1024)
             sock.set_inheritable(True)
             port = sock.getsockname()[1]
+            self.prune_logs()
             threads = torch_threads(self.config, deployment, self.cores)
             recorder = os.path.join(self.config.data_dir, "flight", f"{replica_id}.keys")
             argv = replica_argv(self.config, deployment, replica_id, threads,
@@ -192,6 +216,7 @@ class LocalLauncher:
                 )
             except OSError as exc:
                 raise ConfigError(f"cannot start replica of {deployment.name}: {exc}") from exc
+            self.processes[replica_id] = process
             if gpus:
                 self.gpu_held[replica_id] = (process, gpus)
             return LaunchedReplica(process, "127.0.0.1", port, recorder)

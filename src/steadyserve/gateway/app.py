@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 from ..dashboard import routes as dashboard
 from ..observe.otlp import OtlpExporter
 from ..policies.lease import Alone
-from . import key_routes, oip, openai, rollout_routes, routes
+from . import key_routes, log_routes, oip, openai, rollout_routes, routes
 from . import openapi as openapi_doc
 from .access import Access
 from .cached import CACHE_HEADER
@@ -114,6 +114,8 @@ ROUTES = (
           json_body=True, tag="inference", summary="call a handler"),
     Route("GET", "/v1/alerts", routes.alerts, "read", tag="alerting",
           summary="active alerts, silences, recent automatic actions and history"),
+    Route("GET", "/v1/logs", log_routes.logs, "admin", tag="ops",
+          summary="recent log lines of the gateway and its replicas, filtered"),
     Route("GET", "/v1/cluster", routes.cluster, "read", tag="ops",
           summary="which gateway leads the ones sharing this database ([cluster])"),
     Route("POST", "/v1/silences", routes.create_silence, "admin", json_body=True,

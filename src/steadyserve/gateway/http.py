@@ -112,15 +112,26 @@ class Request:
                     decoder.finish()
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def query(self, name: str, max_chars: int) -> str | None:
+        """A text query parameter (the last one given; UTF-8), None when absent; ClientError
+        (400) naming it when longer than `max_chars` or not printable."""
+        values = parse_qs(bytes(self.scope.get("query_string", b"")).decode("latin-1"),
+                          keep_blank_values=True).get(name)
+        if not values:
+            return None
+        raw = values[-1]  # percent-escapes decoded as UTF-8 (bad bytes replaced)
+        if len(raw) > max_chars or not raw.isprintable():
+            raise ClientError(f"'{name}' must be at most {max_chars} printable characters",
+                              param=name)
+        return raw
+
     def query_int(self, name: str, low: int, high: int, default: int) -> int:
         """A whole-number query parameter in [low, high] (the last one given), `default`
         when absent; ClientError (400) naming it otherwise. ASCII digits only, and short:
         str.isdigit() also accepts "²", and int() refuses over 4,300 digits."""
-        values = parse_qs(bytes(self.scope.get("query_string", b"")).decode("latin-1"),
-                          keep_blank_values=True).get(name)
-        if not values:
+        raw = self.query(name, 64)
+        if raw is None:
             return default
-        raw = values[-1]
         if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(high)) \
                 or not low <= int(raw) <= high:
             raise ClientError(f"'{name}' must be a whole number from {low} to {high}",

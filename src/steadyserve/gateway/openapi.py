@@ -24,6 +24,7 @@ from ..dashboard.routes import ASSETS
 from ..policies.alert_lifecycle import silence_schema
 from ..policies.rollout import changes_schema
 from .http import Request, Response, json_response
+from .log_routes import PARAMS
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -39,6 +40,7 @@ JSON_ANY: dict[str, Any] = {}
 QUERY_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "/v1/cache": (("top", "how many of the hottest keys to list: 1 to 1000"),),
     "/v1/dashboard": (("history", "minutes of per-minute history to add: 1 to 4320"),),
+    "/v1/logs": PARAMS,
 }
 
 

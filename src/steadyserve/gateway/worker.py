@@ -246,7 +246,7 @@ def worker_main(config: Config, index: int, channel_path: str, http_path: str,
     from ..observe.logs import configure_logging
 
     configure_logging(config.log_level, "json" if config.log_format == "auto" else config.log_format,
-                      process=f"worker-{index}")
+                      file=config.log_sink(f"worker-{index}"), process=f"worker-{index}")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded route: noise
     with event_loop_runner() as runner:
         runner.run(_serve(config, index, channel_path, http_path))

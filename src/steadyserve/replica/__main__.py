@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout-s", type=float, default=10.0)
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--log-format", default="json")
+    parser.add_argument("--log-file", default=None, help="also write JSON lines here (rotated)")
+    parser.add_argument("--log-file-bytes", type=int, default=8 * 1024 * 1024)
+    parser.add_argument("--log-file-backups", type=int, default=2)
     parser.add_argument("--flight-recorder", default=None, help="file of the keys being executed")
     parser.add_argument("--nice", type=int, default=0,
                         help="lower this process's CPU priority by this much (inherited by "
@@ -42,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from ..observe.logs import configure_logging
+    from ..observe.logs import FileSink, configure_logging
 
-    configure_logging(args.log_level, args.log_format, replica=args.name)
+    sink = FileSink(args.log_file, args.log_file_bytes, args.log_file_backups) \
+        if args.log_file else None
+    deployment = os.environ.get("STEADYSERVE_DEPLOYMENT")
+    configure_logging(args.log_level, args.log_format, file=sink, replica=args.name,
+                      **({"deployment": deployment} if deployment else {}))
     log = logging.getLogger("steadyserve.replica")
 
     import uvicorn

@@ -4,6 +4,7 @@ and torch gets the cores it was given. Async handlers run on the loop itself."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import time
 from collections.abc import Callable
@@ -58,7 +59,8 @@ class Runner:
             return result, started, time.monotonic()
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, timed)
+        # the caller's context (the request id its log lines carry) in the model thread too
+        return await loop.run_in_executor(self._pool, contextvars.copy_context().run, timed)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -32,6 +32,7 @@ from ..errors import (
     SteadyError,
     to_wire,
 )
+from ..observe.logs import REQUEST_ID
 from ..schema import compile_params
 from ..service import HandlerSpec, Service
 from .batcher import Batcher
@@ -45,6 +46,7 @@ Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
+REQUEST_ID_HEADER = b"x-request-id"  # the gateway's id of the request: in this replica's log lines
 DEADLINE_HEADER = b"x-steadyserve-deadline-ms"  # remaining budget in ms when sent
 INPUT_KEY_HEADER = b"x-steadyserve-input-key"  # the gateway's hash of the input (quarantine)
 
@@ -204,6 +206,7 @@ class ReplicaApp:
         metrics = self.metrics
         metrics.inflight.inc()
         status = 200
+        REQUEST_ID.set(_request_id(scope))  # this task's context: gone when it ends
         try:
             body = await _read_body(receive)
             deadline, key = _call_headers(scope)
@@ -299,6 +302,13 @@ class ReplicaApp:
 
 
 def _noop() -> None:
+    return None
+
+
+def _request_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            return bytes(value[:128]).decode("ascii", errors="replace")
     return None
 
 

@@ -1,0 +1,191 @@
+"""Log files every process keeps next to its stderr, and reading them back (`GET /v1/logs`,
+`steadyserve logs`).
+
+Each process — the gateway, its workers, every local replica — appends JSON lines to
+`<log_dir>/<process>.jsonl`: rotated at `log_file_bytes` with `log_file_backups` older
+copies, and the directory pruned to `log_dir_max_bytes` (oldest files first, never those of a
+process that is running). Files rather than pipes into the gateway: a replica's last words
+before it crashes, and the gateway's own, survive the gateway's restart, and a gateway slow to
+read can never block a replica's write. Reading is bounded: one query scans at most
+`log_scan_bytes` from the newest end of the files and returns at most its `limit` lines.
+
+Replicas run with the Ray backend write on the node that runs them; `steadyserve logs` sees
+the local ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from logging.handlers import RotatingFileHandler
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+SUFFIX = ".jsonl"
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+REOPEN_CHECK_S = 1.0
+MAX_FILTER_CHARS = 128
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def file_name(process: str) -> str:
+    """`<process>.jsonl`, with anything but letters, digits, `.`, `_` and `-` replaced."""
+    return _SAFE_NAME.sub("_", process)[:120] + SUFFIX
+
+
+class LogFile(RotatingFileHandler):
+    """A rotating file that reopens its path when the file was removed (pruned, or deleted by
+    an operator): lines written after that go to a new file, not into an unlinked inode.
+    The check is a stat at most once a second."""
+
+    def __init__(self, path: str, max_bytes: int, backups: int) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
+                         delay=True)
+        self._checked = 0.0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = time.monotonic()
+        if self.stream is not None and now - self._checked >= REOPEN_CHECK_S:
+            self._checked = now
+            if not os.path.exists(self.baseFilename):
+                self.stream.close()
+                self.stream = None  # reopened by FileHandler.emit
+        super().emit(record)
+
+
+@dataclass(frozen=True, slots=True)
+class LogQuery:
+    """Which lines to return. `level` is the lowest level shown; `since` a time stamp (lines
+    at or after it); the other filters match their field exactly. A line of the gateway that
+    names only a replica (`echo-2`, `echo-r3-1`) belongs to that replica's deployment."""
+
+    deployment: str | None = None
+    replica: str | None = None
+    level: str | None = None
+    request_id: str | None = None
+    since: float | None = None
+    limit: int = 200
+
+    def matches(self, rec: dict[str, Any]) -> bool:
+        if self.since is not None and not _number(rec.get("ts")) >= self.since:
+            return False
+        if self.level is not None and \
+                LEVELS.get(str(rec.get("level", "")).lower(), 0) < LEVELS[self.level]:
+            return False
+        if self.request_id is not None and rec.get("request_id") != self.request_id:
+            return False
+        replica = rec.get("replica")
+        if self.replica is not None and replica != self.replica:
+            return False
+        if self.deployment is not None:
+            named = rec.get("deployment")
+            if named is None and isinstance(replica, str):
+                named = deployment_of(replica)
+            if named != self.deployment:
+                return False
+        return True
+
+
+_REPLICA_ID = re.compile(r"(.+?)(?:-r\d+)?-\d+")
+
+
+def deployment_of(replica_id: str) -> str | None:
+    """The deployment a replica id names: `echo-2` → echo, `echo-r3-1` → echo."""
+    m = _REPLICA_ID.fullmatch(replica_id)
+    return m.group(1) if m else None
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else float("-inf")
+
+
+def _tail(path: Path, budget: int) -> tuple[bytes, int]:
+    """The last `budget` bytes of a file, cut to whole lines; (data, bytes read)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            start = max(0, size - budget)
+            f.seek(start)
+            data = f.read(size - start)
+    except OSError:  # rotated or pruned between listing and opening
+        return b"", 0
+    if start > 0:
+        cut = data.find(b"\n")
+        data = data[cut + 1:] if cut >= 0 else b""
+    return data, size - start
+
+
+def _files(log_dir: Path) -> list[tuple[float, Path]]:
+    """(mtime, path) of the log files, newest first."""
+    out = []
+    try:
+        entries = list(os.scandir(log_dir))
+    except OSError:
+        return []
+    for entry in entries:
+        if SUFFIX in entry.name and entry.is_file(follow_symlinks=False):
+            try:
+                out.append((entry.stat().st_mtime, Path(entry.path)))
+            except OSError:
+                continue
+    out.sort(reverse=True)
+    return out
+
+
+def read(log_dir: Path, query: LogQuery, scan_bytes: int) -> list[dict[str, Any]]:
+    """Matching lines, oldest first: the newest `query.limit` of them, or with `since` the
+    first `query.limit` at or after it (a follow pages forward). Reads at most `scan_bytes`
+    (newest files first; each file from its end)."""
+    found: list[dict[str, Any]] = []
+    left = scan_bytes
+    for mtime, path in _files(log_dir):
+        if left <= 0:
+            break
+        if query.since is not None and mtime < query.since:
+            continue  # nothing in it is new enough
+        data, used = _tail(path, left)
+        left -= used
+        for line in data.splitlines():
+            try:
+                rec = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+            if isinstance(rec, dict) and query.matches(rec):
+                found.append(rec)
+    found.sort(key=lambda r: _number(r.get("ts")))
+    if query.since is not None:  # paging forward (a follow): the oldest after `since`
+        return found[:query.limit]
+    return found[-query.limit:]
+
+
+def prune(log_dir: Path, max_bytes: int, running: Iterable[str]) -> list[Path]:
+    """Delete the oldest files until the directory holds at most `max_bytes`; the current file
+    of a running process (`running`: process names) is kept whatever its age."""
+    keep = {file_name(p) for p in running}
+    files = sorted(_files(log_dir))  # oldest first
+    sizes = {}
+    for _, path in files:
+        try:
+            sizes[path] = path.stat().st_size
+        except OSError:
+            sizes[path] = 0
+    total = sum(sizes.values())
+    removed = []
+    for _, path in files:
+        if total <= max_bytes:
+            break
+        if path.name in keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= sizes[path]
+        removed.append(path)
+    return removed
