@@ -1,9 +1,16 @@
 """The dashboard's routes in process: the page with its CSP, only the listed assets, and
-/v1/dashboard's data, refusing a bad `history` with a 400 that names it."""
+/v1/dashboard's data — replicas with why they last exited or are ejected, batch sizes of the
+batched handlers (read from the replicas at most every 5 s), the rollout without env values —
+refusing a bad `history` with a 400 that names it."""
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import pytest
+
+from steadyserve.dashboard import routes as dashboard_routes
 
 from .services import Echo
 
@@ -16,6 +23,9 @@ async def test_the_page_and_only_its_assets(make_gateway):
     assert page.headers["x-frame-options"] == "DENY"
     js = await client.get("/dashboard/app.js")
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+    # no inline script and no inline event handler: the CSP would block them
+    assert re.search(r"<script(?![^>]*\bsrc=)", page.text) is None
+    assert re.search(r"\son[a-z]+\s*=", page.text) is None
     for hostile in ("/dashboard/secret.txt", "/dashboard/..%2Fdata.py", "/dashboard/%00"):
         r = await client.get(hostile)
         assert r.status_code == 404, (hostile, r.text)
@@ -39,3 +49,87 @@ async def test_a_bad_history_is_a_400_naming_it(make_gateway, query):
     r = await client.get(f"/v1/dashboard?{query}")
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "history"
+
+
+async def test_batch_sizes_of_the_batched_handlers_read_at_most_every_5s(make_gateway,
+                                                                        monkeypatch):
+    gateway, client, _ = await make_gateway({"echo": (Echo, 2)})
+    now = [1000.0]
+    monkeypatch.setattr(dashboard_routes, "clock", lambda: now[0])
+    fetches = []
+    real = gateway.replica_metrics
+
+    async def counted() -> bytes:
+        fetches.append(now[0])
+        return await real()
+
+    monkeypatch.setattr(gateway, "replica_metrics", counted)
+    for texts in (["a", "b"], ["c"], ["d", "e", "f"]):
+        r = await client.post("/v1/deployments/echo/upper", json={"texts": texts})
+        assert r.status_code == 200, r.text
+    [echo] = (await client.get("/v1/dashboard")).json()["deployments"]
+    assert sorted(echo["batches"]) == ["short", "upper"]  # batch=True handlers only
+    upper = echo["batches"]["upper"]
+    assert upper["max_batch_size"] == 8
+    assert 1 <= upper["batches"] <= 3 and upper["items"] == 6
+    assert upper["mean"] == round(6 / upper["batches"], 2)
+    assert upper["buckets"]["8"] == upper["buckets"]["+Inf"] == upper["batches"]
+    assert list(upper["buckets"])[:3] == ["1", "2", "4"]
+    assert echo["batches"]["short"]["batches"] == 0 and echo["batches"]["short"]["mean"] is None
+
+    await client.post("/v1/deployments/echo/upper", json={"texts": ["g"]})
+    now[0] += 4.9  # within 5 s: the last read, no fetch
+    [again] = (await client.get("/v1/dashboard")).json()["deployments"]
+    assert again["batches"]["upper"]["items"] == 6 and len(fetches) == 1
+    now[0] += 0.1
+    [later] = (await client.get("/v1/dashboard")).json()["deployments"]
+    assert later["batches"]["upper"]["items"] == 7 and len(fetches) == 2
+
+
+class FakeControl:
+    """A control plane as the supervisor answers (its status and rollout status)."""
+
+    def status(self, deployment: str) -> list[dict[str, Any]]:
+        return [
+            {"id": f"{deployment}-0", "revision": 2, "state": "ready", "retiring": False,
+             "pid": 11, "address": "127.0.0.1:1", "restarts": 1, "last_exit_code": -9,
+             "last_exit_reason": "killed by SIGKILL", "last_exit_at": 1.7e9, "ready_for_s": 3.0,
+             "ejected": True, "ejection_reason": "5 consecutive failures"},
+            {"id": f"{deployment}-1", "revision": 2, "state": "starting", "retiring": False,
+             "pid": 12, "address": "127.0.0.1:2", "restarts": 0, "last_exit_code": None,
+             "last_exit_reason": None, "last_exit_at": None, "ready_for_s": 0.0,
+             "ejected": False, "ejection_reason": None},
+        ]
+
+    def rollout_status(self, deployment: str) -> dict[str, Any]:
+        return {
+            "deployment": deployment, "revision": 2, "state": "rolling", "reason": None,
+            "target": {"revision": 2, "service": "tests:Echo", "replicas": 2,
+                       "env": {"TOKEN": "s3cret-value", "TAG": "v2"}, "balancer": "p2c"},
+            "good_revision": 1, "previous_revision": 0, "max_replicas": 8, "autoscale": None,
+            "progress": {"desired": 2, "updated": 1, "ready": 0, "old": 2, "draining": 0,
+                         "converged": False},
+            "started_at": 1.7e9, "finished_at": None, "replicas": self.status(deployment),
+        }
+
+
+async def test_replicas_say_why_they_exited_or_are_ejected_and_the_rollout_shows(make_gateway):
+    gateway, client, _ = await make_gateway({"echo": (Echo, 1)})
+    [plain] = (await client.get("/v1/dashboard")).json()["deployments"]
+    assert plain["rollout"] is None  # no control plane: nothing rolls out
+
+    gateway.control = FakeControl()  # type: ignore[assignment]
+    r = await client.get("/v1/dashboard")
+    [echo] = r.json()["deployments"]
+    killed, starting = echo["replicas"]
+    assert (killed["last_exit_reason"], killed["last_exit_at"], killed["ejection_reason"]) == \
+        ("killed by SIGKILL", 1.7e9, "5 consecutive failures")
+    assert killed["restarts"] == 1 and killed["ejected"] is True
+    assert (starting["last_exit_reason"], starting["ejection_reason"]) == (None, None)
+    assert echo["rollout"] == {
+        "state": "rolling", "reason": None, "revision": 2, "target": 2, "service": "tests:Echo",
+        "replicas": 2, "env": ["TAG", "TOKEN"], "good_revision": 1,
+        "progress": {"desired": 2, "updated": 1, "ready": 0, "old": 2, "draining": 0,
+                     "converged": False},
+        "started_at": 1.7e9, "finished_at": None}
+    assert "s3cret-value" not in r.text  # read access never sees env values

@@ -1,7 +1,9 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright): the page loads
-with no console error, its charts draw the requests sent during the test, an alert fired in
-the test appears, the data needs a key once keys exist; a screenshot is kept in
-test-artifacts/dashboard.png."""
+with no console error, its charts draw the requests sent during the test, the batched
+handler's batch sizes show, the replica that never starts says why it exited, an alert fired
+in the test appears and is silenced from the page (which asks for the admin key first), a
+restart not confirmed does nothing, a confirmed one rolls out and is cancelled from the page,
+the data needs a key once keys exist; a screenshot is kept in test-artifacts/dashboard.png."""
 
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ data_dir = "{tmp_path / 'state'}"
 [alerting]
 evaluation_interval_s = 0.5
 not_ready_for_s = 1
+[supervisor]
+rollout_max_restarts = 1000  # a rollout of `down` runs until it is cancelled
 [deployments.echo]
 service = "{ECHO}"
 replicas = 2
@@ -61,6 +65,9 @@ replicas = 1
                 for i in range(100):
                     r = c.post("/v1/deployments/echo/echo", json={"text": f"t{i}"})
                     assert r.status_code == 200
+                for i in range(10):  # the batched handler
+                    r = c.post("/v1/deployments/echo/upper", json={"texts": [f"b{i}"] * 3})
+                    assert r.status_code == 200
             page.wait_for_function(
                 "(window.__steadyserve.series.echo || {rps: []}).rps.some(v => v > 0)",
                 timeout=15_000)
@@ -78,6 +85,63 @@ replicas = 1
             assert "echo-0" in page.inner_text("#d-echo .replicas")
             assert "L1 (" in page.inner_text("#cache-facts")  # the cache and its curve
             assert page.locator("#cache-curve canvas").count() == 1
+            assert "Rollout: none yet" in page.inner_text("#d-echo .controls")
+
+            # batch sizes: read from the replicas every 5 s; 10 batches of 3 items
+            page.wait_for_function("(document.querySelector('#d-echo .batches td.mean') || "
+                                   "{}).textContent === '3.00'", timeout=15_000)
+            assert "upper" in page.inner_text("#d-echo .batches")
+            # `down` never starts: its replica exited while starting, and says why (the last
+            # error in its log file)
+            page.wait_for_function("/exited|killed/.test((document.querySelector("
+                                   "'#d-down .replicas td.exit') || {}).textContent || '')",
+                                   timeout=15_000)
+            exit_text = page.inner_text("#d-down .replicas td.exit")
+            assert "while starting" in exit_text, exit_text
+            assert "this service cannot start (on purpose)" in exit_text, exit_text
+
+            # a restart needs confirming: dismissed, nothing rolls out
+            page.once("dialog", lambda dialog: dialog.dismiss())
+            page.click("#d-echo button.restart")
+            with httpx.Client(base_url=gw.url, timeout=10, headers=gw.admin_headers()) as c:
+                assert c.get("/v1/admin/deployments/echo/rollout").json()["revision"] == 0
+
+            # silencing needs the admin key: the page asks for it, then silences
+            alert_row = page.locator("#alerts tbody tr.firing",
+                                     has_text="DeploymentNotReady").first
+            alert_row.locator("button[data-action=silence]").click()
+            page.wait_for_selector("#keyform:not([hidden])", timeout=5_000)
+            assert page.inner_text("#keymsg") == "an admin key is needed for this action"
+            admin_key = gw.admin_headers()["authorization"].removeprefix("Bearer ")
+            page.fill("#key", admin_key)
+            page.click("#keyform button")
+            alert_row.locator("button[data-action=silence]").click()
+            page.wait_for_function("/^silenced /.test(document.getElementById('action-status')"
+                                   ".textContent)", timeout=10_000)
+            with httpx.Client(base_url=gw.url, timeout=10, headers=gw.admin_headers()) as c:
+                book = c.get("/v1/alerts").json()
+            [alert] = [a for a in book["alerts"] if a["rule"] == "DeploymentNotReady"
+                       and a["labels"].get("deployment") == "down"]
+            assert any(s["matchers"] == alert["labels"] and s["created_by"] == "dashboard"
+                       and 3500 <= s["ends_at"] - s["starts_at"] <= 3700
+                       for s in book["silences"]), book["silences"]
+            page.wait_for_function("[...document.querySelectorAll('#alerts tbody tr')].some("
+                                   "r => r.textContent.includes('DeploymentNotReady') && "
+                                   "r.textContent.includes('silenced'))", timeout=10_000)
+
+            # restart `down` (confirmed): a rollout that cannot finish, cancelled from the page
+            page.once("dialog", lambda dialog: dialog.accept())
+            page.click("#d-down button.restart")
+            page.wait_for_selector("#d-down button.cancel:not([hidden])", timeout=10_000)
+            assert "Rollout: revision 1 rolling" in page.inner_text("#d-down .controls")
+            page.click("#d-down button.cancel")
+            page.wait_for_function("(document.querySelector('#d-down .rollout') || {})"
+                                   ".textContent.includes('revision 1 cancelled')",
+                                   timeout=10_000)
+            assert "cancelled by request" in page.inner_text("#d-down .controls")
+            with httpx.Client(base_url=gw.url, timeout=10, headers=gw.admin_headers()) as c:
+                rollout = c.get("/v1/admin/deployments/down/rollout").json()
+            assert (rollout["revision"], rollout["state"]) == (1, "cancelled")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

@@ -183,3 +183,15 @@ def test_render_puts_time_level_process_and_message_first() -> None:
     assert level == "error"
     assert text.split(" ", 1)[1] == "ERROR   echo-1 boom request_id=r1\nTraceback ..."
     assert text.split(" ")[0].endswith(".250")
+
+
+def test_last_error_is_the_newest_error_of_this_run_only(tmp_path: Path) -> None:
+    path = tmp_path / "down-0.jsonl"
+    write(path, [{"ts": 5, "level": "error", "msg": "an earlier run's error"},
+                 {"ts": 10, "level": "info", "msg": "loading"},
+                 {"ts": 11, "level": "error", "msg": "setup failed",
+                  "exc": "Traceback (most recent call last):\n  ...\nOSError: no weights\n"},
+                 {"ts": 12, "level": "info", "msg": "shutting down"}], extra=b'{"ts": 13, "le')
+    assert logfiles.last_error(path, since=10) == "setup failed (OSError: no weights)"
+    assert logfiles.last_error(path, since=11.5) is None  # this run logged no error
+    assert logfiles.last_error(tmp_path / "missing.jsonl", since=0) is None

@@ -1,5 +1,5 @@
-"""policies/outlier.py: OutlierPolicy.may_eject, HostHealth, record, start_probe, slow_start_weight,
-timeout_blames_replica."""
+"""policies/outlier.py: OutlierPolicy.may_eject, HostHealth (and the reason it is ejected),
+record, eject_host, start_probe, slow_start_weight, timeout_blames_replica."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from steadyserve.policies.outlier import (
     HandlerErrors,
     HostHealth,
     OutlierPolicy,
+    eject_host,
     note_answer,
     record,
     sick,
@@ -43,6 +44,52 @@ def returned_host(now: float = T0) -> HostHealth:
     h, event = record(h, True, h.ejected_until, POLICY, True)
     assert event == "returned"
     return h
+
+
+# the reason an ejection carries ------------------------------------------------------------
+
+
+def probe_failed(h: HostHealth) -> HostHealth:
+    h, event = record(start_probe(h), False, h.ejected_until, POLICY, True)
+    assert event == "ejected"
+    return h
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        pytest.param(lambda: HostHealth(), "", id="never-ejected"),
+        pytest.param(lambda: fail_times(HostHealth(), 4, T0)[0], "", id="4-failures-in-rotation"),
+        pytest.param(lambda: ejected_host(), "5 consecutive failures", id="consecutive-failures"),
+        pytest.param(lambda: fail_times(HostHealth(), 5, T0, may_eject=False)[0], "",
+                     id="share-full-not-ejected"),
+        pytest.param(lambda: start_probe(ejected_host()), "5 consecutive failures",
+                     id="probing-keeps-it"),
+        pytest.param(lambda: probe_failed(ejected_host()),
+                     "its probe failed (ejected 2 times in a row)", id="probe-failed"),
+        pytest.param(lambda: probe_failed(probe_failed(ejected_host())),
+                     "its probe failed (ejected 3 times in a row)", id="probe-failed-twice"),
+        pytest.param(lambda: returned_host(), "", id="returned-forgets-it"),
+        pytest.param(lambda: eject_host(HostHealth(), T0, POLICY, "an automatic action"),
+                     "an automatic action", id="automatic-action"),
+        pytest.param(lambda: eject_host(returned_host(), T0 + 31, POLICY,
+                                        "its handler failed 90% of its last 20 requests"),
+                     "its handler failed 90% of its last 20 requests", id="handler-errors"),
+    ],
+)
+def test_an_ejection_says_why_until_the_replica_returns(make, reason):
+    h = make()
+    assert h.reason == reason
+    assert (h.ejected_until > 0) == bool(reason)
+
+
+def test_eject_host_is_what_consecutive_failures_do_but_with_its_reason():
+    by_failures = ejected_host(T0)
+    direct = eject_host(HostHealth(consecutive_failures=2), T0, POLICY, "an automatic action")
+    assert (direct.ejections, direct.ejected_until) == (by_failures.ejections,
+                                                         by_failures.ejected_until)
+    again = eject_host(returned_host(T0), T0 + 31, POLICY, "x")
+    assert again.ejections == 2 and again.ejected_until == pytest.approx(T0 + 31 + 60)
 
 
 # may_eject ---------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""control/supervisor.py: rollouts as a stored target, converged on by the reconcile loop.
+"""control/supervisor.py: rollouts as a stored target, converged on by the reconcile loop;
+and what `status()` says of each replica's last exit and ejection.
 
 No processes and no sockets: a fake launcher whose "processes" exit when told (or when
 signalled), a fake transport that answers /readyz and /info for the replicas the launcher
@@ -19,7 +20,7 @@ from steadyserve import codec
 from steadyserve.config import Config, DeploymentConfig, SupervisorConfig
 from steadyserve.control.launcher import LaunchedReplica
 from steadyserve.control.responder import Responder
-from steadyserve.control.supervisor import STATE_KEY, Supervisor
+from steadyserve.control.supervisor import STATE_KEY, Supervisor, exit_reason
 from steadyserve.errors import ClientError, Conflict, ConnectionRefused
 from steadyserve.gateway.controls import DataPlaneControls
 from steadyserve.gateway.dispatch import Dispatcher
@@ -453,3 +454,114 @@ async def test_the_automatic_rollback_goes_through_the_stored_target(harnesses):
     assert (record["outcome"], record["detail"]) == (
         "started", "cancelled revision 3 of d; going back to revision 2")
     assert h.sup.rollout_status("d")["state"] == "cancelled"
+
+
+# why a replica last exited, and why it is ejected -----------------------------------------
+
+
+class SetupFailing(FakeTransport):
+    """/readyz of a live replica that is not ready answers what the replica says: its setup
+    failed."""
+
+    async def request(self, address: Address, method: str, path: str, body: bytes,
+                      headers: list[tuple[bytes, bytes]], timeout_s: float) -> Reply:
+        alive = [p for _, _, p in self.launcher.launched
+                 if p.pid == address.port and p.returncode is None]
+        if alive and address.port not in self.launcher.ready and path == "/readyz":
+            return Reply(503, b'{"status": "RuntimeError: boom <b>"}')
+        return await super().request(address, method, path, body, headers, timeout_s)
+
+
+class Draining(FakeTransport):
+    """A replica on its way out answers "draining"."""
+
+    async def request(self, address: Address, method: str, path: str, body: bytes,
+                      headers: list[tuple[bytes, bytes]], timeout_s: float) -> Reply:
+        if path == "/readyz" and address.port not in self.launcher.ready:
+            return Reply(503, b'{"status": "draining"}')
+        return await super().request(address, method, path, body, headers, timeout_s)
+
+
+def replica(h: Harness, replica_id: str) -> dict[str, Any]:
+    return next(r for r in h.sup.status("d") if r["id"] == replica_id)
+
+
+@pytest.mark.parametrize(("args", "reason"), [
+    ((1,), "exited with code 1"),
+    ((0, "", "ready"), "exited with code 0"),
+    ((-signal.SIGKILL,), "killed by SIGKILL"),
+    ((-signal.SIGSEGV, "", "ready"), "killed by SIGSEGV"),
+    ((-200,), "killed by signal 200"),
+    ((None,), "exited"),
+    ((3, "", "starting"), "exited with code 3 while starting"),
+    ((0, "", "starting", "RuntimeError: boom"), "exited with code 0 while starting "
+                                                "(RuntimeError: boom)"),
+    ((-signal.SIGKILL, "killed: not ready after 5s", "starting"), "killed: not ready after 5s"),
+    ((0, "restarted: an automatic action", "stopping"), "restarted: an automatic action"),
+])
+async def test_exit_reason(args, reason):  # pure; async for the module's asyncio mark
+    assert exit_reason(*args) == reason
+
+
+async def test_each_replica_says_why_it_last_exited(harnesses):
+    h = harnesses(FakeLauncher(lambda c, rid: "hang" if rid == "d-1" else "ok"))
+    await h.start()
+    await h.tick(2)
+    fresh = replica(h, "d-0")
+    assert (fresh["restarts"], fresh["last_exit_reason"], fresh["last_exit_at"],
+            fresh["ejection_reason"]) == (0, None, None, None)
+
+    h.launcher.process("d-0").exit(-signal.SIGKILL)  # the kernel's OOM killer, say
+    await h.settle()
+    crashed = replica(h, "d-0")
+    assert (crashed["restarts"], crashed["last_exit_code"]) == (1, -signal.SIGKILL)
+    assert (crashed["last_exit_reason"], crashed["last_exit_at"]) == ("killed by SIGKILL", 1.7e9)
+
+    await h.tick(int(READY_TIMEOUT_S / TICK_S) + 3)  # d-1 never gets ready: killed
+    assert replica(h, "d-1")["last_exit_reason"] == "killed: not ready after 5s"
+
+    await h.tick(5)
+    assert "d-0" in h.ready_ids() and h.sup.restart("d-0", "an automatic action on alert X")
+    await h.settle()
+    assert replica(h, "d-0")["last_exit_reason"] == "restarted: an automatic action on alert X"
+    assert replica(h, "d-0")["restarts"] == 2
+
+
+async def test_a_replica_that_exits_while_starting_says_what_its_readyz_said(harnesses):
+    launcher = FakeLauncher(lambda c, rid: "hang" if rid == "d-1" else "ok")
+    h = harnesses(launcher)
+    h.transport = h.sup.transport = SetupFailing(launcher)
+    await h.start()
+    await h.tick(2)
+    launcher.process("d-1").exit(0)  # the replica stops itself when its setup fails
+    await h.settle()
+    assert replica(h, "d-1")["last_exit_reason"] == \
+        "exited with code 0 while starting (RuntimeError: boom <b>)"
+
+
+async def test_a_draining_readyz_does_not_replace_what_the_replica_said_before(harnesses):
+    launcher = FakeLauncher(lambda c, rid: "hang" if rid == "d-1" else "ok")
+    h = harnesses(launcher)
+    h.transport = h.sup.transport = SetupFailing(launcher)
+    await h.start()
+    await h.tick(2)
+    h.transport.request = Draining(launcher).request  # type: ignore[method-assign]
+    await h.tick(2)
+    launcher.process("d-1").exit(-signal.SIGTERM)  # it stopped itself after its setup failed
+    await h.settle()
+    assert replica(h, "d-1")["last_exit_reason"] == \
+        "killed by SIGTERM while starting (RuntimeError: boom <b>)"
+
+
+
+async def test_an_ejected_replica_says_why(harnesses):
+    h = harnesses()
+    await h.start()
+    await h.tick(2)
+    data = data_plane(h)
+    assert data.eject("d", "d-1", "an automatic action on alert ReplicaErrors")
+    ejected = replica(h, "d-1")
+    assert ejected["ejected"] is True
+    assert ejected["ejection_reason"] == "an automatic action on alert ReplicaErrors"
+    assert replica(h, "d-0")["ejection_reason"] is None
+    assert not data.eject("d", "d-0")  # the share limit: never the last one

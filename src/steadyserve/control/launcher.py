@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+MAX_REMEMBERED = 4096  # replica ids whose start time is kept for their last words
 REPLICA_MEMORY_BYTES = 512 * 1024 * 1024  # a small model's replica, for the default cap
 REPLICAS_PER_CORE = 4
 
@@ -158,6 +160,14 @@ class LocalLauncher:
         # the devices each live replica holds: (its process, [(device, share)])
         self.gpu_held: dict[str, tuple[Any, list[tuple[str, float]]]] = {}
         self.processes: dict[str, asyncio.subprocess.Process] = {}  # by replica id
+        self.started_at: dict[str, float] = {}  # wall-clock start of each replica id's process
+
+    def last_words(self, replica_id: str) -> str | None:
+        """The last error its process logged (its log file), e.g. why its setup() failed."""
+        if self.config.log_dir is None or replica_id not in self.started_at:
+            return None
+        path = Path(self.config.log_dir) / logfiles.file_name(replica_id)
+        return logfiles.last_error(path, self.started_at[replica_id])
 
     def prune_logs(self) -> None:
         """Keep the log directory under `log_dir_max_bytes`, sparing the files of the gateway,
@@ -217,6 +227,9 @@ class LocalLauncher:
             except OSError as exc:
                 raise ConfigError(f"cannot start replica of {deployment.name}: {exc}") from exc
             self.processes[replica_id] = process
+            self.started_at[replica_id] = time.time()
+            while len(self.started_at) > MAX_REMEMBERED:  # ids of long-gone replicas
+                del self.started_at[next(iter(self.started_at))]
             if gpus:
                 self.gpu_held[replica_id] = (process, gpus)
             return LaunchedReplica(process, "127.0.0.1", port, recorder)

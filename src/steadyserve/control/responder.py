@@ -109,12 +109,13 @@ class Responder:
 
     async def _do(self, action: str, deployment: str, target: str,
                   rule: str = "") -> tuple[str, str]:
+        why = f"an automatic action on alert {rule}" if rule else "an automatic action"
         if action == "restart_replica":
-            if self.supervisor is None or not self.supervisor.restart(target):
+            if self.supervisor is None or not self.supervisor.restart(target, why):
                 return "failed", f"no running replica {target!r}"
             return "done", f"restarting {target}"
         if action == "eject_replica":
-            if not self.data.eject(deployment, target):
+            if not self.data.eject(deployment, target, why):
                 return "failed", f"cannot eject {target!r} (share limit or not in rotation)"
             return "done", f"ejected {target}"
         if action == "shed_batch":

@@ -137,6 +137,41 @@ class RolloutRecord:
         return record
 
 
+def exit_reason(code: int | None, stopped_because: str = "", state: str = "",
+                not_ready_because: str = "") -> str:
+    """How a replica process ended, for people: what this supervisor did to it when it did
+    ("killed: not ready after 180s"), else its signal or exit code, and whether it was still
+    starting (with what its /readyz last said)."""
+    if stopped_because:
+        return stopped_because
+    if code is None:
+        why = "exited"
+    elif code < 0:
+        try:
+            why = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            why = f"killed by signal {-code}"
+    else:
+        why = f"exited with code {code}"
+    if state == "starting":
+        why += f" while starting ({not_ready_because})" if not_ready_because else \
+            " while starting"
+    return why
+
+
+def _readiness(body: bytes) -> str:
+    """The reason in a not-ready /readyz answer (`{"status": "..."}`), bounded; "" when it
+    says nothing of interest (still in setup, or draining on its way out after a failure)."""
+    try:
+        parsed = json.loads(body) if len(body) <= 4096 else None
+    except ValueError:  # not JSON (or not UTF-8): nothing to show
+        return ""
+    status = parsed.get("status") if isinstance(parsed, dict) else None
+    if not isinstance(status, str) or status in ("setup() running", "draining"):
+        return ""
+    return status[:200]
+
+
 def config_fingerprint(config: DeploymentConfig) -> str:
     """Every field of a deployment's file config, canonically: equal iff the file is."""
     return json.dumps(dataclasses.asdict(config), sort_keys=True)
@@ -161,6 +196,10 @@ class Slot:
     endpoint: Endpoint | None = None
     restarts: int = 0
     last_exit_code: int | None = None
+    last_exit_reason: str | None = None  # "exited with code 1", "killed: …" (exit_reason)
+    last_exit_at: float | None = None  # wall-clock
+    stopped_because: str = ""  # why this supervisor signalled the running process, if it did
+    not_ready_because: str = ""  # what the starting replica's /readyz last said
     retired: bool = False  # replaced by a rollout: drain, exit, never restart
     revision: int = 0  # the rollout revision whose config this slot runs
     created_at: float = 0.0
@@ -365,6 +404,7 @@ class Supervisor:
     def _kill(self, slot: Slot, why: str) -> None:
         log.error("killing replica: %s", why, extra={"replica": slot.replica_id})
         if slot.replica:
+            slot.stopped_because = f"killed: {why}"
             self.launcher.signal(slot.replica, signal.SIGKILL)
 
     async def _spawn(self, slot: Slot, now: float) -> None:
@@ -373,12 +413,15 @@ class Supervisor:
         slot.started_at = now
         slot.health_failures = 0
         slot.endpoint = None
+        slot.stopped_because = slot.not_ready_because = ""
         try:
             slot.replica = await self.launcher.launch(slot.deployment, slot.replica_id)
         except SteadyError as exc:
             log.error("cannot start replica: %s", exc, extra={"replica": slot.replica_id})
             self.start_failures[slot.deployment.name] = (now, f"cannot start a replica: "
                                                               f"{exc.message}")
+            slot.last_exit_reason = f"could not start: {exc.message}"
+            slot.last_exit_at = self.wall()
             slot.restarts += 1  # a failed start counts like a crash (a rollout fails on it)
             self._schedule_restart(slot, now)
             return
@@ -399,6 +442,13 @@ class Supervisor:
             return
         self.transport.forget(Address(replica.host, replica.port))
         slot.last_exit_code = code
+        slot.last_exit_reason = exit_reason(code, slot.stopped_because, slot.state,
+                                            slot.not_ready_because)
+        last_words = getattr(self.launcher, "last_words", None)  # local replicas' log files
+        said = last_words(slot.replica_id) if last_words is not None else None
+        if said and not slot.stopped_because:
+            slot.last_exit_reason += f"; its last error: {said}"
+        slot.last_exit_at = self.wall()
         if slot.retired:  # out of rotation since it was retired: its id is not re-checked
             self._drop(slot)
             return
@@ -442,6 +492,9 @@ class Supervisor:
         try:
             got = await self._get(slot, "/readyz", timeout)
             if got is None or got[0] != 200:
+                why = _readiness(got[1]) if got is not None else ""
+                if why and slot.generation == generation:
+                    slot.not_ready_because = why
                 return
             info = await self._get(slot, "/info", timeout)
         except SteadyError:
@@ -871,7 +924,7 @@ class Supervisor:
                     self.launcher.signal(slot.replica, signal.SIGKILL)
             await asyncio.wait(pending, timeout=5)
 
-    def restart(self, replica_id: str) -> bool:
+    def restart(self, replica_id: str, why: str = "an automatic action") -> bool:
         """Restart one replica (an automatic response): out of rotation, SIGTERM so in-flight
         work drains, and the watcher starts a fresh process."""
         for slot in self.slots:
@@ -879,12 +932,15 @@ class Supervisor:
                     and slot.replica.process.returncode is None and not slot.retired:
                 self.membership.remove(slot.deployment.name, slot.replica_id)
                 slot.state = "stopping"
+                slot.stopped_because = f"restarted: {why}"
                 self.launcher.signal(slot.replica, signal.SIGTERM)
                 return True
         return False
 
     # views -----------------------------------------------------------------------------------
     def status(self, deployment: str) -> list[dict[str, Any]]:
+        """Each replica: `last_exit_reason` / `last_exit_at` (wall-clock) say how its last
+        process ended, `ejection_reason` why outlier detection holds it out (None when not)."""
         now = self.clock()
         return [
             {
@@ -896,8 +952,12 @@ class Supervisor:
                 "address": str(s.address) if s.address else None,
                 "restarts": s.restarts,
                 "last_exit_code": s.last_exit_code,
+                "last_exit_reason": s.last_exit_reason,
+                "last_exit_at": s.last_exit_at,
                 "ready_for_s": round(now - s.ready_at, 1) if s.state == "ready" else 0.0,
                 "ejected": bool(s.endpoint and s.endpoint.health.ejected_until > 0),
+                "ejection_reason": (s.endpoint.health.reason or "ejected")
+                if s.endpoint and s.endpoint.health.ejected_until > 0 else None,
             }
             for s in self.slots if s.deployment.name == deployment
         ]

@@ -6,6 +6,10 @@ draws rates and latency percentiles from the difference of two snapshots. `histo
 gateway's own series store — per-minute points kept for 3 days, and request counters restored
 from the database after a restart — so the charts open on the last hours, not on an empty
 axis.
+
+`batch_sizes` reads the replicas' batch-size histograms out of their merged /metrics text
+(`Gateway.replica_metrics`), summed over each deployment's replicas; the routes fetch it at
+most every few seconds (`BatchSizes`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from ..observe.timeseries import SeriesStore
 
 REQUESTS = "steadyserve_requests_total"
 BUCKETS = "steadyserve_request_duration_seconds_bucket"
+BATCH_SIZE = "steadyserve_replica_batch_size"
 MAX_HISTORY_MIN = 3 * 24 * 60
+BATCH_REFRESH_S = 5.0  # the replicas' /metrics are fetched at most this often for the page
 GAUGES = {"steadyserve_admission_limit": "limit", "steadyserve_admission_inflight": "inflight",
           "steadyserve_admission_queued": "queued",
           "steadyserve_autoscale_desired_replicas": "autoscale_desired",
@@ -81,3 +90,62 @@ def history(store: SeriesStore, now: float, minutes: int) -> dict[str, list[list
                 row[1] += inc / dt
     return {d: [[t, round(r[0], 4), round(r[1], 4)] for t, r in sorted(rows.items())]
             for d, rows in totals.items()}
+
+
+def _le(raw: str) -> str:
+    """A bucket bound as people write it: "4" for "4.0", "+Inf" unchanged."""
+    bound = float(raw)
+    return "+Inf" if math.isinf(bound) else f"{bound:g}"
+
+
+def batch_sizes(text: str | bytes) -> dict[str, dict[str, dict[str, Any]]]:
+    """{deployment: {handler: {batches, items, mean, buckets: {le: cumulative count}}}} from
+    merged replica metrics (each sample labelled with its deployment), summed over replicas.
+    `mean` is None before the first batch. Text that does not parse gives {}."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    # only the batch-size lines: the rest of every replica's exposition is not parsed
+    prefixes = (f"{BATCH_SIZE}_", f"# TYPE {BATCH_SIZE} ", f"# HELP {BATCH_SIZE} ")
+    wanted = "\n".join(line for line in text.splitlines() if line.startswith(prefixes))
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    try:
+        families = list(text_string_to_metric_families(wanted + "\n"))
+    except ValueError:
+        return {}
+    for family in families:
+        for s in family.samples:
+            d, handler = s.labels.get("deployment"), s.labels.get("handler")
+            if d is None or handler is None:
+                continue
+            h = out.setdefault(d, {}).setdefault(
+                handler, {"batches": 0.0, "items": 0.0, "mean": None, "buckets": {}})
+            if s.name == f"{BATCH_SIZE}_count":
+                h["batches"] += s.value
+            elif s.name == f"{BATCH_SIZE}_sum":
+                h["items"] += s.value
+            elif s.name == f"{BATCH_SIZE}_bucket" and "le" in s.labels:
+                try:
+                    le = _le(s.labels["le"])
+                except ValueError:
+                    continue
+                h["buckets"][le] = h["buckets"].get(le, 0.0) + s.value
+    for handlers in out.values():
+        for h in handlers.values():
+            h["mean"] = round(h["items"] / h["batches"], 2) if h["batches"] else None
+            h["buckets"] = dict(sorted(h["buckets"].items(), key=lambda kv: float(kv[0])))
+    return out
+
+
+@dataclass(slots=True)
+class BatchSizes:
+    """The last `batch_sizes` read and when (monotonic seconds): stale after `refresh_s`."""
+
+    refresh_s: float = BATCH_REFRESH_S
+    at: float = -math.inf
+    value: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def stale(self, now: float) -> bool:
+        return now - self.at >= self.refresh_s
+
+    def keep(self, value: dict[str, dict[str, dict[str, Any]]], now: float) -> None:
+        self.value, self.at = value, now

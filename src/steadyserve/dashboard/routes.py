@@ -1,16 +1,24 @@
 """The dashboard's routes: the page and its assets (public: they hold no data), and the data
 it polls (`GET /v1/dashboard`, read access: open on loopback while no keys exist, an API key
-otherwise — the page asks for one and keeps it for the tab's session)."""
+otherwise — the page asks for one and keeps it for the tab's session). The page's buttons
+(silence an alert, restart a deployment's replicas, cancel its rollout) call the admin API
+itself with the key the page holds; nothing here changes anything.
+
+Batch sizes come from the replicas' own /metrics, fetched at most every `BATCH_REFRESH_S`
+per gateway however many pages poll: one poll refreshes them, the others read the last."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+import weakref
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from ..errors import NotFound
+from ..errors import NotFound, SteadyError
 from ..gateway.http import Request, Response, json_response
-from .data import MAX_HISTORY_MIN, history, snapshot
+from .data import MAX_HISTORY_MIN, BatchSizes, batch_sizes, history, snapshot
 
 if TYPE_CHECKING:
     from ..gateway.app import Gateway
@@ -25,6 +33,9 @@ ASSETS = {  # file -> content type: nothing else is served from the package
 _cache: dict[str, bytes | None] = {}
 ACTIONS_SHOWN = 20
 EVENTS_SHOWN = 10
+log = logging.getLogger("steadyserve.dashboard")
+_batches: weakref.WeakKeyDictionary[Gateway, BatchSizes] = weakref.WeakKeyDictionary()
+clock = time.monotonic  # when batch sizes were read (tests move it)
 
 
 def _asset(name: str) -> bytes | None:
@@ -68,10 +79,12 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     families = engine.samples().collect() if engine is not None else \
         gw.metrics.registry.collect()
     counters = snapshot(families)
+    batches = await _batch_sizes(gw, clock())
     deployments = []
     for d in gw.membership.deployments.values():
         described = gw.describe(d)
         scale = described.get("autoscale") or {}
+        seen = batches.get(d.name, {})
         deployments.append({
             "name": d.name, "version": d.version, "balancer": d.config.balancer,
             "desired": d.desired_replicas, "ready": len(d.endpoints),
@@ -80,6 +93,11 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
                                                 "panicking") if k in scale} or None,
             "scaling": list(scale.get("events", []))[:EVENTS_SHOWN],
             "metrics": counters.get(d.name, {}),
+            # handlers declared batch=True only: a batch of one elsewhere is not a batch
+            "batches": {name: {**seen[name], "max_batch_size": h.spec.options.max_batch_size}
+                        for name, h in d.handlers.items()
+                        if h.spec.options.batch and name in seen},
+            "rollout": _rollout(gw, d.name),
         })
     body: dict[str, Any] = {"t": time.time(), "deployments": deployments,
                             "cluster": gw.lead.status()}
@@ -94,3 +112,40 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     if minutes and engine is not None:
         body["history"] = history(engine.store, time.time(), minutes)
     return json_response(body)
+
+
+async def _batch_sizes(gw: Gateway, now: float) -> dict[str, dict[str, dict[str, Any]]]:
+    """The replicas' batch sizes, read again when the last read is `BATCH_REFRESH_S` old.
+    The time is taken before the fetch, so polls arriving meanwhile read the last value
+    instead of fetching too."""
+    held = _batches.setdefault(gw, BatchSizes())
+    if held.stale(now):
+        held.at = now
+        try:
+            text = await gw.replica_metrics()
+            held.keep(await asyncio.to_thread(batch_sizes, text), now)
+        except Exception:  # the page goes on without them; the next refresh tries again
+            log.warning("could not read the replicas' batch sizes", exc_info=True)
+    return held.value
+
+
+def _rollout(gw: Gateway, name: str) -> dict[str, Any] | None:
+    """The deployment's rollout as the page shows it: its state, revision → target, progress
+    and the reason it failed or was cancelled. The target's env values are left out (they
+    may be credentials, and this data needs only read access): their names are shown."""
+    status = getattr(gw.control, "rollout_status", None)
+    if status is None:
+        return None
+    try:
+        got = status(name)
+    except SteadyError:  # a deployment the control plane does not roll out
+        return None
+    target = got.get("target") or {}
+    return {
+        "state": got.get("state"), "reason": got.get("reason"),
+        "revision": got.get("revision"), "target": target.get("revision"),
+        "service": target.get("service"), "replicas": target.get("replicas"),
+        "env": sorted(target.get("env") or {}),
+        "good_revision": got.get("good_revision"), "progress": got.get("progress"),
+        "started_at": got.get("started_at"), "finished_at": got.get("finished_at"),
+    }

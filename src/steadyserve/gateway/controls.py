@@ -85,11 +85,12 @@ class DataPlaneControls:
         return len(self._membership.deployments[deployment].endpoints)
 
     # actions ---------------------------------------------------------------------------------
-    def eject(self, deployment: str, replica_id: str) -> bool:
+    def eject(self, deployment: str, replica_id: str,
+              reason: str = "an automatic action") -> bool:
         """Eject a replica as outlier detection would (share limit, probe, slow start)."""
         d = self._membership.get(deployment)
         self.fanout({"t": "eject", "deployment": deployment, "replica": replica_id})
-        return d is not None and self._dispatcher.eject(d, replica_id, self._clock())
+        return d is not None and self._dispatcher.eject(d, replica_id, self._clock(), reason)
 
     def shed_batch(self, deployment: str, seconds: float) -> bool:
         """Refuse the deployment's batch-priority traffic for `seconds`."""

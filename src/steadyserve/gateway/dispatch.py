@@ -83,6 +83,7 @@ from ..policies.outlier import (
     HandlerErrors,
     OutlierPolicy,
     blame_reply,
+    eject_host,
     note_answer,
     record,
     sick,
@@ -238,7 +239,8 @@ class Dispatcher:
             log.warning("input quarantined after crashing replicas",
                         extra={"deployment": deployment, "input_key": key})
 
-    def eject(self, d: Deployment, replica_id: str, now: float) -> bool:
+    def eject(self, d: Deployment, replica_id: str, now: float,
+              reason: str = "an automatic action") -> bool:
         """Eject a replica as if it had failed `consecutive_failures` times (an automatic
         response); the usual share limit and probe-then-slow-start return apply."""
         ejected = sum(1 for e in d.endpoints if e.health.ejected_until > 0)
@@ -246,9 +248,8 @@ class Dispatcher:
             return False
         for e in d.endpoints:
             if e.replica_id == replica_id and e.health.ejected_until == 0:
-                for _ in range(self.outlier.consecutive_failures):
-                    e.health, _event = record(e.health, False, now, self.outlier, may_eject=True)
-                return e.health.ejected_until > 0
+                e.health = eject_host(e.health, now, self.outlier, reason)
+                return True
         return False
 
     # the request ------------------------------------------------------------------------------
@@ -597,8 +598,11 @@ class Dispatcher:
         if not sick(endpoint.handler_errors, peers, error_ratio=self.cfg.outlier_error_ratio,
                     min_requests=self.cfg.outlier_error_min_requests):
             return
-        ratio = endpoint.handler_errors.ratio
-        if self.eject(d, endpoint.replica_id, now):
+        errors = endpoint.handler_errors
+        why = (f"its handler failed {errors.ratio:.0%} of its last {errors.answers:.0f} requests, "
+               "its peers far fewer")
+        ratio = errors.ratio
+        if self.eject(d, endpoint.replica_id, now, why):
             endpoint.handler_errors = HandlerErrors()  # judged afresh after its return
             self.metrics.outlier_events.labels(d.name, "ejected").inc()
             log.warning("replica ejected: its handler fails %.0f%% of requests, its peers far "

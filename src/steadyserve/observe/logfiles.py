@@ -142,26 +142,54 @@ def read(log_dir: Path, query: LogQuery, scan_bytes: int) -> list[dict[str, Any]
     """Matching lines, oldest first: the newest `query.limit` of them, or with `since` the
     first `query.limit` at or after it (a follow pages forward). Reads at most `scan_bytes`
     (newest files first; each file from its end)."""
-    found: list[dict[str, Any]] = []
+    found: list[tuple[float, int, int, dict[str, Any]]] = []
     left = scan_bytes
-    for mtime, path in _files(log_dir):
+    for newer, (mtime, path) in enumerate(_files(log_dir)):
         if left <= 0:
             break
         if query.since is not None and mtime < query.since:
             continue  # nothing in it is new enough
         data, used = _tail(path, left)
         left -= used
-        for line in data.splitlines():
+        for at, line in enumerate(data.splitlines()):
             try:
                 rec = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue  # a line cut by a crash mid-write
             if isinstance(rec, dict) and query.matches(rec):
-                found.append(rec)
-    found.sort(key=lambda r: _number(r.get("ts")))
+                # by time; within a millisecond, older files first, then file order
+                found.append((_number(rec.get("ts")), -newer, at, rec))
+    found.sort(key=lambda f: f[:3])
+    lines = [f[3] for f in found]
     if query.since is not None:  # paging forward (a follow): the oldest after `since`
-        return found[:query.limit]
-    return found[-query.limit:]
+        return lines[:query.limit]
+    return lines[-query.limit:]
+
+
+LAST_WORDS_BYTES = 64 * 1024
+
+
+def last_error(path: Path, since: float, budget: int = LAST_WORDS_BYTES) -> str | None:
+    """The message (and exception) of the newest error line in one process's file written at
+    or after `since` (its start: an earlier run of the same replica id does not count), or
+    None."""
+    data, _ = _tail(path, budget)
+    for line in reversed(data.splitlines()):
+        try:
+            rec = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a line cut by the crash
+        if not isinstance(rec, dict):
+            continue
+        if _number(rec.get("ts")) < since:
+            return None  # older lines only from here on
+        if LEVELS.get(str(rec.get("level", "")).lower(), 0) >= LEVELS["error"]:
+            said = str(rec.get("msg", ""))
+            exc = str(rec.get("exc") or "").strip().splitlines()
+            if exc:  # the exception itself: a traceback's last line
+                said += f" ({exc[-1]})"
+            return said[:300]
+    return None
 
 
 def prune(log_dir: Path, max_bytes: int, running: Iterable[str]) -> list[Path]:

@@ -5,6 +5,8 @@
         │ probe succeeds: slow start             ▼
         └──────────────────────────────── probing (one live request)
                                                  │ probe fails: ejected again, longer
+Each ejection carries its reason ("5 consecutive failures", "its probe failed …", or what an
+automatic action or the handler-error comparison says) until the replica returns.
 A failure is a *gateway failure* (Envoy's `consecutive_gateway_failure`): a connect error, a
 reset, a per-try timeout, a malformed reply, or a reply whose code says the replica itself
 failed (`blame_reply`). A handler's own exception, a 4xx, a busy replica and a dependency that
@@ -48,6 +50,7 @@ class HostHealth:
     ejected_until: float = 0.0  # > 0 while ejected (or waiting for its probe)
     probing: bool = False  # one live request is testing it
     returned_at: float = 0.0  # start of slow start
+    reason: str = ""  # why it is ejected, while it is (the dashboard shows it)
 
     def ejected(self, now: float) -> bool:
         """Out of rotation: ejected and not yet due for a probe, or its probe is running."""
@@ -75,11 +78,12 @@ def record(
         return h, None
     if h.ejected_until > 0:
         if h.probing:  # the probe failed: eject again, for longer
-            return _eject(h, now, policy), "ejected"
+            why = f"its probe failed (ejected {h.ejections + 1} times in a row)"
+            return eject_host(h, now, policy, why), "ejected"
         return h, None
     failures = h.consecutive_failures + 1
     if failures >= policy.consecutive_failures and may_eject:
-        return _eject(h, now, policy), "ejected"
+        return eject_host(h, now, policy, f"{failures} consecutive failures"), "ejected"
     return replace(h, consecutive_failures=failures), None
 
 
@@ -174,10 +178,13 @@ def timeout_blames_replica(budget_s: float, *, handler_timeout_s: float, p99_s: 
     return budget_s >= TIMEOUT_BLAME_SLACK * needed
 
 
-def _eject(h: HostHealth, now: float, policy: OutlierPolicy) -> HostHealth:
+def eject_host(h: HostHealth, now: float, policy: OutlierPolicy, reason: str) -> HostHealth:
+    """Ejected now, for `reason` (kept while it is out, for the dashboard): what
+    `consecutive_failures` failures or a failed probe do, and what an automatic action or
+    handler errors far above the peers' do directly (the caller checks `may_eject`)."""
     ejections = h.ejections + 1
     duration = min(policy.max_ejection_s, policy.base_ejection_s * ejections)
-    return HostHealth(ejections=ejections, ejected_until=now + duration)
+    return HostHealth(ejections=ejections, ejected_until=now + duration, reason=reason)
 
 
 def slow_start_weight(h: HostHealth, now: float, policy: OutlierPolicy) -> float:

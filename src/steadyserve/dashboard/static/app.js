@@ -1,13 +1,19 @@
 // The steadyserve dashboard: polls /v1/dashboard every 2 s, draws rates and latency
-// percentiles from the difference of two snapshots (uPlot), and tables of replicas, scaling
-// decisions, alerts and automatic actions. It opens on the gateway's own history.
+// percentiles from the difference of two snapshots (uPlot), and tables of replicas (with why
+// each last exited or is ejected), batch sizes, rollouts, scaling decisions, alerts and
+// automatic actions. It opens on the gateway's own history. Its buttons (silence an alert,
+// restart a deployment's replicas, cancel a rollout) call the admin API with the key the page
+// holds; without an admin key they ask for one and do nothing else.
 "use strict";
 
 const POLL_MS = 2000;
 const HISTORY_MIN = 180;
 const KEEP_S = 3 * 3600;  // points kept per chart
+const SILENCE_S = 3600;
+const DATA_KEY_NEEDED = "This gateway needs an API key to show its data:";
+const ADMIN_KEY_NEEDED = "an admin key is needed for this action";
 const state = { key: sessionStorage.getItem("steadyserve-key") || "", prev: null, polls: 0,
-                points: 0, charts: {}, series: {} };
+                points: 0, charts: {}, series: {}, html: new WeakMap() };
 window.__steadyserve = state;  // for tests and the curious
 
 function esc(s) {
@@ -15,12 +21,31 @@ function esc(s) {
                                                '"': "&quot;", "'": "&#39;" })[c]);
 }
 
+// rows are rebuilt only when they change: a button under the pointer stays the same element
+function setHTML(el, html) {
+  if (state.html.get(el) === html) return;
+  state.html.set(el, html);
+  el.innerHTML = html;
+}
+
+function askKey(message) {
+  document.getElementById("keymsg").textContent = message;
+  document.getElementById("keyform").hidden = false;
+  document.getElementById("key").focus();
+}
+
+function say(text, failed) {
+  const line = document.getElementById("action-status");
+  line.textContent = text;
+  line.className = failed ? "down" : "";
+}
+
 async function fetchData(history) {
   const headers = state.key ? { authorization: "Bearer " + state.key } : {};
   const r = await fetch("/v1/dashboard" + (history ? "?history=" + HISTORY_MIN : ""),
                         { headers });
   if (r.status === 401 || r.status === 403) {
-    document.getElementById("keyform").hidden = false;
+    askKey(DATA_KEY_NEEDED);
     throw new Error("an API key is needed");
   }
   if (!r.ok) throw new Error("HTTP " + r.status);
@@ -74,11 +99,19 @@ function ensureDeployment(d) {
   box = document.createElement("section");
   box.className = "deployment";
   box.id = "d-" + d.name;
-  box.innerHTML = `<h2>${esc(d.name)}</h2><div class="facts"></div><div class="charts"></div>
+  box.innerHTML = `<h2>${esc(d.name)}</h2><div class="facts"></div>
+    <div class="controls"><span class="rollout"></span>
+    <button type="button" class="restart" data-action="restart">Restart replicas</button>
+    <button type="button" class="cancel" data-action="cancel" hidden>Cancel rollout</button></div>
+    <div class="charts"></div>
     <h3>Replicas</h3><table class="replicas"><thead><tr><th>replica</th><th>state</th>
-    <th>revision</th><th>pid</th><th>restarts</th><th>ready for</th><th>ejected</th></tr></thead>
-    <tbody></tbody></table><h3>Scaling decisions</h3><table class="scaling"><thead><tr><th>at</th>
+    <th>revision</th><th>pid</th><th>restarts</th><th>last exit</th><th>ready for</th>
+    <th>ejected</th></tr></thead><tbody></tbody></table>
+    <div class="batch-section" hidden><h3>Batch sizes <small>(since the replicas started)</small></h3>
+    <table class="batches"><thead></thead><tbody></tbody></table></div>
+    <h3>Scaling decisions</h3><table class="scaling"><thead><tr><th>at</th>
     <th>from → to</th><th>reason</th></tr></thead><tbody></tbody></table>`;
+  for (const b of box.querySelectorAll("button")) b.dataset.deployment = d.name;
   document.getElementById("deployments").appendChild(box);
   const charts = box.querySelector(".charts");
   const a = document.createElement("div"), b = document.createElement("div");
@@ -126,30 +159,95 @@ function render(data) {
       ` (demand ${Number(d.autoscale.demand).toFixed(1)}${d.autoscale.panicking ? ", panicking" : ""})` : "";
     box.querySelector(".facts").textContent =
       `${d.ready}/${d.desired} ready, version ${d.version || "-"}, balancer ${d.balancer}${scale}; ` +
-      `admission limit ${m.limit ?? "-"}, in flight ${m.inflight ?? "-"}, queued ${m.queued ?? "-"}, ` +
+      `admission limit ${m.limit == null ? "-" : Number(Number(m.limit).toFixed(1))}, in flight ${m.inflight ?? "-"}, queued ${m.queued ?? "-"}, ` +
       `shed ${m.shed ?? 0}; cache hits ${m.cache ? m.cache.hit : 0} / misses ${m.cache ? m.cache.miss : 0}`;
-    box.querySelector(".replicas tbody").innerHTML = d.replicas.map(r =>
+    setHTML(box.querySelector(".replicas tbody"), d.replicas.map(r =>
       `<tr><td>${esc(r.id)}</td><td>${esc(r.state)}${r.retiring ? " (draining)" : ""}</td>` +
       `<td>${esc(r.revision ?? "")}</td><td>${esc(r.pid ?? "-")}</td><td>${esc(r.restarts ?? 0)}</td>` +
-      `<td>${esc(r.ready_for_s ?? 0)}s</td><td>${r.ejected ? "yes" : ""}</td></tr>`).join("");
-    box.querySelector(".scaling tbody").innerHTML = (d.scaling || []).map(e =>
-      `<tr><td>${time(e.at)}</td><td>${e.from} → ${e.to}</td><td>${esc(e.reason)}</td></tr>`).join("");
+      `<td class="exit">${r.last_exit_reason ? esc(r.last_exit_reason) +
+        (r.last_exit_at ? " at " + time(r.last_exit_at) : "") : ""}</td>` +
+      `<td>${esc(r.ready_for_s ?? 0)}s</td>` +
+      `<td>${r.ejected ? "yes: " + esc(r.ejection_reason || "") : ""}</td></tr>`).join(""));
+    renderRollout(box, d.rollout, !!d.autoscale);
+    renderBatches(box, d.batches || {});
+    setHTML(box.querySelector(".scaling tbody"), (d.scaling || []).map(e =>
+      `<tr><td>${time(e.at)}</td><td>${esc(e.from)} → ${esc(e.to)}</td><td>${esc(e.reason)}</td></tr>`).join(""));
   }
-  document.querySelector("#alerts tbody").innerHTML = (data.alerts || []).map(a =>
+  setHTML(document.querySelector("#alerts tbody"), (data.alerts || []).map(a =>
     `<tr class="${esc(a.state)}"><td>${esc(a.state)}</td><td>${esc(a.rule)}</td>` +
     `<td>${esc(a.severity || (a.labels || {}).severity || "")}</td>` +
     `<td>${esc(Object.entries(a.labels || {}).map(([k, v]) => k + "=" + v).join(" "))}</td>` +
-    `<td>${esc(a.value ?? "")}</td><td>${a.active_since ? time(a.active_since) : ""}</td></tr>`).join("")
-    || `<tr><td colspan="6">none</td></tr>`;
-  document.querySelector("#actions tbody").innerHTML = (data.actions || []).map(a =>
+    `<td>${esc(typeof a.value === "number" ? Number(a.value.toPrecision(4)) : a.value ?? "")}</td>` +
+    `<td>${a.active_since ? time(a.active_since) : ""}</td>` +
+    `<td>${(a.silenced_by || []).length ? "silenced" : `<button type="button" ` +
+      `data-action="silence" data-key="${esc(a.key)}">Silence 1 h</button>`}</td></tr>`).join("")
+    || `<tr><td colspan="7">none</td></tr>`);
+  setHTML(document.querySelector("#actions tbody"), (data.actions || []).map(a =>
     `<tr><td>${a.at ? time(a.at) : ""}</td><td>${esc(a.action)}</td><td>${esc(a.target || a.deployment || "")}</td>` +
     `<td>${esc(a.outcome)}</td><td>${esc(a.rule || "")}</td></tr>`).join("")
-    || `<tr><td colspan="5">none</td></tr>`;
+    || `<tr><td colspan="5">none</td></tr>`);
   const c = data.cluster || {};
   document.getElementById("cluster").textContent = c.enabled ?
     (c.leading ? "this gateway leads the cluster" : "cluster led by " + c.leader) : "";
   renderCache(data.cache);
   state.prev = data;
+}
+
+function renderRollout(box, r, autoscaled) {
+  const line = box.querySelector(".rollout"), rolling = !!r && r.state === "rolling";
+  box.querySelector(".cancel").hidden = !rolling;
+  box.querySelector(".restart").disabled = rolling || !r;
+  if (!r) { line.textContent = ""; return; }
+  const p = r.progress || {};
+  let text = `Rollout: revision ${r.revision} ${r.state}`;
+  if (r.revision === 0 && r.state === "done") text = "Rollout: none yet (serving the configuration file)";
+  else {
+    text += `, target revision ${r.target} (${r.service}` +
+      `${autoscaled ? "" : `, ${r.replicas} replicas`}` +
+      `${(r.env || []).length ? ", env " + r.env.join(" ") : ""}), last good ${r.good_revision}`;
+    if (r.reason) text += ` — ${r.reason}`;
+    if (r.started_at) text += `; started ${time(r.started_at)}`;
+    if (r.finished_at) text += `, finished ${time(r.finished_at)}`;
+  }
+  text += `; ${p.ready ?? 0}/${p.desired ?? 0} ready on the target, ${p.updated ?? 0} updated, ` +
+    `${p.old ?? 0} old, ${p.draining ?? 0} draining${p.converged ? ", converged" : ""}`;
+  line.textContent = text;  // server strings: text, never markup
+}
+
+// a histogram bucket (prev, le] of whole batch sizes, as people read it
+function bucketLabel(prev, le) {
+  if (le === "+Inf") return `> ${prev}`;
+  const lo = Math.floor(prev) + 1, hi = Number(le);
+  return lo >= hi ? String(hi) : `${lo}–${hi}`;
+}
+
+function renderBatches(box, batches) {
+  const names = Object.keys(batches).sort();
+  box.querySelector(".batch-section").hidden = !names.length;
+  if (!names.length) return;
+  // the buckets up to the largest max_batch_size (a batch is never larger)
+  const top = Math.max(...names.map(n => batches[n].max_batch_size || 0));
+  const les = [];
+  for (const n of names) for (const le of Object.keys(batches[n].buckets || {})) {
+    if (!les.includes(le)) les.push(le);
+  }
+  les.sort((a, b) => (a === "+Inf" ? Infinity : Number(a)) - (b === "+Inf" ? Infinity : Number(b)));
+  const shown = [];
+  for (const le of les) { shown.push(le); if (le === "+Inf" || Number(le) >= top) break; }
+  const labels = shown.map((le, i) => bucketLabel(i ? Number(shown[i - 1]) : 0, le));
+  setHTML(box.querySelector(".batches thead"), `<tr><th>handler</th><th>batches</th>` +
+    `<th>mean size</th><th>max size</th>${labels.map(l => `<th>${esc(l)}</th>`).join("")}</tr>`);
+  setHTML(box.querySelector(".batches tbody"), names.map(n => {
+    const b = batches[n], cum = b.buckets || {};
+    const cells = shown.map((le, i) => {
+      const count = (cum[le] || 0) - (i ? (cum[shown[i - 1]] || 0) : 0);
+      const share = b.batches ? ` (${Math.round(100 * count / b.batches)}%)` : "";
+      return `<td>${esc(count)}${count ? esc(share) : ""}</td>`;
+    }).join("");
+    return `<tr><td>${esc(n)}</td><td>${esc(b.batches)}</td>` +
+      `<td class="mean">${b.mean == null ? "-" : esc(Number(b.mean).toFixed(2))}</td>` +
+      `<td>${esc(b.max_batch_size ?? "")}</td>${cells}</tr>`;
+  }).join(""));
 }
 
 function renderCache(cache) {
@@ -185,7 +283,7 @@ async function poll(first) {
   const status = document.getElementById("status");
   try {
     const data = await fetchData(first);
-    if (first) { for (const d of data.deployments) ensureDeployment(d); seed(data.history); }
+    if (first && !state.polls) { for (const d of data.deployments) ensureDeployment(d); seed(data.history); }
     render(data);
     for (const name in state.series) redraw(name);
     state.polls += 1;
@@ -199,17 +297,69 @@ async function poll(first) {
   }
 }
 
+// an admin call; a 401/403 asks for an admin key and does nothing else
+async function act(what, method, path, body, done) {
+  const headers = body === undefined ? {} : { "content-type": "application/json" };
+  if (state.key) headers.authorization = "Bearer " + state.key;
+  say(what + "…", false);
+  let r, reply = null;
+  try {
+    r = await fetch(path, { method, headers,
+                            body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch (err) {
+    say(`${what} failed: ${err.message}`, true);
+    return;
+  }
+  if (r.status === 401 || r.status === 403) {
+    say("", false);
+    askKey(ADMIN_KEY_NEEDED);
+    return;
+  }
+  try { reply = await r.json(); } catch (_) { reply = null; }
+  if (!r.ok) {
+    say(`${what} failed: ${(reply && reply.error && reply.error.message) || "HTTP " + r.status}`, true);
+    return;
+  }
+  say(done(reply || {}), false);
+  if (timer) poll(false);  // show the effect now, not in 2 s
+}
+
+function rolloutPath(name) {
+  return `/v1/admin/deployments/${encodeURIComponent(name)}/rollout`;
+}
+
+document.addEventListener("click", ev => {
+  const button = ev.target.closest("button[data-action]");
+  if (!button) return;
+  const name = button.dataset.deployment;
+  if (button.dataset.action === "silence") {
+    const alert = ((state.prev || {}).alerts || []).find(a => a.key === button.dataset.key);
+    if (!alert) return;
+    act(`silencing ${alert.rule}`, "POST", "/v1/silences",
+        { matchers: alert.labels, duration_s: SILENCE_S, created_by: "dashboard",
+          comment: "silenced from the dashboard" },
+        s => `silenced ${alert.key} for 1 h (silence ${s.id}, until ${time(s.ends_at)})`);
+  } else if (button.dataset.action === "restart") {
+    if (!window.confirm(`Restart every replica of ${name}? They are replaced one at a time ` +
+                        "(a rollout with no changes).")) return;
+    act(`restarting ${name}`, "POST", rolloutPath(name), {},
+        r => `restarting ${name}: revision ${r.revision} ${r.state}`);
+  } else if (button.dataset.action === "cancel") {
+    act(`cancelling the rollout of ${name}`, "DELETE", rolloutPath(name), undefined,
+        r => `rollout of ${name} ${r.state}: back to revision ${(r.target || {}).revision}`);
+  }
+});
+
 document.getElementById("keyform").addEventListener("submit", ev => {
   ev.preventDefault();
   state.key = document.getElementById("key").value.trim();
   sessionStorage.setItem("steadyserve-key", state.key);
   document.getElementById("keyform").hidden = true;
-  start();
+  if (timer) poll(false); else start();
 });
 
 let timer = null;
 async function start() {
-  if (timer) clearInterval(timer);
-  if (await poll(true)) timer = setInterval(() => poll(false), POLL_MS);
+  if (await poll(true) && !timer) timer = setInterval(() => poll(false), POLL_MS);
 }
 start();
