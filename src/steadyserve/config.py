@@ -284,8 +284,18 @@ class AuthConfig:
     admin_key_file: str = "admin.key"  # under data_dir, mode 0600: the local CLI's credential
     key_refresh_s: float = 0.5  # gateways re-read changed keys this often (revocation delay)
     max_keys: int = 10_000
+    # per-key usage (auth.usage): stored every usage_flush_s, one row per key, deployment and
+    # day, kept usage_retention_days; at most usage_max_entries (key, deployment) pairs are
+    # counted in memory between flushes (the rest under the key "-")
+    usage_flush_s: float = 10.0
+    usage_retention_days: int = 90
+    usage_max_entries: int = 10_000
 
     def __post_init__(self) -> None:
+        if self.usage_flush_s <= 0 or self.usage_retention_days < 1 \
+                or self.usage_max_entries < 1:
+            raise ConfigError("[auth] need usage_flush_s > 0, usage_retention_days >= 1 and "
+                              "usage_max_entries >= 1")
         if self.inference not in AUTH_MODES:
             raise ConfigError(f"[auth] inference must be one of {AUTH_MODES}, got {self.inference!r}")
         if not 0 < self.key_refresh_s <= 1.0:

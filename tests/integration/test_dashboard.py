@@ -150,6 +150,15 @@ replicas = 1
             made = httpx.post(f"{gw.url}/v1/admin/keys", headers=gw.admin_headers(), timeout=10,
                               json={"name": "ops", "scopes": ["infer"]})
             assert made.status_code == 201, made.text
+            ops = {"authorization": f"Bearer {made.json()['key']}"}
+            deadline = time.monotonic() + 10
+            while True:  # a request with it, once the data plane knows it (key_refresh_s)
+                sent = httpx.post(f"{gw.url}/v1/deployments/echo/echo", headers=ops,
+                                  json={"text": "with a key"}, timeout=10)
+                if sent.status_code == 200:
+                    break
+                assert sent.status_code == 401 and time.monotonic() < deadline, sent.text
+                time.sleep(0.1)
             fresh = browser.new_page(bypass_csp=True)
             deadline = time.monotonic() + 10
             while True:
@@ -162,6 +171,10 @@ replicas = 1
             fresh.fill("#key", made.json()["key"])
             fresh.click("#keyform button")
             fresh.wait_for_function("window.__steadyserve.polls >= 1", timeout=15_000)
+            # per-key usage today, once keys exist
+            fresh.wait_for_selector("#keys-section:not([hidden])", timeout=10_000)
+            row = fresh.inner_text("#keys tbody")
+            assert f"ss_{made.json()['id']}_" in row and "ops" in row and "echo" in row, row
             browser.close()
         # the key form's 401 is the browser's own console line for a failed fetch
         assert [p for p in problems if "401" not in p] == [], problems

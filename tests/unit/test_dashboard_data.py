@@ -9,7 +9,7 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from steadyserve.dashboard.data import BatchSizes, batch_sizes, history, snapshot
+from steadyserve.dashboard.data import Periodic, batch_sizes, history, snapshot
 from steadyserve.observe.aggregate import merge_replica_metrics
 from steadyserve.observe.timeseries import SeriesStore
 from steadyserve.replica.metrics import ReplicaMetrics
@@ -93,9 +93,9 @@ def test_batch_sizes_of_text_without_usable_samples(text):
 
 
 def test_batch_sizes_are_held_for_their_refresh_time():
-    held = BatchSizes(refresh_s=5.0)
+    held: Periodic[dict[str, dict[str, object]]] = Periodic({}, refresh_s=5.0)
     assert held.stale(0.0) and held.value == {}
     held.keep({"d": {}}, 100.0)
     assert not held.stale(100.0) and not held.stale(104.9)
     assert held.stale(105.0) and held.value == {"d": {}}
-    assert BatchSizes().at == -math.inf
+    assert Periodic(0, 1.0).at == -math.inf

@@ -31,7 +31,8 @@ def add_parser(verbs: Any) -> None:
                      "  steadyserve keys create nightly --priority batch --deployment minilm\n"
                      "  steadyserve keys list\n"
                      "  steadyserve keys rotate web-app --grace 1h\n"
-                     "  steadyserve keys revoke web-app"),
+                     "  steadyserve keys revoke web-app\n"
+                     "  steadyserve keys usage --days 30"),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     keys.add_argument("--config", help="steadyserve.toml naming the database (default: "
                       "./steadyserve.toml, STEADYSERVE_DATABASE_URL, or .steadyserve/)")
@@ -59,6 +60,11 @@ def add_parser(verbs: Any) -> None:
     rotate.add_argument("--json", action="store_true")
     revoke = sub.add_parser("revoke", help="refuse a key from now on (every gateway, within 1 s)")
     revoke.add_argument("key", help="id, ss_<id>_ prefix, or name")
+    usage = sub.add_parser("usage", help="requests, 5xx and 4xx per key and deployment (as "
+                           "stored: the gateways add theirs every [auth] usage_flush_s)")
+    usage.add_argument("--days", type=int, default=7, help="UTC days back, today included "
+                       "(default 7)")
+    usage.add_argument("--json", action="store_true")
 
 
 def _when(t: float | None) -> str:
@@ -119,6 +125,8 @@ def _do(args: argparse.Namespace, store: KeyStore) -> int:
             print(f"created {key.name} (ss_{key.id}_…, scopes {','.join(sorted(key.scopes))}); "
                   "the secret above is shown only now", file=sys.stderr)
         return exit_codes.OK
+    if args.keys_verb == "usage":
+        return _usage(args, store)
     if args.keys_verb == "list":
         now = time.time()
         listed = [k for k in store.load() if args.all or k.active(now)]
@@ -154,3 +162,23 @@ def _user() -> str:
         return os.getlogin()
     except OSError:
         return str(os.getuid())
+
+
+def _usage(args: argparse.Namespace, store: KeyStore) -> int:
+    from ..store.usage import DAY_S, UsageStore
+
+    if not 1 <= args.days <= 366:
+        print("steadyserve: --days must be from 1 to 366", file=sys.stderr)
+        return exit_codes.USAGE
+    rows = UsageStore(store.db).totals(time.time() - (args.days - 1) * DAY_S, 1000)
+    names = {k.id: k.name for k in store.load()}
+    rows = [{**r, "name": names.get(r["key_id"])} for r in rows]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return exit_codes.OK
+    print(f"{'key':<18} {'name':<20} {'deployment':<16} {'requests':>10} {'5xx':>8} {'4xx':>8}"
+          "  last seen")
+    for r in rows:
+        print(f"ss_{r['key_id']}_…  {r['name'] or '-':<20} {r['deployment']:<16} "
+              f"{r['requests']:>10} {r['errors']:>8} {r['rejected']:>8}  {_when(r['last_seen'])}")
+    return exit_codes.OK

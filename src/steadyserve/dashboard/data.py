@@ -17,8 +17,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,6 +28,9 @@ REQUESTS = "steadyserve_requests_total"
 BUCKETS = "steadyserve_request_duration_seconds_bucket"
 BATCH_SIZE = "steadyserve_replica_batch_size"
 MAX_HISTORY_MIN = 3 * 24 * 60
+T = TypeVar("T")
+USAGE_REFRESH_S = 10.0  # per-key usage is read from the database at most this often
+USAGE_SHOWN = 10  # the keys with the most requests today
 BATCH_REFRESH_S = 5.0  # the replicas' /metrics are fetched at most this often for the page
 GAUGES = {"steadyserve_admission_limit": "limit", "steadyserve_admission_inflight": "inflight",
           "steadyserve_admission_queued": "queued",
@@ -137,15 +140,16 @@ def batch_sizes(text: str | bytes) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 @dataclass(slots=True)
-class BatchSizes:
-    """The last `batch_sizes` read and when (monotonic seconds): stale after `refresh_s`."""
+class Periodic(Generic[T]):
+    """A value read again at most every `refresh_s` (the replicas' batch sizes, per-key usage
+    from the database), and when it was last read (monotonic seconds)."""
 
-    refresh_s: float = BATCH_REFRESH_S
+    value: T
+    refresh_s: float
     at: float = -math.inf
-    value: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def stale(self, now: float) -> bool:
         return now - self.at >= self.refresh_s
 
-    def keep(self, value: dict[str, dict[str, dict[str, Any]]], now: float) -> None:
+    def keep(self, value: T, now: float) -> None:
         self.value, self.at = value, now

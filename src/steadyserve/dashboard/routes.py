@@ -13,12 +13,23 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NotFound, SteadyError
 from ..gateway.http import Request, Response, json_response
-from .data import MAX_HISTORY_MIN, BatchSizes, batch_sizes, history, snapshot
+from ..gateway.key_routes import usage_rows
+from .data import (
+    BATCH_REFRESH_S,
+    MAX_HISTORY_MIN,
+    USAGE_REFRESH_S,
+    USAGE_SHOWN,
+    Periodic,
+    batch_sizes,
+    history,
+    snapshot,
+)
 
 if TYPE_CHECKING:
     from ..gateway.app import Gateway
@@ -34,7 +45,8 @@ _cache: dict[str, bytes | None] = {}
 ACTIONS_SHOWN = 20
 EVENTS_SHOWN = 10
 log = logging.getLogger("steadyserve.dashboard")
-_batches: weakref.WeakKeyDictionary[Gateway, BatchSizes] = weakref.WeakKeyDictionary()
+_periodic: weakref.WeakKeyDictionary[Gateway, dict[str, Periodic[Any]]] = \
+    weakref.WeakKeyDictionary()
 clock = time.monotonic  # when batch sizes were read (tests move it)
 
 
@@ -109,24 +121,54 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     if gw.cache is not None:
         body["cache"] = {k: v for k, v in gw.cache.status(0).items()
                          if k in ("l1", "l2", "hit_ratio_curve")}
+    keys = await _key_usage(gw, clock())
+    if keys is not None:
+        body["keys"] = keys
     if minutes and engine is not None:
         body["history"] = history(engine.store, time.time(), minutes)
     return json_response(body)
 
 
-async def _batch_sizes(gw: Gateway, now: float) -> dict[str, dict[str, dict[str, Any]]]:
-    """The replicas' batch sizes, read again when the last read is `BATCH_REFRESH_S` old.
-    The time is taken before the fetch, so polls arriving meanwhile read the last value
-    instead of fetching too."""
-    held = _batches.setdefault(gw, BatchSizes())
+async def _refreshed(held: Periodic[Any], now: float, what: str,
+                     read: Callable[[], Awaitable[Any]]) -> Any:
+    """`held`'s value, read again when it is `refresh_s` old. The time is taken before the
+    read, so polls arriving meanwhile use the last value instead of reading too."""
     if held.stale(now):
         held.at = now
         try:
-            text = await gw.replica_metrics()
-            held.keep(await asyncio.to_thread(batch_sizes, text), now)
-        except Exception:  # the page goes on without them; the next refresh tries again
-            log.warning("could not read the replicas' batch sizes", exc_info=True)
+            held.keep(await read(), now)
+        except Exception:  # the page goes on without it; the next refresh tries again
+            log.warning("could not read %s for the dashboard", what, exc_info=True)
     return held.value
+
+
+async def _batch_sizes(gw: Gateway, now: float) -> dict[str, dict[str, dict[str, Any]]]:
+    """The replicas' batch sizes, from their /metrics at most every `BATCH_REFRESH_S`."""
+    async def read() -> dict[str, dict[str, dict[str, Any]]]:
+        return await asyncio.to_thread(batch_sizes, await gw.replica_metrics())
+
+    held = _held(gw).setdefault("batches", Periodic({}, BATCH_REFRESH_S))
+    got: dict[str, dict[str, dict[str, Any]]] = await _refreshed(held, now, "batch sizes", read)
+    return got
+
+
+async def _key_usage(gw: Gateway, now: float) -> list[dict[str, Any]] | None:
+    """Today's busiest keys (at most `USAGE_SHOWN`), from the database at most every
+    `USAGE_REFRESH_S`; None while only the local admin key exists."""
+    if not gw.keys.user_keys_exist() or gw.usage_flusher is None:
+        return None
+
+    async def read() -> list[dict[str, Any]]:
+        pending = {k: list(v) for k, v in gw.usage.counts.items()}
+        return await asyncio.to_thread(usage_rows, gw, 1, USAGE_SHOWN, pending)
+
+    held = _held(gw).setdefault("keys", Periodic([], USAGE_REFRESH_S))
+    got: list[dict[str, Any]] = await _refreshed(held, now, "key usage", read)
+    return got
+
+
+def _held(gw: Gateway) -> dict[str, Periodic[Any]]:
+    return _periodic.setdefault(gw, {})
 
 
 def _rollout(gw: Gateway, name: str) -> dict[str, Any] | None:

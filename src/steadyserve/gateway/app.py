@@ -22,6 +22,7 @@ from .. import codec
 from ..auth.exposure import exposure_problem
 from ..auth.keyring import KeyRing
 from ..auth.keys import ROTATE_SCHEMA, spec_schema
+from ..auth.usage import UsageFlusher, UsageMeter
 from ..cache.invalidation import messages as invalidation_messages
 from ..cache.tiered import CacheCollector, ResponseCache
 from ..config import Config
@@ -135,6 +136,8 @@ ROUTES = (
           "admin", tag="admin", summary="cancel a running rollout: back to the last good target"),
     Route("GET", "/v1/admin/keys", key_routes.list_keys, "admin", tag="keys",
           summary="API keys (never their secrets)"),
+    Route("GET", "/v1/admin/keys/usage", key_routes.key_usage, "admin", tag="keys",
+          summary="requests, 5xx and 4xx per API key and deployment over the last days"),
     Route("POST", "/v1/admin/keys", key_routes.create_key, "admin", json_body=True, tag="keys",
           summary="create an API key; its secret is in this answer only",
           request_schema=spec_schema(), responses=(201,)),
@@ -195,6 +198,8 @@ class Gateway:
         self.exporter = OtlpExporter(obs.otlp_endpoint, obs.service_name) \
             if obs.otlp_endpoint else None
         self._background: list[asyncio.Task[None]] = []
+        self.usage = UsageMeter(config.auth.usage_max_entries)  # per key and deployment
+        self.usage_flusher: UsageFlusher | None = None  # the gateway process's, with a database
         self.alerting: AlertEngine | None = None
         self.lead: Alone | Leadership = Alone()  # [cluster]: the lease (control.leadership)
         # data-plane workers ([gateway] workers): in a worker, how other routes reach the
@@ -333,6 +338,8 @@ class Gateway:
         route = req.route
         if route is None or route.access != "infer" or req.deployment == "-":
             return
+        if req.principal is not None:
+            self.usage.record(req.principal.id, req.deployment, status, time.time())
         key = (req.deployment, req.handler, status, req.call.deadline_exceeded)
         observe = self._observers.get(key)
         if observe is None:
@@ -368,6 +375,9 @@ class Gateway:
                     if self.exporter is not None:
                         self._background.append(asyncio.get_running_loop().create_task(
                             self.exporter.run(), name="otlp-export"))
+                    if self.usage_flusher is not None:
+                        self._background.append(asyncio.get_running_loop().create_task(
+                            self.usage_flusher.run(), name="key-usage"))
                     if self.cache is not None:
                         await self.cache.start()
                     await self.lead.start()  # who leads is known before the duties start
@@ -387,6 +397,8 @@ class Gateway:
                         await hook()
                     for task in self._background:
                         task.cancel()
+                    if self.usage_flusher is not None:  # what was counted since the last one
+                        await self.usage_flusher.flush()
                     if self.alerting is not None:
                         await self.alerting.stop()
                     for spawned in list(self._spawned):

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from ..auth.keyring import KeyRing
+from ..auth.usage import UsageFlusher
 from ..config import Config
 from ..control.launcher import LocalLauncher
 from ..control.leadership import Leadership, default_gateway_id
@@ -17,6 +18,7 @@ from ..observe.metrics import GatewayMetrics
 from ..policies.actions import ActionGuard
 from ..store import Database, DatabaseUnavailable
 from ..store.keys import KeyStore
+from ..store.usage import UsageStore
 from .activation import Activator
 from .app import Gateway
 from .membership import Membership
@@ -129,6 +131,10 @@ def build_gateway(
     gateway = Gateway(config, transport=transport, membership=membership, metrics=metrics,
                       control=supervisor, keys=build_keyring(config, db))
     supervisor.crash_listeners.append(gateway.dispatcher.on_replica_crash)
+    if db is not None:
+        gateway.usage_flusher = UsageFlusher(gateway.usage, UsageStore(db),
+                                             config.auth.usage_flush_s,
+                                             config.auth.usage_retention_days)
     wire_autoscaling(gateway, supervisor)
     if config.cluster.enabled:
         join_cluster(config, gateway, supervisor, db, metrics)

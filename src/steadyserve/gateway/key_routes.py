@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from ..auth import manage
 from ..auth.keys import parse_spec
 from ..errors import ClientError, DependencyUnavailable
+from ..store.database import MAX_ROWS
 from ..store.keys import KeyStore
+from ..store.usage import DAY_S
 from .http import Request, Response, json_response
 
 if TYPE_CHECKING:
@@ -67,3 +70,40 @@ async def revoke_key(gw: Gateway, req: Request, params: dict[str, str]) -> Respo
     key = await asyncio.to_thread(manage.revoke, _store(gw), params["key"])
     gw.keys.put(key)
     return json_response(key.public())
+
+
+USAGE_MAX_DAYS = 366
+USAGE_MAX_ROWS = 1000
+
+
+def usage_rows(gw: Gateway, days: int, limit: int,
+               pending: dict[tuple[str, str], list[float]]) -> list[dict[str, Any]]:
+    """Per key and deployment over the last `days` UTC days (today included): the stored rows
+    plus `pending` (what this gateway counted since its last flush), with each key's name;
+    most requests first. Blocking: call in a thread."""
+    flusher = gw.usage_flusher
+    if flusher is None:
+        raise DependencyUnavailable("key usage lives in the database, which this gateway could "
+                                    "not open; see its log", retry_after_s=5)
+    now = time.time()
+    stored = flusher.store.totals(now - (days - 1) * DAY_S, MAX_ROWS)
+    rows = {(r["key_id"], r["deployment"]): r for r in stored}
+    for (key_id, deployment), (req, err, rej, seen) in pending.items():
+        row = rows.setdefault((key_id, deployment), {
+            "key_id": key_id, "deployment": deployment, "requests": 0, "errors": 0,
+            "rejected": 0, "last_seen": 0.0})
+        row["requests"] += int(req)
+        row["errors"] += int(err)
+        row["rejected"] += int(rej)
+        row["last_seen"] = max(row["last_seen"], seen)
+    names = {k.id: k.name for k in gw.keys.keys()}
+    out = sorted(rows.values(), key=lambda r: (-r["requests"], r["key_id"], r["deployment"]))
+    return [{**r, "name": names.get(r["key_id"])} for r in out[:limit]]
+
+
+async def key_usage(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    days = req.query_int("days", 1, USAGE_MAX_DAYS, default=7)
+    limit = req.query_int("limit", 1, USAGE_MAX_ROWS, default=100)
+    pending = {k: list(v) for k, v in gw.usage.counts.items()}  # on the loop, which adds to it
+    rows = await asyncio.to_thread(usage_rows, gw, days, limit, pending)
+    return json_response({"days": days, "usage": rows})

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from ..auth import usage
 from ..config import Config, DeploymentConfig
 from ..netutil import reuseport_socket
 from ..policies.rollout import config_from_fields
@@ -161,7 +162,8 @@ class WorkerLink:
                           for name, d in gw.membership.deployments.items()
                           if d.config.autoscale is not None}
                 self.send({"t": "report", "demand": demand,
-                           "metrics": generate_latest(gw.metrics.registry).decode()})
+                           "metrics": generate_latest(gw.metrics.registry).decode(),
+                           "usage": usage.to_wire(gw.usage.take())})
             except Exception:
                 log.exception("worker report failed; continuing")
 

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..auth import usage
 from ..config import Config
 from ..policies.backoff import Backoff
 from .channel import MAX_MESSAGE_BYTES, ChannelClosed, encode, read_message
@@ -201,6 +202,8 @@ class WorkerPool:
                             if isinstance(v, int | float) and v >= 0}
             if isinstance(metrics, str):
                 w.metrics = metrics.encode()
+            self.gateway.usage.merge(usage.from_wire(message.get("usage"),
+                                                     self.gateway.usage.max_entries))
             w.reported_at = self.clock()
         elif kind == "unavailable":
             d = self.gateway.membership.get(str(message.get("deployment")))

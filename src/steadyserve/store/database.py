@@ -67,7 +67,7 @@ from ..policies.lease import Fence  # (lease name, holder, token): a write from 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///.steadyserve/steadyserve.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAX_ROWS = 10_000  # the most rows any read returns
 INSERT_CHUNK_ROWS = 1_000  # rows per executemany round trip
 PRUNE_BATCH_ROWS = 5_000  # rows per DELETE statement in prune
@@ -198,13 +198,32 @@ def _v3_leases(conn: Connection) -> None:
     """Version 3 added `leases`, a new table (created before the migrations run)."""
 
 
+# Per-key usage (store.usage): requests, 5xx and 4xx per key, deployment and UTC day
+key_usage = Table(
+    "key_usage", metadata,
+    Column("key_id", Text, primary_key=True),
+    Column("day", Integer, primary_key=True, autoincrement=False),  # days since the epoch
+    Column("deployment", Text, primary_key=True),
+    Column("requests", BigInteger, nullable=False),
+    Column("errors", BigInteger, nullable=False),
+    Column("rejected", BigInteger, nullable=False),
+    Column("last_seen", Double, nullable=False),
+    Index("ix_key_usage_day", "day"),
+)
+
+
+def _v4_key_usage(conn: Connection) -> None:
+    """Version 4 added `key_usage`, a new table (created before the migrations run)."""
+
+
 def _v2_api_keys(conn: Connection) -> None:
     """Version 2 added `api_keys`, a new table: created in its newest shape before the
     migrations run, so there is nothing left to alter."""
 
 
 # version -> function that brings a database from version-1 to version.
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_api_keys, 3: _v3_leases}
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_api_keys, 3: _v3_leases,
+                                                        4: _v4_key_usage}
 
 
 # ---- helpers -----------------------------------------------------------------------------
@@ -416,6 +435,19 @@ class Database:
             index_elements=list(keys),
             set_={c: lite_stmt.excluded[c] for c in values if c not in keys},
         )
+
+    def upsert_add(self, table: Table, keys: Mapping[str, Any], added: Mapping[str, int],
+                   latest: Mapping[str, float]) -> Any:
+        """Insert a row, or add `added` to an existing one's columns and keep the larger of
+        its `latest` columns (one statement: concurrent gateways never lose an increment)."""
+        values = {**keys, **added, **latest}
+        dialect = pg_dialect if self.dialect == "postgresql" else sqlite_dialect
+        stmt = dialect.insert(table).values(values)
+        bigger = func.greatest if self.dialect == "postgresql" else func.max
+        return stmt.on_conflict_do_update(
+            index_elements=list(keys),
+            set_={**{c: table.c[c] + stmt.excluded[c] for c in added},
+                  **{c: bigger(table.c[c], stmt.excluded[c]) for c in latest}})
 
     # -- error mapping --
 

@@ -190,6 +190,7 @@ function render(data) {
   document.getElementById("cluster").textContent = c.enabled ?
     (c.leading ? "this gateway leads the cluster" : "cluster led by " + c.leader) : "";
   renderCache(data.cache);
+  renderKeys(data.keys);
   state.prev = data;
 }
 
@@ -248,6 +249,16 @@ function renderBatches(box, batches) {
       `<td class="mean">${b.mean == null ? "-" : esc(Number(b.mean).toFixed(2))}</td>` +
       `<td>${esc(b.max_batch_size ?? "")}</td>${cells}</tr>`;
   }).join(""));
+}
+
+function renderKeys(keys) {  // per-key usage today, once API keys exist
+  if (!keys) return;
+  document.getElementById("keys-section").hidden = false;
+  setHTML(document.querySelector("#keys tbody"), keys.map(k =>
+    `<tr><td>ss_${esc(k.key_id)}_…</td><td>${esc(k.name ?? "-")}</td><td>${esc(k.deployment)}</td>` +
+    `<td>${esc(k.requests)}</td><td>${esc(k.errors)}</td><td>${esc(k.rejected)}</td>` +
+    `<td>${k.last_seen ? time(k.last_seen) : ""}</td></tr>`).join("")
+    || `<tr><td colspan="7">no requests with a key today</td></tr>`);
 }
 
 function renderCache(cache) {
