@@ -74,6 +74,16 @@ class Embeddings:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class FeedbackReceipt:
+    """A stored feedback item: its id, the answer it is about, and whether this call stored
+    it (False: an earlier attempt of the same submission already had)."""
+
+    id: str
+    request_id: str
+    stored: bool
+
+
 # --- the policy (pure) -----------------------------------------------------------------------------
 def should_retry(*, status: int | None, code: str | None, sent: bool, idempotent: bool,
                  attempt: int, max_attempts: int, retry_after_s: float | None,
@@ -209,6 +219,11 @@ def _json_result(response: httpx.Response, request_id: str, attempts: int) -> Re
                   response.headers.get("x-steadyserve-version"))
 
 
+def _receipt(response: httpx.Response, request_id: str, attempts: int) -> FeedbackReceipt:
+    body = orjson.loads(response.content)
+    return FeedbackReceipt(str(body["id"]), str(body["request_id"]), bool(body["stored"]))
+
+
 def _embeddings(model: str) -> Callable[[httpx.Response, str, int], Embeddings]:
     def parse(response: httpx.Response, request_id: str, attempts: int) -> Embeddings:
         body = orjson.loads(response.content)
@@ -234,6 +249,19 @@ class _Calls:
         return exchange(self._opts, "POST", "/v1/embeddings",
                         {"model": model, "input": list(texts)}, idempotent=True,
                         timeout_s=timeout_s, parse=_embeddings(model))
+
+    def _feedback(self, request_id: str, key: str, score: float | bool | None, value: Any,
+                  correction: Any, comment: str,
+                  timeout_s: float | None) -> Generator[Step, Any, FeedbackReceipt]:
+        # the item's id is chosen here, so the gateway stores a retried submission once:
+        # safe to send again
+        payload: dict[str, Any] = {"request_id": request_id, "id": uuid.uuid4().hex,
+                                   "key": key, "comment": comment}
+        for name, given in (("score", score), ("value", value), ("correction", correction)):
+            if given is not None:
+                payload[name] = given
+        return exchange(self._opts, "POST", "/v1/feedback", payload, idempotent=True,
+                        timeout_s=timeout_s, parse=_receipt)
 
     def _get(self, path: str, timeout_s: float | None) -> Generator[Step, Any, Result]:
         return exchange(self._opts, "GET", path, None, idempotent=True, timeout_s=timeout_s,
@@ -271,6 +299,14 @@ class Client(_Calls):
 
     def deployments(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         return list(self._run(self._get("/v1/deployments", timeout_s)).value["deployments"])
+
+    def feedback(self, request_id: str, *, key: str = "rating",
+                 score: float | bool | None = None, value: Any = None, correction: Any = None,
+                 comment: str = "", timeout_s: float | None = None) -> FeedbackReceipt:
+        """What the user thought of an answer (`Result.request_id`): e.g. `score=1` for a
+        thumbs-up, or `key="label", correction="fraud"` for the right answer."""
+        return self._run(self._feedback(request_id, key, score, value, correction, comment,
+                                        timeout_s))
 
     def ready(self, timeout_s: float | None = None) -> bool:
         try:
@@ -333,6 +369,13 @@ class AsyncClient(_Calls):
     async def deployments(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         return list((await self._run(self._get("/v1/deployments", timeout_s))).value[
             "deployments"])
+
+    async def feedback(self, request_id: str, *, key: str = "rating",
+                       score: float | bool | None = None, value: Any = None,
+                       correction: Any = None, comment: str = "",
+                       timeout_s: float | None = None) -> FeedbackReceipt:
+        return await self._run(self._feedback(request_id, key, score, value, correction,
+                                              comment, timeout_s))
 
     async def _run(self, steps: Generator[Step, Any, T]) -> T:
         try:

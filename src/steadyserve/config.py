@@ -526,6 +526,21 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class FeedbackConfig:
+    """User feedback on answers (POST /v1/feedback; docs/configuration.md)."""
+
+    max_items_per_request: int = 20  # feedback items one request may get (409 beyond)
+    max_comment_chars: int = 2000
+    max_value_bytes: int = 4096  # `value` and `correction`, each as JSON
+
+    def __post_init__(self) -> None:
+        if self.max_items_per_request < 1 or self.max_comment_chars < 0 \
+                or self.max_value_bytes < 16:
+            raise ConfigError("[feedback] need max_items_per_request >= 1, max_comment_chars "
+                              ">= 0 and max_value_bytes >= 16")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     deployments: tuple[DeploymentConfig, ...]
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -536,6 +551,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
     # the GPUs local replicas may be given (indices or UUIDs, as CUDA_VISIBLE_DEVICES takes
     # them); None: the gateway's CUDA_VISIBLE_DEVICES, else what nvidia-smi lists

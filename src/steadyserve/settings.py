@@ -32,6 +32,7 @@ from .config import (
     ClusterConfig,
     Config,
     DeploymentConfig,
+    FeedbackConfig,
     GatewayConfig,
     ObservabilityConfig,
     ResilienceConfig,
@@ -133,13 +134,14 @@ def load_config(
     if config_path is not None:
         file = read_toml(Path(config_path))
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
-                                  "alerting", "cache", "auth", "cluster", "deployments", "data_dir",
+                                  "alerting", "cache", "auth", "cluster", "feedback", "deployments",
+                                  "data_dir",
                                   "database_url", "log_level", "log_format", "backend",
                                   "ray_address", "gpus"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
     for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
-                    "cache", "auth", "cluster", "deployments"):
+                    "cache", "auth", "cluster", "feedback", "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
@@ -226,5 +228,6 @@ def load_config(
         cache=_build(CacheConfig, cache, "[cache]"),
         auth=_build(AuthConfig, auth, "[auth]"),
         cluster=_build(ClusterConfig, file.get("cluster", {}), "[cluster]"),
+        feedback=_build(FeedbackConfig, file.get("feedback", {}), "[feedback]"),
         **top,
     )

@@ -154,3 +154,17 @@ def test_bad_options_are_refused():
         Client(max_attempts=0)
     with pytest.raises(ValueError):
         Client(timeout_s=0)
+
+
+def test_a_feedback_submission_lost_on_the_way_back_is_retried_with_the_same_item_id():
+    seen: list[httpx.Request] = []
+    steps = [httpx.ReadError("reset after the gateway stored it"),
+             response(200, {"id": "x", "request_id": "r1", "stored": False})]
+    with Client("http://gw", transport=httpx.MockTransport(scripted(steps, seen)),
+                sleep=lambda s: None) as c:
+        receipt = c.feedback("r1", key="label", correction="fraud", score=None)
+    bodies = [orjson.loads(r.content) for r in seen]
+    assert len(bodies) == 2 and bodies[0] == bodies[1]  # one item id: stored once
+    assert bodies[0]["request_id"] == "r1" and bodies[0]["correction"] == "fraud"
+    assert "score" not in bodies[0] and len(bodies[0]["id"]) == 32
+    assert (receipt.request_id, receipt.stored) == ("r1", False)

@@ -88,8 +88,8 @@ class Access:
             if not self.inference_open:
                 raise Unauthorized("this gateway needs an API key: send 'Authorization: Bearer "
                                    "<key>' (create one with `steadyserve keys create NAME`)")
-        elif route.access == "infer" and not key.allows("infer"):
-            raise Forbidden(f"API key ss_{key.id}_… lacks the 'infer' scope")
+        elif route.access in ("infer", "feedback") and not key.allows(route.access):
+            raise Forbidden(f"API key ss_{key.id}_… lacks the '{route.access}' scope")
         if key is not None:
             self.keys.rate(key, time.monotonic())
         if route.json_body and _has_body(req):

@@ -35,6 +35,7 @@ from ..observe.aggregate import (
     summed_registry,
 )
 from ..observe.metrics import BalancerFitCollector, GatewayMetrics
+from ..store.feedback import FeedbackStore
 
 if TYPE_CHECKING:
     from ..control.leadership import Leadership
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 from ..dashboard import routes as dashboard
 from ..observe.otlp import OtlpExporter
 from ..policies.lease import Alone
-from . import key_routes, log_routes, oip, openai, rollout_routes, routes
+from . import feedback_routes, key_routes, log_routes, oip, openai, rollout_routes, routes
 from . import openapi as openapi_doc
 from .access import Access
 from .cached import CACHE_HEADER
@@ -115,6 +116,12 @@ ROUTES = (
           json_body=True, tag="inference", summary="call a handler"),
     Route("GET", "/v1/alerts", routes.alerts, "read", tag="alerting",
           summary="active alerts, silences, recent automatic actions and history"),
+    Route("POST", "/v1/feedback", feedback_routes.submit, "feedback", json_body=True,
+          tag="feedback", request_schema=feedback_routes.SCHEMA, responses=(200, 201),
+          summary="what a user thought of an answer (its X-Request-ID): score, value, "
+                  "correction, comment"),
+    Route("GET", "/v1/feedback/{request_id}", feedback_routes.of_request, "admin",
+          tag="feedback", summary="the feedback items of one answer"),
     Route("GET", "/v1/logs", log_routes.logs, "admin", tag="ops",
           summary="recent log lines of the gateway and its replicas, filtered"),
     Route("GET", "/v1/cluster", routes.cluster, "read", tag="ops",
@@ -200,6 +207,7 @@ class Gateway:
         self._background: list[asyncio.Task[None]] = []
         self.usage = UsageMeter(config.auth.usage_max_entries)  # per key and deployment
         self.usage_flusher: UsageFlusher | None = None  # the gateway process's, with a database
+        self.feedback_store: FeedbackStore | None = None  # with a database
         self.alerting: AlertEngine | None = None
         self.lead: Alone | Leadership = Alone()  # [cluster]: the lease (control.leadership)
         # data-plane workers ([gateway] workers): in a worker, how other routes reach the

@@ -17,6 +17,7 @@ from ..observe.alerting import AlertEngine
 from ..observe.metrics import GatewayMetrics
 from ..policies.actions import ActionGuard
 from ..store import Database, DatabaseUnavailable
+from ..store.feedback import FeedbackStore
 from ..store.keys import KeyStore
 from ..store.usage import UsageStore
 from .activation import Activator
@@ -132,6 +133,7 @@ def build_gateway(
                       control=supervisor, keys=build_keyring(config, db))
     supervisor.crash_listeners.append(gateway.dispatcher.on_replica_crash)
     if db is not None:
+        gateway.feedback_store = FeedbackStore(db, config.feedback.max_items_per_request)
         gateway.usage_flusher = UsageFlusher(gateway.usage, UsageStore(db),
                                              config.auth.usage_flush_s,
                                              config.auth.usage_retention_days)

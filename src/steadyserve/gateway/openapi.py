@@ -131,6 +131,8 @@ def _operation(route: Route, *, path_params: list[str], body: dict[str, Any] | N
     params: list[dict[str, Any]] = [{"name": name, "in": "path", "required": True,
                "schema": {"enum": deployments} if name in ("deployment", "model") and deployments
                else {"enum": sorted(ASSETS)} if name == "asset"
+               else {"type": "string", "pattern": "^[A-Za-z0-9._:+=-]{1,128}$"}
+               if name == "request_id"
                else {"type": "string", "pattern": "^[A-Za-z0-9_.:@-]{1,128}$"}}
               for name in path_params]
     if route.access == "infer":

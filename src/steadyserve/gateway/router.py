@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .http import Request, Response
 
 RouteFn = Callable[["Gateway", "Request", dict[str, str]], Awaitable["Response"]]
-ACCESS = ("public", "read", "infer", "admin")
+ACCESS = ("public", "read", "infer", "feedback", "admin")
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,8 +212,27 @@ key_usage = Table(
 )
 
 
+# User feedback on answers (store.feedback): several items per request, each with its own
+# id (the client's, so a retried submission is stored once)
+feedback = Table(
+    "feedback", metadata,
+    Column("id", Text, primary_key=True),
+    Column("request_id", Text, nullable=False),
+    Column("key", Text, nullable=False),  # what is rated: "rating", "correct", …
+    Column("score", Double, nullable=True),
+    Column("value", Text, nullable=True),  # JSON
+    Column("correction", Text, nullable=True),  # JSON: the right answer, e.g. a label
+    Column("comment", Text, nullable=False),
+    Column("key_id", Text, nullable=True),  # the API key that sent it
+    Column("created_at", Double, nullable=False),
+    Index("ix_feedback_request_id", "request_id"),
+    Index("ix_feedback_created_at", "created_at"),
+)
+
+
 def _v4_key_usage(conn: Connection) -> None:
-    """Version 4 added `key_usage`, a new table (created before the migrations run)."""
+    """Version 4 added `key_usage` and `feedback`, new tables (created before the
+    migrations run)."""
 
 
 def _v2_api_keys(conn: Connection) -> None:
