@@ -240,3 +240,15 @@ def serve(tmp_path: Path) -> Iterator:
 
 
 ECHO = str(HERE / "services" / "echo.py") + ":Echo"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A state Database on each backend: a SQLite file, then PostgreSQL (a fresh schema)."""
+    from steadyserve.store import Database
+
+    url = f"sqlite:///{tmp_path}/state.db" if request.param == "sqlite" \
+        else request.getfixturevalue("pg_url")
+    database = Database(url)
+    yield database
+    database.close()

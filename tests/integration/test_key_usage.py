@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,6 @@ from .conftest import ECHO, STEADYSERVE, start
 pytestmark = [pytest.mark.integration]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path}/state.db" if request.param == "sqlite" \
-        else request.getfixturevalue("pg_url")
-    database = Database(url)
-    yield database
-    database.close()
 
 
 def test_usage_rows_add_up_per_day_and_are_pruned(db: Database) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -18,15 +17,6 @@ from steadyserve.errors import NotLeader
 from steadyserve.observe.metrics import GatewayMetrics
 from steadyserve.store import Database, Fenced
 from steadyserve.store.lease import acquire, fence, release
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path) -> Iterator[Database]:
-    url = f"sqlite:///{tmp_path}/state.db" if request.param == "sqlite" \
-        else request.getfixturevalue("pg_url")
-    database = Database(url)
-    yield database
-    database.close()
 
 
 def test_one_holder_renewals_keep_the_token_takeovers_raise_it(db: Database) -> None:
