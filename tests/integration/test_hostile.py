@@ -359,8 +359,10 @@ def test_short_bodies_and_slowloris_get_408_and_the_cap_sheds_idle_then_503(smal
                post + b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"tex\r\n"]
 
     def stall(request: bytes) -> tuple[bytes, float]:
-        sock = connect(gw, timeout=30)
+        # timed from before connecting: the edge's clock may start at the accept, which a
+        # clock started after connect() would miss (it measured 1.99997 s, twice)
         started = time.monotonic()
+        sock = connect(gw, timeout=30)
         sock.sendall(request)
         raw = read_until_closed(sock)
         sock.close()
@@ -572,7 +574,8 @@ def test_a_handler_that_raises_fails_only_its_request_and_is_not_retried(gw: Run
 # ---- access: every admin route, every bad credential --------------------------------------------
 
 ADMIN_ROUTES = [r for r in ROUTES if r.access == "admin"]
-PATH_PARAMS = {"deployment": "echo", "silence": "0123456789ab", "key": "nobody"}
+PATH_PARAMS = {"deployment": "echo", "silence": "0123456789ab", "key": "nobody",
+               "request_id": "0123456789abcdef01234567"}
 
 
 def test_admin_routes_refuse_no_wrong_revoked_and_infer_only_keys(gw: Running) -> None:

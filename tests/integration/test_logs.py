@@ -94,7 +94,9 @@ replicas = 1
     assert text.returncode == 0, text.stderr
     assert "INFO    chatty-0 saying hello" in text.stdout
 
-    # --follow: the lines of a request sent after it started, then Ctrl-C ends it cleanly
+    # --follow: the lines of a request sent after it started, then SIGTERM ends it cleanly
+    # (SIGTERM, not SIGINT: a shell starting the suite in the background ignores SIGINT for
+    # its children, and Python keeps an inherited SIG_IGN)
     follow = subprocess.Popen([*STEADYSERVE, "logs", "--follow", "--deployment", "chatty",
                                "--json", "--lines", "1", "--interval-s", "0.2", "--url", gw.url],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -118,7 +120,7 @@ replicas = 1
         shown = [json.dumps(r, sort_keys=True) for r in seen]
         assert len(shown) == len(set(shown))  # no line twice
     finally:
-        follow.send_signal(signal.SIGINT)
+        follow.send_signal(signal.SIGTERM)
         assert follow.wait(10) == 0, follow.stderr.read() if follow.stderr else ""
 
     logs_dir = gw.data_dir / "logs"

@@ -3,13 +3,14 @@
 
 Lines are shown as `time level process message key=value …` (rich colours the level on a
 terminal), or as the JSON lines themselves with --json. A follow that loses the gateway says so
-once and goes on trying; Ctrl-C ends it.
+once and goes on trying; Ctrl-C or SIGTERM ends it (exit status 0).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from typing import Any
@@ -90,6 +91,8 @@ def logs(args: argparse.Namespace) -> int:
     if args.lines < 1 or args.interval_s <= 0:
         print("steadyserve: --lines must be >= 1 and --interval-s > 0", file=sys.stderr)
         return exit_codes.USAGE
+    if args.follow:  # a supervisor's (or a test's) SIGTERM ends a follow as Ctrl-C does
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return _show(args)
     except KeyboardInterrupt:
