@@ -108,8 +108,8 @@ replicas = 1
         deadline = time.monotonic() + 20
         assert follow.stdout is not None
         os.set_blocking(follow.stdout.fileno(), False)
-        while time.monotonic() < deadline and not any(
-                r.get("request_id") == later_id and r["msg"] == "request" for r in seen):
+        while time.monotonic() < deadline and not {"saying later", "request"} <= {
+                r["msg"] for r in seen if r.get("request_id") == later_id}:
             line = follow.stdout.readline()
             if line:
                 seen.append(json.loads(line))

@@ -166,15 +166,27 @@ def test_configure_logging_writes_the_same_json_line_to_the_file(tmp_path: Path)
         root.setLevel(level)
 
 
-def test_follow_shows_each_line_once_even_at_the_same_millisecond() -> None:
-    f = Follow()
-    a, b, c = {"ts": 1.0, "msg": "a"}, {"ts": 1.0, "msg": "b"}, {"ts": 2.0, "msg": "c"}
-    assert f.new([a]) == [a]
-    assert f.since == 1.0
-    assert f.new([a, b]) == [b]  # b came in the same millisecond after the last poll
+def test_follow_shows_each_line_once_and_lines_that_reach_their_file_late() -> None:
+    f = Follow(lookback_s=1.0)
+    a, b, c = {"ts": 10.0, "msg": "a"}, {"ts": 10.0, "msg": "b"}, {"ts": 12.0, "msg": "c"}
+    old = {"ts": 9.5, "msg": "before the follow started"}
+    assert f.new([a]) == [a]  # the first page: --lines 1
+    assert f.since == 9.0 and f.floor == 10.0
+    assert f.new([old, a, b]) == [b]  # b in the same millisecond; nothing from before
     assert f.new([a, b, c]) == [c]
-    assert f.new([c]) == []
+    assert f.since == 11.0  # a and b are forgotten: older than the look-back
+    late = {"ts": 11.8, "msg": "another process's line, flushed after c was shown"}
+    assert f.new([late, c]) == [late]
+    assert f.new([c, late]) == []
     assert f.new([{"msg": "no time stamp"}]) == []
+
+
+def test_a_full_page_with_nothing_new_moves_the_follow_on() -> None:
+    f = Follow(lookback_s=1.0)
+    page = [{"ts": 100.0 + i / 1000, "msg": str(i)} for i in range(5)]
+    assert f.new(page) == page
+    assert f.new(page, full_page=True) == []  # a busy second: the page is all shown lines
+    assert f.since == 100.004
 
 
 def test_render_puts_time_level_process_and_message_first() -> None:

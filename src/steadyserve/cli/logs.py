@@ -21,6 +21,7 @@ from .admin import call_json
 
 SHOWN_FIRST = ("ts", "level", "logger", "msg", "process", "replica", "exc")
 FOLLOW_PAGE = 500
+LOOKBACK_S = 1.0  # how late a line may reach its file and still be shown (flushes: 0.25 s)
 LEVEL_STYLE = {"debug": "dim", "info": "green", "warning": "yellow", "error": "bold red",
                "critical": "bold red"}
 
@@ -62,28 +63,44 @@ def render(rec: dict[str, Any]) -> tuple[str, str]:
 
 
 class Follow:
-    """What a follow has shown: the newest time stamp and the lines at exactly it (the next
-    poll asks from that stamp again, so a line written in the same millisecond is not lost,
-    and those already shown are not shown twice)."""
+    """Which lines a follow has shown, and where its next poll starts.
 
-    def __init__(self) -> None:
-        self.since: float | None = None
-        self.at_since: set[str] = set()
+    Files are written through buffers (observe.logfiles.LogFile) by several processes, so a
+    line may reach its file after a newer line of another process was shown: each poll asks
+    again from `LOOKBACK_S` before the newest line shown, and lines already shown (remembered
+    for that long) are not shown twice. A full page with nothing new (a busy gateway writes
+    more than a page in the look-back) moves the start to the page's last line instead, so
+    the follow always advances."""
 
-    def new(self, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def __init__(self, lookback_s: float = LOOKBACK_S) -> None:
+        self.lookback_s = lookback_s
+        self.since: float | None = None  # where the next poll starts
+        self.newest: float | None = None
+        self.shown: dict[str, float] = {}  # line → its time stamp, within the look-back
+        self.floor: float | None = None  # nothing older than the first page's newest line
+
+    def new(self, lines: list[dict[str, Any]], full_page: bool = False) -> list[dict[str, Any]]:
         out = []
+        last: float | None = None
         for rec in lines:
             ts = rec.get("ts")
             if not isinstance(ts, int | float):
                 continue
+            last = ts if last is None else max(last, ts)
             ident = json.dumps(rec, sort_keys=True)
-            if self.since is not None and (ts < self.since or
-                                           (ts == self.since and ident in self.at_since)):
+            if ident in self.shown or (self.since is not None and ts < self.since) \
+                    or (self.floor is not None and ts < self.floor):
                 continue
-            if self.since is None or ts > self.since:
-                self.since, self.at_since = ts, set()
-            self.at_since.add(ident)
+            self.shown[ident] = ts
+            self.newest = ts if self.newest is None else max(self.newest, ts)
             out.append(rec)
+        if self.newest is not None:
+            if self.floor is None:  # the lines first asked for are shown: only newer ones now
+                self.floor = self.newest
+            self.since = self.newest - self.lookback_s
+            if full_page and not out and last is not None:
+                self.since = max(self.since, last)
+            self.shown = {k: t for k, t in self.shown.items() if t >= self.since}
         return out
 
 
@@ -131,7 +148,7 @@ def _show(args: argparse.Namespace) -> int:
                 return exit_codes.FAILURE
             lost = False
             lines = body.get("lines", [])
-            shown = follow.new(lines)
+            shown = follow.new(lines, full_page=len(lines) >= limit)
             for rec in shown:
                 if args.json:
                     print(json.dumps(rec), flush=True)
@@ -140,8 +157,7 @@ def _show(args: argparse.Namespace) -> int:
                     console.print(Text(text, style=LEVEL_STYLE.get(level, "")))
         if not args.follow:
             return exit_codes.OK
-        # then pages of new lines (from the newest stamp shown, inclusive: a page must hold
-        # more than the lines of one millisecond)
+        # then pages of new lines (from a second before the newest shown: see Follow)
         limit = max(args.lines, FOLLOW_PAGE)
         if lost or len(lines) < limit or not shown:  # a full new page: more may be waiting
             time.sleep(args.interval_s)

