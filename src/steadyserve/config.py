@@ -21,6 +21,7 @@ _GPU = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # "0", "GPU-8f0c…", "MIG-…"
 DEFAULT_SERVICE = "steadyserve.examples.embedding:Embedder"
 RISK_SERVICE = "steadyserve.examples.risk.service:RiskScorer"
 MiB = 1024 * 1024
+_ANSWER_PATH = re.compile(r"[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,7}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -96,6 +97,10 @@ class DeploymentConfig:
     # Ray reserves them together as a placement group; the replica runs in the first
     placement_bundles: tuple[tuple[tuple[str, float], ...], ...] = ()
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    # feedback labels (a `correction`) are compared with the probability at this path of
+    # the answer, e.g. "0.score" (the first result's `score`); None: no label metrics
+    feedback_prediction: str | None = None
+    feedback_positive: str = "positive"  # the correction that means the positive class
 
     def _check_placement(self) -> None:
         where = f"deployment {self.name}: placement_bundles"
@@ -123,6 +128,12 @@ class DeploymentConfig:
             raise ConfigError(
                 f"deployment name {self.name!r}: use lowercase letters, digits, '-', '_', '.'"
             )
+        if self.feedback_prediction is not None and not _ANSWER_PATH.fullmatch(
+                self.feedback_prediction):
+            raise ConfigError(f"deployment {self.name}: feedback_prediction is a path into the "
+                              "answer of keys and list indices, e.g. \"0.score\"")
+        if not 0 < len(self.feedback_positive) <= 128:
+            raise ConfigError(f"deployment {self.name}: feedback_positive: 1 to 128 characters")
         if ":" not in self.service:
             raise ConfigError(f"deployment {self.name}: service must be 'file.py:Class' "
                               f"or 'module:Class', got {self.service!r}")
@@ -532,12 +543,29 @@ class FeedbackConfig:
     max_items_per_request: int = 20  # feedback items one request may get (409 beyond)
     max_comment_chars: int = 2000
     max_value_bytes: int = 4096  # `value` and `correction`, each as JSON
+    # accepted while the database is down: fsync'd to <data_dir>/spool/feedback, replayed
+    spool_max_bytes: int = 64 * MiB
+    # what served each answer, for feedback to join to (store.records); inputs never kept
+    record_requests: bool = True
+    record_sample_rate: float = 1.0  # share of answers recorded
+    record_retention_s: float = 7 * 86_400.0
+    max_records: int = 1_000_000
+    record_queue_max: int = 10_000  # records waiting for the next write (dropped beyond)
+    record_flush_s: float = 1.0
+    summary_max_rows: int = 100_000  # feedback items one summary reads at most
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1 or self.max_comment_chars < 0 \
                 or self.max_value_bytes < 16:
             raise ConfigError("[feedback] need max_items_per_request >= 1, max_comment_chars "
                               ">= 0 and max_value_bytes >= 16")
+        if self.spool_max_bytes < 4096 or not 0 <= self.record_sample_rate <= 1 \
+                or self.record_retention_s <= 0 or self.max_records < 1 \
+                or self.record_queue_max < 1 or self.record_flush_s <= 0 \
+                or self.summary_max_rows < 1:
+            raise ConfigError("[feedback] need spool_max_bytes >= 4096, record_sample_rate in "
+                              "[0, 1], record_retention_s > 0, max_records >= 1, "
+                              "record_queue_max >= 1, record_flush_s > 0, summary_max_rows >= 1")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -5,6 +5,7 @@ schema per test (`pg_url`, `pg_admin`) and a fresh key prefix on the shared Redi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -252,3 +253,59 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     database = Database(url)
     yield database
     database.close()
+
+
+@dataclass
+class PrivatePostgres:
+    """A PostgreSQL cluster of the test's own (initdb in a temporary directory, a free port),
+    so a test may stop and start it without touching the shared one."""
+
+    directory: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, *args: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", _pg_bin("pg_ctl"), "-D",
+                        str(self.directory / "data"), *args], check=True, timeout=60,
+                       capture_output=True)
+
+    def start(self) -> None:
+        self._ctl("-o", f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+                  "-c fsync=off", "-l", str(self.directory / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        self._ctl("-m", "fast", "-w", "stop")
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    if not found:
+        unavailable(f"PostgreSQL's {name}", FileNotFoundError(name))
+    return str(found[-1])
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="ss-pg-"))
+    shutil.chown(directory, "postgres", "postgres")
+    pg = PrivatePostgres(directory, free_port())
+    try:
+        subprocess.run(["runuser", "-u", "postgres", "--", _pg_bin("initdb"), "-A", "trust",
+                        "-U", "postgres", "-D", str(directory / "data")], check=True,
+                       timeout=120, capture_output=True)
+        pg.start()
+    except (subprocess.SubprocessError, OSError) as exc:
+        shutil.rmtree(directory, ignore_errors=True)
+        unavailable("a private PostgreSQL cluster (initdb, pg_ctl as user postgres)", exc)
+    try:
+        yield pg
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            pg.stop()
+        shutil.rmtree(directory, ignore_errors=True)

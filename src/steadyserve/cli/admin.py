@@ -39,7 +39,9 @@ def get_json(url: str, path: str) -> Any:
         print(f"steadyserve: cannot reach {url}: {exc}", file=sys.stderr)
         return None
     if code != 200:
-        print(json.dumps(body, indent=2), file=sys.stderr)
+        err = body.get("error") if isinstance(body, dict) else None
+        message = err.get("message") if isinstance(err, dict) else json.dumps(body)[:300]
+        print(f"steadyserve: {path.split('?')[0]} refused ({code}): {message}", file=sys.stderr)
         return None
     return body
 

@@ -8,6 +8,7 @@ import sys
 from .. import __version__
 from ..policies.balancing import BALANCERS
 from . import exit_codes
+from . import feedback as feedback_cli
 from . import keys as keys_cli
 from . import logs as logs_cli
 
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--by", default="cli", help="who is silencing")
     si.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     logs_cli.add_parser(verbs, url_help)
+    feedback_cli.add_parser(verbs, url_help)
     keys_cli.add_parser(verbs)
     ex = verbs.add_parser(
         "export", help="export configuration for other systems", formatter_class=examples,
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import bench
 
         return bench(args)
+    if args.verb == "feedback":
+        return feedback_cli.feedback(args)
     if args.verb == "logs":
         return logs_cli.logs(args)
     if args.verb == "keys":

@@ -36,6 +36,9 @@ from ..observe.aggregate import (
 )
 from ..observe.metrics import BalancerFitCollector, GatewayMetrics
 from ..store.feedback import FeedbackStore
+from ..store.records import RecordStore
+from ..store.spool import Spool
+from .records import RecordWriter, RequestRecorder
 
 if TYPE_CHECKING:
     from ..control.leadership import Leadership
@@ -117,9 +120,12 @@ ROUTES = (
     Route("GET", "/v1/alerts", routes.alerts, "read", tag="alerting",
           summary="active alerts, silences, recent automatic actions and history"),
     Route("POST", "/v1/feedback", feedback_routes.submit, "feedback", json_body=True,
-          tag="feedback", request_schema=feedback_routes.SCHEMA, responses=(200, 201),
+          tag="feedback", request_schema=feedback_routes.SCHEMA, responses=(200, 201, 202),
           summary="what a user thought of an answer (its X-Request-ID): score, value, "
                   "correction, comment"),
+    Route("GET", "/v1/feedback/summary", feedback_routes.summary, "read", tag="feedback",
+          summary="per deployment and model version: feedback rate, mean scores with "
+                  "intervals, label accuracy, precision, recall, Brier score, reliability"),
     Route("GET", "/v1/feedback/{request_id}", feedback_routes.of_request, "admin",
           tag="feedback", summary="the feedback items of one answer"),
     Route("GET", "/v1/logs", log_routes.logs, "admin", tag="ops",
@@ -208,6 +214,13 @@ class Gateway:
         self.usage = UsageMeter(config.auth.usage_max_entries)  # per key and deployment
         self.usage_flusher: UsageFlusher | None = None  # the gateway process's, with a database
         self.feedback_store: FeedbackStore | None = None  # with a database
+        self.feedback_spool: Spool | None = None  # feedback accepted while it is down
+        fb = config.feedback
+        self.recorder = RequestRecorder(fb, {d.name: d.feedback_prediction
+                                             for d in config.deployments}) \
+            if fb.record_requests else None
+        self.record_writer: RecordWriter | None = None  # the gateway process's, with a database
+        self.record_store: RecordStore | None = None
         self.alerting: AlertEngine | None = None
         self.lead: Alone | Leadership = Alone()  # [cluster]: the lease (control.leadership)
         # data-plane workers ([gateway] workers): in a worker, how other routes reach the
@@ -284,7 +297,7 @@ class Gateway:
         resp.headers.append((b"traceparent", trace.header(span)))
         await self._send(req, resp, send)
         elapsed = time.perf_counter() - started
-        self._observe(req, resp.status, elapsed)
+        self._observe(req, resp, elapsed)
         span.attributes.update({"http.status_code": resp.status, "deployment": req.deployment,
                                 "handler": req.handler, "request_id": req.request_id})
         span.end(error=resp.status >= 500)
@@ -337,7 +350,7 @@ class Gateway:
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _observe(self, req: Request, status: int, seconds: float) -> None:
+    def _observe(self, req: Request, resp: Response, seconds: float) -> None:
         """Count and time inference requests only: they are the SLO (ErrorBudgetBurn) and
         the latency users see. Probes (a starting gateway's /readyz answers 503), scrapes,
         admin calls and unknown routes or deployments would swamp both. A client deadline
@@ -346,8 +359,18 @@ class Gateway:
         route = req.route
         if route is None or route.access != "infer" or req.deployment == "-":
             return
-        if req.principal is not None:
-            self.usage.record(req.principal.id, req.deployment, status, time.time())
+        status = resp.status
+        if req.principal is not None or self.recorder is not None:
+            now = time.time()
+            key_id = req.principal.id if req.principal is not None else None
+            if key_id is not None:
+                self.usage.record(key_id, req.deployment, status, now)
+            if self.recorder is not None:
+                call = req.call
+                self.recorder.record(
+                    request_id=req.request_id, deployment=req.deployment, handler=req.handler,
+                    version=call.version, replica=call.replica, cache=call.cache, status=status,
+                    seconds=seconds, key_id=key_id, body=resp.body, now=now)
         key = (req.deployment, req.handler, status, req.call.deadline_exceeded)
         observe = self._observers.get(key)
         if observe is None:
@@ -386,6 +409,13 @@ class Gateway:
                     if self.usage_flusher is not None:
                         self._background.append(asyncio.get_running_loop().create_task(
                             self.usage_flusher.run(), name="key-usage"))
+                    if self.record_writer is not None:
+                        self._background.append(asyncio.get_running_loop().create_task(
+                            self.record_writer.run(), name="request-records"))
+                    if self.feedback_spool is not None and self.feedback_store is not None:
+                        self._background.append(asyncio.get_running_loop().create_task(
+                            feedback_routes.replay(self.feedback_spool, self.feedback_store),
+                            name="feedback-spool"))
                     if self.cache is not None:
                         await self.cache.start()
                     await self.lead.start()  # who leads is known before the duties start
@@ -407,6 +437,8 @@ class Gateway:
                         task.cancel()
                     if self.usage_flusher is not None:  # what was counted since the last one
                         await self.usage_flusher.flush()
+                    if self.record_writer is not None:
+                        await self.record_writer.flush()
                     if self.alerting is not None:
                         await self.alerting.stop()
                     for spawned in list(self._spawned):

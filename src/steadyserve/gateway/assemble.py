@@ -19,10 +19,13 @@ from ..policies.actions import ActionGuard
 from ..store import Database, DatabaseUnavailable
 from ..store.feedback import FeedbackStore
 from ..store.keys import KeyStore
+from ..store.records import RecordStore
+from ..store.spool import Spool
 from ..store.usage import UsageStore
 from .activation import Activator
 from .app import Gateway
 from .membership import Membership
+from .records import RecordWriter
 from .transport import HttpTransport
 from .worker import Forwarder, WorkerControl, WorkerLink
 from .workers import WorkerPool
@@ -132,8 +135,13 @@ def build_gateway(
     gateway = Gateway(config, transport=transport, membership=membership, metrics=metrics,
                       control=supervisor, keys=build_keyring(config, db))
     supervisor.crash_listeners.append(gateway.dispatcher.on_replica_crash)
+    gateway.feedback_spool = Spool(Path(config.data_dir) / "spool" / "feedback",
+                                   config.feedback.spool_max_bytes)
     if db is not None:
         gateway.feedback_store = FeedbackStore(db, config.feedback.max_items_per_request)
+        gateway.record_store = RecordStore(db)
+        if gateway.recorder is not None:
+            gateway.record_writer = RecordWriter(gateway.recorder, gateway.record_store)
         gateway.usage_flusher = UsageFlusher(gateway.usage, UsageStore(db),
                                              config.auth.usage_flush_s,
                                              config.auth.usage_retention_days)

@@ -5,14 +5,18 @@ a `score`, a `value`, a `correction` (the right answer, e.g. a label) and a `com
 (LangSmith's shape). An item's `id` may be chosen by the client, so a retried submission is
 stored once (the SDK does this); the gateway picks one otherwise.
 
-Stored in the database at once; with the database down the answer is a 503 with
-Retry-After (nothing is accepted that is not stored). `GET /v1/feedback/{request_id}`
-(admin) reads a request's items back.
+Stored in the database at once (201). With the database down, an item is written to a
+local spool and fsync'd before the answer (202, `"spooled": true`): `replay` stores the
+spooled items in order when the database is back, each exactly once (the item id makes a
+replay after a crash harmless). A full spool (`[feedback] spool_max_bytes`) is a 503 with
+Retry-After: nothing is accepted that is not kept. `GET /v1/feedback/{request_id}` (admin)
+reads a request's items back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 import time
@@ -22,7 +26,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..config import FeedbackConfig
-from ..errors import ClientError, DependencyUnavailable, PayloadTooLarge
+from ..errors import ClientError, DependencyUnavailable, NotFound, PayloadTooLarge
+from ..policies import quality
+from ..store.spool import Spool, SpoolFull
 from .http import Request, Response, json_response
 
 if TYPE_CHECKING:
@@ -102,6 +108,11 @@ def parse_item(body: Any, limits: FeedbackConfig, sender: ApiKey | None,
             "created_at": now}
 
 
+REPLAY_EVERY_S = 1.0
+REPLAY_BATCH = 200
+log = logging.getLogger("steadyserve.feedback")
+
+
 def _store(gw: Gateway) -> FeedbackStore:
     if gw.feedback_store is None:
         raise DependencyUnavailable("feedback is stored in the database, which this gateway "
@@ -110,12 +121,46 @@ def _store(gw: Gateway) -> FeedbackStore:
 
 
 async def submit(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
-    store = _store(gw)
     body = await req.json(gw.config.max_body_bytes)
     item = parse_item(body, gw.full_config.feedback, req.principal, time.time())
-    added = await asyncio.to_thread(store.add, item)  # DatabaseUnavailable: 503, not accepted
-    return json_response({"id": item["id"], "request_id": item["request_id"],
-                          "stored": added}, status=201 if added else 200)
+    answer = {"id": item["id"], "request_id": item["request_id"]}
+    try:
+        added = await asyncio.to_thread(_store(gw).add, item)
+    except DependencyUnavailable as exc:  # the database is down (or was never opened)
+        spool = gw.feedback_spool
+        if spool is None:
+            raise
+        try:
+            await asyncio.to_thread(spool.append, item)
+        except SpoolFull:
+            raise DependencyUnavailable(
+                f"the database is down ({exc.message}) and the feedback spool is full "
+                "([feedback] spool_max_bytes): try again later", retry_after_s=30) from None
+        return json_response({**answer, "stored": False, "spooled": True}, status=202)
+    return json_response({**answer, "stored": added}, status=201 if added else 200)
+
+
+async def replay(spool: Spool, store: FeedbackStore) -> None:
+    """Store spooled feedback in order once the database takes it; never dies."""
+    down = False
+    while True:
+        await asyncio.sleep(REPLAY_EVERY_S)
+        try:
+            while spool.count:
+                batch = await asyncio.to_thread(spool.pending, REPLAY_BATCH)
+                if not batch:
+                    break
+                for _, item in batch:  # a crash before the ack stores them again: a no-op
+                    await asyncio.to_thread(store.add, item, bounded=False)
+                await asyncio.to_thread(spool.ack, batch[-1][0])
+                log.info("stored %d spooled feedback items; %d left", len(batch), spool.count)
+            down = False
+        except DependencyUnavailable as exc:
+            if not down:
+                log.warning("spooled feedback waits for the database: %s", exc.message)
+            down = True
+        except Exception:
+            log.exception("replaying spooled feedback failed; trying again")
 
 
 async def of_request(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
@@ -125,3 +170,71 @@ async def of_request(gw: Gateway, req: Request, params: dict[str, str]) -> Respo
                           "= - (in a path)", param="request_id")
     items = await asyncio.to_thread(_store(gw).of_request, request_id)
     return json_response({"request_id": request_id, "feedback": items})
+
+
+SUMMARY_MAX_DAYS = 366
+
+
+def is_positive(correction: Any, positive: str) -> bool:
+    """A label from a correction: true, 1, "true", "1" or the deployment's positive label."""
+    if isinstance(correction, bool):
+        return correction
+    if isinstance(correction, int | float):
+        return correction == 1
+    return isinstance(correction, str) and correction.strip().lower() in (
+        positive.lower(), "true", "1")
+
+
+def summarize(answers: dict[tuple[str, str], int], items: list[dict[str, Any]],
+              positives: dict[str, str]) -> list[dict[str, Any]]:
+    """Per deployment and model version: recorded answers, feedback items and their rate,
+    each score key's mean with its 95 % interval, and for labelled answers with a recorded
+    prediction, accuracy (Wilson interval), precision, recall, Brier score and reliability."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for key in answers:
+        groups[key] = {"items": 0, "scores": {}, "pairs": []}
+    for it in items:
+        where = (it["deployment"] or "-", it["version"] or "") if it["deployment"] \
+            else ("-", "")  # feedback on an answer that was not recorded
+        g = groups.setdefault(where, {"items": 0, "scores": {}, "pairs": []})
+        g["items"] += 1
+        if it["score"] is not None:
+            g["scores"].setdefault(it["key"], []).append(float(it["score"]))
+        prediction = it["prediction"]
+        if it["correction"] is not None and prediction is not None and 0 <= prediction <= 1:
+            g["pairs"].append((float(prediction), is_positive(
+                it["correction"], positives.get(where[0], "positive"))))
+    out = []
+    for (deployment, version), g in sorted(groups.items()):
+        n_answers = answers.get((deployment, version), 0)
+        out.append({
+            "deployment": deployment, "version": version, "answers": n_answers,
+            "feedback_items": g["items"], "feedback_rate": quality.rate(g["items"], n_answers),
+            "scores": {k: quality.to_json(quality.mean_interval(v))
+                       for k, v in sorted(g["scores"].items())},
+            "labels": quality.to_json(quality.label_metrics(g["pairs"])) if g["pairs"] else None,
+        })
+    return out
+
+
+async def summary(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    days = req.query_int("days", 1, SUMMARY_MAX_DAYS, default=7)
+    deployment = req.query("deployment", 128)
+    if deployment is not None and deployment not in gw.membership.deployments:
+        raise NotFound(f"no deployment {deployment!r}", param="deployment")
+    records = gw.record_store
+    if records is None:
+        raise DependencyUnavailable("feedback lives in the database, which this gateway could "
+                                    "not open; see its log", retry_after_s=5)
+    cfg = gw.full_config
+    since = time.time() - days * 86_400
+
+    def read() -> list[dict[str, Any]]:
+        rows = summarize(records.answers(since),
+                         records.feedback_joined(since, cfg.feedback.summary_max_rows),
+                         {d.name: d.feedback_positive for d in cfg.deployments})
+        return [r for r in rows if deployment is None or r["deployment"] == deployment]
+
+    rows = await asyncio.to_thread(read)
+    return json_response({"days": days, "summary": rows,
+                          "spooled": gw.feedback_spool.count if gw.feedback_spool else 0})

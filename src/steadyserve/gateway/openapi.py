@@ -41,6 +41,8 @@ QUERY_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "/v1/cache": (("top", "how many of the hottest keys to list: 1 to 1000"),),
     "/v1/dashboard": (("history", "minutes of per-minute history to add: 1 to 4320"),),
     "/v1/logs": PARAMS,
+    "/v1/feedback/summary": (("days", "days back: 1 to 366 (default 7)"),
+                             ("deployment", "only this deployment")),
     "/v1/admin/keys/usage": (("days", "UTC days back, today included: 1 to 366 (default 7)"),
                              ("limit", "the most rows: 1 to 1000 (default 100)")),
 }

@@ -163,7 +163,9 @@ class WorkerLink:
                           if d.config.autoscale is not None}
                 self.send({"t": "report", "demand": demand,
                            "metrics": generate_latest(gw.metrics.registry).decode(),
-                           "usage": usage.to_wire(gw.usage.take())})
+                           "usage": usage.to_wire(gw.usage.take()),
+                           "records": gw.recorder.take(gw.recorder.cfg.record_queue_max)
+                           if gw.recorder is not None else []})
             except Exception:
                 log.exception("worker report failed; continuing")
 

@@ -204,6 +204,8 @@ class WorkerPool:
                 w.metrics = metrics.encode()
             self.gateway.usage.merge(usage.from_wire(message.get("usage"),
                                                      self.gateway.usage.max_entries))
+            if self.gateway.recorder is not None:
+                self.gateway.recorder.merge(message.get("records"))
             w.reported_at = self.clock()
         elif kind == "unavailable":
             d = self.gateway.membership.get(str(message.get("deployment")))

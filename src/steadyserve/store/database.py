@@ -230,6 +230,26 @@ feedback = Table(
 )
 
 
+# What served each answer (store.records), for feedback to join to: sampled, kept
+# [feedback] record_retention_s and at most max_records; inputs are never stored
+request_records = Table(
+    "request_records", metadata,
+    Column("request_id", Text, primary_key=True),
+    Column("deployment", Text, nullable=False),
+    Column("handler", Text, nullable=False),
+    Column("version", Text, nullable=False),  # the model version that answered ("" unknown)
+    Column("replica", Text, nullable=False),
+    Column("cache", Text, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("latency_ms", Double, nullable=False),
+    Column("key_id", Text, nullable=True),
+    Column("prediction", Double, nullable=True),  # [deployments] feedback_prediction
+    Column("created_at", Double, nullable=False),
+    Index("ix_request_records_created_at", "created_at"),
+    Index("ix_request_records_deployment_version", "deployment", "version"),
+)
+
+
 def _v4_key_usage(conn: Connection) -> None:
     """Version 4 added `key_usage` and `feedback`, new tables (created before the
     migrations run)."""

@@ -25,12 +25,13 @@ class FeedbackStore:
         self.db = db
         self.max_items_per_request = max_items_per_request
 
-    def add(self, item: Mapping[str, Any]) -> bool:
+    def add(self, item: Mapping[str, Any], *, bounded: bool = True) -> bool:
         """Store one item; False when an item with its id is stored already (a retried
         submission), TooMuchFeedback when its request has as many items as allowed. The count
         and the insert share a transaction (on PostgreSQL two concurrent submissions for one
         request may both pass the count: the bound is then exceeded by at most the number of
-        gateways, never without limit)."""
+        gateways, never without limit). `bounded=False` for items accepted already (the
+        spool's): those are stored whatever the count."""
         row = {**item, "value": _json(item.get("value")),
                "correction": _json(item.get("correction"))}
         with self.db.connect("add feedback", write=True) as conn:
@@ -38,7 +39,7 @@ class FeedbackStore:
                 return False
             count = conn.execute(select(func.count()).select_from(feedback)
                                  .where(feedback.c.request_id == row["request_id"])).scalar_one()
-            if count >= self.max_items_per_request:
+            if bounded and count >= self.max_items_per_request:
                 raise TooMuchFeedback(f"request {row['request_id']!r} has {count} feedback items "
                                       f"already, the most allowed ([feedback] "
                                       "max_items_per_request)")

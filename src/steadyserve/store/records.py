@@ -1,0 +1,78 @@
+"""Request records (the `request_records` table of `store.database`): what served each
+answer — deployment, handler, model version, replica, cache outcome, status, latency, key,
+and the prediction feedback labels are compared with — and the feedback summary that joins
+them to the `feedback` table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from sqlalchemy import delete, func, select
+
+from .database import Database, feedback, request_records
+
+RECORD_FIELDS = ("request_id", "deployment", "handler", "version", "replica", "cache",
+                 "status", "latency_ms", "key_id", "prediction", "created_at")
+PRUNE_ROWS = 5_000  # rows per DELETE while over max_records
+
+
+class RecordStore:
+    """Thread-safe (the Database is); call from worker threads in the gateway."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def add(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert records; one already stored (the same request id) is left as it is."""
+        with self.db.connect("add request records", write=True) as conn:
+            for row in rows:
+                conn.execute(self.db.insert_ignore(request_records, row))
+
+    def prune(self, before: float, max_rows: int) -> int:
+        """Delete records older than `before`, then the oldest while over `max_rows`."""
+        c = request_records.c
+        with self.db.connect("prune request records", write=True) as conn:
+            gone = conn.execute(delete(request_records).where(c.created_at < before)).rowcount
+            over = conn.execute(select(func.count()).select_from(request_records)).scalar_one() \
+                - max_rows
+            while over > 0:
+                oldest = select(c.request_id).order_by(c.created_at).limit(min(over, PRUNE_ROWS))
+                n = conn.execute(delete(request_records).where(
+                    c.request_id.in_(oldest.scalar_subquery()))).rowcount
+                if n <= 0:
+                    break
+                gone += n
+                over -= n
+        return int(gone)
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        with self.db.connect("read a request record") as conn:
+            row = conn.execute(select(request_records).where(
+                request_records.c.request_id == request_id)).mappings().first()
+        return dict(row) if row is not None else None
+
+    def answers(self, since: float) -> dict[tuple[str, str], int]:
+        """Recorded answers per (deployment, version) since `since`."""
+        c = request_records.c
+        with self.db.connect("count request records") as conn:
+            rows = conn.execute(select(c.deployment, c.version, func.count())
+                                .where(c.created_at >= since)
+                                .group_by(c.deployment, c.version)).all()
+        return {(str(d), str(v)): int(n) for d, v, n in rows}
+
+    def feedback_joined(self, since: float, limit: int) -> list[dict[str, Any]]:
+        """Feedback items since `since` with the record of the answer they are about
+        (deployment, version, prediction; None when the answer was not recorded), newest
+        first, at most `limit`."""
+        f, r = feedback.c, request_records.c
+        query = (select(f.request_id, f.key, f.score, f.correction, r.deployment, r.version,
+                        r.prediction)
+                 .select_from(feedback.outerjoin(request_records,
+                                                 f.request_id == r.request_id))
+                 .where(f.created_at >= since).order_by(f.created_at.desc()).limit(limit))
+        with self.db.connect("read feedback with records") as conn:
+            rows = conn.execute(query).mappings().all()
+        return [{**row, "correction": None if row["correction"] is None
+                 else orjson.loads(row["correction"])} for row in rows]
