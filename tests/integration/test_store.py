@@ -367,3 +367,20 @@ def test_default_url_is_a_relative_sqlite_file(tmp_path: Path, monkeypatch: pyte
         assert (tmp_path / ".steadyserve" / "steadyserve.db").exists()
     finally:
         db.close()
+
+
+def test_request_records_are_added_once_and_pruned_by_age_and_count(db) -> None:
+    from steadyserve.store.records import RecordStore
+
+    store = RecordStore(db)
+    rows = [{"request_id": f"r{i:04d}", "deployment": "risk", "handler": "score",
+             "version": "7", "replica": "risk-0", "cache": "miss", "status": 200,
+             "latency_ms": 1.5, "key_id": None, "prediction": i / 2500, "created_at": 1000.0 + i}
+            for i in range(2500)]  # over one executemany chunk
+    store.add(rows)
+    store.add(rows[:10])  # a worker's report sent twice: no duplicate, no error
+    assert store.answers(0) == {("risk", "7"): 2500}
+    assert store.get("r0007")["prediction"] == 7 / 2500
+    assert store.prune(before=1100.0, max_rows=2000) == 500  # 100 too old, then 400 oldest
+    assert store.answers(0) == {("risk", "7"): 2000}
+    assert store.get("r0499") is None and store.get("r0500") is not None
