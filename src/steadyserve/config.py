@@ -553,6 +553,10 @@ class FeedbackConfig:
     record_queue_max: int = 10_000  # records waiting for the next write (dropped beyond)
     record_flush_s: float = 1.0
     summary_max_rows: int = 100_000  # feedback items one summary reads at most
+    # feedback that marks an answer wrong (a `correction`, or `correct_key` with a score
+    # <= 0) drops the answer from the response cache, here and in L2
+    invalidate_cached_on_wrong: bool = True
+    correct_key: str = "correct"
 
     def __post_init__(self) -> None:
         if self.max_items_per_request < 1 or self.max_comment_chars < 0 \

@@ -15,7 +15,7 @@ import pytest
 import steadyserve
 from steadyserve.client import SteadyserveError
 
-from .conftest import ECHO
+from .conftest import ECHO, HERE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -108,3 +108,37 @@ replicas = 1
             with pytest.raises(SteadyserveError) as refused:
                 anonymous.feedback(other, score=3)
             assert refused.value.status == 401
+
+
+SCORER = f"{HERE / 'services' / 'scorer.py'}:Scorer"
+
+
+def test_feedback_that_marks_a_cached_answer_wrong_drops_it(serve: Any, tmp_path: Path) -> None:
+    gw = serve([SCORER, "--name", "scorer"])
+    with httpx.Client(base_url=gw.url, timeout=10) as h:
+        def score(x: float) -> httpx.Response:
+            r = h.post("/v1/deployments/scorer/score", json={"x": x})
+            assert r.status_code == 200, r.text
+            return r
+
+        assert score(0.3).headers["x-steadyserve-cache"] == "miss"
+        cached = score(0.3)
+        assert cached.headers["x-steadyserve-cache"] == "hit"
+        rid = cached.headers["x-request-id"]
+        liked = h.post("/v1/feedback", json={"request_id": rid, "key": "correct", "score": 1})
+        assert liked.status_code == 201 and "cache" not in liked.json(), liked.text
+        assert score(0.3).headers["x-steadyserve-cache"] == "hit"  # a thumbs-up keeps it
+        wrong = h.post("/v1/feedback", json={"request_id": rid, "key": "correct", "score": 0})
+        assert wrong.status_code == 201, wrong.text
+        assert wrong.json()["cache"]["dropped"] and wrong.json()["cache"]["l1_dropped"] == 1
+        assert score(0.3).headers["x-steadyserve-cache"] == "miss"  # computed again
+        other = score(0.6)  # a correction also says it was wrong
+        again = score(0.6)
+        assert again.headers["x-steadyserve-cache"] == "hit", other.headers
+        fixed = h.post("/v1/feedback", json={"request_id": again.headers["x-request-id"],
+                                             "key": "label", "correction": "ok"})
+        assert fixed.json()["cache"]["dropped"], fixed.text
+        assert score(0.6).headers["x-steadyserve-cache"] == "miss"
+        unknown = h.post("/v1/feedback", json={"request_id": "never-served", "key": "correct",
+                                               "score": 0})
+        assert unknown.status_code == 201 and not unknown.json()["cache"]["dropped"]

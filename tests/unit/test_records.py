@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from steadyserve.config import FeedbackConfig
-from steadyserve.gateway.feedback_routes import is_positive, summarize
+from steadyserve.gateway.feedback_routes import is_positive, marks_wrong, summarize
 from steadyserve.gateway.records import RecordWriter, RequestRecorder, prediction_at
 from steadyserve.store import DatabaseUnavailable
 
@@ -128,3 +128,25 @@ def test_the_summary_per_deployment_and_version() -> None:
     v8 = by[("risk", "8")]
     assert (v8["feedback_items"], v8["feedback_rate"], v8["labels"]) == (0, 0.0, None)
     assert by[("-", "")]["feedback_items"] == 1 and by[("-", "")]["answers"] == 0
+
+
+
+@pytest.mark.parametrize(("item", "wrong"), [
+    ({"key": "correct", "score": 0.0, "correction": None}, True),
+    ({"key": "correct", "score": -1.0, "correction": None}, True),
+    ({"key": "correct", "score": 1.0, "correction": None}, False),
+    ({"key": "rating", "score": 0.0, "correction": None}, False),  # a low rating, not "wrong"
+    ({"key": "label", "score": None, "correction": "ok"}, True),
+    ({"key": "correct", "score": None, "correction": None}, False),
+])
+def test_which_feedback_marks_an_answer_wrong(item: dict[str, Any], wrong: bool) -> None:
+    assert marks_wrong(item, "correct") is wrong
+
+
+def test_a_queued_record_is_found_with_its_cache_keys() -> None:
+    r = RequestRecorder(FeedbackConfig(), {})
+    r.record(request_id="a", deployment="risk", handler="score", version="7", replica="risk-0",
+             cache="hit", status=200, seconds=0.001, key_id=None, body=b"{}", now=1.0,
+             cache_keys=("risk/score/v7/abc",))
+    assert r.queued("a")["cache_keys"] == '["risk/score/v7/abc"]'
+    assert r.queued("b") is None

@@ -182,6 +182,13 @@ class RedisStore:
         result = await self._call(lambda: self._write(keys=keys, args=args))
         return bool(result)
 
+    async def forget(self, keys: Sequence[str]) -> int | None:
+        """Delete these entries; None when L2 is down (they then live out their TTL)."""
+        if not keys or not self.up:
+            return 0 if not keys else None
+        result = await self._call(lambda: self._client.delete(*(self._entry(k) for k in keys)))
+        return None if result is None else int(result)
+
     async def invalidate(self, tags: Sequence[str]) -> int | None:
         """Drop L2 entries with these tags and tell the other gateways; None when L2 is down
         (the tags are then replayed when it comes back)."""

@@ -219,6 +219,17 @@ class ResponseCache:
         body["l2"] = "off" if self.l2 is None else ("up" if self.l2.up else "down: replayed later")
         return body
 
+    async def forget(self, keys: Sequence[str]) -> dict[str, int | None]:
+        """Drop these answers (by key) here and in L2: feedback said they were wrong. Other
+        gateways' L1 copies live out their TTL (keys are not broadcast; tags are)."""
+        dropped = sum(1 for k in keys if self.l1.delete(k))
+        l2 = await self.l2.forget(keys) if self.l2 is not None else None
+        return {"l1_dropped": dropped, "l2_dropped": l2}
+
+    def forget_local(self, keys: Sequence[str]) -> int:
+        """Drop these keys from this process's L1 only (a data-plane worker's copy)."""
+        return sum(1 for k in keys if self.l1.delete(k))
+
     def drop_local(self, tags: Iterable[str]) -> int:
         """Drop these tags from this process's L1 only: another process of this gateway
         already told the replicas and L2 (data-plane workers)."""

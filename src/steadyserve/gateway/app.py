@@ -370,7 +370,8 @@ class Gateway:
                 self.recorder.record(
                     request_id=req.request_id, deployment=req.deployment, handler=req.handler,
                     version=call.version, replica=call.replica, cache=call.cache, status=status,
-                    seconds=seconds, key_id=key_id, body=resp.body, now=now)
+                    seconds=seconds, key_id=key_id, body=resp.body, now=now,
+                    cache_keys=call.cache_keys)
         key = (req.deployment, req.handler, status, req.call.deadline_exceeded)
         observe = self._observers.get(key)
         if observe is None:

@@ -262,6 +262,7 @@ async def _revalidate(gw: DataPlane, d: Deployment, h: Handler, r: _Request, ref
 
 def _account(gw: DataPlane, req: Request, d: Deployment, h: Handler, r: _Request) -> None:
     counts = Counter(r.outcome)
+    req.call.cache_keys = tuple(r.keys)
     for outcome, n in counts.items():
         gw.metrics.cache_items.labels(d.name, h.name, outcome).inc(n)
     if len(counts) == 1:

@@ -137,6 +137,7 @@ class CallInfo:
     attempts: int = 0
     version: str | None = None  # the model version of the replica that answered
     cache: str = "-"  # how the response cache answered: hit, miss, stale, partial, …
+    cache_keys: tuple[str, ...] = ()  # the response cache's keys of the answer's items
     priority: str = "interactive"  # its admission class
     deadline_exceeded: bool = False  # answered 504 deadline_exceeded: the client's deadline
     held_s: float = 0.0  # spent waiting for a first replica (scale from zero): off its budget

@@ -123,7 +123,10 @@ def _store(gw: Gateway) -> FeedbackStore:
 async def submit(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     body = await req.json(gw.config.max_body_bytes)
     item = parse_item(body, gw.full_config.feedback, req.principal, time.time())
-    answer = {"id": item["id"], "request_id": item["request_id"]}
+    answer: dict[str, Any] = {"id": item["id"], "request_id": item["request_id"]}
+    fb = gw.full_config.feedback
+    if fb.invalidate_cached_on_wrong and marks_wrong(item, fb.correct_key):
+        answer["cache"] = await forget_answer(gw, item["request_id"])
     try:
         added = await asyncio.to_thread(_store(gw).add, item)
     except DependencyUnavailable as exc:  # the database is down (or was never opened)
@@ -138,6 +141,32 @@ async def submit(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
                 "([feedback] spool_max_bytes): try again later", retry_after_s=30) from None
         return json_response({**answer, "stored": False, "spooled": True}, status=202)
     return json_response({**answer, "stored": added}, status=201 if added else 200)
+
+
+def marks_wrong(item: dict[str, Any], correct_key: str) -> bool:
+    """Feedback saying the answer was wrong: a correction, or a score <= 0 under
+    `correct_key` ("correct": false)."""
+    return item["correction"] is not None or (
+        item["key"] == correct_key and item["score"] is not None and item["score"] <= 0)
+
+
+async def forget_answer(gw: Gateway, request_id: str) -> dict[str, Any]:
+    """Drop a wrong answer from the response cache (its keys are in its request record:
+    the queued one, else the stored one), here, in L2 and in this gateway's workers."""
+    if gw.cache is None:
+        return {"dropped": False, "why": "no response cache"}
+    record = gw.recorder.queued(request_id) if gw.recorder is not None else None
+    if record is None and gw.record_store is not None:
+        try:
+            record = await asyncio.to_thread(gw.record_store.get, request_id)
+        except DependencyUnavailable:
+            return {"dropped": False, "why": "the database is down: the answer's record is "
+                                             "out of reach"}
+    if record is None or not record.get("cache_keys"):
+        return {"dropped": False, "why": "no cached answer recorded for this request"}
+    keys = [str(k) for k in orjson.loads(record["cache_keys"])]
+    gw.controls.fanout({"t": "forget", "keys": keys})
+    return {"dropped": True, **await gw.cache.forget(keys)}
 
 
 async def replay(spool: Spool, store: FeedbackStore) -> None:

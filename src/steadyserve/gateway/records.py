@@ -63,7 +63,7 @@ class RequestRecorder:
 
     def record(self, *, request_id: str, deployment: str, handler: str, version: str | None,
                replica: str, cache: str, status: int, seconds: float, key_id: str | None,
-               body: bytes, now: float) -> None:
+               body: bytes, now: float, cache_keys: tuple[str, ...] = ()) -> None:
         if self.cfg.record_sample_rate < 1 and self.rng() >= self.cfg.record_sample_rate:
             return
         if len(self.queue) >= self.cfg.record_queue_max:
@@ -75,7 +75,12 @@ class RequestRecorder:
             "version": version or "", "replica": replica, "cache": cache, "status": status,
             "latency_ms": round(seconds * 1000, 3), "key_id": key_id,
             "prediction": prediction_at(body, path) if path and status < 300 else None,
+            "cache_keys": orjson.dumps(cache_keys).decode() if cache_keys else None,
             "created_at": now})
+
+    def queued(self, request_id: str) -> dict[str, Any] | None:
+        """A record still waiting for its write (feedback right after the answer)."""
+        return next((r for r in reversed(self.queue) if r["request_id"] == request_id), None)
 
     def take(self, limit: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -102,6 +107,7 @@ class RequestRecorder:
                     and isinstance(row["latency_ms"], int | float) \
                     and isinstance(row["created_at"], int | float) \
                     and (row["key_id"] is None or isinstance(row["key_id"], str)) \
+                    and (row["cache_keys"] is None or isinstance(row["cache_keys"], str)) \
                     and (row["prediction"] is None or isinstance(row["prediction"], int | float)):
                 if len(self.queue) >= self.cfg.record_queue_max:
                     self.dropped += 1

@@ -139,6 +139,9 @@ class WorkerLink:
         elif kind == "invalidate":
             if gw.cache is not None:
                 gw.cache.drop_local(message["tags"])
+        elif kind == "forget":
+            if gw.cache is not None:
+                gw.cache.forget_local([str(k) for k in message["keys"]])
         elif kind == "eject":
             gw.controls.eject(message["deployment"], message["replica"])
         elif kind == "shed_batch":

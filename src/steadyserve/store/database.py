@@ -244,6 +244,7 @@ request_records = Table(
     Column("latency_ms", Double, nullable=False),
     Column("key_id", Text, nullable=True),
     Column("prediction", Double, nullable=True),  # [deployments] feedback_prediction
+    Column("cache_keys", Text, nullable=True),  # JSON list: the answer's response-cache keys
     Column("created_at", Double, nullable=False),
     # one index besides the key: each costs a B-tree insert per answer (the summary's
     # grouping by deployment and version scans the time range instead)

@@ -10,6 +10,6 @@ import steadyserve
 class Scorer(steadyserve.Service):
     version = "v1"
 
-    @steadyserve.handler
+    @steadyserve.handler(cache=True, cache_ttl_s=300)
     def score(self, x: float) -> dict[str, Any]:
         return {"score": x, "decision": "fraud" if x >= 0.5 else "ok"}
