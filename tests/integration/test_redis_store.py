@@ -35,6 +35,20 @@ async def test_entries_and_tag_versions_round_trip(prefix: str) -> None:
         await s.stop()
 
 
+async def test_an_answer_marked_wrong_is_forgotten_by_key(prefix: str) -> None:
+    s = await store(prefix)
+    try:
+        now = time.time()
+        for key in ("k1", "k2"):
+            assert await s.write(key, b"payload", now + 60, now + 120, [], [])
+        assert await s.forget(["k1", "never-stored"]) == 1
+        entries, _ = await s.lookup(["k1", "k2"], [])  # type: ignore[misc]
+        assert entries[0] is None and entries[1] is not None  # only the wrong one went
+        assert await s.forget([]) == 0
+    finally:
+        await s.stop()
+
+
 async def test_a_write_computed_before_an_invalidation_is_refused(prefix: str) -> None:
     s = await store(prefix)
     try:
