@@ -101,6 +101,13 @@ class DeploymentConfig:
     # the answer, e.g. "0.score" (the first result's `score`); None: no label metrics
     feedback_prediction: str | None = None
     feedback_positive: str = "positive"  # the correction that means the positive class
+    # shadow traffic: this share of requests also goes to another deployment (a candidate),
+    # its answer compared with the client's and discarded (gateway.shadow)
+    shadow: str | None = None
+    shadow_share: float = 0.1
+    shadow_max_inflight: int = 8
+    shadow_timeout_s: float = 10.0
+    shadow_tolerance: float = 1e-6  # numbers this close count as the same answer
 
     def _check_placement(self) -> None:
         where = f"deployment {self.name}: placement_bundles"
@@ -134,6 +141,12 @@ class DeploymentConfig:
                               "answer of keys and list indices, e.g. \"0.score\"")
         if not 0 < len(self.feedback_positive) <= 128:
             raise ConfigError(f"deployment {self.name}: feedback_positive: 1 to 128 characters")
+        if self.shadow == self.name or not 0 <= self.shadow_share <= 1 \
+                or self.shadow_max_inflight < 1 or self.shadow_timeout_s <= 0 \
+                or self.shadow_tolerance < 0:
+            raise ConfigError(f"deployment {self.name}: shadow must name another deployment, "
+                              "with shadow_share in [0, 1], shadow_max_inflight >= 1, "
+                              "shadow_timeout_s > 0 and shadow_tolerance >= 0")
         if ":" not in self.service:
             raise ConfigError(f"deployment {self.name}: service must be 'file.py:Class' "
                               f"or 'module:Class', got {self.service!r}")
@@ -602,6 +615,10 @@ class Config:
             raise ConfigError("gpus: a list of device indices or UUIDs (at most 1024), e.g. "
                               '["0", "1"]')
         names = [d.name for d in self.deployments]
+        for d in self.deployments:
+            if d.shadow is not None and d.shadow not in names:
+                raise ConfigError(f"deployment {d.name}: shadow {d.shadow!r} is not a "
+                                  f"configured deployment ({names})")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"duplicate deployment names: {dupes}")

@@ -39,6 +39,7 @@ from ..store.feedback import FeedbackStore
 from ..store.records import RecordStore
 from ..store.spool import Spool
 from .records import RecordWriter, RequestRecorder
+from .shadow import Shadows
 
 if TYPE_CHECKING:
     from ..control.leadership import Leadership
@@ -206,6 +207,7 @@ class Gateway:
         self.controls = DataPlaneControls(self.membership, self.dispatcher, self.cache)
         self._spawned: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.shadows = Shadows(self)  # requests mirrored to a deployment's candidate
         obs = config.observability
         self.access_log = obs.access_log
         self.exporter = OtlpExporter(obs.otlp_endpoint, obs.service_name) \
@@ -544,6 +546,7 @@ class Gateway:
             "ready_replicas": len(d.endpoints),
             **({"autoscale": self._autoscale_status(d.name)}
                if d.config.autoscale is not None else {}),
+            **({"shadow": self.shadows.status(d)} if d.config.shadow is not None else {}),
             "replicas": self.control.status(d.name) if self.control is not None else [
                 {"id": e.replica_id, "address": str(e.address), "state": "ready"}
                 for e in d.endpoints

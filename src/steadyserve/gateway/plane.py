@@ -18,6 +18,7 @@ from ..config import Config, GatewayConfig
 from ..observe.metrics import GatewayMetrics
 from .dispatch import Dispatcher
 from .membership import Membership
+from .shadow import Shadows
 
 
 class DataPlane(Protocol):
@@ -37,6 +38,8 @@ class DataPlane(Protocol):
     def affinity(self) -> bool: ...
     @property
     def draining(self) -> bool: ...
+    @property
+    def shadows(self) -> Shadows: ...
 
     def spawn(self, coro: Awaitable[None], name: str) -> None: ...
 

@@ -127,6 +127,16 @@ async def call(gw: DataPlane, req: Request, d: Deployment, h: Handler, args: dic
     cached data it changed, on every replica and gateway, before the client hears back."""
     timeout = request_timeout_s(gw, req)
     priority = Access.priority_for(req, parse_priority(req.header(b"x-priority")))
+    if d.config.shadow is not None:  # the client's answer first, then (maybe) the mirror
+        answer = await _call(gw, req, d, h, args, timeout_s=timeout, priority=priority)
+        gw.shadows.mirror(d, h, args, answer, req.request_id)
+        return answer
+    return await _call(gw, req, d, h, args, timeout_s=timeout, priority=priority)
+
+
+async def _call(gw: DataPlane, req: Request, d: Deployment, h: Handler, args: dict[str, Any],
+                *, timeout_s: float, priority: str) -> Any:
+    timeout = timeout_s
     opts = h.spec.options
     if not (opts.cache or opts.affinity or opts.invalidates):
         # the plain path, kept as lean as before the cache: no closures, no header parsing

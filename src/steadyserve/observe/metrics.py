@@ -119,6 +119,17 @@ class GatewayMetrics:
             "steadyserve_outlier_events_total", "Replicas ejected from / returned to rotation",
             ["deployment", "event"], registry=r,
         )
+        self.shadow_requests = Counter(
+            "steadyserve_shadow_requests_total",
+            "Requests mirrored to a deployment's shadow, by outcome (match, mismatch, error, "
+            "skipped)", ["deployment", "shadow", "outcome"], registry=r,
+        )
+        self.shadow_distance = Histogram(
+            "steadyserve_shadow_distance",
+            "Largest numeric difference between the client's answer and the shadow's",
+            ["deployment", "shadow"], registry=r,
+            buckets=(0.0, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
+        )
         self.shed = Counter(
             "steadyserve_shed_requests_total",
             "Requests rejected by admission control, by rule (gateway.admission.SHED_REASONS)",

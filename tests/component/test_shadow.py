@@ -1,0 +1,84 @@
+"""Shadow traffic in process: a share of a deployment's requests mirrored to a candidate
+deployment, answers compared and discarded, never changing what the client gets; a
+candidate that is slow does not slow the client, and one over its in-flight bound is
+skipped; outcomes counted in the status and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+import steadyserve
+
+from .services import Echo
+
+
+class Candidate(steadyserve.Service):
+    """Agrees with Echo, except on "drift" (a different answer) and "slow" (late)."""
+
+    @steadyserve.handler
+    def echo(self, text: str, n: int = 1) -> dict[str, Any]:
+        if text == "drift":
+            return {"text": "something else"}
+        if text == "slow":
+            time.sleep(0.5)
+        return {"text": text * n}
+
+
+def shadowed(gateway: Any, **changes: Any) -> None:
+    d = gateway.membership.deployments["echo"]
+    d.config = replace(d.config, shadow="next", **changes)
+
+
+async def settle(gateway: Any) -> None:
+    for _ in range(200):
+        if not any(gateway.shadows.inflight.values()):
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_mirrored_answers_are_compared_and_the_client_gets_the_primarys(make_gateway):
+    gateway, client, _ = await make_gateway({"echo": (Echo, 1), "next": (Candidate, 1)})
+    shadowed(gateway, shadow_share=1.0)
+    for text in ("a", "b", "drift"):
+        r = await client.post("/v1/deployments/echo/echo", json={"text": text})
+        assert r.status_code == 200 and r.json() == {"text": text}, r.text  # the primary's
+    await settle(gateway)
+    status = (await client.get("/v1/deployments/echo")).json()["shadow"]
+    assert status["to"] == "next" and status["counts"] == {
+        "match": 2, "mismatch": 1, "error": 0, "skipped": 0}
+    assert [m["distance"] for m in status["last_mismatches"]] == [None]  # shapes differ
+    metrics = (await client.get("/metrics")).text
+    assert 'steadyserve_shadow_requests_total{deployment="echo",outcome="match",shadow="next"} 2.0' \
+        in metrics
+
+
+async def test_a_slow_candidate_never_slows_the_client_and_the_bound_skips(make_gateway):
+    gateway, client, _ = await make_gateway({"echo": (Echo, 1), "next": (Candidate, 1)})
+    shadowed(gateway, shadow_share=1.0, shadow_max_inflight=1)
+    started = time.monotonic()
+    first = await client.post("/v1/deployments/echo/echo", json={"text": "slow"})
+    second = await client.post("/v1/deployments/echo/echo", json={"text": "slow"})
+    took = time.monotonic() - started
+    assert first.status_code == second.status_code == 200
+    assert took < 0.4, took  # the candidate takes 0.5 s per answer; the client waited for none
+    await settle(gateway)
+    counts = gateway.shadows.status(gateway.membership.deployments["echo"])["counts"]
+    assert counts == {"match": 1, "mismatch": 0, "error": 0, "skipped": 1}
+
+
+async def test_a_share_of_zero_mirrors_nothing_and_a_failing_candidate_is_an_error(make_gateway):
+    gateway, client, _ = await make_gateway({"echo": (Echo, 1), "next": (Candidate, 1)})
+    shadowed(gateway, shadow_share=0.0)
+    r = await client.post("/v1/deployments/echo/echo", json={"text": "a"})
+    assert r.status_code == 200
+    shadowed(gateway, shadow_share=1.0)
+    r = await client.post("/v1/deployments/echo/fail", json={"kind": "value"})
+    assert r.status_code == 500  # the client's failure: nothing to compare, nothing mirrored
+    r = await client.post("/v1/deployments/echo/upper", json={"texts": ["x"]})
+    assert r.status_code == 200  # the candidate has no `upper`: counted as an error
+    await settle(gateway)
+    counts = gateway.shadows.status(gateway.membership.deployments["echo"])["counts"]
+    assert counts == {"match": 0, "mismatch": 0, "error": 1, "skipped": 0}
