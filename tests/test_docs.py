@@ -12,10 +12,12 @@ from steadyserve.config import (
     AlertingConfig,
     AuthConfig,
     AutoscaleConfig,
+    BackupConfig,
     CacheConfig,
     ClusterConfig,
     Config,
     DeploymentConfig,
+    FeedbackConfig,
     GatewayConfig,
     ObservabilityConfig,
     ResilienceConfig,
@@ -28,11 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("cls", [Config, AuthConfig, GatewayConfig, SupervisorConfig, ResilienceConfig,
                                  ObservabilityConfig, AlertingConfig, CacheConfig, DeploymentConfig,
-                                 AutoscaleConfig, ClusterConfig, HandlerOptions])
+                                 AutoscaleConfig, ClusterConfig, HandlerOptions, FeedbackConfig,
+                                 BackupConfig])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
     skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "alerting",
-            "cache", "auth", "cluster", "name"}
+            "cache", "auth", "cluster", "feedback", "backup", "name"}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in skip
                and f"`{f.name}`" not in doc]
     assert missing == []

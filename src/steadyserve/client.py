@@ -36,6 +36,7 @@ NOT_STARTED = frozenset({"overloaded", "rate_limited", "no_ready_replica", "acti
 RETRY_STATUSES = frozenset({502, 503, 504})
 DEFAULT_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 5.0
+ANSWER_GRACE_S = 0.5
 
 T = TypeVar("T")
 
@@ -174,7 +175,9 @@ def exchange(opts: _Options, method: str, path: str, payload: Any, *, idempotent
             headers["authorization"] = f"Bearer {opts.api_key}"
         if priority:
             headers["x-priority"] = priority
-        outcome = yield Send(method, path, body, headers, remaining)
+        # the socket waits a little past the deadline the gateway was told: its 504 (which
+        # says the deadline ran out, with the request id) arrives instead of a local timeout
+        outcome = yield Send(method, path, body, headers, remaining + ANSWER_GRACE_S)
         assert outcome is not None
         response = outcome.response
         if response is not None and response.status_code < 400:

@@ -586,6 +586,24 @@ class FeedbackConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BackupConfig:
+    """Scheduled backups of the state database (store.backup; docs/configuration.md). A
+    backup before a schema migration is taken whatever these say."""
+
+    interval_s: float = 0.0  # 0: no scheduled backups
+    keep: int = 7  # scheduled backups kept; the oldest beyond are deleted
+    dir: str | None = None  # None: <data_dir>/backups
+
+    def __post_init__(self) -> None:
+        if not (self.interval_s == 0 or self.interval_s >= 1):
+            raise ConfigError("[backup] interval_s must be 0 (off) or at least 1")
+        if self.keep < 1:
+            raise ConfigError("[backup] keep must be >= 1")
+        if self.dir is not None and not (isinstance(self.dir, str) and 0 < len(self.dir) <= 4096):
+            raise ConfigError("[backup] dir must be a path of 1 to 4096 characters")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     deployments: tuple[DeploymentConfig, ...]
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -597,6 +615,7 @@ class Config:
     auth: AuthConfig = field(default_factory=AuthConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
     # the GPUs local replicas may be given (indices or UUIDs, as CUDA_VISIBLE_DEVICES takes
     # them); None: the gateway's CUDA_VISIBLE_DEVICES, else what nvidia-smi lists

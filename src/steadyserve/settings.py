@@ -28,6 +28,7 @@ from .config import (
     AlertingConfig,
     AuthConfig,
     AutoscaleConfig,
+    BackupConfig,
     CacheConfig,
     ClusterConfig,
     Config,
@@ -134,14 +135,14 @@ def load_config(
     if config_path is not None:
         file = read_toml(Path(config_path))
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
-                                  "alerting", "cache", "auth", "cluster", "feedback", "deployments",
-                                  "data_dir",
+                                  "alerting", "cache", "auth", "cluster", "feedback", "backup",
+                                  "deployments", "data_dir",
                                   "database_url", "log_level", "log_format", "backend",
                                   "ray_address", "gpus"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
     for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
-                    "cache", "auth", "cluster", "feedback", "deployments"):
+                    "cache", "auth", "cluster", "feedback", "backup", "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
@@ -229,5 +230,6 @@ def load_config(
         auth=_build(AuthConfig, auth, "[auth]"),
         cluster=_build(ClusterConfig, file.get("cluster", {}), "[cluster]"),
         feedback=_build(FeedbackConfig, file.get("feedback", {}), "[feedback]"),
+        backup=_build(BackupConfig, file.get("backup", {}), "[backup]"),
         **top,
     )

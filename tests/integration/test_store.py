@@ -375,7 +375,8 @@ def test_request_records_are_added_once_and_pruned_by_age_and_count(db) -> None:
     store = RecordStore(db)
     rows = [{"request_id": f"r{i:04d}", "deployment": "risk", "handler": "score",
              "version": "7", "replica": "risk-0", "cache": "miss", "status": 200,
-             "latency_ms": 1.5, "key_id": None, "prediction": i / 2500, "created_at": 1000.0 + i}
+             "latency_ms": 1.5, "key_id": None, "prediction": i / 2500, "cache_keys": None,
+             "created_at": 1000.0 + i}
             for i in range(2500)]  # over one executemany chunk
     store.add(rows)
     store.add(rows[:10])  # a worker's report sent twice: no duplicate, no error

@@ -7,6 +7,7 @@ import sys
 
 from .. import __version__
 from ..policies.balancing import BALANCERS
+from . import backup as backup_cli
 from . import exit_codes
 from . import feedback as feedback_cli
 from . import keys as keys_cli
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs_cli.add_parser(verbs, url_help)
     feedback_cli.add_parser(verbs, url_help)
     keys_cli.add_parser(verbs)
+    backup_cli.add_parser(verbs)
     ex = verbs.add_parser(
         "export", help="export configuration for other systems", formatter_class=examples,
         epilog="examples:\n  steadyserve export prometheus-rules --out rules.yml\n"
@@ -182,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         return logs_cli.logs(args)
     if args.verb == "keys":
         return keys_cli.keys(args)
+    if args.verb == "backup":
+        return backup_cli.backup(args)
+    if args.verb == "restore":
+        return backup_cli.restore(args)
     if args.verb in ("alerts", "silence", "export"):
         from . import alerts as alert_cli
 

@@ -35,6 +35,7 @@ from ..observe.aggregate import (
     summed_registry,
 )
 from ..observe.metrics import BalancerFitCollector, GatewayMetrics
+from ..store.backup import BackupScheduler
 from ..store.feedback import FeedbackStore
 from ..store.records import RecordStore
 from ..store.spool import Spool
@@ -415,6 +416,9 @@ class Gateway:
                     if self.record_writer is not None:
                         self._background.append(asyncio.get_running_loop().create_task(
                             self.record_writer.run(), name="request-records"))
+                    if self.full_config.backup.interval_s > 0 and self.forward is None:
+                        self._background.append(asyncio.get_running_loop().create_task(
+                            BackupScheduler(self.full_config).run(), name="backups"))
                     if self.feedback_spool is not None and self.feedback_store is not None:
                         self._background.append(asyncio.get_running_loop().create_task(
                             feedback_routes.replay(self.feedback_spool, self.feedback_store),

@@ -36,8 +36,11 @@ log = logging.getLogger("steadyserve.gateway")
 def open_database(config: Config) -> Database | None:
     """The state database, or None when it cannot open: alerts then live in memory only, and
     API keys are the local admin key alone until it can be read."""
+    from ..store.backup import backup_dir
+
     try:
-        return Database(config.database)
+        # a schema migration is preceded by a backup (store.backup) when the database has data
+        return Database(config.database, backup_dir=backup_dir(config))
     except DatabaseUnavailable as exc:
         log.error("state database unavailable: alert history in memory only, API keys other "
                   "than the local admin key unknown: %s", exc)

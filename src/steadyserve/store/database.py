@@ -50,6 +50,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -403,8 +404,12 @@ class Database:
         connect_timeout_s: float = 5.0,
         busy_timeout_s: float = 5.0,
         statement_timeout_s: float = 30.0,
+        backup_dir: Path | None = None,
     ) -> None:
+        """`backup_dir`: where a backup goes before the schema of a database that holds
+        data is migrated (store.backup); None: no backup."""
         self._url = _normalise_url(url)
+        self._backup_dir = backup_dir
         self.url = self._url.render_as_string(hide_password=True)
         self.dialect = "postgresql" if self._url.drivername.startswith("postgresql") else "sqlite"
         self._closed = False
@@ -423,6 +428,8 @@ class Database:
     # -- schema --
 
     def _init_schema(self) -> None:
+        if self._backup_dir is not None:
+            self._backup_before_migration(self._backup_dir)
         with self._engine.begin() as conn:
             if self.dialect == "postgresql":
                 # CREATE TABLE IF NOT EXISTS still races on PostgreSQL's catalog; serialise it.
@@ -450,6 +457,28 @@ class Database:
                 conn.execute(
                     update(schema_version).where(schema_version.c.id == 1).values(version=version)
                 )
+
+    def _backup_before_migration(self, directory: Path) -> None:
+        """Back the database up before its schema is migrated: read the stamp first (outside
+        the schema transaction), and refuse to migrate when the backup fails. Two gateways
+        starting at once may both take one; the migration itself runs once."""
+        with self._engine.connect() as conn:
+            if not inspect(conn).has_table("schema_version"):
+                return  # a new database: nothing to keep
+            current = conn.execute(
+                select(schema_version.c.version).where(schema_version.c.id == 1)
+            ).scalar_one_or_none()
+        if current is None or current >= SCHEMA_VERSION:
+            return
+        from .backup import BackupError, backup_before_migration
+
+        try:
+            backup_before_migration(self._url.render_as_string(hide_password=False), directory,
+                                    int(current), SCHEMA_VERSION)
+        except BackupError as exc:
+            raise DatabaseUnavailable(
+                f"not migrating the database schema from v{current} to v{SCHEMA_VERSION}: the "
+                f"backup before it failed ({exc.message})") from exc
 
     def schema_version(self) -> int:
         """The schema version stamped in the database."""
