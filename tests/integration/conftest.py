@@ -59,6 +59,11 @@ def pg_admin() -> Iterator[psycopg.Connection[tuple[object, ...]]]:
 def pg_url(pg_admin: psycopg.Connection[tuple[object, ...]]) -> Iterator[str]:
     """A URL whose tables land in a fresh schema (dropped at the end), and whose connections
     carry a unique application_name (so a test can find and kill exactly its own sessions)."""
+    yield from fresh_schema_url(pg_admin)
+
+
+def fresh_schema_url(pg_admin: psycopg.Connection[tuple[object, ...]]) -> Iterator[str]:
+    """`pg_url`'s body, for a fixture that needs a second fresh schema."""
     schema = f"ss_test_{uuid.uuid4().hex[:12]}"
     pg_admin.execute(f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in PG_URL else "?"

@@ -12,11 +12,9 @@ import sqlite3
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import psycopg
@@ -29,7 +27,7 @@ from steadyserve.store import backup as bk
 from steadyserve.store.feedback import FeedbackStore
 from steadyserve.store.keys import KeyStore
 
-from .conftest import ECHO, PG_URL, STEADYSERVE, Running, start
+from .conftest import ECHO, STEADYSERVE, Running, fresh_schema_url, start
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -256,14 +254,8 @@ replicas = 1
 
 @pytest.fixture
 def pg_url_2(pg_admin: psycopg.Connection[tuple[object, ...]]) -> Iterator[str]:
-    """A second fresh schema, built as conftest's pg_url builds its own."""
-    schema = f"ss_test_{uuid.uuid4().hex[:12]}"
-    pg_admin.execute(f'CREATE SCHEMA "{schema}"')
-    sep = "&" if "?" in PG_URL else "?"
-    try:
-        yield f"{PG_URL}{sep}options={quote(f'-csearch_path={schema}')}&application_name={schema}"
-    finally:
-        pg_admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    """A second fresh schema, made as conftest's pg_url makes its own."""
+    yield from fresh_schema_url(pg_admin)
 
 
 def test_postgresql_backup_restored_into_another_schema(pg_url: str, pg_url_2: str,

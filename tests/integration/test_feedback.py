@@ -84,6 +84,20 @@ replicas = 1
         assert h.post("/v1/feedback", content=b"[1, 2", headers={
             "content-type": "application/json"}).status_code == 400
         assert len(h.get(f"/v1/feedback/{rid}", headers=admin).json()["feedback"]) == 3
+        deadline = time.monotonic() + 10  # the answers' records are written each second
+        while True:
+            summary = h.get("/v1/feedback/summary", params={"deployment": "echo"})
+            assert summary.status_code == 200, summary.text
+            if summary.json()["summary"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert summary.json()["summary"][0]["feedback_items"] >= 3, summary.text
+        for params, status, param in [({"days": "0"}, 400, "days"),
+                                      ({"days": "x"}, 400, "days"),
+                                      ({"deployment": "d" * 200}, 400, "deployment"),
+                                      ({"deployment": "nope"}, 404, "deployment")]:
+            r = h.get("/v1/feedback/summary", params=params)
+            assert r.status_code == status and r.json()["error"]["param"] == param, r.text
 
         # once keys exist: a key needs the feedback scope
         keys = {}

@@ -125,8 +125,7 @@ async def submit(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     item = parse_item(body, gw.full_config.feedback, req.principal, time.time())
     answer: dict[str, Any] = {"id": item["id"], "request_id": item["request_id"]}
     fb = gw.full_config.feedback
-    if fb.invalidate_cached_on_wrong and marks_wrong(item, fb.correct_key):
-        answer["cache"] = await forget_answer(gw, item["request_id"])
+    wrong = fb.invalidate_cached_on_wrong and marks_wrong(item, fb.correct_key)
     try:
         added = await asyncio.to_thread(_store(gw).add, item)
     except DependencyUnavailable as exc:  # the database is down (or was never opened)
@@ -139,8 +138,13 @@ async def submit(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
             raise DependencyUnavailable(
                 f"the database is down ({exc.message}) and the feedback spool is full "
                 "([feedback] spool_max_bytes): try again later", retry_after_s=30) from None
-        return json_response({**answer, "stored": False, "spooled": True}, status=202)
-    return json_response({**answer, "stored": added}, status=201 if added else 200)
+        answer.update(stored=False, spooled=True)
+    else:
+        answer["stored"] = added
+    if wrong:  # once the item is kept: a refused one (409, 413, 503) changes nothing
+        answer["cache"] = await forget_answer(gw, item["request_id"])
+    return json_response(answer, status=202 if answer.get("spooled") else
+                         201 if answer["stored"] else 200)
 
 
 def marks_wrong(item: dict[str, Any], correct_key: str) -> bool:

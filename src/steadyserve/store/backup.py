@@ -270,6 +270,17 @@ def _sqlite_engine(path: Path, *, immutable: bool) -> Engine:
                                                          timeout=30.0))
 
 
+@contextmanager
+def _sqlite_conn(path: Path, *, immutable: bool) -> Iterator[Connection]:
+    """A connection on an existing SQLite file (`_sqlite_engine`), its engine disposed after."""
+    engine = _sqlite_engine(path, immutable=immutable)
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
 def _pg_engine(url: URL) -> Engine:
     # statements unbounded here (each transaction sets it): a checksum reads a whole table
     return make_engine(url, connect_timeout_s=10.0, busy_timeout_s=30.0,
@@ -443,12 +454,8 @@ def _dump_sqlite(url: URL, dest: Path) -> tuple[int, dict[str, TableDigest]]:
     _fsync(partial)
     payload = dest / PAYLOADS["sqlite"]
     os.replace(partial, payload)
-    engine = _sqlite_engine(payload, immutable=True)
-    try:
-        with engine.connect() as conn:
-            return _stamped_version(conn, None), read_digests(conn)
-    finally:
-        engine.dispose()
+    with _sqlite_conn(payload, immutable=True) as conn:
+        return _stamped_version(conn, None), read_digests(conn)
 
 
 def _dump_pg(url: URL, dest: Path) -> tuple[int, dict[str, TableDigest], str]:
@@ -520,12 +527,8 @@ def verify(src: Path) -> dict[str, Any]:
     payload = _check_payload(src, manifest)
     with _mapped("verify"):
         if manifest["dialect"] == "sqlite":
-            engine = _sqlite_engine(payload, immutable=True)
-            try:
-                with engine.connect() as conn:
-                    got = read_digests(conn)
-            finally:
-                engine.dispose()
+            with _sqlite_conn(payload, immutable=True) as conn:
+                got = read_digests(conn)
             _refuse_mismatch(str(payload), compare_tables(manifest["tables"], got))
         else:
             pgtools.check_archive(payload)
@@ -557,24 +560,16 @@ def _refuse_data(where: str, holding: list[str]) -> None:
 def _restore_sqlite(src: Path, manifest: Mapping[str, Any], url: URL, force: bool) -> None:
     target = _sqlite_path(url)
     if target.exists():
-        engine = _sqlite_engine(target, immutable=False)
-        try:
-            with engine.connect() as conn:
-                holding = _tables_with_rows(conn, None)
-        finally:
-            engine.dispose()
+        with _sqlite_conn(target, immutable=False) as conn:
+            holding = _tables_with_rows(conn, None)
         if holding and not force:
             _refuse_data(str(target), holding)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
     try:
         _copy_verified(src / str(manifest["payload"]["file"]), tmp, manifest)
-        engine = _sqlite_engine(tmp, immutable=True)
-        try:
-            with engine.connect() as conn:
-                got = read_digests(conn)
-        finally:
-            engine.dispose()
+        with _sqlite_conn(tmp, immutable=True) as conn:
+            got = read_digests(conn)
         _refuse_mismatch(f"the backup's payload in {src}", compare_tables(manifest["tables"], got))
         if target.exists():
             # fold the old file's write-ahead log into it and remove it: a -wal file left
@@ -590,12 +585,8 @@ def _restore_sqlite(src: Path, manifest: Mapping[str, Any], url: URL, force: boo
         _fsync(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    engine = _sqlite_engine(target, immutable=False)
-    try:
-        with engine.connect() as conn:
-            got = read_digests(conn)
-    finally:
-        engine.dispose()
+    with _sqlite_conn(target, immutable=False) as conn:
+        got = read_digests(conn)
     _fail_mismatch(str(target), compare_tables(manifest["tables"], got))
 
 
