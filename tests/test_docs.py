@@ -14,6 +14,7 @@ from steadyserve.config import (
     AutoscaleConfig,
     BackupConfig,
     CacheConfig,
+    CanaryConfig,
     ClusterConfig,
     Config,
     DeploymentConfig,
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("cls", [Config, AuthConfig, GatewayConfig, SupervisorConfig, ResilienceConfig,
                                  ObservabilityConfig, AlertingConfig, CacheConfig, DeploymentConfig,
                                  AutoscaleConfig, ClusterConfig, HandlerOptions, FeedbackConfig,
-                                 BackupConfig])
+                                 BackupConfig, CanaryConfig])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
     skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "alerting",

@@ -21,6 +21,7 @@ _GPU = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # "0", "GPU-8f0c…", "MIG-…"
 DEFAULT_SERVICE = "steadyserve.examples.embedding:Embedder"
 RISK_SERVICE = "steadyserve.examples.risk.service:RiskScorer"
 MiB = 1024 * 1024
+_HEADER = re.compile(r"[a-z0-9-]{1,64}")
 _ANSWER_PATH = re.compile(r"[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,7}")
 
 
@@ -75,6 +76,52 @@ class AutoscaleConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class CanaryConfig:
+    """`[deployments.<name>.canary]`: a progressive rollout to a candidate deployment
+    (gateway.canary, policies.canary). Started by `POST /v1/admin/deployments/<name>/canary`
+    (or `steadyserve canary start <name>`), never by the configuration alone."""
+
+    deployment: str  # the candidate: another deployment of this configuration
+    steps: tuple[float, ...] = (5.0, 25.0, 50.0)  # % to the candidate; passing the last → 100
+    min_samples: int = 200  # requests per arm at a step before any look
+    min_step_s: float = 30.0  # a step lasts at least this long, even when every check passes
+    interval_s: float = 1.0  # the evidence is looked at this often
+    alpha: float = 0.05  # false-alarm budget of a step over all its looks
+    latency_margin: float = 0.2  # the candidate may be up to 20 % slower
+    error_margin: float = 0.005  # … and have up to 0.5 points more errors
+    quality_margin: float = 0.02  # … and up to 2 points lower label accuracy
+    quality_min_labels: int = 30  # labels per arm before quality is tested
+    require_quality: bool = False  # true: a step waits for quality to pass (needs labels)
+    rollback_on_alert: bool = True  # an alert firing on the candidate rolls it back at once
+    sticky_headers: tuple[str, ...] = ("x-session-id", "x-user-id")  # first present wins
+    max_latencies: int = 20_000  # latencies kept per arm per step (a bound on memory)
+
+    def __post_init__(self) -> None:
+        if not self.steps or len(self.steps) > 20 or any(
+                not 0 < s <= 100 for s in self.steps) or list(self.steps) != sorted(
+                set(self.steps)):
+            raise ConfigError("canary: steps must be 1 to 20 rising percentages in (0, 100]")
+        if not 1 <= self.min_samples <= 10_000_000:
+            raise ConfigError("canary: min_samples must be in [1, 10000000]")
+        if not 0 <= self.min_step_s <= 86_400 or not 0.05 <= self.interval_s <= 3600:
+            raise ConfigError("canary: min_step_s must be in [0, 86400] and interval_s in "
+                              "[0.05, 3600]")
+        if not 0 < self.alpha < 0.5:
+            raise ConfigError("canary: alpha must be in (0, 0.5)")
+        if not 0 <= self.latency_margin <= 10 or not 0 <= self.error_margin < 1 \
+                or not 0 <= self.quality_margin < 1:
+            raise ConfigError("canary: latency_margin must be in [0, 10], error_margin and "
+                              "quality_margin in [0, 1)")
+        if not 0 <= self.quality_min_labels <= 1_000_000:
+            raise ConfigError("canary: quality_min_labels must be in [0, 1000000]")
+        if len(self.sticky_headers) > 8 or any(
+                not _HEADER.fullmatch(h) for h in self.sticky_headers):
+            raise ConfigError("canary: sticky_headers must be at most 8 header names")
+        if not 100 <= self.max_latencies <= 1_000_000:
+            raise ConfigError("canary: max_latencies must be in [100, 1000000]")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DeploymentConfig:
     name: str
     service: str  # "path/to/file.py:Class" or "package.module:Class"
@@ -108,6 +155,8 @@ class DeploymentConfig:
     shadow_max_inflight: int = 8
     shadow_timeout_s: float = 10.0
     shadow_tolerance: float = 1e-6  # numbers this close count as the same answer
+    # a progressive rollout to a candidate deployment, with statistical verdicts
+    canary: CanaryConfig | None = None
 
     def _check_placement(self) -> None:
         where = f"deployment {self.name}: placement_bundles"
@@ -638,6 +687,14 @@ class Config:
             if d.shadow is not None and d.shadow not in names:
                 raise ConfigError(f"deployment {d.name}: shadow {d.shadow!r} is not a "
                                   f"configured deployment ({names})")
+            if d.canary is not None:
+                cand = d.canary.deployment
+                if cand == d.name or cand not in names:
+                    raise ConfigError(f"[deployments.{d.name}.canary] deployment {cand!r} must "
+                                      f"name another configured deployment ({names})")
+                if any(o.canary is not None for o in self.deployments if o.name == cand):
+                    raise ConfigError(f"[deployments.{d.name}.canary]: the candidate {cand!r} "
+                                      "has a canary of its own; a candidate must be a leaf")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"duplicate deployment names: {dupes}")

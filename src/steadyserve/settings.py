@@ -30,6 +30,7 @@ from .config import (
     AutoscaleConfig,
     BackupConfig,
     CacheConfig,
+    CanaryConfig,
     ClusterConfig,
     Config,
     DeploymentConfig,
@@ -85,6 +86,17 @@ def _tuples(table: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
             if not isinstance(out[key], list):
                 raise ConfigError(f"{key} must be a list")
             out[key] = tuple(str(v) for v in out[key])
+    return out
+
+
+def _canary(table: dict[str, Any]) -> dict[str, Any]:
+    out = _tuples(table, ("sticky_headers",))
+    if "steps" in out:
+        steps = out["steps"]
+        if not isinstance(steps, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in steps):
+            raise ConfigError("steps must be a list of percentages, e.g. [5, 25, 50]")
+        out["steps"] = tuple(float(v) for v in steps)
     return out
 
 
@@ -206,6 +218,17 @@ def load_config(
                     values["autoscale"] = _build(AutoscaleConfig, values["autoscale"], where)
                 except ConfigError as exc:  # say which deployment's table is wrong
                     message = exc.message.removeprefix("autoscale: ")
+                    raise ConfigError(message if message.startswith(where)
+                                      else f"{where}: {message}") from None
+            if "canary" in values:
+                if not isinstance(values["canary"], dict):
+                    raise ConfigError(f"{config_path}: [deployments.{name}.canary] must be a "
+                                      "table")
+                where = f"[deployments.{name}.canary]"
+                try:
+                    values["canary"] = _build(CanaryConfig, _canary(values["canary"]), where)
+                except ConfigError as exc:
+                    message = exc.message.removeprefix("canary: ")
                     raise ConfigError(message if message.startswith(where)
                                       else f"{where}: {message}") from None
             deployments.append(_build(DeploymentConfig, values, f"[deployments.{name}]"))

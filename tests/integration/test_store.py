@@ -376,7 +376,7 @@ def test_request_records_are_added_once_and_pruned_by_age_and_count(db) -> None:
     rows = [{"request_id": f"r{i:04d}", "deployment": "risk", "handler": "score",
              "version": "7", "replica": "risk-0", "cache": "miss", "status": 200,
              "latency_ms": 1.5, "key_id": None, "prediction": i / 2500, "cache_keys": None,
-             "created_at": 1000.0 + i}
+             "created_at": 1000.0 + i, "arm": "candidate" if i % 2 else ""}
             for i in range(2500)]  # over one executemany chunk
     store.add(rows)
     store.add(rows[:10])  # a worker's report sent twice: no duplicate, no error
@@ -385,3 +385,28 @@ def test_request_records_are_added_once_and_pruned_by_age_and_count(db) -> None:
     assert store.prune(before=1100.0, max_rows=2000) == 500  # 100 too old, then 400 oldest
     assert store.answers(0) == {("risk", "7"): 2000}
     assert store.get("r0499") is None and store.get("r0500") is not None
+
+
+def test_a_v4_database_gains_the_records_arm_column(open_db: Opener) -> None:
+    """Schema v5 added request_records.arm: a v4 database (no such column, records in it)
+    is migrated in place, its old records read back with an empty arm."""
+    from steadyserve.store.records import RecordStore
+
+    db = open_db()
+    with db.connect("make it v4", write=True) as conn:
+        conn.exec_driver_sql("ALTER TABLE request_records DROP COLUMN arm")
+        conn.exec_driver_sql(
+            "INSERT INTO request_records (request_id, deployment, handler, version, replica, "
+            "cache, status, latency_ms, created_at) VALUES ('old', 'risk', 'score', '1', "
+            "'risk-0', 'miss', 200, 1.0, 1000.0)")
+        conn.exec_driver_sql("UPDATE schema_version SET version = 4")
+    db.close()
+    again = open_db()
+    assert again.schema_version() == SCHEMA_VERSION == 5
+    store = RecordStore(again)
+    assert store.get("old")["arm"] == ""
+    store.add([{"request_id": "new", "deployment": "risk", "handler": "score", "version": "2",
+                "replica": "risk-1", "cache": "miss", "status": 200, "latency_ms": 2.0,
+                "key_id": None, "prediction": 0.9, "cache_keys": None, "created_at": 1001.0,
+                "arm": "candidate"}])
+    assert store.get("new")["arm"] == "candidate"

@@ -8,6 +8,7 @@ import sys
 from .. import __version__
 from ..policies.balancing import BALANCERS
 from . import backup as backup_cli
+from . import canary as canary_cli
 from . import exit_codes
 from . import feedback as feedback_cli
 from . import keys as keys_cli
@@ -105,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  steadyserve rollout minilm\n"
                "  steadyserve rollout risk --service app.py:RiskV2 --replicas 3\n"
                "  steadyserve rollout risk --env MODEL_TAG=v7 --no-wait\n"
-               "  steadyserve rollout risk --cancel",
+               "  steadyserve rollout risk --cancel\n"
+               "a progressive rollout to a candidate deployment, judged on its errors, latency "
+               "and feedback: steadyserve canary --help",
     )
     ro.add_argument("deployment")
     ro.add_argument("--service", help="one of the deployment's configured targets "
@@ -143,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     logs_cli.add_parser(verbs, url_help)
     feedback_cli.add_parser(verbs, url_help)
+    canary_cli.add_parser(verbs, url_help)
     keys_cli.add_parser(verbs)
     backup_cli.add_parser(verbs)
     ex = verbs.add_parser(
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench(args)
     if args.verb == "feedback":
         return feedback_cli.feedback(args)
+    if args.verb == "canary":
+        return canary_cli.canary(args)
     if args.verb == "logs":
         return logs_cli.logs(args)
     if args.verb == "keys":

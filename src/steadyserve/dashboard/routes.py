@@ -110,6 +110,7 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
                         for name, h in d.handlers.items()
                         if h.spec.options.batch and name in seen},
             "rollout": _rollout(gw, d.name),
+            "canary": _canary(gw, d.name),
         })
     body: dict[str, Any] = {"t": time.time(), "deployments": deployments,
                             "cluster": gw.lead.status()}
@@ -169,6 +170,22 @@ async def _key_usage(gw: Gateway, now: float) -> list[dict[str, Any]] | None:
 
 def _held(gw: Gateway) -> dict[str, Periodic[Any]]:
     return _periodic.setdefault(gw, {})
+
+
+CANARY_HISTORY_SHOWN = 6
+
+
+def _canary(gw: Gateway, name: str) -> dict[str, Any] | None:
+    """The deployment's canary (control.canary): state, step, share, the last verdict with
+    its checks, and the newest steps of its history with their evidence."""
+    if gw.canaries is None or name not in gw.canaries.plans:
+        return None
+    got = gw.canaries.status(name)
+    verdict = got.get("verdict") or {}
+    return {k: got[k] for k in ("candidate", "state", "step", "steps", "percent", "reason",
+                                "baseline", "candidate_arm", "requests_total")} | {
+        "verdict": verdict.get("reason"), "checks": verdict.get("checks", []),
+        "history": got["history"][-CANARY_HISTORY_SHOWN:]}
 
 
 def _rollout(gw: Gateway, name: str) -> dict[str, Any] | None:

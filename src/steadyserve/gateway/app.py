@@ -39,10 +39,12 @@ from ..store.backup import BackupScheduler
 from ..store.feedback import FeedbackStore
 from ..store.records import RecordStore
 from ..store.spool import Spool
+from .canary import Splits
 from .records import RecordWriter, RequestRecorder
 from .shadow import Shadows
 
 if TYPE_CHECKING:
+    from ..control.canary import CanaryController
     from ..control.leadership import Leadership
     from ..observe.alerting import AlertEngine
 from ..dashboard import routes as dashboard
@@ -149,6 +151,14 @@ ROUTES = (
           tag="admin", summary="the deployment's rollout: target, progress, outcome"),
     Route("DELETE", "/v1/admin/deployments/{deployment}/rollout", rollout_routes.cancel,
           "admin", tag="admin", summary="cancel a running rollout: back to the last good target"),
+    Route("POST", "/v1/admin/deployments/{deployment}/canary", rollout_routes.canary_start,
+          "admin", tag="admin",
+          summary="start the deployment's canary: the candidate gets the plan's first step"),
+    Route("GET", "/v1/admin/deployments/{deployment}/canary", rollout_routes.canary_status,
+          "admin", tag="admin",
+          summary="the canary: step, share, verdict with its evidence, history"),
+    Route("DELETE", "/v1/admin/deployments/{deployment}/canary", rollout_routes.canary_abort,
+          "admin", tag="admin", summary="abort the canary: the baseline serves everything"),
     Route("GET", "/v1/admin/keys", key_routes.list_keys, "admin", tag="keys",
           summary="API keys (never their secrets)"),
     Route("GET", "/v1/admin/keys/usage", key_routes.key_usage, "admin", tag="keys",
@@ -209,6 +219,7 @@ class Gateway:
         self._spawned: set[asyncio.Task[None]] = set()
         self.draining = False
         self.shadows = Shadows(self)  # requests mirrored to a deployment's candidate
+        self.splits = Splits()  # canaries: requests split between baseline and candidate
         obs = config.observability
         self.access_log = obs.access_log
         self.exporter = OtlpExporter(obs.otlp_endpoint, obs.service_name) \
@@ -225,6 +236,7 @@ class Gateway:
         self.record_writer: RecordWriter | None = None  # the gateway process's, with a database
         self.record_store: RecordStore | None = None
         self.alerting: AlertEngine | None = None
+        self.canaries: CanaryController | None = None  # the gateway process's (control.canary)
         self.lead: Alone | Leadership = Alone()  # [cluster]: the lease (control.leadership)
         # data-plane workers ([gateway] workers): in a worker, how other routes reach the
         # gateway process; in the gateway process, the workers' metrics and invalidations
@@ -374,7 +386,7 @@ class Gateway:
                     request_id=req.request_id, deployment=req.deployment, handler=req.handler,
                     version=call.version, replica=call.replica, cache=call.cache, status=status,
                     seconds=seconds, key_id=key_id, body=resp.body, now=now,
-                    cache_keys=call.cache_keys)
+                    cache_keys=call.cache_keys, arm=call.arm)
         key = (req.deployment, req.handler, status, req.call.deadline_exceeded)
         observe = self._observers.get(key)
         if observe is None:
@@ -430,6 +442,8 @@ class Gateway:
                         await self.control.start()
                     if self.alerting is not None:
                         await self.alerting.start()
+                    if self.canaries is not None:
+                        await self.canaries.start()
                 except Exception as exc:
                     log.exception("gateway start failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -448,6 +462,8 @@ class Gateway:
                         await self.record_writer.flush()
                     if self.alerting is not None:
                         await self.alerting.stop()
+                    if self.canaries is not None:
+                        await self.canaries.stop()
                     for spawned in list(self._spawned):
                         spawned.cancel()
                     if self.control is not None:
@@ -551,6 +567,8 @@ class Gateway:
             **({"autoscale": self._autoscale_status(d.name)}
                if d.config.autoscale is not None else {}),
             **({"shadow": self.shadows.status(d)} if d.config.shadow is not None else {}),
+            **({"canary": self.canaries.overview()[d.name]}
+               if self.canaries is not None and d.name in self.canaries.plans else {}),
             "replicas": self.control.status(d.name) if self.control is not None else [
                 {"id": e.replica_id, "address": str(e.address), "state": "ready"}
                 for e in d.endpoints

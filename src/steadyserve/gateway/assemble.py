@@ -8,6 +8,7 @@ from pathlib import Path
 from ..auth.keyring import KeyRing
 from ..auth.usage import UsageFlusher
 from ..config import Config
+from ..control.canary import CanaryController
 from ..control.launcher import LocalLauncher
 from ..control.leadership import Leadership, default_gateway_id
 from ..control.responder import Responder
@@ -159,4 +160,18 @@ def build_gateway(
         gateway.alerting = AlertEngine(config, metrics, db, responder,
                                        before_sample=gateway.export_admission)
         gateway.alerting.lead = gateway.lead
+    if any(d.canary is not None for d in config.deployments):
+        gateway.canaries = CanaryController(config, gateway.splits, store=db,
+                                            firing=lambda name: firing_on(gateway, name),
+                                            lead=gateway.lead)
     return gateway, supervisor
+
+
+def firing_on(gateway: Gateway, deployment: str) -> str | None:
+    """The first alert firing on `deployment` (labels.deployment), as a line; None if none."""
+    if gateway.alerting is None:
+        return None
+    for alert in gateway.alerting.book.alerts("firing"):
+        if alert.labels.get("deployment") == deployment and not alert.silenced_by:
+            return f"{alert.rule}: {alert.description}"
+    return None

@@ -141,6 +141,7 @@ class CallInfo:
     priority: str = "interactive"  # its admission class
     deadline_exceeded: bool = False  # answered 504 deadline_exceeded: the client's deadline
     held_s: float = 0.0  # spent waiting for a first replica (scale from zero): off its budget
+    arm: str = ""  # a canary's: baseline, candidate or failover (gateway.canary); "" none
 
 
 def input_key(handler: str, body: bytes) -> str:

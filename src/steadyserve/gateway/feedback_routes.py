@@ -143,6 +143,8 @@ async def submit(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
         answer["stored"] = added
     if wrong:  # once the item is kept: a refused one (409, 413, 503) changes nothing
         answer["cache"] = await forget_answer(gw, item["request_id"])
+    if gw.canaries is not None and gw.canaries.running():
+        await label_canary(gw, item)
     return json_response(answer, status=202 if answer.get("spooled") else
                          201 if answer["stored"] else 200)
 
@@ -152,6 +154,39 @@ def marks_wrong(item: dict[str, Any], correct_key: str) -> bool:
     `correct_key` ("correct": false)."""
     return item["correction"] is not None or (
         item["key"] == correct_key and item["score"] is not None and item["score"] <= 0)
+
+
+def label_of(item: dict[str, Any], record: dict[str, Any], positive: str,
+             correct_key: str) -> bool | None:
+    """Whether the recorded answer was right by this item: a `correct_key` score (> 0 right),
+    or a correction compared with the recorded prediction (>= 0.5 means the positive
+    label); None when the item says neither."""
+    if item["key"] == correct_key and isinstance(item["score"], int | float):
+        return bool(item["score"] > 0)
+    prediction = record.get("prediction")
+    if item["correction"] is None or prediction is None:
+        return None
+    return (float(prediction) >= 0.5) == is_positive(item["correction"], positive)
+
+
+async def label_canary(gw: Gateway, item: dict[str, Any]) -> None:
+    """Count a label for the canary arm that served the answer (control.canary)."""
+    assert gw.canaries is not None
+    record = gw.recorder.queued(item["request_id"]) if gw.recorder is not None else None
+    if record is None and gw.record_store is not None:
+        try:
+            record = await asyncio.to_thread(gw.record_store.get, item["request_id"])
+        except DependencyUnavailable:
+            return
+    if record is None or not record.get("arm"):
+        return
+    d = gw.membership.get(str(record["deployment"]))
+    if d is None:
+        return
+    correct = label_of(item, record, d.config.feedback_positive,
+                       gw.full_config.feedback.correct_key)
+    if correct is not None:
+        gw.canaries.label(record, correct)
 
 
 async def forget_answer(gw: Gateway, request_id: str) -> dict[str, Any]:

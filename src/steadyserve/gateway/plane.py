@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from ..cache.tiered import ResponseCache
 from ..config import Config, GatewayConfig
 from ..observe.metrics import GatewayMetrics
+from .canary import Splits
 from .dispatch import Dispatcher
 from .membership import Membership
 from .shadow import Shadows
@@ -40,6 +41,8 @@ class DataPlane(Protocol):
     def draining(self) -> bool: ...
     @property
     def shadows(self) -> Shadows: ...
+    @property
+    def splits(self) -> Splits: ...
 
     def spawn(self, coro: Awaitable[None], name: str) -> None: ...
 

@@ -30,7 +30,7 @@ from ..store.records import RECORD_FIELDS
 log = logging.getLogger("steadyserve.records")
 
 PRUNE_EVERY_S = 60.0
-TEXT_FIELDS = ("request_id", "deployment", "handler", "version", "replica", "cache")
+TEXT_FIELDS = ("request_id", "deployment", "handler", "version", "replica", "cache", "arm")
 
 
 def prediction_at(body: bytes, path: str) -> float | None:
@@ -63,7 +63,8 @@ class RequestRecorder:
 
     def record(self, *, request_id: str, deployment: str, handler: str, version: str | None,
                replica: str, cache: str, status: int, seconds: float, key_id: str | None,
-               body: bytes, now: float, cache_keys: tuple[str, ...] = ()) -> None:
+               body: bytes, now: float, cache_keys: tuple[str, ...] = (),
+               arm: str = "") -> None:
         if self.cfg.record_sample_rate < 1 and self.rng() >= self.cfg.record_sample_rate:
             return
         if len(self.queue) >= self.cfg.record_queue_max:
@@ -76,7 +77,7 @@ class RequestRecorder:
             "latency_ms": round(seconds * 1000, 3), "key_id": key_id,
             "prediction": prediction_at(body, path) if path and status < 300 else None,
             "cache_keys": orjson.dumps(cache_keys).decode() if cache_keys else None,
-            "created_at": now})
+            "created_at": now, "arm": arm})
 
     def queued(self, request_id: str) -> dict[str, Any] | None:
         """A record still waiting for its write (feedback right after the answer)."""

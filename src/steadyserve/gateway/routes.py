@@ -17,6 +17,7 @@ from ..cache.invalidation import ALL_TAGS, check_tags
 from ..cache.keys import affinity_value
 from ..errors import ClientError, NoReadyReplica, NotFound, PayloadTooLarge
 from ..store import DatabaseUnavailable
+from . import canary
 from .access import Access
 from .admission import parse_priority
 from .cached import cached_call, invalidation_tags
@@ -127,11 +128,18 @@ async def call(gw: DataPlane, req: Request, d: Deployment, h: Handler, args: dic
     cached data it changed, on every replica and gateway, before the client hears back."""
     timeout = request_timeout_s(gw, req)
     priority = Access.priority_for(req, parse_priority(req.header(b"x-priority")))
-    if d.config.shadow is not None:  # the client's answer first, then (maybe) the mirror
+    split = gw.splits.get(d.name) if gw.splits.splits else None
+    if split is not None:  # a canary: the candidate or the baseline (gateway.canary)
+        async def invoke(target: Deployment, handler: Handler, timeout_s: float) -> Any:
+            return await _call(gw, req, target, handler, args, timeout_s=timeout_s,
+                               priority=priority)
+
+        answer = await canary.call(gw, req, d, h, split, invoke, timeout)
+    else:
         answer = await _call(gw, req, d, h, args, timeout_s=timeout, priority=priority)
+    if d.config.shadow is not None:  # the client's answer first, then (maybe) the mirror
         gw.shadows.mirror(d, h, args, answer, req.request_id)
-        return answer
-    return await _call(gw, req, d, h, args, timeout_s=timeout, priority=priority)
+    return answer
 
 
 async def _call(gw: DataPlane, req: Request, d: Deployment, h: Handler, args: dict[str, Any],

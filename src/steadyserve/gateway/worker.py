@@ -133,6 +133,7 @@ class WorkerLink:
         gw = self.gateway
         if kind == "state":
             apply_state(gw.membership, gw.transport, self.file_configs, message["deployments"])
+            gw.splits.apply_wire(message.get("splits", {}))
             self.start_failures = {k: (float(v[0]), str(v[1]))
                                    for k, v in message.get("start_failures", {}).items()}
             self.first_state.set()
@@ -167,6 +168,7 @@ class WorkerLink:
                 self.send({"t": "report", "demand": demand,
                            "metrics": generate_latest(gw.metrics.registry).decode(),
                            "usage": usage.to_wire(gw.usage.take()),
+                           "canary": gw.splits.observations.take(),
                            "records": gw.recorder.take(gw.recorder.cfg.record_queue_max)
                            if gw.recorder is not None else []})
             except Exception:
@@ -293,7 +295,8 @@ def describe_endpoint(endpoint: Endpoint, info: dict[str, Any]) -> dict[str, Any
 
 
 def state_message(membership: Membership, infos: dict[str, dict[str, Any]],
-                  start_failures: dict[str, tuple[float, str]]) -> bytes:
+                  start_failures: dict[str, tuple[float, str]],
+                  splits: dict[str, Any] | None = None) -> bytes:
     """The whole membership, as `apply_state` takes it."""
     from ..policies.rollout import rollout_fields
 
@@ -305,4 +308,5 @@ def state_message(membership: Membership, infos: dict[str, dict[str, Any]],
             "endpoints": [describe_endpoint(e, infos.get(e.replica_id, {})) for e in d.endpoints],
         }
     return encode({"t": "state", "deployments": deployments,
-                   "start_failures": {k: list(v) for k, v in start_failures.items()}})
+                   "start_failures": {k: list(v) for k, v in start_failures.items()},
+                   "splits": splits or {}})

@@ -85,6 +85,7 @@ class WorkerPool:
             self._dirty.set()
 
         self.gateway.membership.on_change = changed
+        self.gateway.splits.on_change = self._dirty.set  # a canary's split changed
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._push_loop(), name="workers-push"),
                        loop.create_task(self._watch_loop(), name="workers-watch")]
@@ -171,7 +172,8 @@ class WorkerPool:
 
     def _state(self) -> bytes:
         infos = {s.replica_id: s.info for s in self.supervisor.slots if getattr(s, "info", None)}
-        return state_message(self.gateway.membership, infos, self.supervisor.start_failures)
+        return state_message(self.gateway.membership, infos, self.supervisor.start_failures,
+                             self.gateway.splits.to_wire())
 
     async def _push_loop(self) -> None:
         while True:
@@ -206,6 +208,8 @@ class WorkerPool:
                                                      self.gateway.usage.max_entries))
             if self.gateway.recorder is not None:
                 self.gateway.recorder.merge(message.get("records"))
+            if self.gateway.canaries is not None:
+                self.gateway.canaries.merge(message.get("canary"))
             w.reported_at = self.clock()
         elif kind == "unavailable":
             d = self.gateway.membership.get(str(message.get("deployment")))

@@ -68,7 +68,7 @@ from ..policies.lease import Fence  # (lease name, holder, token): a write from 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///.steadyserve/steadyserve.db"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MAX_ROWS = 10_000  # the most rows any read returns
 INSERT_CHUNK_ROWS = 1_000  # rows per executemany round trip
 PRUNE_BATCH_ROWS = 5_000  # rows per DELETE statement in prune
@@ -247,6 +247,8 @@ request_records = Table(
     Column("prediction", Double, nullable=True),  # [deployments] feedback_prediction
     Column("cache_keys", Text, nullable=True),  # JSON list: the answer's response-cache keys
     Column("created_at", Double, nullable=False),
+    # a canary's arm that answered: baseline, candidate, failover; "" none (v5)
+    Column("arm", Text, nullable=False, server_default=""),
     # one index besides the key: each costs a B-tree insert per answer (the summary's
     # grouping by deployment and version scans the time range instead)
     Index("ix_request_records_created_at", "created_at"),
@@ -263,9 +265,16 @@ def _v2_api_keys(conn: Connection) -> None:
     migrations run, so there is nothing left to alter."""
 
 
+def _v5_record_arm(conn: Connection) -> None:
+    """Version 5 added `request_records.arm` (the canary arm that answered)."""
+    if "arm" not in {c["name"] for c in inspect(conn).get_columns("request_records")}:
+        conn.exec_driver_sql(
+            "ALTER TABLE request_records ADD COLUMN arm TEXT NOT NULL DEFAULT ''")
+
+
 # version -> function that brings a database from version-1 to version.
 _MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_api_keys, 3: _v3_leases,
-                                                        4: _v4_key_usage}
+                                                        4: _v4_key_usage, 5: _v5_record_arm}
 
 
 # ---- helpers -----------------------------------------------------------------------------

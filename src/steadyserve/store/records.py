@@ -14,9 +14,10 @@ from sqlalchemy import delete, func, select
 from .database import Database, feedback, request_records
 
 RECORD_FIELDS = ("request_id", "deployment", "handler", "version", "replica", "cache",
-                 "status", "latency_ms", "key_id", "prediction", "cache_keys", "created_at")
+                 "status", "latency_ms", "key_id", "prediction", "cache_keys", "created_at",
+                 "arm")
 PRUNE_ROWS = 5_000  # rows per DELETE while over max_records
-ROWS_PER_STATEMENT = 500  # 5,500 parameters: under SQLite's 32,766 and PostgreSQL's 65,535
+ROWS_PER_STATEMENT = 500  # 6,500 parameters: under SQLite's 32,766 and PostgreSQL's 65,535
 
 
 class RecordStore:

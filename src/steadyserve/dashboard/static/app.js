@@ -103,6 +103,10 @@ function ensureDeployment(d) {
     <div class="controls"><span class="rollout"></span>
     <button type="button" class="restart" data-action="restart">Restart replicas</button>
     <button type="button" class="cancel" data-action="cancel" hidden>Cancel rollout</button></div>
+    <div class="canary" hidden><h3>Canary</h3><p class="canary-line"></p>
+    <button type="button" class="abort" data-action="abort-canary" hidden>Abort canary</button>
+    <table class="canary-checks"><thead><tr><th>metric</th><th>verdict</th><th>evidence</th>
+    </tr></thead><tbody></tbody></table><ul class="canary-history"></ul></div>
     <div class="charts"></div>
     <h3>Replicas</h3><table class="replicas"><thead><tr><th>replica</th><th>state</th>
     <th>revision</th><th>pid</th><th>restarts</th><th>last exit</th><th>ready for</th>
@@ -169,6 +173,7 @@ function render(data) {
       `<td>${esc(r.ready_for_s ?? 0)}s</td>` +
       `<td>${r.ejected ? "yes: " + esc(r.ejection_reason || "") : ""}</td></tr>`).join(""));
     renderRollout(box, d.rollout, !!d.autoscale);
+    renderCanary(box, d.canary);
     renderBatches(box, d.batches || {});
     setHTML(box.querySelector(".scaling tbody"), (d.scaling || []).map(e =>
       `<tr><td>${time(e.at)}</td><td>${esc(e.from)} → ${esc(e.to)}</td><td>${esc(e.reason)}</td></tr>`).join(""));
@@ -192,6 +197,37 @@ function render(data) {
   renderCache(data.cache);
   renderKeys(data.keys);
   state.prev = data;
+}
+
+function checkEvidence(c) {
+  if (c.verdict === "no data") return c.reason || "";
+  if (c.metric === "latency")
+    return `p95 ${c.candidate_p95_ms} ms vs ${c.baseline_p95_ms} ms (Mann-Whitney ` +
+      `p_slower ${Number(c.p_slower).toPrecision(2)}, p_within ${Number(c.p_within).toPrecision(2)})`;
+  if (c.metric === "errors")
+    return `${(100 * c.candidate).toFixed(2)} % vs ${(100 * c.baseline).toFixed(2)} % ` +
+      `(Fisher p ${Number(c.p_worse).toPrecision(2)}, margin ${c.margin})`;
+  return `accuracy ${(100 * c.candidate_accuracy).toFixed(1)} % vs ` +
+    `${(100 * c.baseline_accuracy).toFixed(1)} % (Fisher p ${Number(c.p_worse).toPrecision(2)})`;
+}
+
+function renderCanary(box, c) {
+  const section = box.querySelector(".canary");
+  section.hidden = !c;
+  if (!c) return;
+  const running = c.state === "running";
+  box.querySelector(".abort").hidden = !(running || c.state === "promoted");
+  const cand = c.candidate_arm || {}, base = c.baseline || {};
+  box.querySelector(".canary-line").textContent =  // server strings: text, never markup
+    `→ ${c.candidate}: ${c.state}, step ${c.step + 1}/${c.steps.length} at ${c.percent} %; ` +
+    `this step baseline ${base.requests ?? 0} / candidate ${cand.requests ?? 0} requests` +
+    (running && c.verdict ? ` — ${c.verdict}` : c.reason ? ` — ${c.reason}` : "");
+  setHTML(box.querySelector(".canary-checks tbody"), (c.checks || []).map(k =>
+    `<tr><td>${esc(k.metric)}</td><td>${esc(k.verdict)}</td><td>${esc(checkEvidence(k))}</td></tr>`
+  ).join("") || `<tr><td colspan="3">no look yet</td></tr>`);
+  setHTML(box.querySelector(".canary-history"), (c.history || []).map(h =>
+    `<li>${time(h.at)} step ${h.step + 1} (${esc(h.percent)} %) ${esc(h.action)}: ` +
+    `${esc(h.reason)}</li>`).join(""));
 }
 
 function renderRollout(box, r, autoscaled) {
@@ -358,6 +394,11 @@ document.addEventListener("click", ev => {
   } else if (button.dataset.action === "cancel") {
     act(`cancelling the rollout of ${name}`, "DELETE", rolloutPath(name), undefined,
         r => `rollout of ${name} ${r.state}: back to revision ${(r.target || {}).revision}`);
+  } else if (button.dataset.action === "abort-canary") {
+    if (!window.confirm(`Abort the canary of ${name}? The baseline serves everything again.`)) return;
+    act(`aborting the canary of ${name}`, "DELETE",
+        `/v1/admin/deployments/${encodeURIComponent(name)}/canary`, undefined,
+        r => `canary of ${name} ${r.state}: ${r.reason}`);
   }
 });
 
