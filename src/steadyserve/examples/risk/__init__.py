@@ -5,6 +5,8 @@
                  the transaction feed's updates
     model.py     logistic regression trained at first start, saved under the data directory;
                  scores with exact per-feature contributions
+    cascade.py   the inference-path cascade: gradient boosting behind the logistic regression,
+                 a learned router between them, the threshold from policies/cascade.py
     service.py   `RiskScorer`, the steadyserve service (`steadyserve.examples.risk.service:RiskScorer`)
 
 The service is imported from `service` directly (`RiskScorer` pulls in the cache and the

@@ -7,6 +7,9 @@ Served by a bare `steadyserve run` as the deployment `risk`:
                             "hour": 3}]}
     → one result per transaction: {"account_id", "score", "decision", "top_features",
                                    "model_version"}
+    POST /v1/deployments/risk/score_cascade   (the same body; only with RISK_CASCADE_THRESHOLD)
+    → one result per transaction: {"account_id", "score", "decision", "path", "router_score",
+                                   "model_version"}
     POST /v1/deployments/risk/update_account {"account_id": 42, "amount": 50.0, "chargeback": true}
     POST /v1/deployments/risk/account {"account_id": 42}
 
@@ -24,16 +27,31 @@ REVIEW_AT (0.15) "approve" — about 96.6 % of transactions; from REVIEW_AT up t
 (0.5) "review" by an analyst; from DECLINE_AT up "decline" — about 0.6 % of transactions, of
 which about 68 % are fraud.
 
+`score_cascade` is the inference-path cascade (cascade.py): the same logistic regression
+answers, and the transactions a router thinks it gets wrong go to gradient boosting ("path":
+"cheap" or "expensive"; "router_score": the router's estimate that the cheap answer is wrong,
+null when the router did not run). Its answers carry no `top_features`: gradient boosting has
+no exact explanation. It is off unless the deployment declares it (then 404 naming the
+setting); on, the replica trains the expensive model and the router at start (3–4 s on a quiet
+core, more on a busy machine; docs/cascade.md).
+
 Environment: STEADYSERVE_DATA_DIR (default `.steadyserve`: the model file, the default
 SQLite database), STEADYSERVE_DATABASE_URL (default `sqlite:///<data dir>/steadyserve.db`),
-RISK_FEATURE_CACHE_BYTES (default 32 MiB; 0 turns the feature cache off).
+RISK_FEATURE_CACHE_BYTES (default 32 MiB; 0 turns the feature cache off),
+RISK_CASCADE_THRESHOLD (unset: no cascade; "auto": the cheapest threshold whose held-out AUC
+is within RISK_CASCADE_MAX_AUC_LOSS, default 0.005, of gradient boosting alone; a number in
+[0, 1]: escalate when the router's score is at least that). A rollout may change them where
+the deployment's `rollout_env` lists them; answers cached under the old threshold live out
+their 60 s.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypedDict
 
@@ -42,6 +60,7 @@ from steadyserve.cache import ReadThrough
 from steadyserve.errors import ClientError, ConfigError, NotFound
 from steadyserve.store import DatabaseUnavailable
 
+from . import cascade as risk_cascade
 from .data import CATEGORY_NAMES, MERCHANT_CATEGORIES
 from .features import MAX_ACCOUNT_ID, FeatureStore
 from .model import RiskModel, load_or_train
@@ -56,6 +75,42 @@ FEATURE_CACHE_TTL_S: Final = 60.0
 # every feature row has the same columns: ~190 bytes as msgpack (measured 173 + updated_at).
 # A constant spares encoding each row just to weigh it (it doubled the cost of a miss).
 FEATURE_ROW_BYTES: Final = 192
+CASCADE_AUTO: Final = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class CascadeSettings:
+    """The cascade's knobs: a fixed threshold, or None to choose one (`auto`)."""
+
+    threshold: float | None
+    max_auc_loss: float = risk_cascade.DEFAULT_MAX_AUC_LOSS
+
+
+def cascade_settings(env: Mapping[str, str]) -> CascadeSettings | None:
+    """RISK_CASCADE_THRESHOLD and RISK_CASCADE_MAX_AUC_LOSS from `env`; None when the cascade
+    is off (the threshold unset or empty). ConfigError on a value out of range."""
+    raw = env.get("RISK_CASCADE_THRESHOLD", "").strip()
+    if not raw:
+        return None
+    raw_loss = env.get("RISK_CASCADE_MAX_AUC_LOSS", "").strip()
+    loss = risk_cascade.DEFAULT_MAX_AUC_LOSS
+    if raw_loss:
+        try:
+            loss = float(raw_loss)
+        except ValueError:
+            loss = math.nan
+        if not 0.0 <= loss <= 1.0:  # NaN fails too
+            raise ConfigError(f"RISK_CASCADE_MAX_AUC_LOSS must be a number in [0, 1], got {raw_loss!r}")
+    if raw.lower() == CASCADE_AUTO:
+        return CascadeSettings(None, loss)
+    try:
+        threshold = float(raw)
+    except ValueError:
+        threshold = math.nan
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"RISK_CASCADE_THRESHOLD must be {CASCADE_AUTO!r} or a number in [0, 1], "
+                          f"got {raw!r}")
+    return CascadeSettings(threshold, loss)
 
 
 class Transaction(TypedDict):
@@ -134,6 +189,7 @@ class RiskScorer(steadyserve.Service):
     store: FeatureStore
     model: RiskModel
     features: ReadThrough[int, dict[str, Any]]
+    cascade: risk_cascade.Cascade | None = None
 
     def setup(self) -> None:
         """Open the feature store (seeding it on first start), load or train the model, and
@@ -147,22 +203,27 @@ class RiskScorer(steadyserve.Service):
             raise ConfigError(f"RISK_FEATURE_CACHE_BYTES must be an integer, got {raw_bytes!r}") from None
         if cache_bytes < 0:
             raise ConfigError(f"RISK_FEATURE_CACHE_BYTES must be >= 0, got {cache_bytes}")
+        settings = cascade_settings(os.environ)
         store = FeatureStore(url)
         try:
             inserted = store.ensure_seeded()
             model = load_or_train(data_dir)
+            cascade = None if settings is None else train_cascade(model, settings)
         except BaseException:
             store.close()
             raise
         log.info("risk scorer ready", extra={"database": store.url, "seeded_rows": inserted,
                                              "model": str(model.path), "auc": round(model.auc, 4),
-                                             "feature_cache_bytes": cache_bytes})
-        self.configure(store, model, cache_bytes)
+                                             "feature_cache_bytes": cache_bytes,
+                                             "cascade": cascade is not None})
+        self.configure(store, model, cache_bytes, cascade)
 
-    def configure(self, store: FeatureStore, model: RiskModel, cache_bytes: int) -> None:
+    def configure(self, store: FeatureStore, model: RiskModel, cache_bytes: int,
+                  cascade: risk_cascade.Cascade | None = None) -> None:
         """Wire the parts (what `setup` does after opening them; tests pass their own)."""
         self.store = store
         self.model = model
+        self.cascade = cascade
         self.features = ReadThrough(
             name="risk_features", capacity_bytes=cache_bytes, ttl_s=FEATURE_CACHE_TTL_S,
             policy="tinylfu", retry_on=(DatabaseUnavailable,), attempts=3, backoff_s=0.05,
@@ -180,14 +241,9 @@ class RiskScorer(steadyserve.Service):
         return self.features.get_many(account_ids, load=self.store.get_many,
                                       tags=lambda account_id: [f"account:{account_id}"])
 
-    @steadyserve.handler(batch=True, max_batch_size=64, cache=True, cache_ttl_s=60,
-                         cache_tags=("account:{account_id}",), affinity="account_id",
-                         canary={"transactions": [{"account_id": 1, "amount": 10.0,
-                                                   "merchant_category": "grocery", "hour": 12}]})
-    def score(self, transactions: list[Transaction]) -> list[Any]:
-        """One result per transaction, or a ClientError / NotFound instance in its slot (only
-        that caller gets the error; the rest of the batch is scored). A database that stays
-        down fails the whole batch with 503 (DependencyUnavailable)."""
+    def _known(self, transactions: list[Transaction]) -> tuple[list[Any], list[int], list[dict[str, Any]]]:
+        """Results with the errors in their slots (ClientError for bad input, NotFound for an
+        unknown account), the indices of the transactions to score, and their account rows."""
         results: list[Any] = [validate_transaction(t) for t in transactions]
         valid = [i for i, r in enumerate(results) if r is None]
         rows = self._rows([transactions[i]["account_id"] for i in valid]) if valid else {}
@@ -198,14 +254,53 @@ class RiskScorer(steadyserve.Service):
                 known.append(i)
             else:
                 results[i] = NotFound(f"unknown account {account_id}", param="account_id")
-        scored = self.model.score([rows[transactions[i]["account_id"]] for i in known],
-                                  [transactions[i] for i in known])
+        return results, known, [rows[transactions[i]["account_id"]] for i in known]
+
+    @steadyserve.handler(batch=True, max_batch_size=64, cache=True, cache_ttl_s=60,
+                         cache_tags=("account:{account_id}",), affinity="account_id",
+                         canary={"transactions": [{"account_id": 1, "amount": 10.0,
+                                                   "merchant_category": "grocery", "hour": 12}]})
+    def score(self, transactions: list[Transaction]) -> list[Any]:
+        """One result per transaction, or a ClientError / NotFound instance in its slot (only
+        that caller gets the error; the rest of the batch is scored). A database that stays
+        down fails the whole batch with 503 (DependencyUnavailable)."""
+        results, known, rows = self._known(transactions)
+        scored = self.model.score(rows, [transactions[i] for i in known])
         for i, (probability, top) in zip(known, scored, strict=True):
             results[i] = {
                 "account_id": transactions[i]["account_id"],
                 "score": probability,
                 "decision": decision(probability),
                 "top_features": top,
+                "model_version": self.version,
+            }
+        return results
+
+    @steadyserve.handler(batch=True, max_batch_size=64, cache=True, cache_ttl_s=60,
+                         cache_tags=("account:{account_id}",), affinity="account_id")
+    def score_cascade(self, transactions: list[Transaction]) -> list[Any]:
+        """`score` through the cascade: one {"account_id", "score", "decision", "path",
+        "router_score", "model_version"} per transaction, errors in their slots as in
+        `score`. NotFound for the whole batch when this deployment has no cascade (no canary
+        for that reason: the deep health check must pass with the cascade off)."""
+        cascade = self.cascade
+        if cascade is None:
+            raise NotFound("this deployment serves no cascade: set RISK_CASCADE_THRESHOLD "
+                           f"({CASCADE_AUTO!r} or a number in [0, 1]) in its env",
+                           param="transactions")
+        results, known, rows = self._known(transactions)
+        if not known:
+            return results
+        routed = cascade.route(risk_cascade.inputs(rows, [transactions[i] for i in known]))
+        router = routed.router_score
+        for k, i in enumerate(known):
+            probability = float(routed.probability[k])
+            results[i] = {
+                "account_id": transactions[i]["account_id"],
+                "score": probability,
+                "decision": decision(probability),
+                "path": "expensive" if routed.escalated[k] else "cheap",
+                "router_score": None if router is None else float(router[k]),
                 "model_version": self.version,
             }
         return results
@@ -245,4 +340,19 @@ class RiskScorer(steadyserve.Service):
         return self.features.stats()
 
 
-__all__ = ["DECLINE_AT", "REVIEW_AT", "RiskScorer", "Transaction", "decision", "validate_transaction"]
+def train_cascade(model: RiskModel, settings: CascadeSettings) -> risk_cascade.Cascade:
+    """Train the cascade on the generated feedback and set its threshold (at start)."""
+    tuned = risk_cascade.build(model, risk_cascade.generated_feedback(),
+                               threshold=settings.threshold, max_auc_loss=settings.max_auc_loss)
+    point = tuned.choice.point
+    log.info("risk cascade ready", extra={
+        "threshold": tuned.cascade.threshold, "chosen": settings.threshold is None,
+        "chosen_threshold": point.threshold, "escalated": round(point.escalated, 4),
+        "cost_us": round(point.cost, 1), "auc": None if point.auc is None else round(point.auc, 4),
+        "reason": tuned.choice.reason, "cheap_us": round(tuned.costs.cheap_us, 1),
+        "expensive_us": round(tuned.costs.expensive_us, 1), "trained_s": round(tuned.trained_s, 2)})
+    return tuned.cascade
+
+
+__all__ = ["DECLINE_AT", "REVIEW_AT", "CascadeSettings", "RiskScorer", "Transaction", "cascade_settings",
+           "decision", "train_cascade", "validate_transaction"]
