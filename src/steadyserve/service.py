@@ -9,6 +9,10 @@
         @steadyserve.handler(batch=True, max_batch_size=32)
         def embed(self, texts: list[str]) -> list[list[float]]: ...   # a list in, a list out
 
+A handler that is a generator (`def` with `yield`, or `async def` with `yield`) streams: each
+item goes to the client as it is produced (NDJSON, or server-sent events by `Accept`), and a
+client that disconnects stops it between items.
+
 Type hints become the request schema. A batched handler takes exactly one `list[T]`
 parameter and must return one result per item; items of concurrent requests are merged
 into one call.
@@ -16,8 +20,9 @@ into one call.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar, TypeVar, overload
 
 from .errors import ConfigError
@@ -26,7 +31,7 @@ from .schema import describe_params
 F = TypeVar("F", bound=Callable[..., Any])
 
 _MARK = "__steadyserve_handler__"
-OPENAI_KINDS = ("embeddings",)
+OPENAI_KINDS = ("embeddings", "completions", "chat")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -49,6 +54,9 @@ class HandlerOptions:
     cache_tags: tuple[str, ...] = ()  # templates, e.g. "account:{account_id}", from the input
     invalidates: tuple[str, ...] = ()  # after a success, drop entries with these tags everywhere
     affinity: str | None = None  # input field whose value routes to the same replica (cache)
+    # a generator (sync or async): its items are streamed (NDJSON or server-sent events);
+    # set by `handler_specs` from the function, never by hand
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -72,6 +80,9 @@ class HandlerOptions:
         for template in (*self.cache_tags, *self.invalidates):
             if not isinstance(template, str) or not template:
                 raise ConfigError(f"cache tags must be non-empty strings, got {template!r}")
+        if self.stream and (self.batch or self.cache or self.hedge or self.invalidates):
+            raise ConfigError("a streaming handler (a generator) cannot be batch=, cache=, "
+                              "hedge= or invalidates=")
         if self.openai is not None and self.openai not in OPENAI_KINDS:
             raise ConfigError(f"openai= must be one of {OPENAI_KINDS}, got {self.openai!r}")
 
@@ -152,6 +163,11 @@ def handler_specs(service_cls: type[Service]) -> dict[str, HandlerSpec]:
         if not isinstance(opts, HandlerOptions) or fn is None:
             continue
         params = describe_params(fn)
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            try:
+                opts = replace(opts, stream=True)
+            except ConfigError as exc:
+                raise ConfigError(f"{service_cls.__name__}.{name}: {exc.message}") from None
         if opts.batch:
             if len(params) != 1 or params[0]["type"]["kind"] != "list":
                 raise ConfigError(

@@ -19,6 +19,7 @@ import orjson
 from prometheus_client import generate_latest
 
 from .. import codec
+from ..asgi import cancel_on_disconnect
 from ..auth.exposure import exposure_problem
 from ..auth.keyring import KeyRing
 from ..auth.keys import ROTATE_SCHEMA, spec_schema
@@ -26,7 +27,7 @@ from ..auth.usage import UsageFlusher, UsageMeter
 from ..cache.invalidation import messages as invalidation_messages
 from ..cache.tiered import CacheCollector, ResponseCache
 from ..config import Config
-from ..errors import DeadlineExceeded, SteadyError, to_http
+from ..errors import ClientGone, DeadlineExceeded, SteadyError, to_http
 from ..observe import tracing
 from ..observe.aggregate import (
     MAX_REPLICA_METRICS_BYTES,
@@ -50,7 +51,16 @@ if TYPE_CHECKING:
 from ..dashboard import routes as dashboard
 from ..observe.otlp import OtlpExporter
 from ..policies.lease import Alone
-from . import feedback_routes, key_routes, log_routes, oip, openai, rollout_routes, routes
+from . import (
+    feedback_routes,
+    key_routes,
+    log_routes,
+    oip,
+    openai,
+    openai_text,
+    rollout_routes,
+    routes,
+)
 from . import openapi as openapi_doc
 from .access import Access
 from .cached import CACHE_HEADER
@@ -96,6 +106,11 @@ ROUTES = (
           summary="deployments, OpenAI shape"),
     Route("POST", "/v1/embeddings", openai.embeddings, "infer", json_body=True, tag="openai",
           summary="OpenAI embeddings"),
+    Route("POST", "/v1/completions", openai_text.completions, "infer", json_body=True,
+          tag="openai", summary="OpenAI completions (stream: true for server-sent events)"),
+    Route("POST", "/v1/chat/completions", openai_text.chat_completions, "infer",
+          json_body=True, tag="openai",
+          summary="OpenAI chat completions (stream: true for chat.completion.chunk events)"),
     # the Open Inference Protocol (KServe v2 / Triton HTTP): every deployment is a model
     Route("GET", "/v2", oip.server_metadata, "read", tag="oip",
           summary="Open Inference Protocol: server metadata"),
@@ -350,6 +365,9 @@ class Gateway:
         body = resp.body
         headers = [(b"content-type", resp.content_type), (b"x-request-id", req.request_id.encode())]
         headers.extend(resp.headers)
+        if resp.stream is not None:
+            await self._send_stream(req, resp, headers, send)
+            return
         encoding = choose_encoding(req.header(b"accept-encoding"), len(body),
                                    self.config.compress_min_bytes)
         if encoding is not None:
@@ -364,6 +382,26 @@ class Gateway:
         self.metrics.response_bytes.labels(encoding or "identity").inc(len(body))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _send_stream(self, req: Request, resp: Response,
+                           headers: list[tuple[bytes, bytes]], send: Send) -> None:
+        """A streamed body (gateway.streaming), chunk by chunk, uncompressed (a compressor
+        would hold items back); a client that hangs up cancels it between chunks."""
+        assert resp.stream is not None
+        stream = resp.stream
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+
+        async def pump() -> None:
+            async for chunk in stream:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        try:
+            await cancel_on_disconnect(req.receive, pump())
+        except ClientGone:
+            req.call.cancelled = True
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]  # an async generator's
 
     def _observe(self, req: Request, resp: Response, seconds: float) -> None:
         """Count and time inference requests only: they are the SLO (ErrorBudgetBurn) and

@@ -55,15 +55,18 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from .. import codec
 from ..config import ResilienceConfig
 from ..errors import (
     ConnectionLost,
     DeadlineExceeded,
+    HandlerFailed,
     NoReadyReplica,
     Quarantined,
     ReplicaTimeout,
@@ -142,6 +145,7 @@ class CallInfo:
     deadline_exceeded: bool = False  # answered 504 deadline_exceeded: the client's deadline
     held_s: float = 0.0  # spent waiting for a first replica (scale from zero): off its budget
     arm: str = ""  # a canary's: baseline, candidate or failover (gateway.canary); "" none
+    cancelled: bool = False  # the client left during a streamed answer
 
 
 def input_key(handler: str, body: bytes) -> str:
@@ -288,6 +292,130 @@ class Dispatcher:
         finally:
             if self.cfg.admission:
                 st.admission.release()
+
+    async def open_stream(
+        self, deployment: Deployment, handler: Handler, args: dict[str, Any],
+        *, request_id: str, timeout_s: float, priority: str = "interactive",
+        call: CallInfo | None = None,
+    ) -> Streamed:
+        """A streaming handler's items (gateway.streaming): returns once the first item (or
+        the end of an empty stream) arrived. Until then a failure may go to another replica,
+        as `invoke`'s attempts do; after it, nothing is retried (the client has items)."""
+        held = call is not None and call.held_s > 0
+        if not deployment.endpoints:
+            timeout_s -= await self.await_replica(deployment, timeout_s)
+            held = True
+        now = self.clock()
+        deadline = now + min(timeout_s, handler.spec.options.timeout_s)
+        body = codec.encode({"args": args})
+        key = input_key(handler.name, body)
+        if self.quarantine.blocked(key, now):
+            raise Quarantined("this input crashed replicas repeatedly and is refused for "
+                              f"{self.cfg.quarantine_s:.0f} s; the replicas are fine")
+        st = self.state(deployment)
+        if self.cfg.admission:
+            try:
+                await st.admission.acquire(priority, deadline, held=held)
+            except Shed as exc:
+                self.metrics.shed.labels(deployment.name, priority, exc.reason).inc()
+                raise
+        call = call or CallInfo()
+        call.priority = priority
+        release = st.admission.release if self.cfg.admission else _nothing
+        try:
+            st.budget.record_request(self.clock())
+            max_attempts = self.cfg.max_attempts if handler.spec.options.idempotent else 1
+            tried: list[Endpoint] = []
+            last: SteadyError | None = None
+            while len(tried) < max_attempts:
+                if tried and not st.budget.try_spend(self.clock()):
+                    self.metrics.budget_exhausted.labels(deployment.name).inc()
+                    break
+                endpoint = self._pick(deployment, tried)
+                if endpoint is None:
+                    break
+                if tried:
+                    self.metrics.retries.labels(deployment.name).inc()
+                tried.append(endpoint)
+                call.attempts += 1
+                try:
+                    return await self._open_stream(deployment, handler, endpoint, body, key,
+                                                   request_id, deadline, call, release)
+                except _Retryable as exc:
+                    last = exc.error
+            if last is not None:
+                raise last
+            raise NoReadyReplica(f"deployment {deployment.name!r} has no replica left to try",
+                                 retry_after_s=1)
+        except BaseException:
+            release()
+            raise
+
+    async def _open_stream(
+        self, d: Deployment, h: Handler, endpoint: Endpoint, body: bytes, key: str,
+        request_id: str, deadline: float, call: CallInfo, release: Callable[[], None],
+    ) -> Streamed:
+        started = self.clock()
+        remaining = deadline - started
+        if remaining <= 0:
+            raise ReplicaTimeout("deadline exceeded before the stream could be opened")
+        headers = [(REQUEST_ID_HEADER, request_id.encode()),
+                   (DEADLINE_HEADER, str(int(remaining * 1000)).encode()),
+                   (INPUT_KEY_HEADER, key.encode()), (b"content-type", codec.CONTENT_TYPE)]
+        endpoint.outstanding += 1
+        up = None
+        try:
+            try:
+                up = await self.transport.open_stream(endpoint.address, "/stream/" + h.name,
+                                                      body, headers, remaining)
+                if up.status != 200:
+                    raw = await up.body()
+                    self._stream_refused(d, endpoint, up.status, raw)
+                line = await up.line(max(0.001, deadline - self.clock()))
+            except ReplicaUnavailable as exc:
+                self._failed(d, endpoint, "unavailable")
+                if self.on_unavailable is not None and not isinstance(exc, ConnectionLost):
+                    self.on_unavailable(d.name, endpoint)
+                raise _Retryable(exc) from None
+            except ReplicaTimeout:
+                raise DeadlineExceeded(f"no first item from {h.name} within the request's "
+                                       f"deadline ({remaining:.3f}s)") from None
+            frame = _frame(line, endpoint)
+            if "i" not in frame and "end" not in frame:
+                self._failed(d, endpoint, "malformed")
+                raise _Retryable(ReplicaUnavailable(
+                    f"replica {endpoint.replica_id} began a stream with no item"))
+        except BaseException:
+            endpoint.outstanding -= 1
+            if up is not None:
+                await up.close()
+            raise
+        now = self.clock()
+        self._answered(d, endpoint, now, "ok")
+        self.metrics.stream_first_item.labels(d.name).observe(now - started)
+        call.replica = endpoint.replica_id
+        return Streamed(self, d, endpoint, up, frame, deadline, release)
+
+    def _stream_refused(self, d: Deployment, endpoint: Endpoint, status: int, raw: bytes) -> None:
+        """A replica's error reply before a stream's first item: raise it (as `_Retryable`
+        when another replica may do better)."""
+        try:
+            message = codec.decode(raw)
+        except Exception:
+            message = None
+        wire: Any = message.get("error") if isinstance(message, dict) else None
+        code = wire.get("code") if isinstance(wire, dict) else None
+        code = code if isinstance(code, str) else None
+        blame = blame_reply(status, code, isinstance(wire, dict) and "retry_after_s" in wire)
+        error: SteadyError = from_wire(wire) if blame is not MALFORMED else ReplicaUnavailable(
+            f"replica {endpoint.replica_id} sent a malformed reply (status {status})")
+        if blame.replica_failed:
+            self._failed(d, endpoint, blame.outcome)
+        else:
+            self._answered(d, endpoint, self.clock(), blame.outcome)
+        if blame.retry:
+            raise _Retryable(error)
+        raise error
 
     async def _attempts(
         self, d: Deployment, h: Handler, st: _DeploymentState, body: bytes, key: str,
@@ -622,3 +750,71 @@ class Dispatcher:
             log.warning("replica ejected for %.0fs after repeated failures",
                         health.ejected_until - now,
                         extra={"replica": endpoint.replica_id, "ejections": health.ejections})
+
+
+def _nothing() -> None:
+    return None
+
+
+def _frame(line: bytes, endpoint: Endpoint) -> dict[str, Any]:
+    """One frame of a replica's stream (replica.streaming), checked."""
+    try:
+        frame = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        frame = None
+    if not isinstance(frame, dict):
+        raise ConnectionLost(f"stream from replica {endpoint.replica_id} broke off"
+                             if not line.endswith(b"\n") else
+                             f"replica {endpoint.replica_id} sent a malformed stream frame")
+    return frame
+
+
+class Streamed:
+    """A stream whose first frame arrived: its items, then `close` (always: it frees the
+    replica's slot, the admission slot and, if unfinished, the connection — which stops the
+    generator at the replica)."""
+
+    def __init__(self, dispatcher: Dispatcher, d: Deployment, endpoint: Endpoint, up: Any,
+                 first: dict[str, Any], deadline: float, release: Callable[[], None]) -> None:
+        self.dispatcher = dispatcher
+        self.d = d
+        self.endpoint = endpoint
+        self.up = up
+        self.first = first
+        self.deadline = deadline
+        self._release: Callable[[], None] | None = release
+        self.items_sent = 0
+
+    async def items(self) -> AsyncIterator[Any]:
+        """The items; a failure after the first raises (never retried: the client has some)."""
+        frame = self.first
+        clock = self.dispatcher.clock
+        while True:
+            if "i" in frame:
+                self.items_sent += 1
+                yield frame["i"]
+            elif "end" in frame:
+                return
+            elif "e" in frame:
+                wire = frame["e"]
+                raise from_wire(wire) if isinstance(wire, dict) else HandlerFailed(
+                    "the handler failed mid-stream")
+            left = self.deadline - clock()
+            if left <= 0:
+                raise DeadlineExceeded("the stream passed the request's deadline")
+            try:
+                line = await self.up.line(left)
+            except ReplicaTimeout:
+                raise DeadlineExceeded("the stream passed the request's deadline") from None
+            if not line:
+                raise ConnectionLost(f"replica {self.endpoint.replica_id} ended the stream "
+                                     "without finishing it")
+            frame = _frame(line, self.endpoint)
+
+    async def close(self) -> None:
+        if self._release is None:
+            return
+        release, self._release = self._release, None
+        self.endpoint.outstanding -= 1
+        release()
+        await self.up.close()

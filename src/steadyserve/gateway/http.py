@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
@@ -154,6 +154,8 @@ class Response:
     body: bytes
     content_type: bytes = JSON
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # a streamed body (gateway.streaming): sent chunk by chunk after `body` is ignored
+    stream: AsyncIterator[bytes] | None = None
 
 
 def json_response(obj: Any, status: int = 200) -> Response:

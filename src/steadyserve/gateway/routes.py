@@ -17,7 +17,7 @@ from ..cache.invalidation import ALL_TAGS, check_tags
 from ..cache.keys import affinity_value
 from ..errors import ClientError, NoReadyReplica, NotFound, PayloadTooLarge
 from ..store import DatabaseUnavailable
-from . import canary
+from . import canary, streaming
 from .access import Access
 from .admission import parse_priority
 from .cached import cached_call, invalidation_tags
@@ -233,6 +233,8 @@ async def invoke(gw: DataPlane, req: Request, params: dict[str, str]) -> Respons
         body = await req.json(gw.config.max_body_bytes)
     req.handler = h.name
     args = h.validate(body)
+    if h.spec.options.stream:  # a generator: its items as they come (gateway.streaming)
+        return await streaming.respond(gw, req, d, h, args, request_timeout_s(gw, req))
     check_items(h, args, h.spec.options.max_inputs)
     result = await call(gw, req, d, h, args)
     resp = Response(200, orjson.dumps(result, option=orjson.OPT_SERIALIZE_NUMPY))

@@ -69,11 +69,33 @@ class Reply:
     body: bytes
 
 
+class Upstream(Protocol):
+    """A replica's streamed reply (replica.streaming): one JSON frame per line."""
+
+    status: int
+
+    async def body(self) -> bytes:
+        """The whole body of a reply that is not a stream (status != 200: an error)."""
+
+    async def line(self, timeout_s: float) -> bytes:
+        """The next frame, with its newline; b"" when the replica ended the reply."""
+
+    async def close(self) -> None:
+        """Done with it: a reply not read to its end closes the connection (the replica
+        sees the hang-up and stops the generator)."""
+
+
 class Transport(Protocol):
     async def request(
         self, address: Address, method: str, path: str, body: bytes,
         headers: list[tuple[bytes, bytes]], timeout_s: float,
     ) -> Reply: ...
+
+    async def open_stream(
+        self, address: Address, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
+        timeout_s: float,
+    ) -> Upstream:
+        """POST and return once the reply's head arrived (within `timeout_s`)."""
 
     def set_max_connections(self, address: Address, max_connections: int) -> None:
         """Cap the connections to one replica (its deployment's `max_connections_per_replica`);
@@ -426,6 +448,7 @@ class HttpTransport:
         self.connect_timeout_s = connect_timeout_s
         self.max_response_bytes = max_response_bytes
         self._connect = connect
+        self._session: Any = None  # aiohttp.ClientSession for streams (open_stream)
 
     def _new_connection(self) -> Connection:
         return Connection(self.max_response_bytes)
@@ -465,6 +488,34 @@ class HttpTransport:
         finally:
             pool.release(conn)
 
+    async def open_stream(
+        self, address: Address, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
+        timeout_s: float,
+    ) -> Upstream:
+        """Streams go through aiohttp, not the hand-written client above: a stream lasts
+        long enough that the per-request cost of a general client does not count, and its
+        chunked decoding and line reading are well kept. One session, made on first use."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=self.max_connections),
+                auto_decompress=False)
+        url = f"http://{address}{path}"
+        try:
+            resp = await asyncio.wait_for(self._session.post(
+                url, data=body, headers=[(k.decode(), v.decode()) for k, v in headers],
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout_s)),
+                timeout_s)
+        except TimeoutError:
+            raise ReplicaTimeout(f"replica {address} did not answer within {timeout_s:.3f}s") \
+                from None
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectionRefused(f"cannot connect to {address}: {exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ConnectionLost(f"connection to {address} lost: {exc}") from None
+        return _HttpUpstream(resp, address, self.max_response_bytes)
+
     def set_max_connections(self, address: Address, max_connections: int) -> None:
         if max_connections < 1:
             raise ValueError(f"max_connections must be >= 1, got {max_connections}")
@@ -486,6 +537,44 @@ class HttpTransport:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+class _HttpUpstream:
+    def __init__(self, resp: Any, address: Address, max_line_bytes: int) -> None:
+        self.resp = resp
+        self.status = int(resp.status)
+        self.address = address
+        self.max_line_bytes = max_line_bytes
+
+    async def body(self) -> bytes:
+        data: bytes = await self.resp.content.read(self.max_line_bytes)
+        return data
+
+    async def line(self, timeout_s: float) -> bytes:
+        import aiohttp
+        from aiohttp.http_exceptions import LineTooLong
+
+        try:
+            data: bytes = await asyncio.wait_for(
+                self.resp.content.readline(max_line_length=self.max_line_bytes), timeout_s)
+        except TimeoutError:
+            raise ReplicaTimeout(f"replica {self.address} sent nothing for {timeout_s:.3f}s") \
+                from None
+        except LineTooLong:
+            raise ResponseTooLarge(f"a streamed item from {self.address} is over "
+                                   f"{self.max_line_bytes:,} bytes") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ConnectionLost(f"stream from {self.address} lost: {exc}") from None
+        return data
+
+    async def close(self) -> None:
+        if self.resp.content.at_eof():
+            self.resp.release()  # read to its end: the connection may serve another
+        else:
+            self.resp.close()
 
 
 AsgiApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
@@ -534,6 +623,19 @@ class InProcessTransport:
             raise ReplicaUnavailable(f"connection to {address} lost mid-request") from exc
         return Reply(status, b"".join(chunks))
 
+    async def open_stream(
+        self, address: Address, path: str, body: bytes, headers: list[tuple[bytes, bytes]],
+        timeout_s: float,
+    ) -> Upstream:
+        self.calls += 1
+        app = self.apps.get(address)
+        if app is None:
+            raise ReplicaUnavailable(f"cannot connect to {address}: no such in-process replica")
+        up = _InProcessUpstream(app, {"type": "http", "method": "POST", "path": path,
+                                      "headers": headers, "query_string": b""}, body)
+        await up.started(timeout_s, address)
+        return up
+
     def set_max_connections(self, address: Address, max_connections: int) -> None:
         pass  # no connections to cap: each request is a direct call
 
@@ -542,3 +644,77 @@ class InProcessTransport:
 
     async def close(self) -> None:
         pass
+
+
+class _InProcessUpstream:
+    """A replica app's streamed reply in this process: its sends queued as they come."""
+
+    def __init__(self, app: AsgiApp, scope: dict[str, Any], body: bytes) -> None:
+        self.status = 0
+        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self.buffer = b""
+        self.head = asyncio.Event()
+        self.hangup = asyncio.Event()
+        sent = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if sent:
+                await self.hangup.wait()
+                return {"type": "http.disconnect"}
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.status = message["status"]
+                self.head.set()
+            elif message["type"] == "http.response.body":
+                self.chunks.put_nowait(message.get("body", b""))
+                if not message.get("more_body"):
+                    self.chunks.put_nowait(None)
+
+        async def run() -> None:
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.head.set()
+                self.chunks.put_nowait(None)
+
+        self.task = asyncio.get_running_loop().create_task(run())
+
+    async def started(self, timeout_s: float, address: Address) -> None:
+        try:
+            await asyncio.wait_for(self.head.wait(), timeout_s)
+        except TimeoutError:
+            await self.close()
+            raise ReplicaTimeout(f"replica {address} did not answer within {timeout_s:.3f}s") \
+                from None
+
+    async def body(self) -> bytes:
+        parts = []
+        while (chunk := await self.chunks.get()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def line(self, timeout_s: float) -> bytes:
+        while b"\n" not in self.buffer:
+            try:
+                chunk = await asyncio.wait_for(self.chunks.get(), timeout_s)
+            except TimeoutError:
+                raise ReplicaTimeout(f"in-process replica sent nothing for {timeout_s:.3f}s") \
+                    from None
+            if chunk is None:
+                self.chunks.put_nowait(None)
+                out, self.buffer = self.buffer, b""
+                return out
+            self.buffer += chunk
+        out, _, self.buffer = self.buffer.partition(b"\n")
+        return out + b"\n"
+
+    async def close(self) -> None:
+        self.hangup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), 5)
+        except (TimeoutError, Exception):
+            self.task.cancel()

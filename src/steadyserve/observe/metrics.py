@@ -130,6 +130,28 @@ class GatewayMetrics:
             ["deployment", "shadow"], registry=r,
             buckets=(0.0, 1e-6, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0),
         )
+        self.stream_first_item = Histogram(
+            "steadyserve_stream_first_item_seconds",
+            "Time from a streaming request's dispatch to its first item", ["deployment"],
+            registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
+        self.stream_items = Counter(
+            "steadyserve_stream_items_total", "Items streamed to clients", ["deployment"],
+            registry=r,
+        )
+        self.streams_open = Gauge(
+            "steadyserve_streams_open", "Streams being sent to clients now", ["deployment"],
+            registry=r,
+        )
+        self.generated_tokens = Counter(
+            "steadyserve_generated_tokens_total", "Tokens (items) generated for OpenAI "
+            "completions, counted also when the client left", ["deployment"], registry=r,
+        )
+        self.streams = Counter(
+            "steadyserve_streams_total", "Streams by how they ended (complete, error: an "
+            "error event after items, cancelled: the client left)", ["deployment", "outcome"],
+            registry=r,
+        )
         self.shed = Counter(
             "steadyserve_shed_requests_total",
             "Requests rejected by admission control, by rule (gateway.admission.SHED_REASONS)",

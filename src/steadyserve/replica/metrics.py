@@ -28,6 +28,10 @@ class ReplicaMetrics:
             "steadyserve_replica_requests_total", "Requests handled by the replica",
             ["handler", "code"], registry=self.registry,
         )
+        self.stream_items = Counter(
+            "steadyserve_replica_stream_items_total", "Items streaming handlers produced",
+            ["handler"], registry=self.registry,
+        )
         self.inflight = Gauge(
             "steadyserve_replica_inflight_requests", "Requests being handled", registry=self.registry,
         )

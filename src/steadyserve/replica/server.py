@@ -1,4 +1,5 @@
-"""The replica's HTTP app (pure ASGI): /invoke/<handler>, /healthz, /readyz, /info, /metrics.
+"""The replica's HTTP app (pure ASGI): /invoke/<handler>, /stream/<handler> (a generator's
+items, replica.streaming), /healthz, /readyz, /info, /metrics.
 
 Bodies to and from the gateway are msgpack (`codec`). Errors travel as
 `{"error": {code, message, param, status}}` with the matching status code.
@@ -39,6 +40,7 @@ from .batcher import Batcher
 from .blackbox import FlightRecorder
 from .metrics import ReplicaMetrics
 from .runner import Runner
+from .streaming import serve_stream
 
 log = logging.getLogger("steadyserve.replica")
 
@@ -137,6 +139,14 @@ class ReplicaApp:
         method: str = scope["method"]
         if method == "POST" and path.startswith("/invoke/"):
             await self._invoke(path[8:], scope, receive, send)
+        elif method == "POST" and path.startswith("/stream/"):
+            REQUEST_ID.set(_request_id(scope))
+            self.metrics.inflight.inc()
+            try:
+                body = await _read_body(receive)
+                await serve_stream(self, path[8:], body, _call_headers(scope)[0], receive, send)
+            finally:
+                self.metrics.inflight.dec()
         elif method == "POST" and path == "/invalidate":
             await self._invalidate(receive, send)
         elif path == "/healthz":
@@ -281,6 +291,8 @@ class ReplicaApp:
             raise NotFound(f"no handler {name!r}")
         if not isinstance(body, dict):
             raise ClientError("request body must be an object")
+        if handler.spec.options.stream:
+            raise ClientError(f"handler {name!r} streams: POST /stream/{name}")
         kwargs = handler.validate(body.get("args", {}))
         if handler.batcher is not None:
             items = kwargs[handler.item_param]
