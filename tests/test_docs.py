@@ -20,6 +20,7 @@ from steadyserve.config import (
     DeploymentConfig,
     FeedbackConfig,
     GatewayConfig,
+    JobsConfig,
     ObservabilityConfig,
     ResilienceConfig,
     SupervisorConfig,
@@ -32,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("cls", [Config, AuthConfig, GatewayConfig, SupervisorConfig, ResilienceConfig,
                                  ObservabilityConfig, AlertingConfig, CacheConfig, DeploymentConfig,
                                  AutoscaleConfig, ClusterConfig, HandlerOptions, FeedbackConfig,
-                                 BackupConfig, CanaryConfig])
+                                 BackupConfig, CanaryConfig, JobsConfig])
 def test_every_config_field_is_documented(cls):
     doc = (ROOT / "docs" / "configuration.md").read_text()
     skip = {"deployments", "gateway", "supervisor", "resilience", "observability", "alerting",
-            "cache", "auth", "cluster", "feedback", "backup", "name"}
+            "cache", "auth", "cluster", "feedback", "backup", "jobs", "name"}
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in skip
                and f"`{f.name}`" not in doc]
     assert missing == []

@@ -18,6 +18,7 @@ __all__ = [
     "Client",
     "ClientError",
     "ConfigError",
+    "Failed",
     "HandlerOptions",
     "NotFound",
     "Overloaded",
@@ -26,6 +27,7 @@ __all__ = [
     "Service",
     "SteadyError",
     "__version__",
+    "gather",
     "handler",
 ]
 
@@ -36,4 +38,8 @@ def __getattr__(name: str) -> object:
         from . import client
 
         return getattr(client, name)
+    if name in ("gather", "Failed"):  # composition (child calls), for service code
+        from . import compose
+
+        return getattr(compose, name)
     raise AttributeError(f"module 'steadyserve' has no attribute {name!r}")

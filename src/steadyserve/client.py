@@ -19,10 +19,12 @@ with their own transport and sleep (the "sans-IO" shape of h11 and httpx's core)
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import math
 import time
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,6 +39,8 @@ RETRY_STATUSES = frozenset({502, 503, 504})
 DEFAULT_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 5.0
 ANSWER_GRACE_S = 0.5
+FINAL_JOB_STATES = frozenset({"succeeded", "failed", "dead", "cancelled", "expired"})
+WEBHOOK_TOLERANCE_S = 300.0
 
 T = TypeVar("T")
 
@@ -115,6 +119,25 @@ def should_retry(*, status: int | None, code: str | None, sent: bool, idempotent
     return wait if wait < remaining_s else None
 
 
+def verify_webhook(secret: str | bytes, body: bytes, headers: Mapping[str, str], *,
+                   now: float | None = None, tolerance_s: float = WEBHOOK_TOLERANCE_S) -> bool:
+    """Whether a job webhook came from a gateway holding `secret` ([jobs] webhook_secret,
+    or the data directory's webhook.secret): X-Steadyserve-Signature is "v1=" and the
+    HMAC-SHA256 of "<X-Steadyserve-Timestamp>.<body>", and the timestamp is within
+    `tolerance_s` of `now` (a replayed old delivery fails). `headers` as any mapping; names
+    are matched case-insensitively. De-duplicate by X-Steadyserve-Event-Id (the job id):
+    delivery is at least once."""
+    lower = {k.lower(): v for k, v in headers.items()}
+    stamp, given = lower.get("x-steadyserve-timestamp", ""), lower.get("x-steadyserve-signature", "")
+    if not stamp.isdigit() or not given.startswith("v1="):
+        return False
+    if abs((time.time() if now is None else now) - int(stamp)) > tolerance_s:
+        return False
+    key = secret.encode() if isinstance(secret, str) else secret
+    expected = hmac.new(key, stamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected, given[3:])
+
+
 # --- the exchange, once ------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Send:
@@ -155,7 +178,8 @@ class _Options:
 
 def exchange(opts: _Options, method: str, path: str, payload: Any, *, idempotent: bool,
              timeout_s: float | None, parse: Callable[[httpx.Response, str, int], T],
-             priority: str | None = None) -> Generator[Step, Outcome | None, T]:
+             priority: str | None = None,
+             headers: Mapping[str, str] | None = None) -> Generator[Step, Outcome | None, T]:
     request_id = uuid.uuid4().hex[:24]
     budget = timeout_s if timeout_s is not None else opts.timeout_s
     deadline = opts.clock() + budget
@@ -167,17 +191,17 @@ def exchange(opts: _Options, method: str, path: str, payload: Any, *, idempotent
         if remaining <= 0:
             raise SteadyserveError(0, "deadline_exceeded", f"no answer within {budget:g}s",
                                    request_id, attempts=attempt - 1)
-        headers = {**opts.headers, "x-request-id": request_id,
-                   "x-request-timeout-ms": str(max(1, math.floor(remaining * 1000)))}
+        sent = {**opts.headers, **(headers or {}), "x-request-id": request_id,
+                "x-request-timeout-ms": str(max(1, math.floor(remaining * 1000)))}
         if body is not None:
-            headers["content-type"] = "application/json"
+            sent["content-type"] = "application/json"
         if opts.api_key:
-            headers["authorization"] = f"Bearer {opts.api_key}"
+            sent["authorization"] = f"Bearer {opts.api_key}"
         if priority:
-            headers["x-priority"] = priority
+            sent["x-priority"] = priority
         # the socket waits a little past the deadline the gateway was told: its 504 (which
         # says the deadline ran out, with the request id) arrives instead of a local timeout
-        outcome = yield Send(method, path, body, headers, remaining + ANSWER_GRACE_S)
+        outcome = yield Send(method, path, body, sent, remaining + ANSWER_GRACE_S)
         assert outcome is not None
         response = outcome.response
         if response is not None and response.status_code < 400:
@@ -220,6 +244,11 @@ def _json_result(response: httpx.Response, request_id: str, attempts: int) -> Re
     return Result(orjson.loads(response.content), request_id, attempts,
                   response.headers.get("x-steadyserve-cache"),
                   response.headers.get("x-steadyserve-version"))
+
+
+def _json(response: httpx.Response, request_id: str, attempts: int) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(response.content)
+    return body
 
 
 def _receipt(response: httpx.Response, request_id: str, attempts: int) -> FeedbackReceipt:
@@ -270,6 +299,26 @@ class _Calls:
         return exchange(self._opts, "GET", path, None, idempotent=True, timeout_s=timeout_s,
                         parse=_json_result)
 
+    def _submit_job(self, deployment: str, handler: str, args: dict[str, Any],
+                    webhook_url: str | None, idempotency_key: str | None,
+                    job_timeout_s: float | None,
+                    timeout_s: float | None) -> Generator[Step, Any, dict[str, Any]]:
+        # an idempotency key chosen here makes a retried submission the same job: safe to
+        # send again
+        headers = {"idempotency-key": idempotency_key or uuid.uuid4().hex}
+        if webhook_url is not None:
+            headers["x-webhook-url"] = webhook_url
+        if job_timeout_s is not None:
+            headers["x-job-timeout-s"] = repr(float(job_timeout_s))
+        return exchange(self._opts, "POST", f"/v1/jobs/{deployment}/{handler}", args,
+                        idempotent=True, timeout_s=timeout_s, parse=_json, headers=headers)
+
+    def _job(self, method: str, job_id: str,
+             timeout_s: float | None) -> Generator[Step, Any, dict[str, Any]]:
+        # reading is safe to repeat, and so is cancelling (a cancelled job answers 200 again)
+        return exchange(self._opts, method, f"/v1/jobs/{job_id}", None, idempotent=True,
+                        timeout_s=timeout_s, parse=_json)
+
 
 def _options(base_url: str, api_key: str | None, timeout_s: float, max_attempts: int,
              clock: Callable[[], float]) -> _Options:
@@ -317,6 +366,33 @@ class Client(_Calls):
         except SteadyserveError:
             return False
         return True
+
+    def submit_job(self, deployment: str, handler: str, *, webhook_url: str | None = None,
+                   idempotency_key: str | None = None, job_timeout_s: float | None = None,
+                   timeout_s: float | None = None, **args: Any) -> dict[str, Any]:
+        """Queue a handler call (POST /v1/jobs/…): the job, with its `id`, once stored."""
+        return self._run(self._submit_job(deployment, handler, args, webhook_url,
+                                          idempotency_key, job_timeout_s, timeout_s))
+
+    def job(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """A job: `state`, `result` or `error`, `timings`."""
+        return self._run(self._job("GET", job_id, timeout_s))
+
+    def cancel_job(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        return self._run(self._job("DELETE", job_id, timeout_s))
+
+    def wait_job(self, job_id: str, *, timeout_s: float = 300.0,
+                 poll_s: float = 0.5) -> dict[str, Any]:
+        """Poll until the job is final; SteadyserveError `deadline_exceeded` if not in time."""
+        deadline = self._opts.clock() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if job["state"] in FINAL_JOB_STATES:
+                return job
+            if self._opts.clock() + poll_s > deadline:
+                raise SteadyserveError(0, "deadline_exceeded", f"job {job_id} is still "
+                                       f"{job['state']} after {timeout_s:g}s", job_id)
+            self._sleep(poll_s)
 
     def _run(self, steps: Generator[Step, Any, T]) -> T:
         try:
@@ -379,6 +455,31 @@ class AsyncClient(_Calls):
                        timeout_s: float | None = None) -> FeedbackReceipt:
         return await self._run(self._feedback(request_id, key, score, value, correction,
                                               comment, timeout_s))
+
+    async def submit_job(self, deployment: str, handler: str, *,
+                         webhook_url: str | None = None, idempotency_key: str | None = None,
+                         job_timeout_s: float | None = None, timeout_s: float | None = None,
+                         **args: Any) -> dict[str, Any]:
+        return await self._run(self._submit_job(deployment, handler, args, webhook_url,
+                                                idempotency_key, job_timeout_s, timeout_s))
+
+    async def job(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        return await self._run(self._job("GET", job_id, timeout_s))
+
+    async def cancel_job(self, job_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        return await self._run(self._job("DELETE", job_id, timeout_s))
+
+    async def wait_job(self, job_id: str, *, timeout_s: float = 300.0,
+                       poll_s: float = 0.5) -> dict[str, Any]:
+        deadline = self._opts.clock() + timeout_s
+        while True:
+            job = await self.job(job_id)
+            if job["state"] in FINAL_JOB_STATES:
+                return job
+            if self._opts.clock() + poll_s > deadline:
+                raise SteadyserveError(0, "deadline_exceeded", f"job {job_id} is still "
+                                       f"{job['state']} after {timeout_s:g}s", job_id)
+            await asyncio.sleep(poll_s)
 
     async def _run(self, steps: Generator[Step, Any, T]) -> T:
         try:

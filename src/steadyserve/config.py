@@ -274,10 +274,15 @@ class GatewayConfig:
     # data-plane processes sharing the port (SO_REUSEPORT): 1 is the gateway process alone;
     # N > 1 adds N - 1 workers that serve inference, fed membership by the gateway process
     workers: int = 1
+    # a replica's calls to other deployments (gateway.compose): chains deeper than this are
+    # refused with 508 loop_detected (a deployment calling itself, A → B → A)
+    max_call_depth: int = 8
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if not 1 <= self.max_call_depth <= 64:
+            raise ConfigError(f"max_call_depth must be 1..64, got {self.max_call_depth}")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be 1..64, got {self.workers}")
         if self.max_body_bytes < 1024:
@@ -653,6 +658,75 @@ class BackupConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class JobsConfig:
+    """Asynchronous inference jobs (POST /v1/jobs/...; gateway.jobs; docs/configuration.md)."""
+
+    enabled: bool = True
+    max_queued: int = 10_000  # jobs queued or running at once, all keys (503 beyond)
+    max_queued_per_key: int = 1_000  # … per API key (the open, keyless caller is one key)
+    max_input_bytes: int = 1 * MiB  # a job's parameters as JSON (413 beyond)
+    max_result_bytes: int = 1 * MiB  # a larger result fails the job (result_too_large)
+    default_timeout_s: float = 3600.0  # a job's deadline after submission (X-Job-Timeout-S)
+    max_timeout_s: float = 86_400.0
+    max_failures: int = 5  # failed runs before a job is dead (the dead letter)
+    retry_base_s: float = 1.0  # a failed run is tried again after ~this, doubling…
+    retry_cap_s: float = 60.0  # …up to this
+    lease_s: float = 30.0  # a running job whose gateway stops renewing this long is retried
+    poll_s: float = 0.5  # an idle gateway looks at the queue this often
+    max_running: int = 32  # jobs this gateway runs at once
+    capacity_share: float = 0.5  # jobs start while a deployment is under this share of its limit
+    retention_s: float = 7 * 86_400.0  # finished jobs (and their results) are kept this long…
+    max_finished: int = 100_000  # …and at most this many (the oldest go first)
+    max_list: int = 1000  # jobs one GET /v1/jobs returns at most
+    # webhooks: only to these hosts (SSRF); signed with HMAC-SHA256
+    webhook_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    max_webhook_url_chars: int = 2048
+    webhook_secret: str = field(default="", repr=False)  # "": read webhook_secret_file
+    webhook_secret_file: str = "webhook.secret"  # under data_dir unless absolute; made if missing
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = 10
+    webhook_retry_base_s: float = 1.0
+    webhook_retry_cap_s: float = 300.0
+    webhook_concurrency: int = 8  # deliveries in flight per gateway
+
+    def __post_init__(self) -> None:
+        if self.max_queued < 1 or self.max_queued_per_key < 1 or self.max_running < 1 \
+                or self.max_finished < 1 or self.max_list < 1:
+            raise ConfigError("[jobs] need max_queued, max_queued_per_key, max_running, "
+                              "max_finished and max_list >= 1")
+        if self.max_input_bytes < 16 or self.max_result_bytes < 16:
+            raise ConfigError("[jobs] need max_input_bytes and max_result_bytes >= 16")
+        if not 0 < self.default_timeout_s <= self.max_timeout_s:
+            raise ConfigError("[jobs] need 0 < default_timeout_s <= max_timeout_s")
+        if self.max_failures < 1 or self.retry_base_s <= 0 or self.retry_cap_s < self.retry_base_s:
+            raise ConfigError("[jobs] need max_failures >= 1 and 0 < retry_base_s <= retry_cap_s")
+        if self.lease_s < 1 or not 0 < self.poll_s <= self.lease_s / 3:
+            raise ConfigError("[jobs] need lease_s >= 1 and 0 < poll_s <= lease_s / 3 (a lease "
+                              "is renewed three times per lease_s)")
+        if not 0 < self.capacity_share <= 1:
+            raise ConfigError("[jobs] capacity_share must be in (0, 1]")
+        if self.retention_s <= 0:
+            raise ConfigError("[jobs] retention_s must be > 0")
+        if not all(isinstance(h, str) and 0 < len(h) <= 255 for h in self.webhook_hosts) \
+                or len(self.webhook_hosts) > 1000:
+            raise ConfigError("[jobs] webhook_hosts: at most 1000 host names, IP literals, "
+                              "host:port, *.domain or *")
+        if self.max_webhook_url_chars < 16:
+            raise ConfigError("[jobs] max_webhook_url_chars must be >= 16")
+        if self.webhook_secret and len(self.webhook_secret) < 16:
+            raise ConfigError("[jobs] webhook_secret must be at least 16 characters")
+        if not self.webhook_secret_file or "\0" in self.webhook_secret_file:
+            raise ConfigError("[jobs] webhook_secret_file must be a file name")
+        if self.webhook_timeout_s <= 0 or self.webhook_max_attempts < 1 \
+                or self.webhook_retry_base_s <= 0 \
+                or self.webhook_retry_cap_s < self.webhook_retry_base_s \
+                or self.webhook_concurrency < 1:
+            raise ConfigError("[jobs] need webhook_timeout_s > 0, webhook_max_attempts >= 1, "
+                              "0 < webhook_retry_base_s <= webhook_retry_cap_s and "
+                              "webhook_concurrency >= 1")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Config:
     deployments: tuple[DeploymentConfig, ...]
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
@@ -665,6 +739,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
     database_url: str | None = None  # None: sqlite:///<data_dir>/steadyserve.db
     # the GPUs local replicas may be given (indices or UUIDs, as CUDA_VISIBLE_DEVICES takes
     # them); None: the gateway's CUDA_VISIBLE_DEVICES, else what nvidia-smi lists

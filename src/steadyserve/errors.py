@@ -80,6 +80,13 @@ class Unauthorized(ClientError):
     code = "unauthorized"
 
 
+class CallDepthExceeded(ClientError):
+    """A chain of child calls deeper than [gateway] max_call_depth: a loop, most likely."""
+
+    status = 508
+    code = "loop_detected"
+
+
 class Forbidden(ClientError):
     """A valid key without the scope or the deployment this route needs."""
 

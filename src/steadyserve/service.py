@@ -23,10 +23,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, ClassVar, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
 from .errors import ConfigError
 from .schema import describe_params
+
+if TYPE_CHECKING:
+    from .compose import Call, DeploymentHandle
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -126,6 +129,28 @@ class Service:
 
     def teardown(self) -> None:
         """Release resources at shutdown."""
+
+    def deployment(self, name: str) -> DeploymentHandle:
+        """A handle on another deployment of this gateway (steadyserve.compose): call its
+        handlers with this request's deadline, priority, trace and credential."""
+        from .compose import DeploymentHandle
+
+        caller = getattr(self, "_steadyserve_children", None)
+        if caller is None:
+            raise ConfigError("child calls are available once the replica serves (not in "
+                              "setup() or outside steadyserve)")
+        return DeploymentHandle(caller, name)
+
+    def gather(self, calls: dict[str, Call], *, branch_timeout_s: float | None = None,
+               partial: bool = False) -> dict[str, Any]:
+        """Several child calls at once, from a sync handler (async ones await
+        `steadyserve.gather`): see steadyserve.compose.gather."""
+        from .compose import gather_sync
+
+        caller = getattr(self, "_steadyserve_children", None)
+        if caller is None:
+            raise ConfigError("child calls are available once the replica serves")
+        return gather_sync(caller, calls, branch_timeout_s=branch_timeout_s, partial=partial)
 
     def invalidate(self, tags: list[str]) -> None:
         """Drop cached intermediate results carrying any of these tags (e.g. "account:42").

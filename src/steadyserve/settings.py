@@ -36,6 +36,7 @@ from .config import (
     DeploymentConfig,
     FeedbackConfig,
     GatewayConfig,
+    JobsConfig,
     ObservabilityConfig,
     ResilienceConfig,
     SupervisorConfig,
@@ -148,13 +149,13 @@ def load_config(
         file = read_toml(Path(config_path))
     unknown = sorted(set(file) - {"gateway", "supervisor", "resilience", "observability",
                                   "alerting", "cache", "auth", "cluster", "feedback", "backup",
-                                  "deployments", "data_dir",
+                                  "jobs", "deployments", "data_dir",
                                   "database_url", "log_level", "log_format", "backend",
                                   "ray_address", "gpus"})
     if unknown:
         raise ConfigError(f"{config_path}: unknown section {unknown[0]!r}")
     for section in ("gateway", "supervisor", "resilience", "observability", "alerting",
-                    "cache", "auth", "cluster", "feedback", "backup", "deployments"):
+                    "cache", "auth", "cluster", "feedback", "backup", "jobs", "deployments"):
         if section in file and not isinstance(file[section], dict):
             raise ConfigError(f"{config_path}: [{section}] must be a table")
 
@@ -254,5 +255,6 @@ def load_config(
         cluster=_build(ClusterConfig, file.get("cluster", {}), "[cluster]"),
         feedback=_build(FeedbackConfig, file.get("feedback", {}), "[feedback]"),
         backup=_build(BackupConfig, file.get("backup", {}), "[backup]"),
+        jobs=_build(JobsConfig, _tuples(file.get("jobs", {}), ("webhook_hosts",)), "[jobs]"),
         **top,
     )

@@ -63,3 +63,41 @@ async def make_gateway() -> AsyncIterator[Factory]:
         await client.aclose()
         for d in deployments:
             await d.stop()
+
+
+class HangingUp:
+    """A POST driven through a gateway's ASGI interface whose client hangs up on cue
+    (httpx's in-process transport reads a response whole, so it cannot leave mid-way):
+    `await gateway(h.scope, h.receive, h.send)`, then `h.leave()`."""
+
+    def __init__(self, path: str, payload: dict[str, Any]) -> None:
+        import asyncio
+        import json
+
+        self.body = json.dumps(payload).encode()
+        self.scope = {"type": "http", "method": "POST", "path": path,
+                      "raw_path": path.encode(), "query_string": b"",
+                      "headers": [(b"host", b"gw"), (b"content-type", b"application/json"),
+                                  (b"content-length", str(len(self.body)).encode())],
+                      "client": ("127.0.0.1", 5000), "server": ("gw", 80), "scheme": "http",
+                      "http_version": "1.1"}
+        self.left = asyncio.Event()
+        self.read = False
+        self.chunks: list[bytes] = []
+        self.on_chunk: Callable[[int], None] | None = None
+
+    def leave(self) -> None:
+        self.left.set()
+
+    async def receive(self) -> dict[str, Any]:
+        if not self.read:
+            self.read = True
+            return {"type": "http.request", "body": self.body, "more_body": False}
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            self.chunks.append(message["body"])
+            if self.on_chunk is not None:
+                self.on_chunk(len(self.chunks))

@@ -18,6 +18,8 @@ import steadyserve
 from steadyserve.errors import ConfigError
 from steadyserve.service import handler_specs
 
+from .conftest import HangingUp
+
 
 class Talker(steadyserve.Service):
     def setup(self) -> None:
@@ -92,7 +94,7 @@ async def test_bad_input_is_a_400_and_an_early_failure_an_error_answer(make_gate
 
 async def test_a_failure_after_the_first_item_ends_with_an_error_event(make_gateway: Any
                                                                         ) -> None:
-    gateway, client, _ = await make_gateway({"talk": (Talker, 2)})
+    _, client, _ = await make_gateway({"talk": (Talker, 2)})
     url = "/v1/deployments/talk/count"
     r = await client.post(url, json={"n": 5, "fail_at": 2})
     lines = [json.loads(line) for line in r.text.splitlines()]
@@ -109,38 +111,15 @@ async def test_a_client_that_leaves_stops_the_generator(make_gateway: Any) -> No
     response whole): the client's receive says it left after the third item."""
     gateway, _, deployments = await make_gateway({"talk": (Talker, 1)})
     talker = services(deployments)[0]
-    body = json.dumps({"n": 1000, "delay_s": 0.02}).encode()
-    scope = {"type": "http", "method": "POST", "path": "/v1/deployments/talk/count",
-             "raw_path": b"/v1/deployments/talk/count", "query_string": b"",
-             "headers": [(b"host", b"gw"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 5000), "server": ("gw", 80), "scheme": "http",
-             "http_version": "1.1"}
-    items: list[bytes] = []
-    left = asyncio.Event()
-    read = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal read
-        if not read:
-            read = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await left.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.body" and message.get("body"):
-            items.append(message["body"])
-            if len(items) == 3:
-                left.set()  # the client leaves
-
+    client = HangingUp("/v1/deployments/talk/count", {"n": 1000, "delay_s": 0.02})
+    client.on_chunk = lambda n: client.leave() if n == 3 else None  # the client leaves
     started = time.monotonic()
-    await asyncio.wait_for(gateway(scope, receive, send), 10)
+    await asyncio.wait_for(gateway(client.scope, client.receive, client.send), 10)
     stopped_in = time.monotonic() - started
     await asyncio.sleep(0.1)
     assert talker.closed == 1, "the generator was not closed"
     # the item in progress on the model thread may finish; nothing after it
-    assert talker.produced - len(items) <= 1, (talker.produced, len(items))
+    assert talker.produced - len(client.chunks) <= 1, (talker.produced, len(client.chunks))
     assert stopped_in < 2, stopped_in
     metrics = (await httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway),
                                        base_url="http://gw").get("/metrics")).text

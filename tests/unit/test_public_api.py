@@ -13,6 +13,7 @@ EXPECTED_ALL = [
     "Client",
     "ClientError",
     "ConfigError",
+    "Failed",
     "HandlerOptions",
     "NotFound",
     "Overloaded",
@@ -21,6 +22,7 @@ EXPECTED_ALL = [
     "Service",
     "SteadyError",
     "__version__",
+    "gather",
     "handler",
 ]
 

@@ -147,7 +147,8 @@ def test_malformed_services_are_refused(cls, match):
         pytest.param(dict(max_wait_s=-0.001), "max_wait_s must be >= 0", id="negative-max-wait"),
         pytest.param(dict(timeout_s=0), "timeout_s must be > 0", id="timeout-0"),
         pytest.param(dict(max_inputs=0), "max_inputs must be >= 1", id="max-inputs-0"),
-        pytest.param(dict(openai="chat"), "openai= must be one of", id="openai-chat"),
+        pytest.param(dict(openai="images"), "openai= must be one of", id="openai-images"),
+        pytest.param(dict(stream=True, batch=True), "streaming handler", id="stream-batch"),
         pytest.param(dict(openai=""), "openai= must be one of", id="openai-empty"),
     ],
 )
@@ -160,7 +161,7 @@ def test_handler_options_validation(kwargs, match):
     ("kwargs", "match"),
     [
         pytest.param(dict(max_batch_size=0), "max_batch_size", id="decorator-form"),
-        pytest.param(dict(openai="chat"), "openai=", id="decorator-openai"),
+        pytest.param(dict(openai="images"), "openai=", id="decorator-openai"),
     ],
 )
 def test_handler_decorator_validates_at_decoration(kwargs, match):
@@ -175,8 +176,10 @@ def test_handler_decorator_rejects_unknown_option():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(max_wait_s=0.0), dict(max_batch_size=1), dict(openai=None), dict(openai="embeddings")],
-    ids=["zero-wait", "batch-1", "openai-none", "openai-embeddings"],
+    [dict(max_wait_s=0.0), dict(max_batch_size=1), dict(openai=None), dict(openai="embeddings"),
+     dict(openai="chat"), dict(openai="completions")],
+    ids=["zero-wait", "batch-1", "openai-none", "openai-embeddings", "openai-chat",
+         "openai-completions"],
 )
 def test_handler_options_edges_accepted(kwargs):
     opts = HandlerOptions(**kwargs)
@@ -189,7 +192,7 @@ def test_handler_options_defaults():
         "batch": False, "max_batch_size": 32, "max_wait_s": 0.0, "timeout_s": 60.0,
         "idempotent": True, "max_inputs": 2048, "max_queue": 8192, "openai": None, "hedge": False,
         "canary": None, "per_try_timeout_s": None, "cache": False, "cache_ttl_s": 300.0,
-        "cache_tags": (), "invalidates": (), "affinity": None,
+        "cache_tags": (), "invalidates": (), "affinity": None, "stream": False,
     }
 
 

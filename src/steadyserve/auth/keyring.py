@@ -33,6 +33,8 @@ from .tokens import digest, key_id_of, new_token
 
 log = logging.getLogger("steadyserve.auth")
 
+CHILD_TOKEN_PREFIX = "ssc_"  # the child-call credential (never an API key: no id part)
+
 
 class KeyRing:
     def __init__(
@@ -119,6 +121,36 @@ class KeyRing:
             if not self._db_down:
                 log.error("cannot read API keys, keeping the last ones read: %s", exc)
             self._db_down = True
+
+    # child calls (gateway.compose): a replica calling another deployment ---------------------
+    @property
+    def child_token(self) -> str | None:
+        """The credential replicas send with their child calls, derived from the local admin
+        key (so every process of this gateway derives the same one and nothing more is
+        stored); None before the admin key is known."""
+        if self.admin_token is None:
+            return None
+        mac = hmac.new(self.admin_token.encode(), b"steadyserve child calls", "sha256")
+        return CHILD_TOKEN_PREFIX + mac.hexdigest()
+
+    def authenticate_child(self, token: str, on_behalf_of: str | None, now: float
+                           ) -> ApiKey | None:
+        """A child call: the child token proves a replica of this gateway sent it; the key
+        it acts for (`on_behalf_of`, the parent request's key id; None: the parent had no
+        key) must still be valid — a key revoked mid-pipeline stops its children too."""
+        expected = self.child_token
+        if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
+            raise Unauthorized("unknown child-call credential")
+        if not on_behalf_of:
+            return None
+        key = self._keys.get(on_behalf_of)
+        if key is None and self.local_admin is not None and self.local_admin.id == on_behalf_of:
+            key = self.local_admin
+        if key is None:
+            raise Unauthorized("the parent request's API key is unknown")
+        if not key.active(now):
+            raise Unauthorized(f"API key ss_{key.id}_… is no longer valid")
+        return key
 
     # the request path ----------------------------------------------------------------------
     def authenticate(self, token: str, now: float) -> ApiKey:

@@ -17,9 +17,13 @@ from . import exit_codes
 from .credentials import auth_headers
 
 
-def call_json(method: str, url: str, body: dict[str, Any] | None, timeout_s: float) -> tuple[int, Any]:
-    data = json.dumps(body).encode() if body is not None else None
-    headers = {"content-type": "application/json", **auth_headers(url)}
+def call_json(method: str, url: str, body: dict[str, Any] | bytes | None, timeout_s: float,
+              headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """(status, decoded JSON answer) of one API call; `body` as a dict (sent as JSON) or
+    bytes already encoded; the key the CLI found for `url` goes with it."""
+    data = body if isinstance(body, bytes) else \
+        json.dumps(body).encode() if body is not None else None
+    headers = {"content-type": "application/json", **(headers or {}), **auth_headers(url)}
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:

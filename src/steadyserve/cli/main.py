@@ -11,6 +11,7 @@ from . import backup as backup_cli
 from . import canary as canary_cli
 from . import exit_codes
 from . import feedback as feedback_cli
+from . import jobs as jobs_cli
 from . import keys as keys_cli
 from . import logs as logs_cli
 
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--url", default="http://127.0.0.1:8000", help=url_help)
     logs_cli.add_parser(verbs, url_help)
     feedback_cli.add_parser(verbs, url_help)
+    jobs_cli.add_parser(verbs, url_help)
     canary_cli.add_parser(verbs, url_help)
     keys_cli.add_parser(verbs)
     backup_cli.add_parser(verbs)
@@ -184,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return bench(args)
     if args.verb == "feedback":
         return feedback_cli.feedback(args)
+    if args.verb == "jobs":
+        return jobs_cli.jobs(args)
     if args.verb == "canary":
         return canary_cli.canary(args)
     if args.verb == "logs":

@@ -110,7 +110,14 @@ def replica_env(config: Config, deployment: DeploymentConfig, replica_id: str,
     env["PYTHONUNBUFFERED"] = "1"
     env["STEADYSERVE_REPLICA_ID"] = replica_id
     env["STEADYSERVE_DEPLOYMENT"] = deployment.name
+    for name in CHILD_CALL_ENV:  # where child calls go, and their credential (compose)
+        if name in os.environ:
+            env[name] = os.environ[name]
     return env
+
+
+CHILD_CALL_ENV = ("STEADYSERVE_GATEWAY_URL", "STEADYSERVE_GATEWAY_HOST",
+                  "STEADYSERVE_CHILD_TOKEN")
 
 
 def replica_argv(config: Config, deployment: DeploymentConfig, replica_id: str, threads: int,

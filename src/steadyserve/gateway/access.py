@@ -14,11 +14,18 @@ import time
 from collections.abc import Callable
 
 from ..auth.exposure import inference_open
-from ..auth.keyring import KeyRing
+from ..auth.keyring import CHILD_TOKEN_PREFIX, KeyRing
 from ..auth.keys import ApiKey
 from ..auth.tokens import key_id_of
 from ..config import Config
-from ..errors import Forbidden, HostNotAllowed, Unauthorized, UnsupportedMediaType
+from ..errors import (
+    CallDepthExceeded,
+    ClientError,
+    Forbidden,
+    HostNotAllowed,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from .http import Request, Response
 from .router import Route
 
@@ -77,6 +84,8 @@ class Access:
             self._check_origin(req)
         key = self._credential(req, lenient=route.access != "admin")
         req.principal = key
+        if req.child:
+            self._check_child(req, route)
         if route.access == "admin":
             if key is None:
                 raise Unauthorized("admin routes need an admin key, on loopback too: send "
@@ -90,7 +99,7 @@ class Access:
                                    "<key>' (create one with `steadyserve keys create NAME`)")
         elif route.access in ("infer", "feedback") and not key.allows(route.access):
             raise Forbidden(f"API key ss_{key.id}_… lacks the '{route.access}' scope")
-        if key is not None:
+        if key is not None and not req.child:  # the parent request paid for its children
             self.keys.rate(key, time.monotonic())
         if route.json_body and _has_body(req):
             ctype = (req.header(b"content-type") or "").split(";", 1)[0].strip().lower()
@@ -111,9 +120,30 @@ class Access:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
+        if token.startswith(CHILD_TOKEN_PREFIX):
+            req.child = True
+            return self.keys.authenticate_child(
+                token, req.header(b"x-steadyserve-on-behalf-of"), self.wall())
         if lenient and key_id_of(token) is None and self.inference_open:
             return None
         return self.keys.authenticate(token, self.wall())
+
+    def _check_child(self, req: Request, route: Route) -> None:
+        """A child call (gateway.compose): inference only, and at most max_call_depth deep."""
+        if route.access != "infer":
+            raise Forbidden("a child-call credential may call inference routes only")
+        raw = req.header(b"x-steadyserve-hops") or "1"
+        try:
+            hops = int(raw)
+        except ValueError:
+            raise ClientError("X-Steadyserve-Hops must be a whole number",
+                              param="x-steadyserve-hops") from None
+        limit = self.gateway.max_call_depth
+        if not 1 <= hops <= limit:
+            raise CallDepthExceeded(
+                f"this call is {hops} calls deep: over [gateway] max_call_depth ({limit}); "
+                "a deployment that calls itself, or a chain A → B → A, loops", param="hops")
+        req.hops = hops
 
     def _check_origin(self, req: Request) -> None:
         """A browser page from another site may not change state here (CSRF, DNS rebinding);

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -26,7 +27,7 @@ from ..auth.keys import ROTATE_SCHEMA, spec_schema
 from ..auth.usage import UsageFlusher, UsageMeter
 from ..cache.invalidation import messages as invalidation_messages
 from ..cache.tiered import CacheCollector, ResponseCache
-from ..config import Config
+from ..config import Config, GatewayConfig
 from ..errors import ClientGone, DeadlineExceeded, SteadyError, to_http
 from ..observe import tracing
 from ..observe.aggregate import (
@@ -41,6 +42,7 @@ from ..store.feedback import FeedbackStore
 from ..store.records import RecordStore
 from ..store.spool import Spool
 from .canary import Splits
+from .compose import HopStats
 from .records import RecordWriter, RequestRecorder
 from .shadow import Shadows
 
@@ -48,11 +50,13 @@ if TYPE_CHECKING:
     from ..control.canary import CanaryController
     from ..control.leadership import Leadership
     from ..observe.alerting import AlertEngine
+    from .jobs import JobRunner
 from ..dashboard import routes as dashboard
 from ..observe.otlp import OtlpExporter
 from ..policies.lease import Alone
 from . import (
     feedback_routes,
+    jobs,
     key_routes,
     log_routes,
     oip,
@@ -147,6 +151,19 @@ ROUTES = (
                   "intervals, label accuracy, precision, recall, Brier score, reliability"),
     Route("GET", "/v1/feedback/{request_id}", feedback_routes.of_request, "admin",
           tag="feedback", summary="the feedback items of one answer"),
+    # asynchronous jobs (gateway.jobs): a job is its API key's (or an admin's) to read or
+    # cancel; submit and cancel are forwarded to the gateway process, which keeps the queue
+    Route("POST", "/v1/jobs/{deployment}/{handler}", jobs.submit_job, "infer", json_body=True,
+          tag="jobs", responses=(200, 202),
+          summary="queue a handler call (its parameters as the body): 202 with the job id once "
+                  "stored; headers Idempotency-Key, X-Webhook-Url, X-Job-Timeout-S"),
+    Route("GET", "/v1/jobs", jobs.list_jobs, "read", tag="jobs",
+          summary="the caller's jobs, newest first (an admin key: every job, and counts); "
+                  "?state=&limit="),
+    Route("GET", "/v1/jobs/{job}", jobs.get_job, "read", tag="jobs",
+          summary="a job: state, result or error, timings, webhook delivery"),
+    Route("DELETE", "/v1/jobs/{job}", jobs.cancel_job, "infer", tag="jobs",
+          summary="cancel a queued or running job"),
     Route("GET", "/v1/logs", log_routes.logs, "admin", tag="ops",
           summary="recent log lines of the gateway and its replicas, filtered"),
     Route("GET", "/v1/cluster", routes.cluster, "read", tag="ops",
@@ -201,6 +218,12 @@ class ControlPlane(Protocol):
     async def cancel_rollout(self, deployment: str) -> dict[str, Any]: ...
 
 
+def child_host_header(cfg: GatewayConfig) -> str:
+    """The Host header child calls send: one this gateway serves ([gateway] allowed_hosts)."""
+    named = [h for h in cfg.allowed_hosts if h != "*"]
+    return named[0] if named else "127.0.0.1"
+
+
 class Gateway:
     def __init__(
         self, config: Config, *, transport: Transport, membership: Membership | None = None,
@@ -250,8 +273,10 @@ class Gateway:
             if fb.record_requests else None
         self.record_writer: RecordWriter | None = None  # the gateway process's, with a database
         self.record_store: RecordStore | None = None
+        self.jobs: JobRunner | None = None  # the gateway process's, with a database
         self.alerting: AlertEngine | None = None
         self.canaries: CanaryController | None = None  # the gateway process's (control.canary)
+        self.hops: dict[tuple[str, str], HopStats] = {}  # child calls served, per handler
         self.lead: Alone | Leadership = Alone()  # [cluster]: the lease (control.leadership)
         # data-plane workers ([gateway] workers): in a worker, how other routes reach the
         # gateway process; in the gateway process, the workers' metrics and invalidations
@@ -413,6 +438,11 @@ class Gateway:
         if route is None or route.access != "infer" or req.deployment == "-":
             return
         status = resp.status
+        if req.child:  # a hop of a pipeline: its timings in the deployment's status
+            hop = self.hops.get((req.deployment, req.handler))
+            if hop is None:
+                hop = self.hops[(req.deployment, req.handler)] = HopStats()
+            hop.add(seconds, status, req.hops)
         if req.principal is not None or self.recorder is not None:
             now = time.time()
             key_id = req.principal.id if req.principal is not None else None
@@ -473,9 +503,14 @@ class Gateway:
                         self._background.append(asyncio.get_running_loop().create_task(
                             feedback_routes.replay(self.feedback_spool, self.feedback_store),
                             name="feedback-spool"))
+                    if self.jobs is not None:
+                        self._background.append(asyncio.get_running_loop().create_task(
+                            self.jobs.run(), name="jobs"))
                     if self.cache is not None:
                         await self.cache.start()
                     await self.lead.start()  # who leads is known before the duties start
+                    if self.forward is None:  # the gateway process: before replicas start
+                        self._child_call_env()
                     if self.control is not None:
                         await self.control.start()
                     if self.alerting is not None:
@@ -492,6 +527,8 @@ class Gateway:
                 try:
                     for hook in self.on_shutdown:  # workers first: they route to our replicas
                         await hook()
+                    if self.jobs is not None:  # running jobs finish, or go back to the queue
+                        await self.jobs.stop()
                     for task in self._background:
                         task.cancel()
                     if self.usage_flusher is not None:  # what was counted since the last one
@@ -514,6 +551,18 @@ class Gateway:
                 finally:
                     await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _child_call_env(self) -> None:
+        """Replicas' child calls (steadyserve.compose) come back here, with a credential
+        derived from the admin key: both travel in their environment (control.launcher)."""
+        host = self.config.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        host = f"[{host}]" if ":" in host else host
+        os.environ["STEADYSERVE_GATEWAY_URL"] = f"http://{host}:{self.config.port}"
+        os.environ["STEADYSERVE_GATEWAY_HOST"] = child_host_header(self.config)
+        token = self.keys.child_token
+        if token is not None:
+            os.environ["STEADYSERVE_CHILD_TOKEN"] = token
 
     # cache consistency --------------------------------------------------------------------------
     def spawn(self, coro: Awaitable[None], name: str) -> None:
@@ -605,6 +654,9 @@ class Gateway:
             **({"autoscale": self._autoscale_status(d.name)}
                if d.config.autoscale is not None else {}),
             **({"shadow": self.shadows.status(d)} if d.config.shadow is not None else {}),
+            **({"child_calls": {h: stats.to_json() for (name, h), stats in self.hops.items()
+                                if name == d.name}}
+               if any(name == d.name for name, _ in self.hops) else {}),
             **({"canary": self.canaries.overview()[d.name]}
                if self.canaries is not None and d.name in self.canaries.plans else {}),
             "replicas": self.control.status(d.name) if self.control is not None else [

@@ -25,6 +25,7 @@ from ..store.spool import Spool
 from ..store.usage import UsageStore
 from .activation import Activator
 from .app import Gateway
+from .jobs import build_runner
 from .membership import Membership
 from .records import RecordWriter
 from .transport import HttpTransport
@@ -149,6 +150,9 @@ def build_gateway(
         gateway.usage_flusher = UsageFlusher(gateway.usage, UsageStore(db),
                                              config.auth.usage_flush_s,
                                              config.auth.usage_retention_days)
+        if config.jobs.enabled:  # asynchronous jobs: the queue is this database
+            gateway.jobs = build_runner(config, gateway, db, config.cluster.gateway_id
+                                        or default_gateway_id(config.gateway.port))
     wire_autoscaling(gateway, supervisor)
     if config.cluster.enabled:
         join_cluster(config, gateway, supervisor, db, metrics)

@@ -64,6 +64,7 @@ import orjson
 from .. import codec
 from ..config import ResilienceConfig
 from ..errors import (
+    CallDepthExceeded,
     ConnectionLost,
     DeadlineExceeded,
     HandlerFailed,
@@ -96,7 +97,13 @@ from ..policies.outlier import (
 )
 from ..policies.quarantine import Quarantine
 from ..policies.retry import RetryBudget, retry_backoff_s
-from ..replica.server import DEADLINE_HEADER, INPUT_KEY_HEADER
+from ..replica.server import (
+    DEADLINE_HEADER,
+    HOPS_HEADER,
+    INPUT_KEY_HEADER,
+    PRINCIPAL_HEADER,
+    PRIORITY_HEADER,
+)
 from .activation import Activator
 from .admission import Admission, Shed
 from .membership import Deployment, Endpoint, Handler
@@ -146,6 +153,13 @@ class CallInfo:
     held_s: float = 0.0  # spent waiting for a first replica (scale from zero): off its budget
     arm: str = ""  # a canary's: baseline, candidate or failover (gateway.canary); "" none
     cancelled: bool = False  # the client left during a streamed answer
+    # a child call (gateway.compose): made by a replica for its own request, on that
+    # request's admission slot; `caller` is the calling replica (not sent back to it)
+    child: bool = False
+    hops: int = 0
+    principal: str | None = None  # the key id the request acts for (passed to the replica)
+    caller: str | None = None
+    caller_sync: bool = False  # the caller holds its model thread while it waits
 
 
 def input_key(handler: str, body: bytes) -> str:
@@ -266,7 +280,23 @@ class Dispatcher:
     ) -> Any:
         """The handler's result. `affinity` (a cacheable input's routing key) sends the first
         attempt to the replica that key hashes to, unless that replica is over its fair share."""
-        held = call is not None and call.held_s > 0
+        call = call or CallInfo()
+        st, body, key, deadline, release = await self._admit(deployment, handler, args,
+                                                             timeout_s, priority, call)
+        try:
+            return await self._attempts(deployment, handler, st, body, key, request_id, deadline,
+                                        call, affinity)
+        finally:
+            release()
+
+    async def _admit(
+        self, deployment: Deployment, handler: Handler, args: dict[str, Any], timeout_s: float,
+        priority: str, call: CallInfo,
+    ) -> tuple[_DeploymentState, bytes, str, float, Callable[[], None]]:
+        """What every request does before its attempts: wait for a first replica (bounded),
+        set its deadline, encode it, refuse a quarantined input, take an admission slot.
+        Returns (state, body, input key, deadline, release of the slot)."""
+        held = call.held_s > 0
         if not deployment.endpoints:  # scaled to zero or starting: wait for one (bounded)
             timeout_s -= await self.await_replica(deployment, timeout_s)
             held = True
@@ -278,20 +308,17 @@ class Dispatcher:
             raise Quarantined("this input crashed replicas repeatedly and is refused for "
                               f"{self.cfg.quarantine_s:.0f} s; the replicas are fine")
         st = self.state(deployment)
-        if self.cfg.admission:
+        # a child call rides on its parent's admission slot: a deployment that calls itself
+        # at saturation must not wait for a slot its own waiting parents hold (deadlock)
+        admit = self.cfg.admission and not call.child
+        if admit:
             try:
                 await st.admission.acquire(priority, deadline, held=held)
             except Shed as exc:
                 self.metrics.shed.labels(deployment.name, priority, exc.reason).inc()
                 raise
-        call = call or CallInfo()
         call.priority = priority
-        try:
-            return await self._attempts(deployment, handler, st, body, key, request_id, deadline,
-                                        call, affinity)
-        finally:
-            if self.cfg.admission:
-                st.admission.release()
+        return st, body, key, deadline, st.admission.release if admit else _nothing
 
     async def open_stream(
         self, deployment: Deployment, handler: Handler, args: dict[str, Any],
@@ -301,27 +328,9 @@ class Dispatcher:
         """A streaming handler's items (gateway.streaming): returns once the first item (or
         the end of an empty stream) arrived. Until then a failure may go to another replica,
         as `invoke`'s attempts do; after it, nothing is retried (the client has items)."""
-        held = call is not None and call.held_s > 0
-        if not deployment.endpoints:
-            timeout_s -= await self.await_replica(deployment, timeout_s)
-            held = True
-        now = self.clock()
-        deadline = now + min(timeout_s, handler.spec.options.timeout_s)
-        body = codec.encode({"args": args})
-        key = input_key(handler.name, body)
-        if self.quarantine.blocked(key, now):
-            raise Quarantined("this input crashed replicas repeatedly and is refused for "
-                              f"{self.cfg.quarantine_s:.0f} s; the replicas are fine")
-        st = self.state(deployment)
-        if self.cfg.admission:
-            try:
-                await st.admission.acquire(priority, deadline, held=held)
-            except Shed as exc:
-                self.metrics.shed.labels(deployment.name, priority, exc.reason).inc()
-                raise
         call = call or CallInfo()
-        call.priority = priority
-        release = st.admission.release if self.cfg.admission else _nothing
+        st, body, key, deadline, release = await self._admit(deployment, handler, args,
+                                                             timeout_s, priority, call)
         try:
             st.budget.record_request(self.clock())
             max_attempts = self.cfg.max_attempts if handler.spec.options.idempotent else 1
@@ -331,7 +340,7 @@ class Dispatcher:
                 if tried and not st.budget.try_spend(self.clock()):
                     self.metrics.budget_exhausted.labels(deployment.name).inc()
                     break
-                endpoint = self._pick(deployment, tried)
+                endpoint = self._pick(deployment, tried, avoid=self._avoid(deployment, call))
                 if endpoint is None:
                     break
                 if tried:
@@ -361,7 +370,9 @@ class Dispatcher:
             raise ReplicaTimeout("deadline exceeded before the stream could be opened")
         headers = [(REQUEST_ID_HEADER, request_id.encode()),
                    (DEADLINE_HEADER, str(int(remaining * 1000)).encode()),
-                   (INPUT_KEY_HEADER, key.encode()), (b"content-type", codec.CONTENT_TYPE)]
+                   (INPUT_KEY_HEADER, key.encode()), (b"content-type", codec.CONTENT_TYPE),
+                   *parent_headers(call.priority, call.hops, call.principal)]
+
         endpoint.outstanding += 1
         up = None
         try:
@@ -444,7 +455,8 @@ class Dispatcher:
                 if pause > 0.0005:
                     await asyncio.sleep(pause)
                 self.metrics.retries.labels(d.name).inc()
-            endpoint = self._pick(d, tried, affinity if not tried else None, len(body) / 1024)
+            endpoint = self._pick(d, tried, affinity if not tried else None, len(body) / 1024,
+                                  avoid=self._avoid(d, call))
             if endpoint is None:
                 break
             tried.append(endpoint)
@@ -507,9 +519,24 @@ class Dispatcher:
                 if not task.done():
                     task.cancel()  # the loser: closing its connection cancels it at the replica
 
+    @staticmethod
+    def _avoid(d: Deployment, call: CallInfo | None) -> str | None:
+        """The replica a child call must not go back to: its caller, which waits for it. A
+        caller holding its model thread (a sync handler) with no other replica to go to
+        would wait for itself until the deadline: refused at once instead."""
+        if call is None or call.caller is None:
+            return None
+        if call.caller_sync and not any(e.replica_id != call.caller for e in d.endpoints):
+            raise CallDepthExceeded(
+                f"replica {call.caller} called its own deployment {d.name!r} from a sync "
+                "handler, and it is the only replica: it would wait for itself. Make the "
+                "handler async, or give the deployment more replicas")
+        return call.caller
+
     def _pick(self, d: Deployment, tried: list[Endpoint], affinity: str | None = None,
-              size: float = 0.0) -> Endpoint | None:
-        """A replica for the next attempt; `size` is the request body's KiB (least_squares)."""
+              size: float = 0.0, avoid: str | None = None) -> Endpoint | None:
+        """A replica for the next attempt; `size` is the request body's KiB (least_squares);
+        never `avoid` (a child call's caller) while another replica exists."""
         now = self.clock()
         candidates: list[Endpoint] = []
         ramping: list[Endpoint] = []
@@ -519,6 +546,8 @@ class Dispatcher:
         for e in d.endpoints:
             # every replica once; then any but the one that just failed
             if (untried and e in tried) or e is last:
+                continue
+            if avoid is not None and e.replica_id == avoid and len(d.endpoints) > 1:
                 continue
             health = e.health
             if health.ejected_until > 0:
@@ -590,7 +619,8 @@ class Dispatcher:
         ok = False
         try:
             message = await self._attempt(d, h, st, endpoint, body, key, request_id, deadline,
-                                          span, call.trace, call.priority)
+                                          span, call.trace, call.priority, call.hops,
+                                          call.principal)
             ok = True
             call.replica = endpoint.replica_id
             version = message.get("v")
@@ -603,7 +633,8 @@ class Dispatcher:
     async def _attempt(
         self, d: Deployment, h: Handler, st: _DeploymentState, endpoint: Endpoint, body: bytes,
         key: str, request_id: str, deadline: float, span: Span | None,
-        trace: TraceContext | None, priority: str = "interactive",
+        trace: TraceContext | None, priority: str = "interactive", call_hops: int = 0,
+        principal: str | None = None,
     ) -> dict[str, Any]:
         started = self.clock()
         remaining = deadline - started
@@ -615,6 +646,7 @@ class Dispatcher:
             (DEADLINE_HEADER, str(int(per_try * 1000)).encode()),
             (INPUT_KEY_HEADER, key.encode()),
             (b"content-type", codec.CONTENT_TYPE),
+            *parent_headers(priority, call_hops, principal),
         ]
         if span is not None and trace is not None:
             headers.append((b"traceparent", trace.header(span)))
@@ -818,3 +850,12 @@ class Streamed:
         self.endpoint.outstanding -= 1
         release()
         await self.up.close()
+
+
+def parent_headers(priority: str, hops: int, principal: str | None) -> list[tuple[bytes, bytes]]:
+    """What a replica needs to make child calls on this request's behalf (gateway.compose):
+    its admission class, how deep it already is, and the key it acts for."""
+    out = [(PRIORITY_HEADER, priority.encode()), (HOPS_HEADER, str(hops).encode())]
+    if principal is not None:
+        out.append((PRINCIPAL_HEADER, principal.encode()))
+    return out

@@ -19,6 +19,7 @@ from .http import Request, Response, json_response
 from .routes import await_handlers, call, check_items, find_deployment, find_handler
 
 if TYPE_CHECKING:
+    from .membership import Deployment, Handler
     from .plane import DataPlane
 
 _STARTED = int(time.time())
@@ -52,7 +53,8 @@ def _inputs(value: Any) -> list[str]:
     return value
 
 
-async def embeddings(gw: DataPlane, req: Request, params: dict[str, str]) -> Response:
+async def model_of(gw: DataPlane, req: Request) -> tuple[dict[str, Any], str, Deployment]:
+    """An OpenAI route's body, its `model` and that deployment (which the key may call)."""
     req.openai = True
     body = await req.json(gw.config.max_body_bytes)
     if not isinstance(body, dict):
@@ -63,6 +65,25 @@ async def embeddings(gw: DataPlane, req: Request, params: dict[str, str]) -> Res
     d = find_deployment(gw, model)
     Access.allow_deployment(req, d.name)
     req.deployment = d.name
+    return body, model, d
+
+
+async def handler_of(gw: DataPlane, req: Request, d: Deployment, kind: str, what: str
+                     ) -> Handler:
+    """The deployment's `openai=kind` handler (waiting for a first replica if it scales from
+    zero); 404 naming the model when it has none."""
+    await await_handlers(gw, req, d)
+    h = d.openai_handler(kind)
+    if h is None:
+        if not d.handlers:
+            find_handler(d, "")  # raises the 503 "no ready replica yet"
+        raise NotFound(f"model {d.name!r} does not serve {what}", param="model")
+    req.handler = h.name
+    return h
+
+
+async def embeddings(gw: DataPlane, req: Request, params: dict[str, str]) -> Response:
+    body, model, d = await model_of(gw, req)
     texts = _inputs(body.get("input"))
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64", None):
@@ -70,13 +91,7 @@ async def embeddings(gw: DataPlane, req: Request, params: dict[str, str]) -> Res
     dimensions = body.get("dimensions")
     if dimensions is not None and (type(dimensions) is not int or dimensions < 1):
         raise ClientError("'dimensions' must be a positive integer", param="dimensions")
-    await await_handlers(gw, req, d)
-    h = d.openai_handler("embeddings")
-    if h is None:
-        if not d.handlers:
-            find_handler(d, "")  # raises the 503 "no ready replica yet"
-        raise NotFound(f"model {model!r} does not serve embeddings", param="model")
-    req.handler = h.name
+    h = await handler_of(gw, req, d, "embeddings", "embeddings")
     args = {h.item_param: texts}
     check_items(h, args, h.spec.options.max_inputs)
     results = await call(gw, req, d, h, args)

@@ -25,10 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from ..errors import ClientError, HandlerFailed, NotFound, SteadyError
-from .access import Access
+from ..errors import ClientError, HandlerFailed, SteadyError
 from .http import Request, Response, json_response
-from .routes import await_handlers, find_deployment, find_handler, request_timeout_s
+from .openai import handler_of, model_of
+from .routes import request_timeout_s
 from .streaming import SSE, error_body, open_items
 
 if TYPE_CHECKING:
@@ -172,25 +172,9 @@ async def chat_completions(gw: DataPlane, req: Request, params: dict[str, str]) 
 
 
 async def _generate(gw: DataPlane, req: Request, *, chat: bool) -> Response:
-    req.openai = True
-    body = await req.json(gw.config.max_body_bytes)
-    if not isinstance(body, dict):
-        raise ClientError("request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise ClientError("'model' is required and must be a string", param="model")
-    d = find_deployment(gw, model)
-    Access.allow_deployment(req, d.name)
-    req.deployment = d.name
-    await await_handlers(gw, req, d)
-    kind = "chat" if chat else "completions"
-    h = d.openai_handler(kind)
-    if h is None:
-        if not d.handlers:
-            find_handler(d, "")
-        raise NotFound(f"model {model!r} does not serve {'chat ' if chat else ''}completions",
-                       param="model")
-    req.handler = h.name
+    body, model, d = await model_of(gw, req)
+    h = await handler_of(gw, req, d, "chat" if chat else "completions",
+                         "chat completions" if chat else "completions")
     options, stops, stream, include_usage = _options(body, h)
     if chat:
         messages = _messages(body)

@@ -122,12 +122,26 @@ def _timeout_s(gw: DataPlane, req: Request) -> float:
     return min(ceiling, ms / 1000)
 
 
+def lineage(req: Request) -> None:
+    """What dispatch passes on for child calls (gateway.compose): the key the request acts
+    for, how deep it is, and — for a child call — which replica made it."""
+    c = req.call
+    c.principal = req.principal.id if req.principal is not None else None
+    c.hops = req.hops
+    if req.child:
+        c.child = True
+        caller = req.header(b"x-steadyserve-caller")
+        c.caller = caller[:128] if caller else None
+        c.caller_sync = req.header(b"x-steadyserve-caller-sync") == "1"
+
+
 async def call(gw: DataPlane, req: Request, d: Deployment, h: Handler, args: dict[str, Any]) -> Any:
     """Answer from the response cache or dispatch, with the request's deadline and priority;
     a client that hangs up cancels it. A handler declared with `invalidates=` then drops the
     cached data it changed, on every replica and gateway, before the client hears back."""
     timeout = request_timeout_s(gw, req)
     priority = Access.priority_for(req, parse_priority(req.header(b"x-priority")))
+    lineage(req)
     split = gw.splits.get(d.name) if gw.splits.splits else None
     if split is not None:  # a canary: the candidate or the baseline (gateway.canary)
         async def invoke(target: Deployment, handler: Handler, timeout_s: float) -> Any:

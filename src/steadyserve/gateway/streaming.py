@@ -60,7 +60,10 @@ def error_body(exc: BaseException) -> dict[str, Any]:
 async def open_items(gw: DataPlane, req: Request, d: Deployment, h: Handler,
                      args: dict[str, Any], timeout_s: float) -> Streamed:
     """The stream, once its first item arrived (errors before it raise, as a call's do)."""
+    from .routes import lineage
+
     priority = Access.priority_for(req, parse_priority(req.header(b"x-priority")))
+    lineage(req)
     return await cancel_on_disconnect(req.receive, gw.dispatcher.open_stream(
         d, h, args, request_id=req.request_id, timeout_s=timeout_s, priority=priority,
         call=req.call))

@@ -8,6 +8,7 @@ Bodies to and from the gateway are msgpack (`codec`). Errors travel as
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from ..schema import compile_params
 from ..service import HandlerSpec, Service
 from .batcher import Batcher
 from .blackbox import FlightRecorder
+from .children import PARENT, ChildCaller, ParentCall
 from .metrics import ReplicaMetrics
 from .runner import Runner
 from .streaming import serve_stream
@@ -51,6 +53,10 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 REQUEST_ID_HEADER = b"x-request-id"  # the gateway's id of the request: in this replica's log lines
 DEADLINE_HEADER = b"x-steadyserve-deadline-ms"  # remaining budget in ms when sent
 INPUT_KEY_HEADER = b"x-steadyserve-input-key"  # the gateway's hash of the input (quarantine)
+# the parent request, for the child calls its handler makes (replica.children)
+PRIORITY_HEADER = b"x-priority"
+HOPS_HEADER = b"x-steadyserve-hops"
+PRINCIPAL_HEADER = b"x-steadyserve-principal"
 
 
 class _Handler:
@@ -79,6 +85,9 @@ class ReplicaApp:
         self.setup_error: str | None = None
         self.handlers: dict[str, _Handler] = {}
         self.version = str(type(service).version)
+        # child calls to other deployments (replica.children, steadyserve.compose)
+        self.children = ChildCaller.from_environment(name)
+        service._steadyserve_children = self.children  # type: ignore[attr-defined]
         self._info = codec.encode({
             "service": type(service).__name__,
             "version": type(service).version,
@@ -88,6 +97,7 @@ class ReplicaApp:
     # lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Run setup() off the loop, then build batchers; ready only when all of it worked."""
+        self.children.bind(asyncio.get_running_loop())
         try:
             await self.runner.run(self.service.setup)
         except Exception as exc:
@@ -127,6 +137,7 @@ class ReplicaApp:
         except Exception:
             log.exception("teardown() failed")
         self.runner.shutdown()
+        await self.children.close()
 
     # ASGI ----------------------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -141,11 +152,15 @@ class ReplicaApp:
             await self._invoke(path[8:], scope, receive, send)
         elif method == "POST" and path.startswith("/stream/"):
             REQUEST_ID.set(_request_id(scope))
+            deadline = _call_headers(scope)[0]
+            parent = self._parent(path[8:], scope, deadline)
+            PARENT.set(parent)
             self.metrics.inflight.inc()
             try:
                 body = await _read_body(receive)
-                await serve_stream(self, path[8:], body, _call_headers(scope)[0], receive, send)
+                await serve_stream(self, path[8:], body, deadline, receive, send)
             finally:
+                parent.cancel_children()  # a stream's child calls end with it
                 self.metrics.inflight.dec()
         elif method == "POST" and path == "/invalidate":
             await self._invalidate(receive, send)
@@ -217,14 +232,20 @@ class ReplicaApp:
         metrics.inflight.inc()
         status = 200
         REQUEST_ID.set(_request_id(scope))  # this task's context: gone when it ends
+        deadline, key = _call_headers(scope)
+        parent = self._parent(name, scope, deadline)
+        PARENT.set(parent)
         try:
             body = await _read_body(receive)
-            deadline, key = _call_headers(scope)
             call = self._call(name, codec.decode(body), deadline, key)
             result, queue_s, service_s, missed, items = await cancel_on_disconnect(receive, call)
             payload = codec.encode({"result": result, "q": queue_s, "s": service_s, "m": missed,
                                     "n": items, "v": self.version})
+        except asyncio.CancelledError:
+            parent.cancel_children()
+            raise
         except ClientGone:
+            parent.cancel_children()  # no child work outlives the request
             metrics.inflight.dec()
             metrics.requests.labels(name, "cancelled").inc()
             return  # the gateway hung up (hedge lost, client gone): nobody to answer
@@ -237,8 +258,26 @@ class ReplicaApp:
             payload = codec.encode({"error": to_wire(err)})
         finally:
             metrics.inflight.dec()
+            self.children.learn(parent)
         metrics.requests.labels(name, f"{status // 100}xx").inc()
         await _send(send, status, payload, codec.CONTENT_TYPE)
+
+    def _parent(self, name: str, scope: Scope, deadline: float | None) -> ParentCall:
+        """The request as its handler's child calls need it (replica.children)."""
+        headers = dict(scope["headers"])
+        h = self.handlers.get(name)
+        fn = h.fn if h is not None else None
+        hops = headers.get(HOPS_HEADER, b"0")
+        principal = headers.get(PRINCIPAL_HEADER)
+        trace = headers.get(b"traceparent")
+        return ParentCall(
+            request_id=REQUEST_ID.get() or "-", handler=name, deadline=deadline,
+            priority=headers.get(PRIORITY_HEADER, b"interactive").decode("ascii", "replace")[:16],
+            hops=int(hops) if hops.isdigit() and len(hops) < 4 else 0,
+            principal=principal.decode("ascii", "replace")[:64] if principal else None,
+            traceparent=trace.decode("ascii", "replace")[:128] if trace else None,
+            sync=fn is not None and not inspect.iscoroutinefunction(fn)
+            and not inspect.isasyncgenfunction(fn))
 
     async def _invalidate(self, receive: Receive, send: Send) -> None:
         """The gateway tells every replica which data changed (tags): the service drops what

@@ -68,7 +68,7 @@ from ..policies.lease import Fence  # (lease name, holder, token): a write from 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:///.steadyserve/steadyserve.db"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MAX_ROWS = 10_000  # the most rows any read returns
 INSERT_CHUNK_ROWS = 1_000  # rows per executemany round trip
 PRUNE_BATCH_ROWS = 5_000  # rows per DELETE statement in prune
@@ -255,6 +255,48 @@ request_records = Table(
 )
 
 
+# Asynchronous inference jobs (store.jobs, gateway.jobs): the durable queue, each job's
+# result, and the delivery of its webhook (v6). A run is fenced by `attempt`: its result is
+# stored only while the job is still running that attempt, so it is stored once.
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Text, primary_key=True),
+    Column("deployment", Text, nullable=False),
+    Column("handler", Text, nullable=False),
+    Column("args", Text, nullable=False),  # JSON: the handler's parameters, validated
+    Column("key_id", Text, nullable=False),  # the API key that made it; "" none (open)
+    Column("idempotency_key", Text, nullable=True),  # unique per key_id
+    Column("request_hash", Text, nullable=False),  # a reused idempotency key must match it
+    Column("state", Text, nullable=False),  # policies.jobs.STATES
+    Column("attempt", Integer, nullable=False),  # runs started (claims) so far
+    Column("failures", Integer, nullable=False),  # runs that failed (dead at max_failures)
+    Column("created_at", Double, nullable=False),  # epoch seconds
+    Column("available_at", Double, nullable=False),  # queued: not claimed before this
+    Column("deadline_at", Double, nullable=False),
+    Column("started_at", Double, nullable=True),  # the first run's start
+    Column("finished_at", Double, nullable=True),
+    Column("claimed_by", Text, nullable=True),  # running: "<gateway id>#<incarnation>"…
+    Column("lease_until", Double, nullable=True),  # …until this, unless renewed
+    Column("result", Text, nullable=True),  # JSON
+    Column("error", Text, nullable=True),  # JSON {code, message, status}
+    Column("webhook_url", Text, nullable=True),
+    Column("webhook_state", Text, nullable=True),  # pending | delivered | failed
+    Column("webhook_attempts", Integer, nullable=False, server_default="0"),
+    Column("webhook_next_at", Double, nullable=True),  # pending: the next try (also a lease)
+    Column("webhook_at", Double, nullable=True),  # when it was delivered or given up
+    Column("webhook_error", Text, nullable=True),  # the last failed try's reason
+    Index("ix_jobs_claim", "state", "deployment", "available_at"),
+    Index("ix_jobs_webhook", "webhook_state", "webhook_next_at"),
+    Index("ix_jobs_idempotency", "key_id", "idempotency_key", unique=True),
+    Index("ix_jobs_key_state", "key_id", "state", "created_at"),
+    Index("ix_jobs_finished_at", "finished_at"),
+)
+
+
+def _v6_jobs(conn: Connection) -> None:
+    """Version 6 added `jobs`, a new table (created before the migrations run)."""
+
+
 def _v4_key_usage(conn: Connection) -> None:
     """Version 4 added `key_usage` and `feedback`, new tables (created before the
     migrations run)."""
@@ -274,7 +316,8 @@ def _v5_record_arm(conn: Connection) -> None:
 
 # version -> function that brings a database from version-1 to version.
 _MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _v2_api_keys, 3: _v3_leases,
-                                                        4: _v4_key_usage, 5: _v5_record_arm}
+                                                        4: _v4_key_usage, 5: _v5_record_arm,
+                                                        6: _v6_jobs}
 
 
 # ---- helpers -----------------------------------------------------------------------------

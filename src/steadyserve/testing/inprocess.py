@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import httpx
+
 from .. import codec
-from ..gateway.app import Gateway
+from ..gateway.app import Gateway, child_host_header
 from ..gateway.membership import Endpoint
 from ..gateway.transport import Address, InProcessTransport
 from ..replica.server import ReplicaApp
@@ -34,6 +36,8 @@ class InProcessDeployment:
         for replica_id, app in self.apps.items():
             self.gateway.membership.remove(self.name, replica_id)
             await app.stop()
+            if app.children.transport is not None:
+                await app.children.transport.aclose()
 
 
 async def start_inprocess(
@@ -47,6 +51,12 @@ async def start_inprocess(
     for i in range(replicas):
         replica_id = f"{name}-{i}"
         app = ReplicaApp(service_cls(), specs, name=replica_id)
+        # child calls (steadyserve.compose) go to this gateway in process, as a real
+        # replica's go over HTTP, with the gateway's child-call credential
+        app.children.transport = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=gateway),  # type: ignore[arg-type]
+            base_url=f"http://{child_host_header(gateway.config)}")
+        app.children.token = gateway.keys.child_token
         await app.start()
         address = Address("inprocess", 10000 + len(transport.apps))
         transport.apps[address] = app

@@ -10,6 +10,9 @@ Served by a bare `steadyserve run` as the deployment `risk`:
     POST /v1/deployments/risk/score_cascade   (the same body; only with RISK_CASCADE_THRESHOLD)
     → one result per transaction: {"account_id", "score", "decision", "path", "router_score",
                                    "model_version"}
+    POST /v1/deployments/risk/assess   (a pipeline: the memo through `minilm`, see `assess`)
+         {"transaction": {"account_id": 42, "amount": 129.9, "merchant_category": "crypto",
+                          "hour": 3, "memo": "gift cards for the tax office"}}
     POST /v1/deployments/risk/update_account {"account_id": 42, "amount": 50.0, "chargeback": true}
     POST /v1/deployments/risk/account {"account_id": 42}
 
@@ -57,6 +60,7 @@ from typing import Any, Final, TypedDict
 
 import steadyserve
 from steadyserve.cache import ReadThrough
+from steadyserve.compose import gather
 from steadyserve.errors import ClientError, ConfigError, NotFound
 from steadyserve.store import DatabaseUnavailable
 
@@ -120,6 +124,44 @@ class Transaction(TypedDict):
     amount: float
     merchant_category: str
     hour: int  # local hour of day, 0..23
+
+
+class MemoTransaction(TypedDict):
+    """A transaction with its free-text memo (the item of `RiskScorer.assess`)."""
+
+    account_id: int
+    amount: float
+    merchant_category: str
+    hour: int
+    memo: str
+
+
+# Phrasings of known scams: a memo close to one (cosine of MiniLM embeddings) raises the
+# score. A fixed heuristic for the pipeline example, not a model trained on labelled memos.
+SCAM_MEMOS: Final = (
+    "gift cards to pay the IRS tax debt today",
+    "urgent wire transfer to release lottery prize winnings",
+    "guaranteed crypto investment returns, send now",
+    "refund overpayment, please send the difference back",
+    "stuck abroad and need money for a flight home",
+)
+MEMO_FLOOR: Final = 0.45  # similarity below this says nothing
+MEMO_WEIGHT: Final = 6.0  # log-odds added per unit of similarity above the floor
+MAX_MEMO_CHARS: Final = 1000
+
+
+def with_memo(score: float, similarity: float) -> float:
+    """The fraud probability after the memo: the model's log-odds plus MEMO_WEIGHT times the
+    similarity's excess over MEMO_FLOOR (pure)."""
+    p = min(max(score, 1e-9), 1 - 1e-9)
+    logit = math.log(p / (1 - p)) + MEMO_WEIGHT * max(0.0, similarity - MEMO_FLOOR)
+    return 1 / (1 + math.exp(-logit))
+
+
+def _unit(vector: Any) -> list[float]:
+    values = [float(v) for v in vector]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
 
 
 def decision(score: float) -> str:
@@ -221,6 +263,7 @@ class RiskScorer(steadyserve.Service):
     def configure(self, store: FeatureStore, model: RiskModel, cache_bytes: int,
                   cascade: risk_cascade.Cascade | None = None) -> None:
         """Wire the parts (what `setup` does after opening them; tests pass their own)."""
+        self._scam_vectors: list[list[float]] | None = None  # embedded on first `assess`
         self.store = store
         self.model = model
         self.cascade = cascade
@@ -304,6 +347,41 @@ class RiskScorer(steadyserve.Service):
                 "model_version": self.version,
             }
         return results
+
+    @steadyserve.handler(timeout_s=10)
+    async def assess(self, transaction: MemoTransaction) -> dict[str, Any]:
+        """The pipeline example (steadyserve.compose): two child calls at once, through the
+        gateway — the memo to the embedding deployment (RISK_MEMO_DEPLOYMENT, default
+        `minilm`), batched there with everyone's texts, and the transaction to this
+        deployment's own `score` (batched, cached, on its database features) — then the
+        memo's similarity to known scam phrasings raises the score (`with_memo`). Both carry
+        this request's deadline, priority and credential; a failing branch fails the request
+        with its error, prefixed with the branch's `deployment/handler: `."""
+        memo = transaction.get("memo")
+        if not isinstance(memo, str) or not 0 < len(memo) <= MAX_MEMO_CHARS:
+            raise ClientError(f"memo must be a non-empty string of at most {MAX_MEMO_CHARS} "
+                              "characters", param="transaction.memo")
+        tx: Transaction = {"account_id": transaction["account_id"],
+                           "amount": transaction["amount"],
+                           "merchant_category": transaction["merchant_category"],
+                           "hour": transaction["hour"]}
+        _raise_if(validate_transaction(tx))
+        embedder = self.deployment(os.environ.get("RISK_MEMO_DEPLOYMENT", "minilm"))
+        scorer = self.deployment(os.environ.get("STEADYSERVE_DEPLOYMENT", "risk"))
+        texts = [memo] if self._scam_vectors is not None else [memo, *SCAM_MEMOS]
+        got = await gather({"memo": embedder.embed.prepare(texts=texts),
+                                        "score": scorer.score.prepare(transactions=[tx])})
+        vectors = [_unit(e["embedding"]) for e in got["memo"]]
+        if self._scam_vectors is None:
+            self._scam_vectors = vectors[1:]
+        similarity = max(sum(a * b for a, b in zip(vectors[0], scam, strict=True))
+                         for scam in self._scam_vectors)
+        scored = got["score"][0]
+        probability = with_memo(float(scored["score"]), similarity)
+        return {"account_id": tx["account_id"], "score": probability,
+                "decision": decision(probability), "base_score": scored["score"],
+                "memo_similarity": round(similarity, 6), "top_features": scored["top_features"],
+                "model_version": self.version}
 
     @steadyserve.handler(idempotent=False, invalidates=("account:{account_id}",))
     def update_account(self, account_id: int, amount: float, chargeback: bool = False,

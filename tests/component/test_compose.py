@@ -1,0 +1,219 @@
+"""Composition in process: handles from sync and async handlers, the parent's request id,
+deadline and credential travel to the child; a loop is cut at max_call_depth; a sync
+self-call with one replica is refused at once; a child never goes back to its caller; a
+cancelled parent cancels its child; gather with and without partial results."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any
+
+import steadyserve
+from steadyserve.replica.children import budget_for
+
+from .conftest import HangingUp, admin_headers
+from .test_access import make_key
+
+
+class Back(steadyserve.Service):
+    def setup(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self.started = 0
+        self.finished = 0
+        self.cancelled_at: float | None = None
+
+    @steadyserve.handler
+    async def double(self, x: int) -> dict[str, Any]:
+        from steadyserve.observe.logs import REQUEST_ID
+
+        self.seen.append({"request_id": REQUEST_ID.get(), "x": x})
+        return {"y": 2 * x}
+
+    @steadyserve.handler
+    async def slow(self, seconds: float) -> str:
+        self.started += 1
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled_at = time.monotonic()
+            raise
+        self.finished += 1
+        return "done"
+
+    @steadyserve.handler
+    def fail(self) -> None:
+        raise RuntimeError("back fell over")
+
+
+class Front(steadyserve.Service):
+    @steadyserve.handler
+    def sync_pipeline(self, x: int) -> dict[str, Any]:
+        back = self.deployment("back")
+        first = back.double(x=x)["y"]
+        return {"y": back.double(x=first)["y"]}
+
+    @steadyserve.handler
+    async def async_pipeline(self, x: int) -> dict[str, Any]:
+        return await self.deployment("back").double.acall(x=x)
+
+    @steadyserve.handler
+    async def wait_on_slow(self, seconds: float) -> str:
+        return str(await self.deployment("back").slow.acall(seconds=seconds))
+
+    @steadyserve.handler
+    async def fan_out(self, x: int, partial: bool = False) -> dict[str, Any]:
+        back = self.deployment("back")
+        got = await steadyserve.gather({"a": back.double.prepare(x=x),
+                                        "b": back.fail.prepare()}, partial=partial)
+        return {"a": got["a"], "b": "failed: " + got["b"].error.code
+                if isinstance(got["b"], steadyserve.Failed) else got["b"]}
+
+    @steadyserve.handler
+    def sync_fan_out(self, x: int) -> dict[str, Any]:
+        back = self.deployment("back")
+        got = self.gather({"a": back.double.prepare(x=x), "b": back.double.prepare(x=x + 1)})
+        return {"a": got["a"]["y"], "b": got["b"]["y"]}
+
+
+class Loop(steadyserve.Service):
+    @steadyserve.handler
+    async def recurse(self, n: int) -> int:
+        return int(await self.deployment("loop").recurse.acall(n=n + 1))
+
+    @steadyserve.handler
+    def sync_self(self) -> str:
+        return str(self.deployment("loop").recurse(n=0))
+
+
+def backs(deployments: dict) -> list[Back]:
+    return [app.service for app in deployments["back"].apps.values()]
+
+
+async def test_sync_and_async_handles_carry_the_request_id(make_gateway: Any) -> None:
+    _, client, deployments = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    r = await client.post("/v1/deployments/front/sync_pipeline", json={"x": 3},
+                          headers={"x-request-id": "parent-1"})
+    assert r.status_code == 200 and r.json() == {"y": 12}, r.text
+    assert [s["request_id"] for s in backs(deployments)[0].seen] == ["parent-1.1", "parent-1.2"]
+    r = await client.post("/v1/deployments/front/async_pipeline", json={"x": 5})
+    assert r.json() == {"y": 10}, r.text
+    status = (await client.get("/v1/deployments/back")).json()
+    assert status["child_calls"]["double"]["calls"] == 3
+    assert status["child_calls"]["double"]["max_depth"] == 1
+
+
+async def test_the_childs_deadline_is_what_is_left_of_the_parents(make_gateway: Any) -> None:
+    _, client, _ = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    started = time.monotonic()
+    r = await client.post("/v1/deployments/front/wait_on_slow", json={"seconds": 5},
+                          headers={"x-request-timeout-ms": "300"})
+    took = time.monotonic() - started
+    assert r.status_code == 504, r.text
+    assert took < 2, took  # the child's budget was the parent's, not its own 60 s
+
+
+async def test_a_loop_is_cut_at_max_call_depth(make_gateway: Any) -> None:
+    _, client, _ = await make_gateway({"loop": (Loop, 2)}, max_call_depth=4)
+    r = await client.post("/v1/deployments/loop/recurse", json={"n": 0})
+    assert r.status_code == 508, r.text
+    assert r.json()["error"]["code"] == "loop_detected"
+    assert "max_call_depth (4)" in r.json()["error"]["message"]
+
+
+async def test_a_sync_self_call_with_one_replica_is_refused_at_once(make_gateway: Any) -> None:
+    _, client, _ = await make_gateway({"loop": (Loop, 1)})
+    started = time.monotonic()
+    r = await client.post("/v1/deployments/loop/sync_self", json={})
+    assert r.status_code == 508 and "would wait for itself" in r.json()["error"]["message"]
+    assert time.monotonic() - started < 2
+
+
+async def test_a_child_is_never_sent_back_to_its_caller(make_gateway: Any) -> None:
+    gateway, client, deployments = await make_gateway({"loop": (Loop, 2)}, max_call_depth=3)
+    apps = deployments["loop"].apps
+    order: list[str] = []
+    for rid, app in apps.items():
+        inner = app.__call__
+
+        async def counting(scope: Any, receive: Any, send: Any, rid: str = rid,
+                           inner: Any = inner) -> None:
+            if scope.get("path", "").startswith("/invoke/"):
+                order.append(rid)
+            await inner(scope, receive, send)
+
+        gateway.transport.apps[deployments["loop"].addresses[rid]] = counting
+    r = await client.post("/v1/deployments/loop/recurse", json={"n": 0})
+    assert r.status_code == 508
+    # depth 0..3 served, the 4th refused; each hop went to the other replica
+    assert len(order) == 4 and all(a != b for a, b in itertools.pairwise(order)), order
+
+
+async def test_credentials_travel_and_limit_the_child(make_gateway: Any) -> None:
+    gateway, client, _ = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    h = admin_headers(gateway)
+    _, token = make_key(gateway.keys, "infer", deployments=("front",))
+    only_front = {"authorization": f"Bearer {token}"}
+    r = await client.post("/v1/deployments/front/async_pipeline", json={"x": 1},
+                          headers=only_front)
+    assert r.status_code == 403 and "may not call deployment 'back'" in r.text, r.text
+    r = await client.post("/v1/deployments/front/async_pipeline", json={"x": 1}, headers=h)
+    assert r.status_code == 200, r.text
+    # the child-call credential alone is no admin key, and forged hops are refused
+    child = {"authorization": f"Bearer {gateway.keys.child_token}"}
+    assert (await client.get("/v1/admin/keys", headers=child)).status_code == 403
+    r = await client.post("/v1/deployments/back/double", json={"x": 1},
+                          headers={**child, "x-steadyserve-hops": "lots"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "x-steadyserve-hops"
+    r = await client.post("/v1/deployments/back/double", json={"x": 1},
+                          headers={"authorization": "Bearer ssc_forged"})
+    assert r.status_code == 401
+
+
+async def test_a_cancelled_parent_cancels_its_child(make_gateway: Any) -> None:
+    gateway, _, deployments = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    back = backs(deployments)[0]
+    client = HangingUp("/v1/deployments/front/wait_on_slow", {"seconds": 10})
+    task = asyncio.ensure_future(gateway(client.scope, client.receive, client.send))
+    for _ in range(200):
+        if back.started:
+            break
+        await asyncio.sleep(0.01)
+    assert back.started == 1
+    gone_at = time.monotonic()
+    client.leave()
+    await asyncio.wait_for(task, 5)
+    for _ in range(100):
+        if back.cancelled_at is not None:
+            break
+        await asyncio.sleep(0.005)
+    assert back.cancelled_at is not None and back.finished == 0
+    assert back.cancelled_at - gone_at < 0.1, back.cancelled_at - gone_at
+
+
+async def test_gather_all_or_partial(make_gateway: Any) -> None:
+    _, client, _ = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    r = await client.post("/v1/deployments/front/fan_out", json={"x": 2})
+    assert r.status_code == 500 and "back/fail" in r.json()["error"]["message"], r.text
+    r = await client.post("/v1/deployments/front/fan_out", json={"x": 2, "partial": True})
+    assert r.json() == {"a": {"y": 4}, "b": "failed: handler_failed"}, r.text
+    r = await client.post("/v1/deployments/front/sync_fan_out", json={"x": 2})
+    assert r.json() == {"a": 4, "b": 6}, r.text
+
+
+def test_the_child_budget_leaves_time_for_the_hops_after_it() -> None:
+    expected = {"a/x": 0.1, "b/y": 0.3}
+    # the first of two hops gets what is left less the second's expected time
+    assert budget_for(1.0, "a/x", ["a/x", "b/y"], 0, expected) == 0.7
+    assert budget_for(1.0, "b/y", ["a/x", "b/y"], 1, expected) == 1.0  # the last: all of it
+    assert budget_for(1.0, "c/z", ["a/x", "b/y"], 0, expected) == 1.0  # not the learned path
+    assert budget_for(0.2, "a/x", ["a/x", "b/y"], 0, expected) < 0  # fails fast
+
+
+async def test_a_plain_client_cannot_claim_to_be_a_child(make_gateway: Any) -> None:
+    _, client, _ = await make_gateway({"back": (Back, 1)})
+    r = await client.post("/v1/deployments/back/double", json={"x": 1},
+                          headers={"x-steadyserve-hops": "99",
+                                   "x-steadyserve-on-behalf-of": "someone"})
+    assert r.status_code == 200, r.text  # no child credential: the headers mean nothing
