@@ -425,6 +425,9 @@ class Gateway:
             await cancel_on_disconnect(req.receive, pump())
         except ClientGone:
             req.call.cancelled = True
+        except Exception:  # the head is sent: nothing to answer; the connection closes
+            log.exception("a streamed answer failed", extra={"request_id": req.request_id})
+            req.call.cancelled = True
         finally:
             await stream.aclose()  # type: ignore[attr-defined]  # an async generator's
 
