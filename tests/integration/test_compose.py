@@ -135,9 +135,9 @@ def test_a_two_hop_pipeline_against_the_client_calling_both(serve, tmp_path: Pat
     risk in parallel) against the client calling minilm then risk itself."""
     gw = serve(["--config", str(pipeline_config(tmp_path))], ready_timeout_s=120)
 
-    def run(pipeline: bool) -> tuple[int, dict[int, int]]:
+    def run(pipeline: bool) -> tuple[int, dict[str, int]]:
         done = [0]
-        codes: dict[int, int] = {}
+        codes: dict[str, int] = {}
         lock = threading.Lock()
         until = time.monotonic() + 5
 
@@ -154,7 +154,9 @@ def test_a_two_hop_pipeline_against_the_client_calling_both(serve, tmp_path: Pat
                                c.post("/v1/deployments/risk/score", json={"transactions": [tx]})]
                     with lock:
                         for g in got:
-                            codes[g.status_code] = codes.get(g.status_code, 0) + 1
+                            code = str(g.status_code) if g.status_code == 200 else \
+                                f"{g.status_code} {g.json()['error']['code']}"
+                            codes[code] = codes.get(code, 0) + 1
                         done[0] += 1
 
         with ThreadPoolExecutor(8) as pool:
@@ -168,4 +170,8 @@ def test_a_two_hop_pipeline_against_the_client_calling_both(serve, tmp_path: Pat
     print(f"\n  2-hop pipeline: {piped / 5:.0f} assessments/s through the gateway vs "
           f"{direct / 5:.0f}/s with the client calling minilm then risk "
           f"(ratio {piped / max(1, direct):.2f}); {piped_codes} / {direct_codes}")
-    assert set(piped_codes) == {200} and set(direct_codes) == {200}
+    # a throughput run drives the deployments to saturation: admission may shed a few
+    # requests (503 overloaded, with Retry-After) — by design; nothing else may fail
+    for codes in (piped_codes, direct_codes):
+        assert set(codes) <= {"200", "503 overloaded"}, codes
+        assert codes.get("503 overloaded", 0) <= 0.01 * sum(codes.values()), codes
