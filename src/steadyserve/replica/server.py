@@ -66,6 +66,8 @@ class _Handler:
         self.batcher = batcher
         self.validate = compile_params(spec.params)
         self.item_param = spec.params[0]["name"] if spec.options.batch else ""
+        # runs on the model thread (holding it while it waits for a child call)
+        self.sync = not inspect.iscoroutinefunction(fn) and not inspect.isasyncgenfunction(fn)
 
 
 class ReplicaApp:
@@ -266,7 +268,6 @@ class ReplicaApp:
         """The request as its handler's child calls need it (replica.children)."""
         headers = dict(scope["headers"])
         h = self.handlers.get(name)
-        fn = h.fn if h is not None else None
         hops = headers.get(HOPS_HEADER, b"0")
         principal = headers.get(PRINCIPAL_HEADER)
         trace = headers.get(b"traceparent")
@@ -276,8 +277,7 @@ class ReplicaApp:
             hops=int(hops) if hops.isdigit() and len(hops) < 4 else 0,
             principal=principal.decode("ascii", "replace")[:64] if principal else None,
             traceparent=trace.decode("ascii", "replace")[:128] if trace else None,
-            sync=fn is not None and not inspect.iscoroutinefunction(fn)
-            and not inspect.isasyncgenfunction(fn))
+            sync=h is not None and h.sync)
 
     async def _invalidate(self, receive: Receive, send: Send) -> None:
         """The gateway tells every replica which data changed (tags): the service drops what
