@@ -277,12 +277,19 @@ class GatewayConfig:
     # a replica's calls to other deployments (gateway.compose): chains deeper than this are
     # refused with 508 loop_detected (a deployment calling itself, A → B → A)
     max_call_depth: int = 8
+    # calls to one batched handler on one replica started in the same loop turn travel as
+    # one exchange (gateway.coalesce): at most this many calls and body bytes; < 2: never
+    coalesce_max_items: int = 64
+    coalesce_max_bytes: int = 4 * MiB
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if not 1 <= self.max_call_depth <= 64:
             raise ConfigError(f"max_call_depth must be 1..64, got {self.max_call_depth}")
+        if not 0 <= self.coalesce_max_items <= 1024 or self.coalesce_max_bytes < 1024:
+            raise ConfigError("coalesce_max_items must be 0..1024 (a replica takes at most "
+                              "1024 calls in one exchange) and coalesce_max_bytes >= 1024")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be 1..64, got {self.workers}")
         if self.max_body_bytes < 1024:

@@ -96,8 +96,8 @@ ROUTES = (
     Route("GET", "/dashboard/{asset}", dashboard.asset, "public", tag="dashboard",
           summary="the dashboard's script, styles and charting library"),
     Route("GET", "/v1/dashboard", dashboard.data, "read", tag="dashboard",
-          summary="what the dashboard shows: counters, replicas, alerts, actions; "
-                  "?history=MINUTES adds the per-minute history"),
+          summary="what the dashboard shows: counters, replicas, jobs, alerts, actions; "
+                  "?history=MINUTES adds the history (throughput, 5xx, p50/p95/p99)"),
     Route("GET", "/healthz", routes.healthz, "public", summary="the gateway process is alive",
           tag="ops"),
     Route("GET", "/readyz", routes.readyz, "public", tag="ops",
@@ -241,6 +241,8 @@ class Gateway:
             on_unavailable=control.report_unavailable if control is not None else None,
             replica_exited=control.replica_exited if control is not None else None,
         )
+        self.dispatcher.coalescer.max_items = config.gateway.coalesce_max_items
+        self.dispatcher.coalescer.max_bytes = config.gateway.coalesce_max_bytes
         self.membership.on_change = self.dispatcher.resize
         self.dispatcher.affinity_balance = config.cache.affinity_balance
         self.affinity = config.cache.affinity

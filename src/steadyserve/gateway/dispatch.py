@@ -106,6 +106,7 @@ from ..replica.server import (
 )
 from .activation import Activator
 from .admission import Admission, Shed
+from .coalesce import Coalescer
 from .membership import Deployment, Endpoint, Handler
 from .transport import Transport
 
@@ -180,6 +181,9 @@ class Dispatcher:
     ) -> None:
         self.transport = transport
         self.metrics = metrics
+        # batched handlers' calls: those started in one loop turn share one exchange
+        self.coalescer = Coalescer(transport, max_items=64, max_bytes=4 * 1024 * 1024,
+                                   on_exchange=self._exchanged)
         self.cfg = cfg or ResilienceConfig()
         self.clock = clock
         self.rand = rand
@@ -655,8 +659,12 @@ class Dispatcher:
         held = endpoint.outstanding
         endpoint.outstanding += 1
         try:
-            reply = await self.transport.request(
-                endpoint.address, "POST", "/invoke/" + h.name, body, headers, per_try)
+            if h.spec.options.batch:
+                reply = await self.coalescer.request(endpoint.address, h.name, body, headers,
+                                                     per_try)
+            else:
+                reply = await self.transport.request(
+                    endpoint.address, "POST", "/invoke/" + h.name, body, headers, per_try)
         except ResponseTooLarge:
             self._answered(d, endpoint, self.clock(), "too_large")  # the output, not the replica
             raise
@@ -714,6 +722,10 @@ class Dispatcher:
         if blame.retry and (code != "timeout" or per_try < remaining - 0.001):
             raise _Retryable(error)
         raise error
+
+    def _exchanged(self, calls: int) -> None:
+        self.metrics.exchanges.inc()
+        self.metrics.exchange_calls.inc(calls)
 
     def _clients_deadline(self, st: _DeploymentState, h: Handler, per_try: float,
                           remaining: float) -> bool:

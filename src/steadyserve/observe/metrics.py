@@ -103,6 +103,16 @@ class GatewayMetrics:
             "steadyserve_upstream_attempts_total", "Calls to replicas by outcome",
             UPSTREAM_LABELS, registry=r,
         )
+        self.exchanges = Counter(
+            "steadyserve_upstream_exchanges_total",
+            "HTTP exchanges with replicas for batched handlers (gateway.coalesce: calls started "
+            "in one loop turn share one)", registry=r,
+        )
+        self.exchange_calls = Counter(
+            "steadyserve_upstream_exchange_calls_total",
+            "Calls those exchanges carried (÷ exchanges: the mean calls per exchange)",
+            registry=r,
+        )
         self.retries = Counter(
             "steadyserve_upstream_retries_total", "Attempts retried on another replica",
             ["deployment"], registry=r,

@@ -1,5 +1,6 @@
-"""The replica's HTTP app (pure ASGI): /invoke/<handler>, /stream/<handler> (a generator's
-items, replica.streaming), /healthz, /readyz, /info, /metrics.
+"""The replica's HTTP app (pure ASGI): /invoke/<handler>, /invoke-many/<handler> (calls the
+gateway coalesced, gateway.coalesce), /stream/<handler> (a generator's items,
+replica.streaming), /healthz, /readyz, /info, /metrics.
 
 Bodies to and from the gateway are msgpack (`codec`). Errors travel as
 `{"error": {code, message, param, status}}` with the matching status code.
@@ -45,6 +46,8 @@ from .runner import Runner
 from .streaming import serve_stream
 
 log = logging.getLogger("steadyserve.replica")
+MAX_COALESCED_CALLS = 1024  # calls in one /invoke-many (the gateway sends [gateway] coalesce_max_items)
+MAX_COALESCED_HEADERS = 32  # headers per coalesced call (the gateway sends about 8)
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -152,10 +155,12 @@ class ReplicaApp:
         method: str = scope["method"]
         if method == "POST" and path.startswith("/invoke/"):
             await self._invoke(path[8:], scope, receive, send)
+        elif method == "POST" and path.startswith("/invoke-many/"):
+            await self._invoke_many(path[13:], receive, send)
         elif method == "POST" and path.startswith("/stream/"):
-            REQUEST_ID.set(_request_id(scope))
-            deadline = _call_headers(scope)[0]
-            parent = self._parent(path[8:], scope, deadline)
+            REQUEST_ID.set(_request_id(scope["headers"]))
+            deadline = _call_headers(scope["headers"])[0]
+            parent = self._parent(path[8:], scope["headers"], deadline)
             PARENT.set(parent)
             self.metrics.inflight.inc()
             try:
@@ -230,17 +235,46 @@ class ReplicaApp:
         return True, "ok"
 
     async def _invoke(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive)
+        answer = await self._answer(name, scope["headers"], body, receive)
+        if answer is not None:
+            await _send(send, answer[0], answer[1], codec.CONTENT_TYPE)
+
+    async def _invoke_many(self, name: str, receive: Receive, send: Send) -> None:
+        """Calls the gateway sent together (gateway.coalesce): each runs as if it had come
+        alone, with its own headers, and the answers go back in one reply, in order. The
+        gateway hanging up cancels them all."""
+        try:
+            calls = wire_calls(codec.decode(await _read_body(receive)),
+                               MAX_COALESCED_CALLS, MAX_COALESCED_HEADERS)
+        except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
+            err = ClientError(f"a coalesced call is msgpack [[headers, body], ...]: {exc}")
+            await _send(send, err.status, codec.encode({"error": to_wire(err)}),
+                        codec.CONTENT_TYPE)
+            return
+        try:
+            answers = await cancel_on_disconnect(receive, asyncio.gather(
+                *(self._answer(name, headers, body, None) for headers, body in calls)))
+        except ClientGone:
+            return  # the gateway hung up: every call was cancelled with the gather
+        await _send(send, 200, codec.encode([list(a) if a is not None else [499, b""]
+                                             for a in answers]), codec.CONTENT_TYPE)
+
+    async def _answer(self, name: str, headers: list[tuple[bytes, bytes]], body: bytes,
+                      receive: Receive | None) -> tuple[int, bytes] | None:
+        """One call: (status, msgpack payload), or None when the gateway hung up. `receive`:
+        watch it for the gateway hanging up (a coalesced call is watched by its group)."""
         metrics = self.metrics
         metrics.inflight.inc()
         status = 200
-        REQUEST_ID.set(_request_id(scope))  # this task's context: gone when it ends
-        deadline, key = _call_headers(scope)
-        parent = self._parent(name, scope, deadline)
+        REQUEST_ID.set(_request_id(headers))  # this task's context: gone when it ends
+        deadline, key = _call_headers(headers)
+        parent = self._parent(name, headers, deadline)
         PARENT.set(parent)
         try:
-            body = await _read_body(receive)
             call = self._call(name, codec.decode(body), deadline, key)
-            result, queue_s, service_s, missed, items = await cancel_on_disconnect(receive, call)
+            result, queue_s, service_s, missed, items = (
+                await cancel_on_disconnect(receive, call) if receive is not None else await call)
             payload = codec.encode({"result": result, "q": queue_s, "s": service_s, "m": missed,
                                     "n": items, "v": self.version})
         except asyncio.CancelledError:
@@ -248,9 +282,8 @@ class ReplicaApp:
             raise
         except ClientGone:
             parent.cancel_children()  # no child work outlives the request
-            metrics.inflight.dec()
             metrics.requests.labels(name, "cancelled").inc()
-            return  # the gateway hung up (hedge lost, client gone): nobody to answer
+            return None  # the gateway hung up (hedge lost, client gone): nobody to answer
         except Exception as exc:
             err = exc if isinstance(exc, SteadyError) else HandlerFailed(
                 f"handler raised {type(exc).__name__}: {exc}")
@@ -262,11 +295,12 @@ class ReplicaApp:
             metrics.inflight.dec()
             self.children.learn(parent)
         metrics.requests.labels(name, f"{status // 100}xx").inc()
-        await _send(send, status, payload, codec.CONTENT_TYPE)
+        return status, payload
 
-    def _parent(self, name: str, scope: Scope, deadline: float | None) -> ParentCall:
+    def _parent(self, name: str, header_list: list[tuple[bytes, bytes]],
+                deadline: float | None) -> ParentCall:
         """The request as its handler's child calls need it (replica.children)."""
-        headers = dict(scope["headers"])
+        headers = dict(header_list)
         h = self.handlers.get(name)
         hops = headers.get(HOPS_HEADER, b"0")
         principal = headers.get(PRINCIPAL_HEADER)
@@ -352,22 +386,43 @@ class ReplicaApp:
         return result, max(0.0, started - arrived), finished - started, 0, 1
 
 
+def wire_calls(body: Any, max_items: int, max_headers: int) -> list[tuple[list[tuple[bytes, bytes]], bytes]]:
+    """A coalesced request's body checked (gateway.coalesce describes the wire): a list of
+    at most `max_items` [headers, body] calls, each header a [name, value] pair of bytes."""
+    if not isinstance(body, list) or not 1 <= len(body) <= max_items:
+        raise ValueError(f"expected a list of 1..{max_items} [headers, body] calls")
+    out = []
+    for item in body:
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], bytes) \
+                or not isinstance(item[0], list) or len(item[0]) > max_headers:
+            raise ValueError("each call is [headers, body]: a list of at most "
+                             f"{max_headers} [name, value] pairs and a bytes body")
+        headers = []
+        for pair in item[0]:
+            if not isinstance(pair, list) or len(pair) != 2 \
+                    or not all(isinstance(x, bytes) for x in pair):
+                raise ValueError("a header is [name, value], both bytes")
+            headers.append((pair[0], pair[1]))
+        out.append((headers, item[1]))
+    return out
+
+
 def _noop() -> None:
     return None
 
 
-def _request_id(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
         if name == REQUEST_ID_HEADER:
             return bytes(value[:128]).decode("ascii", errors="replace")
     return None
 
 
-def _call_headers(scope: Scope) -> tuple[float | None, str | None]:
+def _call_headers(headers: list[tuple[bytes, bytes]]) -> tuple[float | None, str | None]:
     """(absolute deadline, input key) from the gateway's headers."""
     deadline: float | None = None
     key: str | None = None
-    for name, value in scope["headers"]:
+    for name, value in headers:
         if name == DEADLINE_HEADER:
             try:
                 deadline = time.monotonic() + max(0.0, float(value)) / 1000
