@@ -1,6 +1,6 @@
 """The operator's CLI against a live gateway: `status` (tables and --json), `top` (one
 refresh), `bench` (a bounded load with its figures), and one clear line with a non-zero
-exit code when the gateway cannot be reached."""
+exit code when the gateway cannot be reached (bench too: before any load)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def test_status_top_and_bench(serve, tmp_path) -> None:
 
 def test_an_unreachable_gateway_is_one_line_and_exit_1(tmp_path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
-    for args in (["status", "--url", url], ["top", "--iterations", "1", "--url", url]):
+    for args in (["status", "--url", url], ["top", "--iterations", "1", "--url", url],
+                 ["bench", "echo", "echo", "--body", "{}", "--url", url]):
         done = cli(*args, cwd=tmp_path)
         assert done.returncode == 1, (args, done)
         assert done.stderr.count("\n") == 1 and "cannot" in done.stderr, done.stderr

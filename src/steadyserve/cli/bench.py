@@ -2,7 +2,9 @@
 progress bar, then throughput, latency percentiles and errors (by status and error code).
 
 Bounded: `--rate` × `--duration-s` requests at most (10,000 req/s, 10 minutes), each with a
-timeout; the URL is the gateway's. The generator is steadyserve.testing.load.run_load.
+timeout; the URL is the gateway's. The deployment and handler are asked for first: an
+unreachable gateway or an unknown name is one line and exit 1, not a table of failures.
+The generator is steadyserve.testing.load.run_load.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import sys
 import time
 from typing import Any
+from urllib.parse import quote
 
 from . import exit_codes
+from .admin import call_json
 from .credentials import auth_headers
 
 MAX_RATE = 10_000.0
@@ -37,6 +41,25 @@ def summary(result: Any) -> dict[str, Any]:
     }
 
 
+def _check_target(base: str, deployment: str, handler: str) -> str | None:
+    """Why a load against deployment.handler would be pointless (None: go): the gateway
+    cannot be reached, or has no such deployment or handler. Asked once, before any load."""
+    try:
+        code, body = call_json("GET", f"{base}/v1/deployments/{quote(deployment, safe='')}",
+                               None, 10)
+    except OSError as exc:
+        return f"cannot reach {base}: {exc}"
+    if code != 200 or not isinstance(body, dict):
+        err = body.get("error") if isinstance(body, dict) else None
+        message = err.get("message") if isinstance(err, dict) else json.dumps(body)[:200]
+        return f"deployment {deployment!r} refused ({code}): {message}"
+    handlers = body.get("handlers") or {}
+    if handlers and handler not in handlers:  # none yet: scaled to zero, they come with a replica
+        return f"deployment {deployment!r} has no handler {handler!r} (it has: " \
+               f"{', '.join(sorted(handlers))})"
+    return None
+
+
 def bench(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -53,7 +76,12 @@ def bench(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"steadyserve: --body is not JSON: {exc}", file=sys.stderr)
         return exit_codes.USAGE
-    url = f"{args.url}/v1/deployments/{args.deployment}/{args.handler}"
+    problem = _check_target(args.url, args.deployment, args.handler)
+    if problem is not None:
+        print(f"steadyserve: {problem}", file=sys.stderr)
+        return exit_codes.FAILURE
+    url = f"{args.url}/v1/deployments/{quote(args.deployment, safe='')}/" \
+          f"{quote(args.handler, safe='')}"
     headers = auth_headers(args.url)
     console = Console(stderr=True)
 

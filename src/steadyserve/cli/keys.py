@@ -37,7 +37,12 @@ def add_parser(verbs: Any) -> None:
     keys.add_argument("--config", help="steadyserve.toml naming the database (default: "
                       "./steadyserve.toml, STEADYSERVE_DATABASE_URL, or .steadyserve/)")
     sub = keys.add_subparsers(dest="keys_verb", metavar="ACTION", required=True)
-    create = sub.add_parser("create", help="make a key; its secret is printed once")
+    examples = argparse.RawDescriptionHelpFormatter
+    create = sub.add_parser(
+        "create", help="make a key; its secret is printed once", formatter_class=examples,
+        epilog="examples:\n  steadyserve keys create web-app --scope infer --rate-limit 50\n"
+               "  steadyserve keys create nightly --priority batch --deployment minilm\n"
+               "  steadyserve keys create ops --scope admin --expires-in 30d --json")
     create.add_argument("name")
     create.add_argument("--scope", action="append", choices=SCOPES, dest="scopes",
                         help="repeat for several (default: infer)")
@@ -50,18 +55,28 @@ def add_parser(verbs: Any) -> None:
                         help="only these deployments (repeat; default: all)")
     create.add_argument("--expires-in", dest="expires_in", help="e.g. 30d, 12h (default: never)")
     create.add_argument("--json", action="store_true")
-    listing = sub.add_parser("list", help="keys and their settings (never their secrets)")
+    listing = sub.add_parser(
+        "list", help="keys and their settings (never their secrets)", formatter_class=examples,
+        epilog="examples:\n  steadyserve keys list\n  steadyserve keys list --all --json")
     listing.add_argument("--all", action="store_true", help="include revoked and expired keys")
     listing.add_argument("--json", action="store_true")
-    rotate = sub.add_parser("rotate", help="a new secret for a key (same id and settings)")
+    rotate = sub.add_parser(
+        "rotate", help="a new secret for a key (same id and settings)", formatter_class=examples,
+        epilog="examples:\n  steadyserve keys rotate web-app --grace 1h\n"
+               "  steadyserve keys rotate ss_3f9a2c_ --json")
     rotate.add_argument("key", help="id, ss_<id>_ prefix, or name")
     rotate.add_argument("--grace", default="0s", help="how long the old secret still works "
                         "(e.g. 1h; default: not at all)")
     rotate.add_argument("--json", action="store_true")
-    revoke = sub.add_parser("revoke", help="refuse a key from now on (every gateway, within 1 s)")
+    revoke = sub.add_parser(
+        "revoke", help="refuse a key from now on (every gateway, within 1 s)",
+        formatter_class=examples,
+        epilog="examples:\n  steadyserve keys revoke web-app\n  steadyserve keys revoke ss_3f9a2c_")
     revoke.add_argument("key", help="id, ss_<id>_ prefix, or name")
-    usage = sub.add_parser("usage", help="requests, 5xx and 4xx per key and deployment (as "
-                           "stored: the gateways add theirs every [auth] usage_flush_s)")
+    usage = sub.add_parser(
+        "usage", help="requests, 5xx and 4xx per key and deployment (as stored: the gateways "
+        "add theirs every [auth] usage_flush_s)", formatter_class=examples,
+        epilog="examples:\n  steadyserve keys usage\n  steadyserve keys usage --days 30 --json")
     usage.add_argument("--days", type=int, default=7, help="UTC days back, today included "
                        "(default 7)")
     usage.add_argument("--json", action="store_true")

@@ -1,9 +1,18 @@
-"""`steadyserve` entry point: parse the verb, hand over to its module."""
+"""`steadyserve` entry point: parse the verb, hand over to its module.
+
+Every command but `run` ends with one line on stderr and a non-zero exit when it fails: a
+--url that is not an http(s) URL is a usage error (2) before anything is sent; an
+unexpected exception is one line naming it (1; STEADYSERVE_DEBUG=1 shows the traceback);
+Ctrl-C is 130. `run` keeps its own handling (a crash at start needs its traceback).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
+from urllib.parse import urlsplit
 
 from .. import __version__
 from ..policies.balancing import BALANCERS
@@ -161,6 +170,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` cannot be a gateway's base URL (None: it can)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "it needs http:// or https:// and a host, e.g. http://127.0.0.1:8000"
+    if parts.query or parts.fragment:
+        return "it must not carry a query or a fragment"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -168,6 +191,29 @@ def main(argv: list[str] | None = None) -> int:
         from .run import run
 
         return run(args)
+    url = getattr(args, "url", None)
+    if isinstance(url, str):
+        problem = url_problem(url)
+        if problem is not None:
+            print(f"steadyserve: --url {url[:200]!r} is not a gateway URL: {problem}",
+                  file=sys.stderr)
+            return exit_codes.USAGE
+        args.url = url.rstrip("/")
+    try:
+        return dispatch(parser, args)
+    except KeyboardInterrupt:
+        return exit_codes.INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("STEADYSERVE_DEBUG"):
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"steadyserve {args.verb}: failed: {type(exc).__name__}"
+              f"{': ' + first if first else ''} (STEADYSERVE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return exit_codes.FAILURE
+
+
+def dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.verb == "status":
         from .admin import status
 
