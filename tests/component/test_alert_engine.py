@@ -1,7 +1,8 @@
 """observe/alerting.py with a scripted database: steadyserve_database_up is absent until the
 first check and goes down only after consecutive failures (DatabaseDown neither goes
 pending at start nor flaps on one failed write), restored alerts are re-evaluated, restored
-history is limited to configured deployments, and silences are checked against the limits.
+history (requests and latency, for the rules and the dashboard) is limited to configured
+deployments and to its newest points within a bound, and silences are checked against the limits.
 Time is a fake clock driving `step(now)`; the sampling loop is replaced by explicit samples."""
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import pytest
 from prometheus_client import generate_latest
 
 from steadyserve.config import AlertingConfig, Config, DeploymentConfig
+from steadyserve.dashboard.data import history
 from steadyserve.errors import ClientError, Conflict, PayloadTooLarge
 from steadyserve.observe import alerting
 from steadyserve.observe.alerting import AlertEngine, UpState
 from steadyserve.observe.metrics import GatewayMetrics
+from steadyserve.observe.restore import restore
 from steadyserve.observe.sampler import sample_registry
+from steadyserve.observe.timeseries import SeriesStore, labels_of
 from steadyserve.policies.alert_lifecycle import AlertBook, RuleSpec
 from steadyserve.policies.alert_rules import Evaluation
-from steadyserve.store import DatabaseUnavailable
+from steadyserve.store import Database, DatabaseUnavailable
 from steadyserve.testing.clock import FakeClock
 
 T0 = 1_700_000_000.0
@@ -48,9 +52,17 @@ class ScriptedDb:
         self._call("get_state")
         return self.state
 
-    def series_points(self, name: str, since: float, until: float) -> list[Any]:
+    def series_points(self, name: str, since: float, until: float,
+                      limit: int = 10_000) -> list[Any]:
         self._call("series_points")
-        return self.points
+        return sorted((p for p in self.points if p[0] == name and since <= p[2] < until),
+                      key=lambda p: p[2])[:limit]
+
+    def series_start(self, name: str, since: float, until: float, rows: int) -> float:
+        self._call("series_start")
+        times = sorted((p[2] for p in self.points if p[0] == name and since <= p[2] < until),
+                       reverse=True)
+        return times[rows - 1] if len(times) >= rows else since
 
     def ping(self) -> None:
         if self.ping_gate is not None:
@@ -294,3 +306,79 @@ async def test_a_new_leader_reads_the_book_and_does_not_notify_a_notified_alert_
         told[id(b)] += b.metrics.notifications._value.get() - before
     assert [x.rule for x in b.book.alerts("firing")] == ["DeploymentNotReady"]
     assert told == {id(a): 1, id(b): 0}
+
+
+def three_hours_of_history(now: float) -> list[Any]:
+    """Per-minute points as the engine persists them: requests (1/s) and the latency
+    histogram (every answer under 100 ms) of `a`, and the same of a retired deployment."""
+    points: list[Any] = []
+    for m in range(180):
+        t, n = now - 3 * 3600 + 60 * m + 30, 60.0 * (m + 1)
+        for d in ("a", "retired"):
+            points.append((REQUESTS, {"deployment": d, "handler": "h", "code": "2xx"}, t, n))
+            points += [(BUCKETS, {"deployment": d, "handler": "h", "le": le}, t, n)
+                       for le in ("0.1", "+Inf")]
+    return points
+
+
+REQUESTS = "steadyserve_requests_total"
+BUCKETS = "steadyserve_request_duration_seconds_bucket"
+
+
+async def test_a_restart_restores_request_and_latency_history_for_the_dashboard():
+    clock = FakeClock(T0)
+    engine = make_engine(ScriptedDb(None, three_hours_of_history(T0)), clock)
+    await engine._restore()
+    assert {dict(k)["deployment"] for k in engine.store.keys(BUCKETS)} == {"a"}
+    rows = history(engine.store, clock(), 180)["a"]
+    assert len(rows) == 179  # every minute but the first (the restored points' baseline)
+    assert all(r[1:3] == [1.0, 0.0] for r in rows)
+    assert all(r[3:] == [50.0, 95.0, 99.0] for r in rows)  # ms, linear in (0, 100 ms]
+
+
+def test_the_restore_reads_the_newest_points_within_its_bound():
+    points = [p for p in three_hours_of_history(T0) if p[1]["deployment"] == "a"]
+    db = ScriptedDb(None, points)
+    store = SeriesStore()
+    got = restore(db, store, {"a"}, T0, max_rows=400, page_rows=40)
+    # requests first (180 points), then the newest 220 bucket points: 110 minutes of 2 series
+    assert got == {REQUESTS: 180, BUCKETS: 220}
+    newest = max(p[2] for p in points)
+    assert store.latest_sample((BUCKETS, labels_of({"deployment": "a", "handler": "h",
+                                                    "le": "+Inf"})))[0] == newest
+    assert store.tier_lengths((BUCKETS, labels_of({"deployment": "a", "handler": "h",
+                                                   "le": "0.1"})))[1] == 110
+    assert restore(ScriptedDb(None, points), SeriesStore(), {"a"}, T0, max_rows=100,
+                   page_rows=40) == {REQUESTS: 100, BUCKETS: 0}
+
+
+async def test_latency_history_survives_a_restart_through_a_real_database(tmp_path):
+    """The whole path on SQLite: sampled each second, persisted per minute, read back by the
+    next process's engine, and drawn by the dashboard's history."""
+    clock = FakeClock(T0)
+    db = Database(f"sqlite:///{tmp_path}/state.db")
+    try:
+        first = make_engine(db, clock)  # type: ignore[arg-type]
+        await first._restore()
+        for _ in range(200):  # 10 answers a second: 9 in 10-25 ms, 1 in 0.5-1 s
+            clock.advance(1.0)
+            first.metrics.requests.labels("a", "h", "2xx").inc(10)
+            for i in range(10):
+                first.metrics.duration.labels("a", "h").observe(0.8 if i == 0 else 0.02)
+            sample_registry(first.metrics.registry, first.store, clock())
+        await first.stop()  # persists the last points
+
+        second = make_engine(db, clock)  # type: ignore[arg-type]
+        await second._restore()
+        rows = history(second.store, clock(), 60)["a"]
+        full = [r for r in rows if r[0] <= T0 + 180]  # minutes sampled from start to end
+        assert len(full) == 2  # (the first restored minute is the baseline)
+        # the stop wrote the minute in progress too (T0 + 200: in the step the history
+        # leaves out until it is over)
+        key = (BUCKETS, labels_of({"deployment": "a", "handler": "h", "le": "+Inf"}))
+        assert second.store.latest_sample(key) == (T0 + 200, 2000.0)
+        for _, rps, errors, p50, _p95, p99 in full:
+            assert (rps, errors) == (10.0, 0.0)
+            assert 10.0 < p50 < 25.0 and 500.0 < p99 <= 1000.0
+    finally:
+        db.close()

@@ -1,16 +1,25 @@
 """The dashboard's routes in process: the page with its CSP, only the listed assets, and
-/v1/dashboard's data — replicas with why they last exited or are ejected, batch sizes of the
-batched handlers (read from the replicas at most every 5 s), the rollout without env values —
-refusing a bad `history` with a 400 that names it."""
+/v1/dashboard's data — replicas (actual against target, requests outstanding) with why they
+last exited or are ejected, batch sizes of the batched handlers (read from the replicas at
+most every 5 s), the rollout without env values, asynchronous jobs by state with the oldest
+queued and the newest failures (read at most every 5 s) — refusing a bad `history` with a 400
+that names it."""
 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from steadyserve.config import JobsConfig
 from steadyserve.dashboard import routes as dashboard_routes
+from steadyserve.gateway.jobs import JobRunner
+from steadyserve.policies.jobs import Decision
+from steadyserve.store import Database
+from steadyserve.store.jobs import JobStore
 
 from .services import Echo
 
@@ -119,9 +128,18 @@ async def test_replicas_say_why_they_exited_or_are_ejected_and_the_rollout_shows
     assert plain["rollout"] is None  # no control plane: nothing rolls out
 
     gateway.control = FakeControl()  # type: ignore[assignment]
+    # requests outstanding: this process's own, and a data-plane worker's busy connections
+    gateway.membership.deployments["echo"].endpoints[0].outstanding = 2
+    worker_text = (b'steadyserve_upstream_connections{deployment="echo",replica="echo-0",'
+                   b'state="busy"} 3.0\nsteadyserve_upstream_connections{deployment="echo",'
+                   b'replica="echo-0",state="idle"} 7.0\n')
+    gateway.worker_metrics = lambda: [worker_text, b"not metrics {"]
     r = await client.get("/v1/dashboard")
     [echo] = r.json()["deployments"]
+    assert echo["replica_counts"] == {"target": 1, "actual": 2, "ready": 1, "starting": 1,
+                                      "unhealthy": 0, "draining": 0}
     killed, starting = echo["replicas"]
+    assert (killed["outstanding"], starting["outstanding"]) == (5, 0)
     assert (killed["last_exit_reason"], killed["last_exit_at"], killed["ejection_reason"]) == \
         ("killed by SIGKILL", 1.7e9, "5 consecutive failures")
     assert killed["restarts"] == 1 and killed["ejected"] is True
@@ -133,3 +151,57 @@ async def test_replicas_say_why_they_exited_or_are_ejected_and_the_rollout_shows
                      "converged": False},
         "started_at": 1.7e9, "finished_at": None}
     assert "s3cret-value" not in r.text  # read access never sees env values
+
+
+async def test_jobs_by_deployment_and_state_with_the_oldest_queued_and_failures(
+        make_gateway, monkeypatch, tmp_path):
+    gateway, client, _ = await make_gateway({"echo": (Echo, 1)})
+    assert "jobs" not in (await client.get("/v1/dashboard")).json()  # no queue here
+    now = [1000.0]
+    monkeypatch.setattr(dashboard_routes, "clock", lambda: now[0])
+    cfg = JobsConfig()
+    db = Database(f"sqlite:///{tmp_path}/jobs.db")
+    store = JobStore(db, max_queued=cfg.max_queued, max_queued_per_key=cfg.max_queued_per_key)
+    runner = JobRunner(cfg, store, gateway.membership, gateway.dispatcher, CollectorRegistry(),
+                       "test#1", b"secret-for-the-test-0123456789ab")
+    gateway.jobs = runner  # not running: what the test stores stays as it is
+    try:
+        ids = []
+        for i in range(3):
+            r = await client.post("/v1/jobs/echo/echo", json={"text": f"j{i}"})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        claimed = store.claim("echo", 2, "test#1", time.time(), 30.0)
+        assert [j["id"] for j in claimed] == ids[:2]
+        assert store.settle(ids[0], 1, Decision("dead", 5), time.time(), error={
+            "code": "handler_failed", "message": "ValueError: boom " + "x" * 500,
+            "status": 500})
+        data = (await client.get("/v1/dashboard")).json()
+        jobs = data["jobs"]
+        assert jobs["states"] == ["queued", "running", "succeeded", "failed", "dead",
+                                  "cancelled", "expired"]
+        [echo] = jobs["deployments"]
+        assert echo["deployment"] == "echo"
+        assert echo["counts"] == {"queued": 1, "running": 1, "succeeded": 0, "failed": 0,
+                                  "dead": 1, "cancelled": 0, "expired": 0}
+        queued = (await client.get(f"/v1/jobs/{ids[2]}")).json()
+        assert echo["oldest_queued_at"] == queued["created_at"] <= data["t"]
+        [dead] = jobs["failures"]
+        assert (dead["id"], dead["state"], dead["handler"], dead["attempt"]) == \
+            (ids[0], "dead", "echo", 1)
+        assert dead["error"]["code"] == "handler_failed"
+        assert dead["error"]["message"].startswith("ValueError: boom")
+        assert len(dead["error"]["message"]) == 300  # cut
+
+        # read at most every 5 s: a cancelled job shows at the next read
+        assert (await client.delete(f"/v1/jobs/{ids[2]}")).status_code == 200
+        now[0] += 4.9
+        again = (await client.get("/v1/dashboard")).json()["jobs"]["deployments"][0]
+        assert again["counts"]["queued"] == 1 and again["oldest_queued_at"] is not None
+        now[0] += 0.1
+        later = (await client.get("/v1/dashboard")).json()["jobs"]["deployments"][0]
+        assert later["counts"]["queued"] == 0 and later["counts"]["cancelled"] == 1
+        assert later["oldest_queued_at"] is None
+    finally:
+        await runner.http.aclose()
+        db.close()

@@ -1,6 +1,8 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright): the page loads
 with no console error, its charts draw the requests sent during the test, the batched
-handler's batch sizes show, the replica that never starts says why it exited, an alert fired
+handler's batch sizes show, replicas show actual against target and their outstanding
+requests, asynchronous jobs show by state with the expired one's error, the history window
+changes, the replica that never starts says why it exited, an alert fired
 in the test appears and is silenced from the page (which asks for the admin key first), a
 restart not confirmed does nothing, a confirmed one rolls out and is cancelled from the page,
 the data needs a key once keys exist; a screenshot is kept in test-artifacts/dashboard.png."""
@@ -68,6 +70,12 @@ replicas = 1
                 for i in range(10):  # the batched handler
                     r = c.post("/v1/deployments/echo/upper", json={"texts": [f"b{i}"] * 3})
                     assert r.status_code == 200
+                for i in range(3):  # asynchronous jobs: three that run, one past its deadline
+                    r = c.post("/v1/jobs/echo/echo", json={"text": f"job{i}"})
+                    assert r.status_code == 202, r.text
+                r = c.post("/v1/jobs/echo/echo", json={"text": "late"},
+                           headers={"x-job-timeout-s": "0.001"})
+                assert r.status_code == 202, r.text
             page.wait_for_function(
                 "(window.__steadyserve.series.echo || {rps: []}).rps.some(v => v > 0)",
                 timeout=15_000)
@@ -83,6 +91,15 @@ replicas = 1
             assert page.locator("#d-echo canvas").count() >= 2
             assert "2/2 ready" in page.inner_text("#d-echo .facts")
             assert "echo-0" in page.inner_text("#d-echo .replicas")
+            assert "actual 2 / target 2: 2 ready, 0 starting" in page.inner_text(
+                "#d-echo .counts")
+            assert page.locator("#d-echo .replicas td.outstanding").count() == 2
+            # the jobs section: counts by state read from the queue, and the expired one
+            page.wait_for_function("(document.querySelector('#jobs tr[data-deployment=echo] "
+                                   "td.succeeded') || {}).textContent === '3'", timeout=15_000)
+            assert page.inner_text("#jobs tr[data-deployment=echo] td.expired") == "1"
+            assert page.inner_text("#jobs tr[data-deployment=echo] td.oldest") == "-"
+            assert "deadline_exceeded" in page.inner_text("#job-failures")
             assert "L1 (" in page.inner_text("#cache-facts")  # the cache and its curve
             assert page.locator("#cache-curve canvas").count() == 1
             assert "Rollout: none yet" in page.inner_text("#d-echo .controls")
@@ -142,6 +159,15 @@ replicas = 1
             with httpx.Client(base_url=gw.url, timeout=10, headers=gw.admin_headers()) as c:
                 rollout = c.get("/v1/admin/deployments/down/rollout").json()
             assert (rollout["revision"], rollout["state"]) == (1, "cancelled")
+            # another history window: the gateway's history of it, and the live points kept
+            page.click("#range button[data-range='1440']")
+            page.wait_for_function("window.__steadyserve.range === 1440 && document."
+                                   "querySelector('#range button[data-range=\"1440\"]')"
+                                   ".getAttribute('aria-pressed') === 'true'", timeout=5_000)
+            page.click("#range button[data-range='180']")
+            page.wait_for_function("window.__steadyserve.ranges === 2 && "
+                                   "window.__steadyserve.series.echo.rps.some(v => v > 0)",
+                                   timeout=5_000)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000

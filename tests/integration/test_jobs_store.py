@@ -1,7 +1,8 @@
 """The job queue (store/jobs.py) on SQLite and PostgreSQL: bounds and idempotency keys at
 submission; gateways claiming at once never claim one job twice (SKIP LOCKED); an outcome
 stored once, fenced by the attempt; leases renewed, expired ones reaped; cancellation;
-webhooks claimed once per hold; deadlines; retention; and the v5 → v6 migration."""
+webhooks claimed once per hold; deadlines; retention; the dashboard's overview (counts by
+deployment and state, the oldest queued, the newest failures); and the v5 → v6 migration."""
 
 from __future__ import annotations
 
@@ -196,6 +197,28 @@ def test_overdue_jobs_expire_and_finished_ones_are_pruned(db: Database) -> None:
     assert left == {job(i)["id"] for i in (2, 7, 8, 9)}
     assert [r["id"] for r in s.recent("k1", "succeeded", 1)] == [job(9)["id"]]
     assert s.recent("nobody", None, 10) == []
+
+
+def test_the_dashboards_overview_counts_ages_and_failures(db: Database) -> None:
+    s = store(db)
+    assert s.overview(10) == {"counts": {}, "oldest_queued_at": {}, "failures": []}
+    for i in range(1, 6):
+        s.submit(job(i))
+    s.submit(job(6, deployment="e"))
+    first, second = s.claim("d", 2, "gw#1", T0 + 1, 30)
+    assert s.settle(first["id"], 1, Decision("dead", 5), T0 + 2,
+                    error={"code": "handler_failed", "message": "boom", "status": 500})
+    assert s.settle(second["id"], 1, Decision("failed", 0), T0 + 3,
+                    error={"code": "bad_input", "message": "no", "status": 400})
+    s.cancel(job(3)["id"], T0 + 4)
+    got = s.overview(1)
+    assert got["counts"] == {"d": {"dead": 1, "failed": 1, "cancelled": 1, "queued": 2},
+                             "e": {"queued": 1}}
+    assert got["oldest_queued_at"] == {"d": job(4)["created_at"], "e": job(6)["created_at"]}
+    [newest] = got["failures"]  # at most 1: the newest
+    assert (newest["id"], newest["state"], newest["error"]["code"]) == \
+        (second["id"], "failed", "bad_input")
+    assert [f["state"] for f in s.overview(10)["failures"]] == ["failed", "dead"]
 
 
 def test_a_v5_database_gains_the_jobs_table(db: Database, tmp_path: Path,

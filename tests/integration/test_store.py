@@ -164,6 +164,11 @@ def test_series_points_round_trip(open_db: Opener) -> None:
     assert db.series_points("missing", 0, T0 + 100) == []
     assert len(db.series_points("p99_latency_s", 0, T0 + 100, limit=4)) == 4  # oldest first
     assert db.series_points("p99_latency_s", 0, T0 + 100, limit=1)[0][2] == T0
+    # where the newest N points begin (a restore's bound): the N-th newest, else `since`
+    assert db.series_start("p99_latency_s", T0, T0 + 100, 4) == T0 + 6
+    assert db.series_start("p99_latency_s", T0, T0 + 9, 1) == T0 + 8  # until exclusive
+    assert db.series_start("p99_latency_s", T0 + 1, T0 + 100, 50) == T0 + 1
+    assert db.series_start("missing", T0, T0 + 100, 1) == T0
 
 
 def test_state_round_trip(open_db: Opener) -> None:

@@ -218,6 +218,11 @@ def test_snapshot_returns_finished_coarse_steps_once():
     assert all(name == KEY[0] and labels == KEY[1] for name, labels, _, _ in first)
     assert store.snapshot_for_persistence(T0 + 149) == []  # nothing new
     assert [(t, v) for _, _, t, v in store.snapshot_for_persistence(T0 + 180)] == [(T0 + 149, 149.0)]
+    store.record(KEY[0], KEY[1], 200.0, T0 + 190)
+    assert store.snapshot_for_persistence(T0 + 195) == []  # its step is in progress…
+    # …unless the process stops: then its last point goes too
+    assert [(t, v) for _, _, t, v in store.snapshot_for_persistence(T0 + 195, final=True)] == \
+        [(T0 + 190, 200.0)]
 
 
 def test_load_restores_the_coarse_tier_after_a_restart():
@@ -234,3 +239,29 @@ def test_load_restores_the_coarse_tier_after_a_restart():
     assert after.increase(KEY, 60.0, now) == pytest.approx(60.0)
     # restored points are already stored: only the finished live step goes out
     assert [(t, v) for _, _, t, v in after.snapshot_for_persistence(now)] == [(T0 + 7_259, 59.0)]
+
+
+def test_step_increases_per_step_with_resets_and_gaps():
+    store = SeriesStore()
+    # a counter sampled every 20 s: +1/s, reset to 0 at T0+120 (a restart), then silent
+    for i, v in enumerate([0, 20, 40, 60, 80, 100, 0, 20]):
+        store.record(KEY[0], KEY[1], float(v), T0 + 20 * i)
+    # coarse: one point per minute, the last sample of [T0, T0+60) etc.; steps are
+    # (T0, T0+60] ... (T0+180, T0+240]: T0+40 (its first point: from 0), T0+100, and T0+140
+    # after the reset (0 then 20)
+    assert store.step_increases(KEY, T0 + 240, 60.0, 4) == [40.0, 60.0, 20.0, None]
+    # raw: every sample; (T0, T0+60] holds T0+20, 40 and 60
+    assert store.step_increases(KEY, T0 + 60, 60.0, 1, "raw") == [60.0]
+    assert store.step_increases(series_key("missing"), T0 + 60, 60.0, 2) == [None, None]
+    assert store.step_increases(KEY, T0 + 60, 60.0, 0) == []
+
+
+def test_a_series_first_point_is_an_increase_only_when_it_was_news():
+    restored = SeriesStore()
+    restored.load([(KEY[0], KEY[1], T0 + 30, 500.0), (KEY[0], KEY[1], T0 + 90, 560.0)])
+    assert restored.step_increases(KEY, T0 + 120, 60.0, 2) == [None, 60.0]  # a baseline
+    store = filled([1.0, 2.0])  # the first recording: a baseline too
+    later = series_key("requests_total", {"deployment": "b"})
+    store.record(later[0], later[1], 5.0, T0 + 30)  # appeared later: 5 since it began at 0
+    assert store.step_increases(KEY, T0 + 60, 60.0, 1, "raw") == [1.0]
+    assert store.step_increases(later, T0 + 60, 60.0, 1, "raw") == [5.0]

@@ -3,18 +3,20 @@
 `snapshot` reads the cumulative counters and current gauges of every deployment from metric
 families (the gateway's registry, summed over its workers); the page polls it every 2 s and
 draws rates and latency percentiles from the difference of two snapshots. `history` reads the
-gateway's own series store — per-minute points kept for 3 days, and request counters restored
-from the database after a restart — so the charts open on the last hours, not on an empty
-axis.
+gateway's own series store — per-minute points kept for 3 days, the request counters and the
+request-duration histogram restored from the database after a restart
+(observe.restore) — so the charts open on the last hours or days, throughput, errors and
+latency alike, not on an empty axis.
 
 `batch_sizes` reads the replicas' batch-size histograms out of their merged /metrics text
 (`Gateway.replica_metrics`), summed over each deployment's replicas; the routes fetch it at
-most every few seconds (`BatchSizes`).
+most every few seconds (`Periodic`). `replica_counts` and `busy_connections` give actual
+against target replicas and the requests each replica answers; `jobs_view` shapes the
+asynchronous jobs section from the queue's counts.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,13 +25,20 @@ from typing import Any, Generic, TypeVar
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..observe.timeseries import SeriesStore
+from ..policies.alert_rules import bucket_quantile
+from ..policies.jobs import STATES as JOB_STATES
 
 REQUESTS = "steadyserve_requests_total"
 BUCKETS = "steadyserve_request_duration_seconds_bucket"
 BATCH_SIZE = "steadyserve_replica_batch_size"
 MAX_HISTORY_MIN = 3 * 24 * 60
+HISTORY_POINTS = 720  # rows per deployment in one history answer, at most
 T = TypeVar("T")
 USAGE_REFRESH_S = 10.0  # per-key usage is read from the database at most this often
+JOBS_REFRESH_S = 5.0  # asynchronous jobs are counted in the database at most this often
+JOB_FAILURES_SHOWN = 10  # the newest failed, dead or expired jobs
+JOB_ERROR_CHARS = 300  # of each one's error message
+POOL = "steadyserve_upstream_connections"
 USAGE_SHOWN = 10  # the keys with the most requests today
 BATCH_REFRESH_S = 5.0  # the replicas' /metrics are fetched at most this often for the page
 GAUGES = {"steadyserve_admission_limit": "limit", "steadyserve_admission_inflight": "inflight",
@@ -69,30 +78,75 @@ def snapshot(families: Iterable[Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def history(store: SeriesStore, now: float, minutes: int) -> dict[str, list[list[float]]]:
-    """{deployment: [[t, requests/s, 5xx/s], ...]} per coarse step over the last `minutes`."""
+def history(store: SeriesStore, now: float, minutes: int,
+            max_points: int = HISTORY_POINTS) -> dict[str, list[list[float | None]]]:
+    """{deployment: [[t, requests/s, 5xx/s, p50 ms, p95 ms, p99 ms], ...]} over the last
+    `minutes`, one row per step (t: the step's end), oldest first.
+
+    The step is the store's (per minute beyond its raw window), widened so that a window
+    has at most `max_points` rows; rates and percentiles are exact per step because both
+    come from counter increases (latency from the request-duration histogram's buckets,
+    summed over handlers). A step with no point of a deployment has no row, except one row
+    of nulls where its history stops (a gateway restart): the chart shows a gap there.
+    """
     window = min(max(1, minutes), MAX_HISTORY_MIN) * 60.0
-    step = store.coarse_step_s if window > store.raw_retention_s else store.raw_step_s
-    totals: dict[str, dict[float, list[float]]] = {}
+    tier = store.tier_for(window)
+    base = store.raw_step_s if tier == "raw" else store.coarse_step_s
+    step = base * max(1, math.ceil(window / base / max_points))
+    end = math.floor(now / step) * step  # the last finished step
+    steps = int(window // step)
+    totals: dict[str, list[float | None]] = {}
+    errors: dict[str, list[float]] = {}
+    buckets: dict[str, dict[float, list[float]]] = {}
+
+    def add(into: list[Any], incs: list[float | None]) -> None:
+        for k, inc in enumerate(incs):
+            if inc is not None:
+                into[k] = (into[k] or 0.0) + inc
+
     for labels in store.keys(REQUESTS):
         lab = dict(labels)
         d = lab.get("deployment")
         if d is None:
             continue
-        points = store.values((REQUESTS, labels), window, now)
-        rows = totals.setdefault(d, {})
-        for (t0, v0), (t1, v1) in itertools.pairwise(points):
-            dt = t1 - t0
-            if dt <= 0:
+        incs = store.step_increases((REQUESTS, labels), end, step, steps, tier)
+        add(totals.setdefault(d, [None] * steps), incs)
+        if lab.get("code") == "5xx":
+            add(errors.setdefault(d, [0.0] * steps), incs)
+    for labels in store.keys(BUCKETS):
+        lab = dict(labels)
+        d, le = lab.get("deployment"), lab.get("le")
+        if d is None or le is None:
+            continue
+        try:
+            bound = float(le)
+        except ValueError:
+            continue
+        per_le = buckets.setdefault(d, {})
+        add(per_le.setdefault(bound, [0.0] * steps),
+            store.step_increases((BUCKETS, labels), end, step, steps, tier))
+    out: dict[str, list[list[float | None]]] = {}
+    for d, counts in totals.items():
+        rows: list[list[float | None]] = []
+        err = errors.get(d, [0.0] * steps)
+        per_le = buckets.get(d, {})
+        for k, count in enumerate(counts):
+            t = end - (steps - k - 1) * step
+            if count is None:
+                if rows and rows[-1][1] is not None:
+                    rows.append([t, None, None, None, None, None])
                 continue
-            slot = math.floor(t1 / step) * step
-            inc = v1 - v0 if v1 >= v0 else v1  # a counter reset: the new value is the increase
-            row = rows.setdefault(slot, [0.0, 0.0])
-            row[0] += inc / dt
-            if lab.get("code") == "5xx":
-                row[1] += inc / dt
-    return {d: [[t, round(r[0], 4), round(r[1], 4)] for t, r in sorted(rows.items())]
-            for d, rows in totals.items()}
+            cumulative = [(bound, incs[k]) for bound, incs in per_le.items()]
+            rows.append([t, round(count / step, 4), round(err[k] / step, 4),
+                         *(_ms(bucket_quantile(q, cumulative)) for q in (0.5, 0.95, 0.99))])
+        if rows and rows[-1][1] is None:
+            rows.pop()
+        out[d] = rows
+    return out
+
+
+def _ms(seconds: float) -> float | None:
+    return None if math.isnan(seconds) else round(seconds * 1000, 3)
 
 
 def _le(raw: str) -> str:
@@ -153,3 +207,60 @@ class Periodic(Generic[T]):
 
     def keep(self, value: T, now: float) -> None:
         self.value, self.at = value, now
+
+
+def replica_counts(replicas: Iterable[dict[str, Any]], target: int) -> dict[str, int]:
+    """Actual against target: replicas that serve or will (not draining) by state, and
+    those draining (retired by a rollout or a scale-down, finishing their requests)."""
+    out = {"target": target, "actual": 0, "ready": 0, "starting": 0, "unhealthy": 0,
+           "draining": 0}
+    for r in replicas:
+        if r.get("retiring") or r.get("state") == "stopping":
+            out["draining"] += 1
+            continue
+        out["actual"] += 1
+        state = r.get("state")
+        if state in ("ready", "starting"):
+            out[state] += 1
+        else:  # unhealthy, or in backoff after a crash
+            out["unhealthy"] += 1
+    return out
+
+
+def busy_connections(texts: Iterable[bytes]) -> dict[tuple[str, str], int]:
+    """{(deployment, replica): busy keep-alive connections} summed over the data-plane
+    workers' last reports (their /metrics text): the requests each replica is answering
+    for them. Only those lines are parsed."""
+    out: dict[tuple[str, str], int] = {}
+    prefix = f"{POOL}{{"
+    for text in texts:
+        for line in text.decode(errors="replace").splitlines():
+            if not line.startswith(prefix) or 'state="busy"' not in line:
+                continue
+            try:
+                [family] = text_string_to_metric_families(line + "\n")
+                [sample] = family.samples
+                key = (sample.labels["deployment"], sample.labels["replica"])
+            except (ValueError, KeyError):
+                continue
+            out[key] = out.get(key, 0) + int(sample.value)
+    return out
+
+
+def jobs_view(overview: dict[str, Any], now: float) -> dict[str, Any]:
+    """The jobs section from `JobStore.overview`: one row per deployment with a count for
+    every state (0 included, in the state machine's order) and its oldest queued job's
+    submission time; the newest failures with their error (message cut to
+    `JOB_ERROR_CHARS`)."""
+    oldest = overview.get("oldest_queued_at", {})
+    rows = [{"deployment": d, "counts": {s: int(counts.get(s, 0)) for s in JOB_STATES},
+             "oldest_queued_at": oldest.get(d)}
+            for d, counts in sorted(overview.get("counts", {}).items())]
+    failures = []
+    for job in overview.get("failures", []):
+        error = job.get("error") if isinstance(job.get("error"), dict) else {}
+        failures.append({k: job.get(k) for k in ("id", "deployment", "handler", "state",
+                                                 "attempt", "failures", "finished_at")}
+                        | {"error": {"code": str(error.get("code", "")),
+                                     "message": str(error.get("message", ""))[:JOB_ERROR_CHARS]}})
+    return {"states": list(JOB_STATES), "deployments": rows, "failures": failures, "at": now}

@@ -4,6 +4,9 @@ otherwise — the page asks for one and keeps it for the tab's session). The pag
 (silence an alert, restart a deployment's replicas, cancel its rollout) call the admin API
 itself with the key the page holds; nothing here changes anything.
 
+Asynchronous jobs (counts by deployment and state, the oldest queued, the newest failures)
+are read from the queue's database at most every `JOBS_REFRESH_S`, like per-key usage.
+
 Batch sizes come from the replicas' own /metrics, fetched at most every `BATCH_REFRESH_S`
 per gateway however many pages poll: one poll refreshes them, the others read the last."""
 
@@ -22,12 +25,17 @@ from ..gateway.http import Request, Response, json_response
 from ..gateway.key_routes import usage_rows
 from .data import (
     BATCH_REFRESH_S,
+    JOB_FAILURES_SHOWN,
+    JOBS_REFRESH_S,
     MAX_HISTORY_MIN,
     USAGE_REFRESH_S,
     USAGE_SHOWN,
     Periodic,
     batch_sizes,
+    busy_connections,
     history,
+    jobs_view,
+    replica_counts,
     snapshot,
 )
 
@@ -92,15 +100,22 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
         gw.metrics.registry.collect()
     counters = snapshot(families)
     batches = await _batch_sizes(gw, clock())
+    busy = busy_connections(gw.worker_metrics())  # the data-plane workers' requests
     deployments = []
     for d in gw.membership.deployments.values():
         described = gw.describe(d)
         scale = described.get("autoscale") or {}
         seen = batches.get(d.name, {})
+        # requests awaiting each replica: this process's own, and the workers' (each worker's
+        # last report, ~1 s old) as their busy keep-alive connections
+        mine = {e.replica_id: e.outstanding for e in d.endpoints}
+        replicas = [{**r, "outstanding": mine.get(r["id"], 0) + busy.get((d.name, r["id"]), 0)}
+                    for r in described["replicas"]]
         deployments.append({
             "name": d.name, "version": d.version, "balancer": d.config.balancer,
             "desired": d.desired_replicas, "ready": len(d.endpoints),
-            "replicas": described["replicas"],
+            "replica_counts": replica_counts(replicas, d.desired_replicas),
+            "replicas": replicas,
             "autoscale": {k: scale[k] for k in ("min_replicas", "max_replicas", "demand",
                                                 "panicking") if k in scale} or None,
             "scaling": list(scale.get("events", []))[:EVENTS_SHOWN],
@@ -125,6 +140,9 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     keys = await _key_usage(gw, clock())
     if keys is not None:
         body["keys"] = keys
+    jobs = await _jobs(gw, clock())
+    if jobs is not None:
+        body["jobs"] = jobs
     if minutes and engine is not None:
         body["history"] = history(engine.store, time.time(), minutes)
     return json_response(body)
@@ -165,6 +183,23 @@ async def _key_usage(gw: Gateway, now: float) -> list[dict[str, Any]] | None:
 
     held = _held(gw).setdefault("keys", Periodic([], USAGE_REFRESH_S))
     got: list[dict[str, Any]] = await _refreshed(held, now, "key usage", read)
+    return got
+
+
+async def _jobs(gw: Gateway, now: float) -> dict[str, Any] | None:
+    """Asynchronous jobs by deployment and state, the oldest queued one's submission time
+    and the newest failures (`JOB_FAILURES_SHOWN`), from the queue's database at most every
+    `JOBS_REFRESH_S`; None where this gateway keeps no queue."""
+    runner = gw.jobs
+    if runner is None:
+        return None
+
+    async def read() -> dict[str, Any]:
+        got = await asyncio.to_thread(runner.store.overview, JOB_FAILURES_SHOWN)
+        return jobs_view(got, time.time())
+
+    held = _held(gw).setdefault("jobs", Periodic({}, JOBS_REFRESH_S))
+    got: dict[str, Any] = await _refreshed(held, now, "jobs", read)
     return got
 
 

@@ -39,7 +39,8 @@ JSON_ANY: dict[str, Any] = {}
 # query parameters per route (read with Request.query_int, which answers 400 to others)
 QUERY_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
     "/v1/cache": (("top", "how many of the hottest keys to list: 1 to 1000"),),
-    "/v1/dashboard": (("history", "minutes of per-minute history to add: 1 to 4320"),),
+    "/v1/dashboard": (("history", "minutes of history to add, 1 to 4320 (steps of a second "
+                                  "up to 10 minutes, else of a minute or more: at most 720)"),),
     "/v1/logs": PARAMS,
     "/v1/feedback/summary": (("days", "days back: 1 to 366 (default 7)"),
                              ("deployment", "only this deployment")),

@@ -55,13 +55,13 @@ from ..tasks import consume_outcome
 from .default_rules import INHIBITS, RULE_ACTIONS, default_rules
 from .metrics import GatewayMetrics
 from .notifiers import AlertmanagerNotifier, DeliveryQueue, LogNotifier, Notifier, WebhookNotifier
+from .restore import restore
 from .sampler import LoopLagMonitor, sample_registry
-from .timeseries import SeriesStore, labels_of
+from .timeseries import SeriesStore
 
 log = logging.getLogger("steadyserve.alerting")
 
 STATE_KEY = "alertbook"
-REQUESTS_TOTAL = "steadyserve_requests_total"
 PERSIST_EVERY_S = 60.0
 HISTORY_S = 3 * 86_400.0
 DOWN_AFTER_FAILURES = 3  # with checks every evaluation_interval_s (5 s): down after ~15 s
@@ -142,29 +142,27 @@ class AlertEngine:
             task.cancel()
         await self.queue.close(2.0)
         if self.lead.alerting():  # a follower's book is not the one to keep
-            await self._persist(self.wall(), force=True)
+            await self._persist(self.wall(), force=True, final=True)
         self._writer.shutdown(wait=False)
         self._pinger.shutdown(wait=False)
 
     async def _restore(self) -> None:
-        """The alert book (silences bounded as on creation) and the long-window history of
-        the configured deployments (for SLO burn rates) from the database."""
+        """The alert book (silences bounded as on creation) and the history of the
+        configured deployments' requests and latency (SLO burn rates, the dashboard's
+        charts; observe.restore, bounded) from the database. Before the loops start: the
+        store is loaded on the database thread while nothing else reads it."""
         if self.db is None:
             return
         now = self.wall()
         state = await self._db(self.db.get_state, STATE_KEY)
-        # the last day of the request counters: the burn-rate windows that matter most
-        points = await self._db(self.db.series_points, REQUESTS_TOTAL, now - 86_400.0, now)
-        if state is _FAILED or points is _FAILED:
+        loaded = _FAILED if state is _FAILED else \
+            await self._db(restore, self.db, self.store, self.deployments, now)
+        if loaded is _FAILED:
             self._checked(False)
             return
         self._checked(True)
         self._load_book(state, now)
-        if points:
-            # series of deployments no longer configured (or of no deployment) would keep
-            # old burn rates alive after the restart
-            self.store.load((n, labels_of(labels), t, v) for n, labels, t, v in points
-                            if isinstance(labels, dict) and labels.get("deployment") in self.deployments)
+        log.info("history restored: %s", ", ".join(f"{n} {c} points" for n, c in loaded.items()))
 
     async def _take_over(self) -> None:
         """This gateway has the alerting duty now: the book as the last one stored it."""
@@ -250,10 +248,11 @@ class AlertEngine:
                     await self.responder.respond(alert, actions, active)
         await self._persist(now)
 
-    async def _persist(self, now: float, force: bool = False) -> None:
+    async def _persist(self, now: float, force: bool = False, final: bool = False) -> None:
         """Every evaluation: a ping. Every minute: the alert book and the finished coarse
-        points of history, then pruning past the retention. Each is a check of the
-        database (`_checked`)."""
+        points of history (at the `final` one, when the gateway stops, the minute in
+        progress too), then pruning past the retention. Each is a check of the database
+        (`_checked`)."""
         if self.db is None:
             return
         if not force and now - self._last_persist < PERSIST_EVERY_S:
@@ -261,7 +260,7 @@ class AlertEngine:
             return
         self._last_persist = now
         ok = await self.store_book()
-        points = self.store.snapshot_for_persistence(now)
+        points = self.store.snapshot_for_persistence(now, final=final)
         if ok and points:
             rows = [(n, dict(labels), t, v) for n, labels, t, v in points]
             ok = await self._db(self.db.add_series_points, rows) is not _FAILED

@@ -247,12 +247,13 @@ class SeriesStore:
                 return
             self._forget(key)
 
-    def snapshot_for_persistence(self, now: float) -> list[PersistedPoint]:
+    def snapshot_for_persistence(self, now: float, *, final: bool = False) -> list[PersistedPoint]:
         """Coarse points of finished steps added since the last call, oldest first per series:
-        what a database writer appends. The step in progress is left for a later call."""
+        what a database writer appends. The step in progress is left for a later call, unless
+        this is the `final` call (the process stops: its last point is all there will be)."""
         out: list[PersistedPoint] = []
         step = self.coarse_step_s
-        current = math.floor(now / step)
+        current = math.inf if final else math.floor(now / step)
         for (name, labels), s in self._series.items():
             ring = s.coarse
             newer: list[PersistedPoint] = []
@@ -323,6 +324,34 @@ class SeriesStore:
         """Per-second increase over the window."""
         inc = self.increase(key, window_s, now)
         return None if inc is None else inc / window_s
+
+    def step_increases(self, key: SeriesKey, end: float, step_s: float, steps: int,
+                       tier: Tier = "coarse") -> list[float | None]:
+        """A counter's increase in each of `steps` consecutive steps of `step_s` ending at
+        `end` — step k covers (end - (steps - k) * step_s, end - (steps - k - 1) * step_s] —
+        counting resets; None for a step with no point. A series' very first point counts
+        only when the store took it as news (a counter that appeared from 0 and had grown);
+        one restored or seen in the first recording is a baseline: its step's increase is
+        unknown, not 0.
+        One walk over the tier's points."""
+        out: list[float | None] = [None] * steps
+        s = self._series.get(key)
+        if s is None or steps <= 0:
+            return out
+        ring = s.raw if tier == "raw" else s.coarse
+        start = end - steps * step_s
+        i = ring.count_at_or_before(start)
+        before = ring.a(i - 1) if i > 0 else ring.origin
+        for j in range(i, len(ring)):
+            t = ring.t(j)
+            if t > end:
+                break
+            k = min(steps - 1, max(0, math.ceil((t - start) / step_s) - 1))
+            adjusted = ring.a(j)
+            if not (j == 0 and ring.dropped == 0 and adjusted == before):
+                out[k] = (out[k] or 0.0) + adjusted - before
+            before = adjusted
+        return out
 
     def values(self, key: SeriesKey, window_s: float, now: float) -> list[tuple[float, float]]:
         """(t, value) of the points in (now - window_s, now], oldest first."""

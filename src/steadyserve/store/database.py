@@ -741,6 +741,17 @@ class Database:
             rows = conn.execute(stmt).all()
         return [(str(n), _loads(lab), float(t), float(v)) for n, lab, t, v in rows]
 
+    def series_start(self, name: str, since: float, until: float, rows: int) -> float:
+        """Where the newest `rows` points of `name` with since ≤ t < until begin: the time
+        of the `rows`-th newest, or `since` when there are no more (a bound on what a
+        restore reads, on the (name, t) index)."""
+        p = series_points_table
+        stmt = (select(p.c.t).where(p.c.name == name, p.c.t >= float(since), p.c.t < float(until))
+                .order_by(p.c.t.desc()).offset(max(0, int(rows) - 1)).limit(1))
+        with self._connect("series_start") as conn:
+            found = conn.execute(stmt).scalar_one_or_none()
+        return float(since) if found is None else float(found)
+
     # -- small state (the alert book across restarts) --
 
     def put_state(self, key: str, obj: Any, fence: Fence | None = None) -> None:

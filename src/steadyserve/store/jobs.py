@@ -146,6 +146,30 @@ class JobStore:
             rows = conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state)).all()
         return {str(s): int(n) for s, n in rows}
 
+    def overview(self, failures: int) -> dict[str, Any]:
+        """What the dashboard shows: jobs by deployment and state, when each deployment's
+        oldest queued job was submitted, and the newest `failures` jobs that ended failed,
+        dead or expired, with their error. Three bounded reads (the counts on the claim
+        index)."""
+        c = jobs.c
+        failed = ("failed", "dead", "expired")
+        with self.db.connect("jobs overview") as conn:
+            counts = conn.execute(select(c.deployment, c.state, func.count())
+                                  .group_by(c.deployment, c.state)).all()
+            oldest = conn.execute(select(c.deployment, func.min(c.created_at))
+                                  .where(c.state == "queued").group_by(c.deployment)).all()
+            recent = conn.execute(
+                select(c.id, c.deployment, c.handler, c.state, c.attempt, c.failures,
+                       c.finished_at, c.error)
+                .where(c.state.in_(failed)).order_by(c.finished_at.desc(), c.id)
+                .limit(max(1, min(failures, MAX_ROWS)))).mappings().all()
+        by: dict[str, dict[str, int]] = {}
+        for deployment, state, n in counts:
+            by.setdefault(str(deployment), {})[str(state)] = int(n)
+        return {"counts": by,
+                "oldest_queued_at": {str(d): float(t) for d, t in oldest if t is not None},
+                "failures": [_row(r) for r in recent]}
+
     # -- the runner's side --------------------------------------------------------------------
     def claim(self, deployment: str, n: int, holder: str, now: float,
               lease_s: float) -> list[dict[str, Any]]:

@@ -1,19 +1,20 @@
 // The steadyserve dashboard: polls /v1/dashboard every 2 s, draws rates and latency
-// percentiles from the difference of two snapshots (uPlot), and tables of replicas (with why
-// each last exited or is ejected), batch sizes, rollouts, scaling decisions, alerts and
-// automatic actions. It opens on the gateway's own history. Its buttons (silence an alert,
+// percentiles from the difference of two snapshots (uPlot), and tables of replicas (actual
+// against target, requests outstanding, why each last exited or is ejected), batch sizes,
+// rollouts, scaling decisions, asynchronous jobs, alerts and automatic actions. It opens on
+// the gateway's own history (3 h, 1 d or 3 d: throughput, 5xx and latency, restored after a
+// gateway restart). Its buttons (silence an alert,
 // restart a deployment's replicas, cancel a rollout) call the admin API with the key the page
 // holds; without an admin key they ask for one and do nothing else.
 "use strict";
 
 const POLL_MS = 2000;
-const HISTORY_MIN = 180;
-const KEEP_S = 3 * 3600;  // points kept per chart
+const HISTORY_MIN = 180;  // the window the page opens on; the range buttons change it
 const SILENCE_S = 3600;
 const DATA_KEY_NEEDED = "This gateway needs an API key to show its data:";
 const ADMIN_KEY_NEEDED = "an admin key is needed for this action";
 const state = { key: sessionStorage.getItem("steadyserve-key") || "", prev: null, polls: 0,
-                points: 0, charts: {}, series: {}, html: new WeakMap() };
+                points: 0, charts: {}, series: {}, html: new WeakMap(), range: HISTORY_MIN };
 window.__steadyserve = state;  // for tests and the curious
 
 function esc(s) {
@@ -42,7 +43,7 @@ function say(text, failed) {
 
 async function fetchData(history) {
   const headers = state.key ? { authorization: "Bearer " + state.key } : {};
-  const r = await fetch("/v1/dashboard" + (history ? "?history=" + HISTORY_MIN : ""),
+  const r = await fetch("/v1/dashboard" + (history ? "?history=" + state.range : ""),
                         { headers });
   if (r.status === 401 || r.status === 403) {
     askKey(DATA_KEY_NEEDED);
@@ -81,7 +82,7 @@ function seriesFor(name) {
 function push(name, t, rps, err, p50, p95, p99) {
   const s = seriesFor(name);
   s.t.push(t); s.rps.push(rps); s.err.push(err); s.p50.push(p50); s.p95.push(p95); s.p99.push(p99);
-  while (s.t.length && s.t[0] < t - KEEP_S) for (const k in s) s[k].shift();
+  while (s.t.length && s.t[0] < t - state.range * 60) for (const k in s) s[k].shift();
   state.points += 1;
 }
 
@@ -108,9 +109,10 @@ function ensureDeployment(d) {
     <table class="canary-checks"><thead><tr><th>metric</th><th>verdict</th><th>evidence</th>
     </tr></thead><tbody></tbody></table><ul class="canary-history"></ul></div>
     <div class="charts"></div>
-    <h3>Replicas</h3><table class="replicas"><thead><tr><th>replica</th><th>state</th>
-    <th>revision</th><th>pid</th><th>restarts</th><th>last exit</th><th>ready for</th>
-    <th>ejected</th></tr></thead><tbody></tbody></table>
+    <h3>Replicas <small class="counts"></small></h3><table class="replicas"><thead><tr>
+    <th>replica</th><th>state</th><th>revision</th><th>pid</th><th>outstanding</th>
+    <th>restarts</th><th>last exit</th><th>ready for</th><th>ejected</th></tr></thead>
+    <tbody></tbody></table>
     <div class="batch-section" hidden><h3>Batch sizes <small>(since the replicas started)</small></h3>
     <table class="batches"><thead></thead><tbody></tbody></table></div>
     <h3>Scaling decisions</h3><table class="scaling"><thead><tr><th>at</th>
@@ -167,11 +169,16 @@ function render(data) {
       `shed ${m.shed ?? 0}; cache hits ${m.cache ? m.cache.hit : 0} / misses ${m.cache ? m.cache.miss : 0}`;
     setHTML(box.querySelector(".replicas tbody"), d.replicas.map(r =>
       `<tr><td>${esc(r.id)}</td><td>${esc(r.state)}${r.retiring ? " (draining)" : ""}</td>` +
-      `<td>${esc(r.revision ?? "")}</td><td>${esc(r.pid ?? "-")}</td><td>${esc(r.restarts ?? 0)}</td>` +
+      `<td>${esc(r.revision ?? "")}</td><td>${esc(r.pid ?? "-")}</td>` +
+      `<td class="outstanding">${esc(r.outstanding ?? 0)}</td><td>${esc(r.restarts ?? 0)}</td>` +
       `<td class="exit">${r.last_exit_reason ? esc(r.last_exit_reason) +
         (r.last_exit_at ? " at " + time(r.last_exit_at) : "") : ""}</td>` +
       `<td>${esc(r.ready_for_s ?? 0)}s</td>` +
       `<td>${r.ejected ? "yes: " + esc(r.ejection_reason || "") : ""}</td></tr>`).join(""));
+    const n = d.replica_counts || {};
+    box.querySelector(".counts").textContent = `actual ${n.actual ?? "-"} / target ` +
+      `${n.target ?? d.desired}: ${n.ready ?? 0} ready, ${n.starting ?? 0} starting, ` +
+      `${n.unhealthy ?? 0} unhealthy or in backoff, ${n.draining ?? 0} draining`;
     renderRollout(box, d.rollout, !!d.autoscale);
     renderCanary(box, d.canary);
     renderBatches(box, d.batches || {});
@@ -196,6 +203,7 @@ function render(data) {
     (c.leading ? "this gateway leads the cluster" : "cluster led by " + c.leader) : "";
   renderCache(data.cache);
   renderKeys(data.keys);
+  renderJobs(data.jobs, data.t);
   state.prev = data;
 }
 
@@ -297,6 +305,30 @@ function renderKeys(keys) {  // per-key usage today, once API keys exist
     || `<tr><td colspan="7">no requests with a key today</td></tr>`);
 }
 
+function age(s) {
+  return s < 120 ? `${Math.round(s)} s` : s < 7200 ? `${(s / 60).toFixed(1)} min` :
+    `${(s / 3600).toFixed(1)} h`;
+}
+
+function renderJobs(jobs, now) {  // the queue's counts, read by the gateway every 5 s
+  if (!jobs || !jobs.states) return;
+  document.getElementById("jobs-section").hidden = false;
+  setHTML(document.querySelector("#jobs thead"), `<tr><th>deployment</th>` +
+    jobs.states.map(s => `<th>${esc(s)}</th>`).join("") + `<th>oldest queued</th></tr>`);
+  setHTML(document.querySelector("#jobs tbody"), jobs.deployments.map(r =>
+    `<tr data-deployment="${esc(r.deployment)}"><td>${esc(r.deployment)}</td>` +
+    jobs.states.map(s => `<td class="${esc(s)}">${esc(r.counts[s] ?? 0)}</td>`).join("") +
+    `<td class="oldest">${r.oldest_queued_at == null ? "-" :
+      esc(age(Math.max(0, now - r.oldest_queued_at)))}</td></tr>`).join("")
+    || `<tr><td colspan="${jobs.states.length + 2}">no jobs</td></tr>`);
+  setHTML(document.querySelector("#job-failures tbody"), jobs.failures.map(j =>
+    `<tr><td>${j.finished_at ? time(j.finished_at) : ""}</td><td>${esc(j.id)}</td>` +
+    `<td>${esc(j.deployment)}.${esc(j.handler)}</td><td>${esc(j.state)}</td>` +
+    `<td>${esc(j.attempt)}</td><td class="error">${esc(j.error.code)}: ` +
+    `${esc(j.error.message)}</td></tr>`).join("")
+    || `<tr><td colspan="6">none</td></tr>`);
+}
+
 function renderCache(cache) {
   if (!cache) return;
   document.getElementById("cache-section").hidden = false;
@@ -322,8 +354,35 @@ function renderCache(cache) {
 
 function seed(history) {
   for (const name in history || {}) {
-    for (const [t, rps, err] of history[name]) push(name, t, rps, err, null, null, null);
+    for (const [t, rps, err, p50, p95, p99] of history[name]) push(name, t, rps, err, p50, p95, p99);
   }
+}
+
+// another history window: the gateway's history of it, then the live points drawn since
+// its last finished step
+async function setRange(minutes) {
+  state.range = minutes;
+  for (const b of document.querySelectorAll("#range button"))
+    b.setAttribute("aria-pressed", String(Number(b.dataset.range) === minutes));
+  let data;
+  try {
+    data = await fetchData(true);
+  } catch (err) {
+    say(`cannot read the history: ${err.message}`, true);
+    return;
+  }
+  const live = state.series;
+  state.series = {};
+  seed(data.history);
+  for (const name in live) {
+    const s = seriesFor(name), old = live[name];
+    const last = s.t.length ? s.t[s.t.length - 1] : -Infinity;
+    old.t.forEach((t, i) => {
+      if (t > last) push(name, t, old.rps[i], old.err[i], old.p50[i], old.p95[i], old.p99[i]);
+    });
+  }
+  for (const name in state.charts) redraw(name);
+  state.ranges = (state.ranges || 0) + 1;  // windows loaded (for tests)
 }
 
 async function poll(first) {
@@ -374,6 +433,11 @@ async function act(what, method, path, body, done) {
 function rolloutPath(name) {
   return `/v1/admin/deployments/${encodeURIComponent(name)}/rollout`;
 }
+
+document.getElementById("range").addEventListener("click", ev => {
+  const button = ev.target.closest("button[data-range]");
+  if (button) setRange(Number(button.dataset.range));
+});
 
 document.addEventListener("click", ev => {
   const button = ev.target.closest("button[data-action]");
