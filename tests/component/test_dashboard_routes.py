@@ -49,6 +49,7 @@ async def test_the_data_and_its_history_bound(make_gateway):
     assert echo["name"] == "echo" and echo["ready"] == 1
     assert echo["metrics"]["requests"]["2xx"] == 1
     assert data["cluster"] == {"enabled": False, "leading": True}
+    assert isinstance(data["cache"]["levels"], dict)  # hit ratio per level (l1, l2)
 
 
 @pytest.mark.parametrize("query", ["history=", "history=abc", "history=0", "history=4321",

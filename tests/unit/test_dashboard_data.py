@@ -11,7 +11,14 @@ import math
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from steadyserve.dashboard.data import Periodic, batch_sizes, history, replica_counts, snapshot
+from steadyserve.dashboard.data import (
+    Periodic,
+    batch_sizes,
+    cache_levels,
+    history,
+    replica_counts,
+    snapshot,
+)
 from steadyserve.observe.aggregate import merge_replica_metrics
 from steadyserve.observe.timeseries import SeriesStore
 from steadyserve.replica.metrics import ReplicaMetrics
@@ -160,3 +167,17 @@ def test_replica_counts_actual_against_target():
     assert replica_counts(replicas, 3) == {"target": 3, "actual": 4, "ready": 1,
                                            "starting": 1, "unhealthy": 2, "draining": 2}
     assert replica_counts([], 0)["actual"] == 0
+
+
+def test_cache_hit_ratio_per_level():
+    r = CollectorRegistry()
+    c = Counter("steadyserve_cache_lookups_total", "", ["level", "result"], registry=r)
+    c.labels("l1", "hit").inc(6)
+    c.labels("l1", "stale").inc(2)  # served: a hit
+    c.labels("l1", "miss").inc(2)
+    c.labels("l2", "miss").inc(2)
+    c.labels("l2", "weird").inc(5)  # not a lookup result: left out
+    assert cache_levels(r.collect()) == {
+        "l1": {"hit": 6.0, "stale": 2.0, "miss": 2.0, "hit_ratio": 0.8},
+        "l2": {"hit": 0.0, "stale": 0.0, "miss": 2.0, "hit_ratio": 0.0}}
+    assert cache_levels(CollectorRegistry().collect()) == {}

@@ -39,6 +39,7 @@ JOBS_REFRESH_S = 5.0  # asynchronous jobs are counted in the database at most th
 JOB_FAILURES_SHOWN = 10  # the newest failed, dead or expired jobs
 JOB_ERROR_CHARS = 300  # of each one's error message
 POOL = "steadyserve_upstream_connections"
+LOOKUPS = "steadyserve_cache_lookups_total"
 USAGE_SHOWN = 10  # the keys with the most requests today
 BATCH_REFRESH_S = 5.0  # the replicas' /metrics are fetched at most this often for the page
 GAUGES = {"steadyserve_admission_limit": "limit", "steadyserve_admission_inflight": "inflight",
@@ -264,3 +265,24 @@ def jobs_view(overview: dict[str, Any], now: float) -> dict[str, Any]:
                         | {"error": {"code": str(error.get("code", "")),
                                      "message": str(error.get("message", ""))[:JOB_ERROR_CHARS]}})
     return {"states": list(JOB_STATES), "deployments": rows, "failures": failures, "at": now}
+
+
+def cache_levels(families: Iterable[Any]) -> dict[str, dict[str, float | None]]:
+    """{level: {hit, stale, miss, hit_ratio}} of the response cache's lookups per level (l1,
+    l2) since the gateway started, summed over its processes; a stale answer counts as a hit
+    (it was served) and hit_ratio is None before the first lookup."""
+    out: dict[str, dict[str, float | None]] = {}
+    for family in families:
+        for s in family.samples:
+            if s.name != LOOKUPS:
+                continue
+            level, result = s.labels.get("level"), s.labels.get("result")
+            if level is None or result not in ("hit", "stale", "miss"):
+                continue
+            counts = out.setdefault(level, {"hit": 0.0, "stale": 0.0, "miss": 0.0})
+            counts[result] = (counts[result] or 0.0) + s.value
+    for counts in out.values():
+        served = (counts["hit"] or 0.0) + (counts["stale"] or 0.0)
+        total = served + (counts["miss"] or 0.0)
+        counts["hit_ratio"] = round(served / total, 4) if total else None
+    return dict(sorted(out.items()))

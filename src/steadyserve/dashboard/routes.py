@@ -33,6 +33,7 @@ from .data import (
     Periodic,
     batch_sizes,
     busy_connections,
+    cache_levels,
     history,
     jobs_view,
     replica_counts,
@@ -96,8 +97,8 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     history the page opens with."""
     minutes = req.query_int("history", 1, MAX_HISTORY_MIN, default=0)
     engine = gw.alerting
-    families = engine.samples().collect() if engine is not None else \
-        gw.metrics.registry.collect()
+    families = list(engine.samples().collect() if engine is not None else
+                    gw.metrics.registry.collect())
     counters = snapshot(families)
     batches = await _batch_sizes(gw, clock())
     busy = busy_connections(gw.worker_metrics())  # the data-plane workers' requests
@@ -137,6 +138,7 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     if gw.cache is not None:
         body["cache"] = {k: v for k, v in gw.cache.status(0).items()
                          if k in ("l1", "l2", "hit_ratio_curve")}
+        body["cache"]["levels"] = cache_levels(families)
     keys = await _key_usage(gw, clock())
     if keys is not None:
         body["keys"] = keys

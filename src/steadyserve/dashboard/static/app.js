@@ -337,7 +337,10 @@ function renderCache(cache) {
   document.getElementById("cache-facts").textContent =
     `L1 (${l1.policy || "-"}): ${mib(l1.bytes || 0)} of ${mib(l1.capacity_bytes || 0)} MiB, ` +
     `${l1.entries ?? 0} entries, hit ratio ${l1.hit_ratio == null ? "-" : (100 * l1.hit_ratio).toFixed(1) + " %"}; ` +
-    `L2: ${esc(l2.state || (cache.l2 ? "on" : "off"))}`;
+    `L2: ${esc(l2.state || (cache.l2 ? "on" : "off"))}; lookups since start by level: ` +
+    (Object.entries(cache.levels || {}).map(([level, c]) => `${level.toUpperCase()} ` +
+      `${c.hit_ratio == null ? "-" : (100 * c.hit_ratio).toFixed(1) + " %"} of ` +
+      `${c.hit + c.stale + c.miss}`).join(", ") || "none");
   const points = ((cache.hit_ratio_curve || {}).points || []);
   const data = [points.map(p => p.capacity_bytes / 1048576), points.map(p => p.hit_ratio)];
   if (!state.curve) {
