@@ -5,8 +5,10 @@
     .venv/bin/python benchmarks/serving.py --only echo --duration-s 10
 
 Parts (--only picks one):
-  embed        raw model in process (batch 1/8/32/64, 2 and 1 torch threads), then
-               `steadyserve run` (minilm, 2 replicas) and a FastAPI peer under the same wrk load
+  embed        raw model in process (batch 1/8/32/64, 2 and 1 torch threads; then one
+               1-thread process per core side by side at batch 64, packed and in padded
+               chunks of 16: raw_best is the best layout of all), then `steadyserve run`
+               (minilm, 2 replicas) and a FastAPI peer under the same wrk load
   echo         steadyserve gateway + 1 echo replica vs a FastAPI echo app, wrk -c64 and -c1
   dashboard    echo throughput (wrk -c64) with no dashboard, with one open (a poller doing
                what the page does: /v1/dashboard every 2 s, history first), and with none
@@ -14,6 +16,9 @@ Parts (--only picks one):
   workers      the echo service behind `--workers 1` and `--workers 2` (2 replicas), and the
                FastAPI echo app under uvicorn --workers 1 and 2: req/s and CPU per request
                of the gateway processes and of the replicas (not in the default run)
+  coalesce     the echo service's batched handler, 1 replica, wrk -c64, with the gateway
+               coalescing calls and without, alternating twice: req/s, p50/p99, CPU per
+               request of gateway and replica (not in the default run)
   memory       launch → /readyz 200 time; idle RSS of the gateway and of each replica
   compression  body sizes and µs: identity / gzip / zstd; msgpack vs JSON for the replica hop
 
@@ -58,7 +63,7 @@ BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
 
 TARGETS = {
-    "served_over_raw": 0.90,        # served embeddings / best raw in-process sentences/s (≥)
+    "served_over_raw": 0.90,        # served embeddings / the best raw layout's sentences/s (≥)
     "echo_rps": 2500.0,             # steadyserve echo, wrk -c64 (≥)
     "echo_p50_ms": 0.6,             # steadyserve echo, wrk -c1, p50 (≤)
     "ready_s": 15.0,                # launch → /readyz 200 for the default minilm (≤)
@@ -536,6 +541,7 @@ def worker_raw(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
+    from steadyserve.examples import embedding
     from steadyserve.examples.embedding import Embedder
 
     corpus = Path(args.corpus).read_text().splitlines()
@@ -543,7 +549,11 @@ def worker_raw(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     e.setup()
     setup_s = time.perf_counter() - t
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "setup_s": setup_s, "batches": {}}
+    if args.padded_chunk:  # the layout before packing: sorted, padded chunks of N texts
+        embedding.CHUNK_CPU = args.padded_chunk
+        e._forward = e.forward_padded  # type: ignore[method-assign]
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "setup_s": setup_s, "batches": {},
+                           "padded_chunk": args.padded_chunk}
     pos = 0
 
     def next_batch(n: int) -> list[str]:
@@ -786,31 +796,38 @@ def section_raw(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
         runs[str(threads)]["other_load"] = b.note_noise(f"raw-{threads}-thread", cpu)
         for bs, r in runs[str(threads)]["batches"].items():
             log(f"  batch {bs:>2}: {r['sentences_per_s']:.1f} sentences/s")
-    # the served layout: 2 replicas × 1 thread. Two 1-thread workers at once, summed.
-    one = runs["1"]["batches"]
-    bs1 = max(one, key=lambda k: one[k]["sentences_per_s"])
-    log(f"raw model: {cores} processes × 1 thread side by side, batch {bs1}")
-    with CpuWatch() as cpu:
-        parallel = run_workers_parallel(
-            cores, ["--threads", "1", "--seconds", str(2 * b.raw_s), "--corpus",
-                    str(b.corpus_path), "--batches", bs1], timeout_s=120 + 4 * b.raw_s)
-    b.note_noise(f"raw-{cores}x1-thread", cpu)
-    agg = sum(r["batches"][bs1]["sentences_per_s"] for r in parallel)
-    log(f"  {agg:.1f} sentences/s together")
-    best_bs, best = max(((bs, r["sentences_per_s"]) for bs, r in runs[str(cores)]["batches"].items()),
-                        key=lambda x: x[1])
+    # the served layout: one 1-thread process per core, run side by side and summed. Each
+    # sorts windows of 64 texts by token count; the model's own path runs them packed, the
+    # padded layout in chunks of 16 (the best layout before packing).
+    layouts: dict[str, dict[str, Any]] = {}
+    for name, padded in (("packed", 0), ("padded chunks of 16", 16)):
+        log(f"raw model: {cores} processes × 1 thread side by side, batch 64, {name}")
+        with CpuWatch() as cpu:
+            parallel = run_workers_parallel(
+                cores, ["--threads", "1", "--seconds", str(2 * b.raw_s), "--corpus",
+                        str(b.corpus_path), "--batches", "64", "--rounds", str(b.rounds),
+                        "--padded-chunk", str(padded)], timeout_s=120 + 8 * b.raw_s * b.rounds)
+        b.note_noise(f"raw-{cores}x1-thread-{padded}", cpu)
+        agg = sum(r["batches"]["64"]["sentences_per_s"] for r in parallel)
+        layouts[name] = {"processes": cores, "batch": 64, "padded_chunk": padded,
+                         "sentences_per_s": agg, "runs": parallel}
+        log(f"  {agg:.1f} sentences/s together")
+    candidates = [(f"1 process × {n} thread(s), batch {bs}", r["sentences_per_s"])
+                  for n, run in runs.items() for bs, r in run["batches"].items()]
+    candidates += [(f"{cores} processes × 1 thread, batch 64, {name}", lay["sentences_per_s"])
+                   for name, lay in layouts.items()]
+    best_name, best = max(candidates, key=lambda x: x[1])
     res["raw"] = {"cores": cores, "runs": runs, "best_sentences_per_s": best,
-                  "best_batch": int(best_bs),
-                  "parallel_1_thread": {"processes": cores, "batch": int(bs1),
-                                        "sentences_per_s": agg, "runs": parallel}}
-    for threads, run in runs.items():
+                  "best_layout": best_name, "parallel_1_thread": layouts}
+    for n_threads, run in runs.items():
         for bs, r in run["batches"].items():
-            rows.append(("raw model", f"{threads} thread(s), batch {bs}",
+            rows.append(("raw model", f"{n_threads} thread(s), batch {bs}",
                          f"{r['sentences_per_s']:.1f} sent/s", "", ""))
-    rows.append(("raw model", f"{cores} processes × 1 thread at once, batch {bs1}",
-                 f"{agg:.1f} sent/s (sum)", "", ""))
-    rows.append(("raw model", f"best, 1 process × {cores} threads (= raw_best)",
-                 f"{best:.1f} sent/s (batch {best_bs})", "", ""))
+    for name, lay in layouts.items():
+        rows.append(("raw model", f"{cores} processes × 1 thread at once, batch 64, {name}",
+                     f"{lay['sentences_per_s']:.1f} sent/s (sum)", "", ""))
+    rows.append(("raw model", "best layout (= raw_best)", f"{best:.1f} sent/s ({best_name})",
+                 "", ""))
 
 
 def section_served(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
@@ -1003,6 +1020,61 @@ def section_workers(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
                      f"{f['c64']['ok_rps']:.0f}, {f['cpu_ms_per_request']:.3f}", "", ""))
 
 
+def section_coalesce(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
+    """The echo service's batched handler (no work in it), 1 replica, wrk -c64, with the
+    gateway coalescing calls ([gateway] coalesce_max_items = 64, the default) and without
+    (0), alternating twice so the machine's drift falls on both sides: req/s, p50/p99 and
+    the CPU per request of the gateway and of the replica."""
+    out: dict[str, Any] = {"on": [], "off": []}
+    res["coalesce"] = out
+    path = "/v1/deployments/echo/echo_batch"
+    for rnd in range(2):
+        for mode, items in (("on", 64), ("off", 0)):
+            cfg = b.log_dir / f"coalesce-{mode}.toml"
+            cfg.write_text(f"[gateway]\ncoalesce_max_items = {items}\n\n[deployments.echo]\n"
+                           f'service = "{ECHO_SERVICE}"\nreplicas = 1\n')
+            port = free_port()
+            argv = [*steadyserve_argv(None, None, port), "--config", str(cfg)]
+            srv = Server(f"steadyserve-coalesce-{mode}-{rnd}", argv, port,
+                         b.log_dir / f"steadyserve-coalesce-{mode}-{rnd}.log")
+            one: dict[str, Any] = {}
+            with running(srv, one):
+                srv.wait_all_replicas("echo")
+                b.wrk(f"coalesce-{mode}-{rnd}-warmup", port, path, 64, b.warm_echo_s, "texts[]",
+                      watch=[srv.pid])
+                g0, r0 = split_cpu_s(srv.pid)
+                before = scrape(port)
+                run = b.wrk(f"coalesce-{mode}-{rnd}", port, path, 64, b.duration_s, "texts[]",
+                            watch=[srv.pid])
+                g1, r1 = split_cpu_s(srv.pid)
+                d = delta(scrape(port), before)
+            ok = max(1, run["requests"] - run["non_2xx_3xx"])
+            exchanges = d.get("steadyserve_upstream_exchanges_total{}", 0.0)
+            one.update(wrk=run, gateway_cpu_us=1e6 * (g1 - g0) / ok,
+                       replica_cpu_us=1e6 * (r1 - r0) / ok,
+                       calls_per_exchange=(d.get("steadyserve_upstream_exchange_calls_total{}", 0.0)
+                                           / exchanges if exchanges else None))
+            out[mode].append(one)
+
+    def med(mode: str, f: Callable[[dict[str, Any]], float]) -> float:
+        return statistics.median(f(x) for x in out[mode])
+
+    for mode in ("on", "off"):
+        rps = med(mode, lambda x: x["wrk"]["ok_rps"])
+        cpe = [x["calls_per_exchange"] for x in out[mode] if x["calls_per_exchange"]]
+        rows.append(("coalescing", f"{mode}: req/s, p50 / p99 (c64, medians of 2)",
+                     f"{rps:.0f}, {med(mode, lambda x: x['wrk']['p50_ms']):.1f} / "
+                     f"{med(mode, lambda x: x['wrk']['p99_ms']):.1f} ms", "", ""))
+        rows.append(("coalescing", f"{mode}: CPU µs/request gateway, replica",
+                     f"{med(mode, lambda x: x['gateway_cpu_us']):.0f}, "
+                     f"{med(mode, lambda x: x['replica_cpu_us']):.0f}"
+                     + (f" ({statistics.median(cpe):.1f} calls per exchange)" if cpe else ""),
+                     "", ""))
+    on, off = med("on", lambda x: x["wrk"]["ok_rps"]), med("off", lambda x: x["wrk"]["ok_rps"])
+    out["rps_on_over_off"] = on / off if off else None
+    rows.append(("coalescing", "req/s on / off", f"{on / off:.2f}" if off else "n/a", "", ""))
+
+
 def section_dashboard(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
     """wrk -c64 on echo, alternating three times without and with an open dashboard (a
     poller doing what the page does), so the machine's drift over the run falls on both
@@ -1190,7 +1262,7 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short smoke run, about a minute")
-    p.add_argument("--only", choices=["echo", "embed", "memory", "compression", "workers",
+    p.add_argument("--only", choices=["echo", "embed", "memory", "compression", "workers", "coalesce",
                                       "dashboard"],
                    help="run one part (embed = raw model + served + FastAPI peer)")
     p.add_argument("--duration-s", type=int, help="seconds per measured wrk run "
@@ -1211,6 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--batches", default="1,8,32,64", help=argparse.SUPPRESS)
+    p.add_argument("--padded-chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args._worker:
@@ -1272,6 +1345,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("workers", section_workers))
     if args.only == "dashboard":
         plan.append(("dashboard", section_dashboard))
+    if args.only == "coalesce":
+        plan.append(("coalesce", section_coalesce))
 
     wait_until = time.monotonic() + args.wait_quiet
     while True:

@@ -14,3 +14,9 @@ class Echo(steadyserve.Service):
     @steadyserve.handler
     async def echo(self, text: str) -> dict:
         return {"text": text}
+
+    @steadyserve.handler(batch=True, max_batch_size=64)
+    def echo_batch(self, texts: list[str]) -> list[dict]:
+        """A batched handler with no work in it: what the serving path costs per call when
+        the model costs nothing (benchmarks/serving.py --only coalesce)."""
+        return [{"text": t} for t in texts]

@@ -3,7 +3,8 @@
 --   wrk -t1 -c64 -d30s --timeout 10s -s benchmarks/wrk/corpus.lua URL -- CORPUS FIELD [MODEL]
 --
 -- CORPUS: a text file, one sentence per line (benchmarks/serving.py writes it).
--- FIELD:  the JSON key the sentence goes under ("input" for /v1/embeddings, "text" for echo).
+-- FIELD:  the JSON key the sentence goes under ("input" for /v1/embeddings, "text" for echo);
+--         "texts[]": the sentence goes in a one-item list under "texts" (a batched handler).
 -- MODEL:  if given, also sends "model": MODEL (OpenAI shape).
 -- Every request is built once in init(); request() only hands them out, so the Lua side
 -- costs wrk almost nothing. There is no response() callback (it would slow wrk down):
@@ -30,11 +31,15 @@ function init(args)
     error("usage: wrk ... -s corpus.lua URL -- CORPUS FIELD [MODEL]")
   end
   local file = assert(io.open(path, "r"))
+  local open, close = "", "}"
+  if field:sub(-2) == "[]" then
+    field, open, close = field:sub(1, -3), "[", "]}"
+  end
   local prefix = "{"
   if model ~= nil and model ~= "" then
     prefix = prefix .. '"model":' .. json_string(model) .. ","
   end
-  prefix = prefix .. json_string(field) .. ":"
+  prefix = prefix .. json_string(field) .. ":" .. open
   -- no-store: the corpus cycles, and this benchmark measures the model path, not the
   -- response cache (benchmarks/cache.py measures that). X-Priority: batch: 64 connections
   -- sending back to back is a throughput workload; interactive traffic is held to a
@@ -45,7 +50,7 @@ function init(args)
     line = line:gsub("\r$", "")
     if line ~= "" then
       count = count + 1
-      requests[count] = wrk.format("POST", nil, headers, prefix .. json_string(line) .. "}")
+      requests[count] = wrk.format("POST", nil, headers, prefix .. json_string(line) .. close)
     end
   end
   file:close()
