@@ -42,6 +42,9 @@ async def test_every_route_and_handler_is_documented_with_its_security(make_gate
     assert "/v1/admin/deployments/echo/rollout" in paths
     ids = [op["operationId"] for p in paths.values() for op in p.values()]
     assert len(ids) == len(set(ids))
+    # the query parameters the routes read (each refuses other values with 400)
+    listed = {q["name"] for q in paths["/v1/jobs"]["get"]["parameters"] if q["in"] == "query"}
+    assert listed == {"state", "limit"}
 
 
 @pytest.mark.parametrize(("handler", "body"), [

@@ -46,6 +46,10 @@ QUERY_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
                              ("deployment", "only this deployment")),
     "/v1/admin/keys/usage": (("days", "UTC days back, today included: 1 to 366 (default 7)"),
                              ("limit", "the most rows: 1 to 1000 (default 100)")),
+    "/v1/jobs": (("state", "only jobs in this state: queued, running, succeeded, failed, dead, "
+                           "cancelled or expired"),
+                 ("limit", "the most jobs, newest first: 1 to [jobs] max_list (default 100 or "
+                           "max_list if smaller)")),
 }
 
 
