@@ -97,7 +97,12 @@ def test_the_risk_pipeline_answers_and_survives_a_killed_embedder(serve, tmp_pat
         stop.set()
         for f in futures:
             f.result()
-    print(f"\n  pipeline under load, an embedding replica SIGKILLed: {statuses}")
+    metrics = httpx.get(f"{gw.url}/metrics", timeout=10).text
+    shared = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith(("steadyserve_upstream_exchanges_total ",
+                                  "steadyserve_upstream_exchange_calls_total "))}
+    print(f"\n  pipeline under load, an embedding replica SIGKILLed: {statuses}; batched "
+          f"calls and the exchanges that carried them (gateway.coalesce): {shared}")
     assert set(statuses) == {200}, statuses
     assert statuses[200] > 100
     status = httpx.get(f"{gw.url}/v1/deployments/minilm", timeout=10).json()
