@@ -54,6 +54,11 @@ async def test_completions_and_chat_whole_and_streamed(make_gateway: Any) -> Non
     assert got[-3]["choices"][0]["finish_reason"] == "length"
     assert got[-2]["choices"] == [] and got[-2]["usage"]["completion_tokens"] == 6
     assert all(c["object"] == "chat.completion.chunk" for c in got[:-1])
+    metrics = (await client.get("/metrics")).text  # one stream, complete, its tokens counted
+    assert 'steadyserve_streams_total{deployment="textgen",outcome="complete"} 1.0' in metrics
+    assert 'steadyserve_streams_open{deployment="textgen"} 0.0' in metrics
+    # 12 + 12 answered whole, 6 streamed
+    assert 'steadyserve_generated_tokens_total{deployment="textgen"} 30.0' in metrics
 
 
 async def test_stop_ends_the_generation(make_gateway: Any) -> None:
@@ -77,6 +82,9 @@ async def test_a_failure_mid_stream_still_sends_usage_and_done(make_gateway: Any
     assert [c["choices"][0]["delta"].get("content") for c in got[1:4]] == [" t0", " t1", " t2"]
     assert got[4]["error"]["code"] == "handler_failed"
     assert got[5]["usage"]["completion_tokens"] == 3 and got[6] == "[DONE]"
+    metrics = (await client.get("/metrics")).text
+    assert 'steadyserve_streams_total{deployment="flaky",outcome="error"} 1.0' in metrics
+    assert 'steadyserve_generated_tokens_total{deployment="flaky"} 3.0' in metrics
 
 
 @pytest.mark.parametrize("body, param", [

@@ -29,7 +29,7 @@ from ..errors import ClientError, HandlerFailed, SteadyError
 from .http import Request, Response, json_response
 from .openai import handler_of, model_of
 from .routes import request_timeout_s
-from .streaming import SSE, error_body, open_items
+from .streaming import SSE, counted, error_body, open_items
 
 if TYPE_CHECKING:
     from .dispatch import Streamed
@@ -225,9 +225,7 @@ def _event(obj: Any) -> bytes:
 async def _events(gw: DataPlane, d: Deployment, run: _Run, ident: str, created: int, model: str,
                   chat: bool, include_usage: bool, prompt_words: int) -> AsyncIterator[bytes]:
     obj = "chat.completion.chunk" if chat else "text_completion"
-    m = gw.metrics
-    m.streams_open.labels(d.name).inc()
-    outcome = "cancelled"
+    items = gw.metrics.stream_items.labels(d.name)
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return _event({"id": ident, "object": obj, "created": created, "model": model,
@@ -239,25 +237,23 @@ async def _events(gw: DataPlane, d: Deployment, run: _Run, ident: str, created: 
             return {"index": 0, "delta": delta, "finish_reason": finish}
         return {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
 
-    try:
-        if chat:
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                          "finish_reason": None}])
+    async with counted(gw, d.name, run.streamed) as outcome:
         try:
-            async for piece in run.pieces():
-                m.stream_items.labels(d.name).inc()
-                yield chunk([choice(piece, None)])
-        except SteadyError as exc:
-            outcome = "error"
-            yield _event(error_body(exc))
-        else:
-            outcome = "complete"
-            yield chunk([choice(None, run.finish)])
-        if include_usage:
-            yield chunk([], usage=_usage(prompt_words, run.tokens))
-        yield b"data: [DONE]\n\n"
-    finally:
-        m.streams_open.labels(d.name).dec()
-        m.streams.labels(d.name, outcome).inc()
-        m.generated_tokens.labels(d.name).inc(run.tokens)
-        await run.streamed.close()
+            if chat:
+                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                              "finish_reason": None}])
+            try:
+                async for piece in run.pieces():
+                    items.inc()
+                    yield chunk([choice(piece, None)])
+            except SteadyError as exc:
+                outcome.value = "error"
+                yield _event(error_body(exc))
+            else:
+                outcome.value = "complete"
+                yield chunk([choice(None, run.finish)])
+            if include_usage:
+                yield chunk([], usage=_usage(prompt_words, run.tokens))
+            yield b"data: [DONE]\n\n"
+        finally:
+            gw.metrics.generated_tokens.labels(d.name).inc(run.tokens)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -94,31 +96,46 @@ def _sse(item: Any) -> bytes:
     return b"data: " + _dumps(item) + b"\n\n"
 
 
+@dataclass(slots=True)
+class Outcome:
+    value: str = "cancelled"  # what a stream that ends without saying otherwise was
+
+
+@asynccontextmanager
+async def counted(gw: DataPlane, deployment: str, streamed: Streamed) -> AsyncIterator[Outcome]:
+    """One relayed stream's bookkeeping, for the native and the OpenAI relays: the open
+    streams gauge, its outcome when it ends (set `.value`: cancelled unless said), and the
+    replica's stream closed whatever happened."""
+    m = gw.metrics
+    m.streams_open.labels(deployment).inc()
+    outcome = Outcome()
+    try:
+        yield outcome
+    finally:
+        m.streams_open.labels(deployment).dec()
+        m.streams.labels(deployment, outcome.value).inc()
+        await streamed.close()
+
+
 async def relay(gw: DataPlane, deployment: str, streamed: Streamed,
                 encode: Any) -> AsyncIterator[bytes]:
     """The items as bytes for the client; ends with an error event on a failure after the
     first item. Cancelled when the client leaves (the gateway's send loop watches)."""
-    m = gw.metrics
-    m.streams_open.labels(deployment).inc()
-    outcome = "cancelled"
+    items = gw.metrics.stream_items.labels(deployment)
     started = time.monotonic()
-    try:
+    async with counted(gw, deployment, streamed) as outcome:
         try:
             async for item in streamed.items():
-                m.stream_items.labels(deployment).inc()
+                items.inc()
                 yield encode(item)
         except SteadyError as exc:
-            outcome = "error"
+            outcome.value = "error"
             body = error_body(exc)
             yield (b"event: error\ndata: " + _dumps(body) + b"\n\n") if encode is _sse \
                 else _dumps(body) + b"\n"
             return
-        outcome = "complete"
+        outcome.value = "complete"
         if encode is _sse:
             yield b"event: end\ndata: " + _dumps(
                 {"items": streamed.items_sent, "seconds": round(time.monotonic() - started, 6)}
             ) + b"\n\n"
-    finally:
-        m.streams_open.labels(deployment).dec()
-        m.streams.labels(deployment, outcome).inc()
-        await streamed.close()
