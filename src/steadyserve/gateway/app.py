@@ -240,9 +240,8 @@ class Gateway:
             transport, self.metrics, config.resilience,
             on_unavailable=control.report_unavailable if control is not None else None,
             replica_exited=control.replica_exited if control is not None else None,
+            gateway_cfg=config.gateway,
         )
-        self.dispatcher.coalescer.max_items = config.gateway.coalesce_max_items
-        self.dispatcher.coalescer.max_bytes = config.gateway.coalesce_max_bytes
         self.membership.on_change = self.dispatcher.resize
         self.dispatcher.affinity_balance = config.cache.affinity_balance
         self.affinity = config.cache.affinity

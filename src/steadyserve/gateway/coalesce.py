@@ -118,13 +118,10 @@ class Coalescer:
         calls = group.calls
         if self.on_exchange is not None:
             self.on_exchange(len(calls))
+        if len(calls) == 1:
+            await self._alone(group, calls[0])
+            return
         try:
-            if len(calls) == 1:
-                c = calls[0]
-                _settle(c, await self.transport.request(
-                    group.address, "POST", "/invoke/" + group.handler, c.body, c.headers,
-                    c.timeout_s))
-                return
             body = codec.encode([[c.headers, c.body] for c in calls])
             timeout_s = max(c.timeout_s for c in calls)
             try:
@@ -148,6 +145,7 @@ class Coalescer:
                     c.future.set_exception(exc)
 
     async def _alone(self, group: _Group, c: _Call) -> None:
+        """One call as a plain /invoke; what fails is its own."""
         try:
             _settle(c, await self.transport.request(
                 group.address, "POST", "/invoke/" + group.handler, c.body, c.headers,

@@ -62,7 +62,7 @@ from typing import Any
 import orjson
 
 from .. import codec
-from ..config import ResilienceConfig
+from ..config import GatewayConfig, ResilienceConfig
 from ..errors import (
     CallDepthExceeded,
     ConnectionLost,
@@ -178,12 +178,14 @@ class Dispatcher:
         rand: Callable[[], float] = random.random,
         on_unavailable: Callable[[str, Endpoint], None] | None = None,
         replica_exited: Callable[[str], bool] | None = None,
+        gateway_cfg: GatewayConfig | None = None,
     ) -> None:
         self.transport = transport
         self.metrics = metrics
         # batched handlers' calls: those started in one loop turn share one exchange
-        self.coalescer = Coalescer(transport, max_items=64, max_bytes=4 * 1024 * 1024,
-                                   on_exchange=self._exchanged)
+        edge = gateway_cfg or GatewayConfig()
+        self.coalescer = Coalescer(transport, max_items=edge.coalesce_max_items,
+                                   max_bytes=edge.coalesce_max_bytes, on_exchange=self._exchanged)
         self.cfg = cfg or ResilienceConfig()
         self.clock = clock
         self.rand = rand
