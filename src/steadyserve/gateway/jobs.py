@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from ..config import Config, JobsConfig
 from ..errors import (
@@ -58,6 +58,7 @@ from ..errors import (
     PayloadTooLarge,
     SteadyError,
 )
+from ..observe.metrics import JobMetrics
 from ..policies.jobs import (
     FINAL,
     STATES,
@@ -262,25 +263,6 @@ async def list_jobs(gw: Gateway, req: Request, params: dict[str, str]) -> Respon
 
 
 # --- the runner ---------------------------------------------------------------------------
-class JobMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.runs = Counter(
-            "steadyserve_job_runs_total",
-            "Job runs this gateway ended, by outcome (ok, refused, busy, error, late, lost)",
-            ["deployment", "outcome"], registry=registry)
-        self.finished = Counter(
-            "steadyserve_jobs_finished_total",
-            "Jobs this gateway brought to a final state, by state", ["deployment", "state"],
-            registry=registry)
-        self.jobs = Gauge(
-            "steadyserve_jobs", "Jobs in the database by state (every gateway's), refreshed "
-            "every few seconds", ["state"], registry=registry)
-        self.webhooks = Counter(
-            "steadyserve_job_webhooks_total",
-            "Webhook delivery tries, by outcome (delivered, retry, failed)", ["outcome"],
-            registry=registry)
-
-
 @dataclass(slots=True)
 class _Run:
     task: asyncio.Task[None]

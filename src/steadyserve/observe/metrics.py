@@ -306,6 +306,34 @@ class GatewayMetrics:
         self._pools.discard((deployment, replica_id))
 
 
+class JobMetrics:
+    """Asynchronous jobs (gateway.jobs), in the registry the runner is given (the gateway's):
+    the runs and final states this gateway brought about, every gateway's jobs by state, and
+    webhook delivery tries."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.runs = Counter(
+            "steadyserve_job_runs_total",
+            "Job runs this gateway ended, by outcome (ok, refused, busy, error, late, lost)",
+            ["deployment", "outcome"], registry=r,
+        )
+        self.finished = Counter(
+            "steadyserve_jobs_finished_total",
+            "Jobs this gateway brought to a final state, by state", ["deployment", "state"],
+            registry=r,
+        )
+        self.jobs = Gauge(
+            "steadyserve_jobs", "Jobs in the database by state (every gateway's), refreshed "
+            "every few seconds", ["state"], registry=r,
+        )
+        self.webhooks = Counter(
+            "steadyserve_job_webhooks_total",
+            "Webhook delivery tries, by outcome (delivered, retry, failed)", ["outcome"],
+            registry=r,
+        )
+
+
 class BalancerFitCollector(Collector):
     """The least_squares balancer's per-replica fit, read at scrape time: only replicas in
     rotation have a fit (the balancer forgets the ones that leave), so no retired series."""
