@@ -204,5 +204,5 @@ async def test_jobs_by_deployment_and_state_with_the_oldest_queued_and_failures(
         assert later["counts"]["queued"] == 0 and later["counts"]["cancelled"] == 1
         assert later["oldest_queued_at"] is None
     finally:
-        await runner.http.aclose()
+        await runner.webhooks.http.aclose()
         db.close()

@@ -11,7 +11,8 @@ import pytest
 from steadyserve.client import verify_webhook
 from steadyserve.config import JobsConfig
 from steadyserve.errors import ConfigError
-from steadyserve.gateway.jobs import request_hash, signature, signed_headers, view
+from steadyserve.gateway.jobs import request_hash, view
+from steadyserve.gateway.webhooks import signature, signed_headers
 from steadyserve.policies.jobs import (
     FINAL,
     STATES,

@@ -1,4 +1,4 @@
-"""Asynchronous inference jobs: the routes, the runner and the webhook sender.
+"""Asynchronous inference jobs: the routes and the runner.
 
     POST   /v1/jobs/{deployment}/{handler}   the handler's parameters, as the native route
                                              takes them → 202 {"id", …} once stored
@@ -24,24 +24,21 @@ request. Each claim carries a lease the runner renews; a job whose gateway died 
 when its lease runs out and tried again (at least once). Its outcome is stored only if the
 job still runs that attempt (exactly once). Webhooks go out after the outcome is stored
 (the same statement marks them due), at least once, signed; the event id is the job id.
+The runner owns their sender (gateway.webhooks.WebhookSender) and runs its loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
-import os
 import random
 import re
-import secrets
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -51,7 +48,6 @@ from prometheus_client import CollectorRegistry
 from ..config import Config, JobsConfig
 from ..errors import (
     ClientError,
-    ConfigError,
     Conflict,
     DependencyUnavailable,
     NotFound,
@@ -65,11 +61,9 @@ from ..policies.jobs import (
     Decision,
     Outcome,
     RetryPolicy,
-    WebhookPolicy,
     classify,
     decide,
     spare_slots,
-    webhook_after,
     webhook_problem,
 )
 from ..store.jobs import JobStore
@@ -78,6 +72,7 @@ from .dispatch import CallInfo, Dispatcher
 from .http import Request, Response, json_response
 from .membership import Deployment, Membership
 from .routes import await_handlers, check_items, find_deployment, find_handler
+from .webhooks import WebhookSender, webhook_secret
 
 if TYPE_CHECKING:
     from ..store.database import Database
@@ -91,8 +86,6 @@ REAP_BATCH = 100  # expired leases settled per pass
 PRUNE_EVERY_S = 60.0
 COUNT_EVERY_S = 5.0
 SETTLE_RETRY_S = 0.5  # the database refused an outcome: try again this often (within the lease)
-WEBHOOK_HOLD_FACTOR = 2.0  # a delivery try holds its webhook this many timeouts long
-SIGNATURE_VERSION = "v1"
 
 
 # --- routes -------------------------------------------------------------------------------
@@ -274,8 +267,9 @@ def _error(code: str, message: str, status: int) -> dict[str, Any]:
 
 
 class JobRunner:
-    """The gateway process's job runner and webhook sender; `run()` is its one background
-    task (three loops that each log and go on after any error), `stop()` the staged end."""
+    """The gateway process's job runner; `run()` is its one background task (three loops
+    that each log and go on after any error: claiming jobs, their leases, and its
+    `webhooks` sender's), `stop()` the staged end."""
 
     def __init__(self, cfg: JobsConfig, store: JobStore, membership: Membership,
                  dispatcher: Dispatcher, registry: CollectorRegistry, holder: str,
@@ -289,20 +283,16 @@ class JobRunner:
         self.dispatcher = dispatcher
         self.metrics = JobMetrics(registry)
         self.holder = holder
-        self.secret = secret
         self.drain_s = drain_s
         self.wall = wall
         self.rand = rand
         self.retry = RetryPolicy(cfg.max_failures, cfg.retry_base_s, cfg.retry_cap_s)
-        self.webhook_policy = WebhookPolicy(cfg.webhook_max_attempts, cfg.webhook_retry_base_s,
-                                            cfg.webhook_retry_cap_s)
-        self.http = http or httpx.AsyncClient(follow_redirects=False)
+        self.webhooks = WebhookSender(cfg, store, self.metrics, secret, wall=wall, rand=rand,
+                                      http=http)
         self.running: dict[str, _Run] = {}
         self.stopped_runs: set[str] = set()  # cancelled, or no longer ours: nothing to store
         self.stopping = False
         self._wake = asyncio.Event()
-        self._webhooks_wake = asyncio.Event()
-        self._deliveries: set[asyncio.Task[None]] = set()
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._down = False  # the database refused the last claim (logged once)
 
@@ -311,7 +301,7 @@ class JobRunner:
         self._wake.set()
 
     def wake_webhooks(self) -> None:
-        self._webhooks_wake.set()
+        self.webhooks.wake()
 
     def stop_run(self, job_id: str) -> None:
         run = self.running.get(job_id)
@@ -325,7 +315,7 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         self._loops = {"claim": loop.create_task(self._claim_loop(), name="jobs-claim"),
                        "leases": loop.create_task(self._lease_loop(), name="jobs-leases"),
-                       "webhooks": loop.create_task(self._webhook_loop(), name="jobs-webhooks")}
+                       "webhooks": loop.create_task(self.webhooks.run(), name="jobs-webhooks")}
         try:
             await asyncio.wait(self._loops.values())  # (stop() ends them one by one)
         finally:
@@ -336,7 +326,7 @@ class JobRunner:
         """Stop claiming jobs and webhooks; give running jobs `drain_s` to finish (their
         leases still renewed); cancel the rest and put them back in the queue, not counted
         as failures; end webhook tries (a try cut short is tried again after its hold)."""
-        self.stopping = True
+        self.stopping = self.webhooks.stopping = True
         first = [self._loops[n] for n in ("claim", "webhooks") if n in self._loops]
         for task in first:
             task.cancel()
@@ -355,14 +345,11 @@ class JobRunner:
                 if await asyncio.to_thread(self.store.settle, job["id"], job["attempt"],
                                            Decision("queued", job["failures"], now), now):
                     log.info("job put back in the queue at shutdown", extra={"job": job["id"]})
-        for t in list(self._deliveries):
-            t.cancel()
-        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        await self.webhooks.close()
         leases = self._loops.get("leases")
         if leases is not None:
             leases.cancel()
             await asyncio.gather(leases, return_exceptions=True)
-        await self.http.aclose()
 
     # claiming -----------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
@@ -575,125 +562,6 @@ class JobRunner:
                     self.wake()
         if await asyncio.to_thread(self.store.expire_overdue, now):
             self.wake_webhooks()
-
-    # webhooks -------------------------------------------------------------------------------
-    async def _webhook_loop(self) -> None:
-        cfg = self.cfg
-        while not self.stopping:
-            self._webhooks_wake.clear()
-            claimed = 0
-            free = cfg.webhook_concurrency - len(self._deliveries)
-            if free > 0 and not self.stopping:
-                try:
-                    rows = await asyncio.to_thread(
-                        self.store.claim_webhooks, self.wall(), free,
-                        cfg.webhook_timeout_s * WEBHOOK_HOLD_FACTOR)
-                    for row in rows:
-                        task = asyncio.get_running_loop().create_task(
-                            self.deliver(row), name=f"webhook-{row['id']}")
-                        self._deliveries.add(task)
-                        task.add_done_callback(self._delivered)
-                    claimed = len(rows)
-                except DependencyUnavailable:
-                    pass  # the claim loop says the database is down
-                except Exception:
-                    log.exception("claiming webhooks failed; trying again")
-            if not claimed or len(self._deliveries) >= cfg.webhook_concurrency:
-                with suppress(TimeoutError):
-                    await asyncio.wait_for(self._webhooks_wake.wait(), cfg.poll_s)
-
-    def _delivered(self, task: asyncio.Task[None]) -> None:
-        self._deliveries.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("webhook delivery failed", exc_info=task.exception())
-        self._webhooks_wake.set()
-
-    async def deliver(self, row: dict[str, Any]) -> None:
-        """One try of one job's webhook, and what came of it."""
-        cfg = self.cfg
-        attempts = int(row["webhook_attempts"])
-        url = str(row["webhook_url"])
-        problem = webhook_problem(url, cfg.webhook_hosts, cfg.max_webhook_url_chars)
-        if problem is not None:  # the allow-list changed since the job was submitted
-            state, next_at, error = "failed", None, problem
-        else:
-            body = webhook_body(row)
-            headers = signed_headers(self.secret, str(row["id"]), f"job.{row['state']}",
-                                     int(self.wall()), body)
-            error = None
-            try:
-                async with self.http.stream("POST", url, content=body, headers=headers,
-                                            timeout=cfg.webhook_timeout_s) as reply:
-                    ok = 200 <= reply.status_code < 300  # the body is never read
-                    if not ok:
-                        error = f"the receiver answered {reply.status_code}"
-            except httpx.HTTPError as exc:
-                ok = False
-                error = f"{type(exc).__name__}: {exc}"[:500]
-            state, next_at = webhook_after(ok, attempts=attempts, now=self.wall(),
-                                           rand01=self.rand(), policy=self.webhook_policy)
-        self.metrics.webhooks.labels("retry" if state == "pending" else state).inc()
-        extra = {"job": row["id"], "webhook_attempt": attempts, "state": state}
-        if state == "failed":
-            log.warning("webhook given up: %s", error, extra=extra)
-        elif state == "pending":
-            log.info("webhook will be tried again: %s", error, extra=extra)
-        try:
-            await asyncio.to_thread(self.store.webhook_done, row["id"], attempts, state,
-                                    next_at, self.wall(), error)
-        except DependencyUnavailable:
-            log.warning("webhook outcome not stored (the database is down): it is tried again",
-                        extra=extra)
-
-
-def webhook_body(row: dict[str, Any]) -> bytes:
-    raw = row.get("result")
-    job = {k: row.get(k) for k in ("id", "deployment", "handler", "state", "attempt",
-                                   "failures", "created_at", "started_at", "finished_at")}
-    return orjson.dumps({
-        "event_id": row["id"], "type": f"job.{row['state']}",
-        "job": {**job, "result": None if raw is None else orjson.Fragment(raw),
-                "error": row.get("error")}})
-
-
-def signature(secret: bytes, timestamp: int, body: bytes) -> str:
-    """HMAC-SHA256 over "<timestamp>.<body>", hex (what X-Steadyserve-Signature carries
-    after "v1="); `steadyserve.client.verify_webhook` checks it."""
-    return hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-
-
-def signed_headers(secret: bytes, event_id: str, event: str, timestamp: int,
-                   body: bytes) -> dict[str, str]:
-    return {"content-type": "application/json", "user-agent": "steadyserve-webhooks",
-            "x-steadyserve-event-id": event_id, "x-steadyserve-event": event,
-            "x-steadyserve-timestamp": str(timestamp),
-            "x-steadyserve-signature": f"{SIGNATURE_VERSION}={signature(secret, timestamp, body)}"}
-
-
-def webhook_secret(config: Config) -> bytes:
-    """[jobs] webhook_secret, else the secret file (under data_dir unless absolute), made
-    with 64 random hex digits and mode 0600 the first time."""
-    from ..auth.keyring import _write_private
-
-    cfg = config.jobs
-    if cfg.webhook_secret:
-        return cfg.webhook_secret.encode()
-    path = Path(cfg.webhook_secret_file)
-    if not path.is_absolute():
-        path = Path(config.data_dir) / path
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if _write_private(path, secrets.token_hex(32), replace=False):
-            log.info("wrote a new webhook signing secret", extra={"path": str(path)})
-        text = path.read_text().strip()  # ours, or another gateway's that won the race
-    if len(text) < 16:
-        raise ConfigError(f"the webhook secret in {path} is shorter than 16 characters; "
-                          "delete the file to get a new one")
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)
-    return text.encode()
 
 
 def build_runner(config: Config, gateway: Gateway, db: Database, gateway_id: str) -> JobRunner:
