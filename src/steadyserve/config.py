@@ -21,6 +21,9 @@ _GPU = re.compile(r"^[A-Za-z0-9-]{1,64}$")  # "0", "GPU-8f0c…", "MIG-…"
 DEFAULT_SERVICE = "steadyserve.examples.embedding:Embedder"
 RISK_SERVICE = "steadyserve.examples.risk.service:RiskScorer"
 MiB = 1024 * 1024
+# calls in one coalesced exchange (POST /invoke-many/<handler>, gateway.coalesce): a replica
+# refuses more (replica.server), so [gateway] coalesce_max_items is at most this
+MAX_COALESCED_CALLS = 1024
 _HEADER = re.compile(r"[a-z0-9-]{1,64}")
 _ANSWER_PATH = re.compile(r"[A-Za-z0-9_]{1,64}(\.[A-Za-z0-9_]{1,64}){0,7}")
 
@@ -287,9 +290,10 @@ class GatewayConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if not 1 <= self.max_call_depth <= 64:
             raise ConfigError(f"max_call_depth must be 1..64, got {self.max_call_depth}")
-        if not 0 <= self.coalesce_max_items <= 1024 or self.coalesce_max_bytes < 1024:
-            raise ConfigError("coalesce_max_items must be 0..1024 (a replica takes at most "
-                              "1024 calls in one exchange) and coalesce_max_bytes >= 1024")
+        if not 0 <= self.coalesce_max_items <= MAX_COALESCED_CALLS or self.coalesce_max_bytes < 1024:
+            raise ConfigError(f"coalesce_max_items must be 0..{MAX_COALESCED_CALLS} (a replica "
+                              f"takes at most {MAX_COALESCED_CALLS} calls in one exchange) and "
+                              "coalesce_max_bytes >= 1024")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be 1..64, got {self.workers}")
         if self.max_body_bytes < 1024:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from steadyserve import codec
-from steadyserve.replica.server import MAX_COALESCED_CALLS
+from steadyserve.config import MAX_COALESCED_CALLS
 
 from .services import Echo
 

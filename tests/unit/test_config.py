@@ -6,7 +6,13 @@ import dataclasses
 
 import pytest
 
-from steadyserve.config import Config, DeploymentConfig, GatewayConfig, SupervisorConfig
+from steadyserve.config import (
+    MAX_COALESCED_CALLS,
+    Config,
+    DeploymentConfig,
+    GatewayConfig,
+    SupervisorConfig,
+)
 from steadyserve.errors import ConfigError
 
 
@@ -96,6 +102,8 @@ def test_valid_ports(port):
         pytest.param(dict(compress_min_bytes=-1), "compress_min_bytes", id="compress-min-negative"),
         pytest.param(dict(request_timeout_s=0), "request_timeout_s", id="request-timeout-0"),
         pytest.param(dict(graceful_shutdown_s=-1), "graceful_shutdown_s", id="graceful-negative"),
+        pytest.param(dict(coalesce_max_items=MAX_COALESCED_CALLS + 1),
+                     f"coalesce_max_items must be 0..{MAX_COALESCED_CALLS} ", id="coalesce-over"),
     ],
 )
 def test_invalid_gateway(kwargs, match):

@@ -24,6 +24,7 @@ from .. import codec
 from ..asgi import cancel_on_disconnect
 from ..cache.invalidation import MESSAGE_MAX_BYTES, MESSAGE_MAX_TAGS, REPLICA_MAX_TAG_BYTES, check_tags
 from ..cache.readthrough import ReadThroughCollector
+from ..config import MAX_COALESCED_CALLS
 from ..errors import (
     ClientError,
     ClientGone,
@@ -46,7 +47,7 @@ from .runner import Runner
 from .streaming import serve_stream
 
 log = logging.getLogger("steadyserve.replica")
-MAX_COALESCED_CALLS = 1024  # calls in one /invoke-many (the gateway sends [gateway] coalesce_max_items)
+# calls per /invoke-many: config.MAX_COALESCED_CALLS (the gateway sends [gateway] coalesce_max_items)
 MAX_COALESCED_HEADERS = 32  # headers per coalesced call (the gateway sends about 8)
 
 Scope = dict[str, Any]
