@@ -867,6 +867,15 @@ def raw_again(b: Bench, raw: dict[str, Any], label: str) -> tuple[float, float]:
     return r["sentences_per_s"], r["cpu_ms_per_sentence"]
 
 
+def minor_faults(pid: int) -> int:
+    """A process's minor page faults so far (/proc/<pid>/stat field 10), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 class ServedCpu:
     """CPU seconds of a served tree, split: the gateway's processes, each replica's busiest
     thread (its model thread: the forward pass and tokenisation), and the rest of each
@@ -878,7 +887,7 @@ class ServedCpu:
     def snapshot(self) -> dict[str, Any]:
         import psutil
 
-        out: dict[str, Any] = {"gateway": 0.0, "replicas": {}}
+        out: dict[str, Any] = {"gateway": 0.0, "replicas": {}, "faults": {}}
         try:
             root = psutil.Process(self.root_pid)
             procs = [root, *root.children(recursive=True)]
@@ -893,6 +902,7 @@ class ServedCpu:
                 elif "resource_tracker" not in cmd:
                     out["replicas"][proc.pid] = {th.id: th.user_time + th.system_time
                                                  for th in proc.threads()}
+                    out["faults"][proc.pid] = minor_faults(proc.pid)
         return out
 
     @staticmethod
@@ -904,8 +914,9 @@ class ServedCpu:
             if used:
                 model += max(used)
                 other += sum(used) - max(used)
+        faults = sum(n - before["faults"].get(pid, n) for pid, n in after["faults"].items())
         return {"gateway_s": after["gateway"] - before["gateway"], "model_s": model,
-                "replica_other_s": other}
+                "replica_other_s": other, "replica_minor_faults": faults}
 
 
 def served_once(b: Bench, port: int, pid: int, label: str) -> dict[str, Any]:
@@ -925,6 +936,7 @@ def served_once(b: Bench, port: int, pid: int, label: str) -> dict[str, Any]:
     per["other"] = max(0.0, busy_s - sum(per.values()))
     w["cpu_ms_per_sentence"] = {k: round(v / n * 1000, 3) for k, v in per.items()}
     w["cpu_ms_per_sentence"]["total"] = round(busy_s / n * 1000, 3)
+    w["replica_minor_faults_per_sentence"] = round(split["replica_minor_faults"] / n, 1)
     return w
 
 
@@ -1007,6 +1019,8 @@ def section_served(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
     rows.append(("served embeddings", "  replicas' other threads / gateway / wrk / rest",
                  f"{c['replica_other']:.2f} / {c['gateway']:.2f} / {c['wrk']:.2f} / "
                  f"{c['other']:.2f}; all {c['total']:.2f}", "", ""))
+    rows.append(("served embeddings", "replicas' page faults per sentence (minor)",
+                 f"{w['replica_minor_faults_per_sentence']:.1f}", "", ""))
     if w["non_2xx_3xx"] and out.get("gateway_counters"):
         rows.append(("served embeddings", "gateway counters during the runs",
                      summarise_counters(out["gateway_counters"]), "", ""))
