@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from steadyserve.config import AlertingConfig, Config, DeploymentConfig
+from steadyserve.config import AlertingConfig, Config, ConfigError, DeploymentConfig
 from steadyserve.dashboard.data import history
 from steadyserve.errors import ClientError, Conflict, PayloadTooLarge
 from steadyserve.observe import alerting
@@ -334,6 +334,35 @@ async def test_a_restart_restores_request_and_latency_history_for_the_dashboard(
     assert len(rows) == 179  # every minute but the first (the restored points' baseline)
     assert all(r[1:3] == [1.0, 0.0] for r in rows)
     assert all(r[3:] == [50.0, 95.0, 99.0] for r in rows)  # ms, linear in (0, 100 ms]
+
+
+@pytest.mark.parametrize(
+    ("max_points", "restored_minutes"),
+    [
+        pytest.param(400_000, 179, id="default-all-three-hours"),
+        # the bound counts points read (the retired deployment's too), names in order: the
+        # requests' newest 120 points (one hour of two deployments), no latency buckets
+        pytest.param(120, 59, id="bounded-newest-hour"),
+        pytest.param(0, 0, id="off"),
+    ],
+)
+async def test_the_engine_restores_at_most_history_restore_max_points(max_points,
+                                                                      restored_minutes):
+    clock = FakeClock(T0)
+    engine = make_engine(ScriptedDb(None, three_hours_of_history(T0)), clock,
+                         history_restore_max_points=max_points)
+    await engine._restore()
+    rows = history(engine.store, clock(), 180).get("a", [])
+    assert sum(1 for r in rows if r[1] is not None) == restored_minutes
+    # off or not, the alert book was read: the database is up
+    assert b"steadyserve_database_up 1.0" in generate_latest(engine.metrics.registry)
+
+
+def test_history_restore_max_points_is_bounded():
+    with pytest.raises(ConfigError, match="history_restore_max_points"):
+        AlertingConfig(history_restore_max_points=-1)
+    with pytest.raises(ConfigError, match="history_restore_max_points"):
+        AlertingConfig(history_restore_max_points=10_000_001)
 
 
 def test_the_restore_reads_the_newest_points_within_its_bound():

@@ -155,14 +155,19 @@ class AlertEngine:
             return
         now = self.wall()
         state = await self._db(self.db.get_state, STATE_KEY)
-        loaded = _FAILED if state is _FAILED else \
-            await self._db(restore, self.db, self.store, self.deployments, now)
+        loaded = _FAILED if state is _FAILED else {} if not self.cfg.history_restore_max_points \
+            else await self._db(restore, self.db, self.store, self.deployments, now,
+                                self.cfg.history_restore_max_points)
         if loaded is _FAILED:
             self._checked(False)
             return
         self._checked(True)
         self._load_book(state, now)
-        log.info("history restored: %s", ", ".join(f"{n} {c} points" for n, c in loaded.items()))
+        if loaded:
+            log.info("history restored: %s",
+                     ", ".join(f"{n} {c} points" for n, c in loaded.items()))
+        else:
+            log.info("history not restored: [alerting] history_restore_max_points = 0")
 
     async def _take_over(self) -> None:
         """This gateway has the alerting duty now: the book as the last one stored it."""

@@ -9,7 +9,8 @@ restarted gateway reads back the series something looks back on:
     steadyserve_request_duration_seconds_bucket     the dashboard's p50/p95/p99
 
 for its configured deployments only (an old one's series would keep stale burn rates
-alive), over `RESTORE_S`. Bounded: at most `max_rows` points in all, the newest of each name
+alive), over `RESTORE_S`. Bounded: at most `max_rows` points in all (`[alerting]
+history_restore_max_points`, default 400,000), the newest of each name
 first in the order above (a long history of a large fleet keeps its last hours and loses
 its oldest), read in pages of `PAGE_ROWS` and loaded page by page, so memory holds one page
 of rows at a time. Runs synchronously: the engine calls it on its database thread before its
@@ -29,7 +30,6 @@ log = logging.getLogger("steadyserve.alerting")
 
 RESTORED = ("steadyserve_requests_total", "steadyserve_request_duration_seconds_bucket")
 RESTORE_S = 3 * 86_400.0  # the dashboard's longest window, and the points' retention
-MAX_ROWS = 400_000  # points read back at most, all names together (~4.5 us each to load)
 PAGE_ROWS = 10_000
 
 
@@ -43,8 +43,8 @@ class SeriesSource(Protocol):
 
 
 def restore(db: SeriesSource, store: SeriesStore, deployments: Collection[str], now: float,
-            *, names: tuple[str, ...] = RESTORED, window_s: float = RESTORE_S,
-            max_rows: int = MAX_ROWS, page_rows: int = PAGE_ROWS) -> dict[str, int]:
+            max_rows: int, *, names: tuple[str, ...] = RESTORED, window_s: float = RESTORE_S,
+            page_rows: int = PAGE_ROWS) -> dict[str, int]:
     """Load the last `window_s` of each of `names` (for `deployments`) into `store`;
     returns the points loaded per name. Raises what the database raises."""
     left = max_rows
