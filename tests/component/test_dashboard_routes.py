@@ -177,32 +177,37 @@ async def test_jobs_by_deployment_and_state_with_the_oldest_queued_and_failures(
         assert store.settle(ids[0], 1, Decision("dead", 5), time.time(), error={
             "code": "handler_failed", "message": "ValueError: boom " + "x" * 500,
             "status": 500})
+        due = time.time() + 90
+        assert store.settle(ids[1], 1, Decision("queued", 1, due), time.time(), error={
+            "code": "replica_timeout", "message": "no answer in 30 s", "status": 504})
         data = (await client.get("/v1/dashboard")).json()
         jobs = data["jobs"]
         assert jobs["states"] == ["queued", "running", "succeeded", "failed", "dead",
                                   "cancelled", "expired"]
         [echo] = jobs["deployments"]
         assert echo["deployment"] == "echo"
-        assert echo["counts"] == {"queued": 1, "running": 1, "succeeded": 0, "failed": 0,
+        assert echo["counts"] == {"queued": 2, "running": 0, "succeeded": 0, "failed": 0,
                                   "dead": 1, "cancelled": 0, "expired": 0}
-        queued = (await client.get(f"/v1/jobs/{ids[2]}")).json()
-        assert echo["oldest_queued_at"] == queued["created_at"] <= data["t"]
+        retried = (await client.get(f"/v1/jobs/{ids[1]}")).json()
+        assert echo["oldest_queued_at"] == retried["created_at"] <= data["t"]
         [dead] = jobs["failures"]
         assert (dead["id"], dead["state"], dead["handler"], dead["attempt"]) == \
             (ids[0], "dead", "echo", 1)
         assert dead["error"]["code"] == "handler_failed"
         assert dead["error"]["message"].startswith("ValueError: boom")
         assert len(dead["error"]["message"]) == 300  # cut
+        [waiting] = jobs["retrying"]  # queued again after a failure, with its last error
+        assert (waiting["id"], waiting["failures"], waiting["available_at"]) == (ids[1], 1, due)
+        assert waiting["error"] == {"code": "replica_timeout", "message": "no answer in 30 s"}
 
         # read at most every 5 s: a cancelled job shows at the next read
         assert (await client.delete(f"/v1/jobs/{ids[2]}")).status_code == 200
         now[0] += 4.9
         again = (await client.get("/v1/dashboard")).json()["jobs"]["deployments"][0]
-        assert again["counts"]["queued"] == 1 and again["oldest_queued_at"] is not None
+        assert again["counts"]["queued"] == 2 and again["counts"]["cancelled"] == 0
         now[0] += 0.1
         later = (await client.get("/v1/dashboard")).json()["jobs"]["deployments"][0]
-        assert later["counts"]["queued"] == 0 and later["counts"]["cancelled"] == 1
-        assert later["oldest_queued_at"] is None
+        assert later["counts"]["queued"] == 1 and later["counts"]["cancelled"] == 1
     finally:
         await runner.webhooks.http.aclose()
         db.close()

@@ -100,6 +100,7 @@ replicas = 1
             assert page.inner_text("#jobs tr[data-deployment=echo] td.expired") == "1"
             assert page.inner_text("#jobs tr[data-deployment=echo] td.oldest") == "-"
             assert "deadline_exceeded" in page.inner_text("#job-failures")
+            assert page.inner_text("#job-retrying tbody") == "none"
             assert "L1 (" in page.inner_text("#cache-facts")  # the cache and its curve
             assert "lookups since start by level" in page.inner_text("#cache-facts")
             assert page.locator("#cache-curve canvas").count() == 1

@@ -201,7 +201,8 @@ def test_overdue_jobs_expire_and_finished_ones_are_pruned(db: Database) -> None:
 
 def test_the_dashboards_overview_counts_ages_and_failures(db: Database) -> None:
     s = store(db)
-    assert s.overview(10) == {"counts": {}, "oldest_queued_at": {}, "failures": []}
+    assert s.overview(10) == {"counts": {}, "oldest_queued_at": {}, "failures": [],
+                              "retrying": []}
     for i in range(1, 6):
         s.submit(job(i))
     s.submit(job(6, deployment="e"))
@@ -219,6 +220,27 @@ def test_the_dashboards_overview_counts_ages_and_failures(db: Database) -> None:
     assert (newest["id"], newest["state"], newest["error"]["code"]) == \
         (second["id"], "failed", "bad_input")
     assert [f["state"] for f in s.overview(10)["failures"]] == ["failed", "dead"]
+    assert got["retrying"] == []
+
+
+def test_the_dashboards_overview_lists_jobs_waiting_to_be_tried_again(db: Database) -> None:
+    s = store(db)
+    for i in range(1, 5):
+        s.submit(job(i))
+    runs = s.claim("d", 3, "gw#1", T0 + 1, 30)
+    # two fail and wait for their next try (the later one due sooner); one succeeds
+    assert s.settle(runs[0]["id"], 1, Decision("queued", 1, T0 + 60), T0 + 2,
+                    error={"code": "replica_timeout", "message": "slow", "status": 504})
+    assert s.settle(runs[1]["id"], 1, Decision("queued", 2, T0 + 30), T0 + 3,
+                    error={"code": "handler_failed", "message": "boom", "status": 500})
+    assert s.settle(runs[2]["id"], 1, Decision("succeeded", 0), T0 + 4, result=b"1")
+    got = s.overview(10)
+    assert [(r["id"], r["failures"], r["available_at"], r["error"]["code"])
+            for r in got["retrying"]] == [
+        (runs[1]["id"], 2, T0 + 30, "handler_failed"),  # the soonest first
+        (runs[0]["id"], 1, T0 + 60, "replica_timeout")]
+    assert got["failures"] == []  # not final: no failure yet
+    assert [r["id"] for r in s.overview(1)["retrying"]] == [runs[1]["id"]]  # bounded
 
 
 def test_a_v5_database_gains_the_jobs_table(db: Database, tmp_path: Path,

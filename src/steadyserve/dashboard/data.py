@@ -251,20 +251,26 @@ def busy_connections(texts: Iterable[bytes]) -> dict[tuple[str, str], int]:
 def jobs_view(overview: dict[str, Any], now: float) -> dict[str, Any]:
     """The jobs section from `JobStore.overview`: one row per deployment with a count for
     every state (0 included, in the state machine's order) and its oldest queued job's
-    submission time; the newest failures with their error (message cut to
-    `JOB_ERROR_CHARS`)."""
+    submission time; the newest failures with their error, and the jobs waiting to be
+    tried again with their last error (messages cut to `JOB_ERROR_CHARS`)."""
     oldest = overview.get("oldest_queued_at", {})
     rows = [{"deployment": d, "counts": {s: int(counts.get(s, 0)) for s in JOB_STATES},
              "oldest_queued_at": oldest.get(d)}
             for d, counts in sorted(overview.get("counts", {}).items())]
-    failures = []
-    for job in overview.get("failures", []):
+    return {"states": list(JOB_STATES), "deployments": rows,
+            "failures": _job_rows(overview.get("failures", []), "finished_at"),
+            "retrying": _job_rows(overview.get("retrying", []), "available_at"), "at": now}
+
+
+def _job_rows(jobs: Iterable[dict[str, Any]], when: str) -> list[dict[str, Any]]:
+    out = []
+    for job in jobs:
         error = job.get("error") if isinstance(job.get("error"), dict) else {}
-        failures.append({k: job.get(k) for k in ("id", "deployment", "handler", "state",
-                                                 "attempt", "failures", "finished_at")}
-                        | {"error": {"code": str(error.get("code", "")),
-                                     "message": str(error.get("message", ""))[:JOB_ERROR_CHARS]}})
-    return {"states": list(JOB_STATES), "deployments": rows, "failures": failures, "at": now}
+        out.append({k: job.get(k) for k in ("id", "deployment", "handler", "state", "attempt",
+                                            "failures", when)}
+                   | {"error": {"code": str(error.get("code", "")),
+                                "message": str(error.get("message", ""))[:JOB_ERROR_CHARS]}})
+    return out
 
 
 def cache_levels(families: Iterable[Any]) -> dict[str, dict[str, float | None]]:

@@ -148,9 +148,10 @@ class JobStore:
 
     def overview(self, failures: int) -> dict[str, Any]:
         """What the dashboard shows: jobs by deployment and state, when each deployment's
-        oldest queued job was submitted, and the newest `failures` jobs that ended failed,
-        dead or expired, with their error. Three bounded reads (the counts on the claim
-        index)."""
+        oldest queued job was submitted, the newest `failures` jobs that ended failed, dead
+        or expired, with their error, and up to `failures` queued jobs waiting to be tried
+        again after a failure, the soonest first, with their last error. Four bounded reads
+        (the counts and the retries on the claim index)."""
         c = jobs.c
         failed = ("failed", "dead", "expired")
         with self.db.connect("jobs overview") as conn:
@@ -163,12 +164,19 @@ class JobStore:
                        c.finished_at, c.error)
                 .where(c.state.in_(failed)).order_by(c.finished_at.desc(), c.id)
                 .limit(max(1, min(failures, MAX_ROWS)))).mappings().all()
+            retrying = conn.execute(
+                select(c.id, c.deployment, c.handler, c.state, c.attempt, c.failures,
+                       c.available_at, c.error)
+                .where(c.state == "queued", c.failures > 0)
+                .order_by(c.available_at, c.id)
+                .limit(max(1, min(failures, MAX_ROWS)))).mappings().all()
         by: dict[str, dict[str, int]] = {}
         for deployment, state, n in counts:
             by.setdefault(str(deployment), {})[str(state)] = int(n)
         return {"counts": by,
                 "oldest_queued_at": {str(d): float(t) for d, t in oldest if t is not None},
-                "failures": [_row(r) for r in recent]}
+                "failures": [_row(r) for r in recent],
+                "retrying": [_row(r) for r in retrying]}
 
     # -- the runner's side --------------------------------------------------------------------
     def claim(self, deployment: str, n: int, holder: str, now: float,

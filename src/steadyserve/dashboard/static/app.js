@@ -327,6 +327,12 @@ function renderJobs(jobs, now) {  // the queue's counts, read by the gateway eve
     `<td>${esc(j.attempt)}</td><td class="error">${esc(j.error.code)}: ` +
     `${esc(j.error.message)}</td></tr>`).join("")
     || `<tr><td colspan="6">none</td></tr>`);
+  setHTML(document.querySelector("#job-retrying tbody"), (jobs.retrying || []).map(j =>
+    `<tr><td>${j.available_at <= now ? "due" : "in " + esc(age(j.available_at - now))}</td>` +
+    `<td>${esc(j.id)}</td><td>${esc(j.deployment)}.${esc(j.handler)}</td>` +
+    `<td>${esc(j.failures)}</td><td class="error">${esc(j.error.code)}: ` +
+    `${esc(j.error.message)}</td></tr>`).join("")
+    || `<tr><td colspan="5">none</td></tr>`);
 }
 
 function renderCache(cache) {
