@@ -265,7 +265,8 @@ def jobs_view(overview: dict[str, Any], now: float) -> dict[str, Any]:
 def _job_rows(jobs: Iterable[dict[str, Any]], when: str) -> list[dict[str, Any]]:
     out = []
     for job in jobs:
-        error = job.get("error") if isinstance(job.get("error"), dict) else {}
+        got = job.get("error")
+        error: dict[str, Any] = got if isinstance(got, dict) else {}
         out.append({k: job.get(k) for k in ("id", "deployment", "handler", "state", "attempt",
                                             "failures", when)}
                    | {"error": {"code": str(error.get("code", "")),
