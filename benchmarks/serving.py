@@ -1003,9 +1003,9 @@ def section_served(b: Bench, res: dict[str, Any], rows: list[Row]) -> None:
             rows.append(("served embeddings", f"pair: {p['label']} / raw next to it",
                          f"{p['wrk']['ok_rps']:.1f} / {p['raw_sentences_per_s']:.1f} = "
                          f"{p['served_over_raw']:.3f}", "", ""))
-    noisy = any(b.noisy(p["label"]) for p in pairs) or (
-        "raw" in res and b.noisy(f"raw-{res['raw']['cores']}-thread",
-                                 *(f"raw-again-{i + 1}" for i in range(1, b.pairs))))
+    # any raw measurement (the best layout may be any of them) or served run disturbed
+    noisy = b.noisy(*(label for label in b.noise if label.startswith(("raw", "served"))
+                      and not label.endswith("warmup")))
     rows.append(("served embeddings", f"served/raw (median of {len(ratios)} pair(s))",
                  f"{ratio:.2f}" if ratio is not None else "n/a",
                  f"≥ {TARGETS['served_over_raw']:.2f}",
