@@ -199,8 +199,12 @@ replicas = 1
             fresh.fill("#key", made.json()["key"])
             fresh.click("#keyform button")
             fresh.wait_for_function("window.__steadyserve.polls >= 1", timeout=15_000)
-            # per-key usage today, once keys exist
+            # per-key usage today, once keys exist. The gateway reads it at most every
+            # USAGE_REFRESH_S (10 s): the first page, polling with the admin key, may have had
+            # it read after the key was made and before the request with it was sent.
             fresh.wait_for_selector("#keys-section:not([hidden])", timeout=10_000)
+            fresh.wait_for_function(f"document.querySelector('#keys tbody').textContent"
+                                    f".includes('ss_{made.json()['id']}_')", timeout=25_000)
             row = fresh.inner_text("#keys tbody")
             assert f"ss_{made.json()['id']}_" in row and "ops" in row and "echo" in row, row
             browser.close()

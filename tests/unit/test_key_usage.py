@@ -1,10 +1,11 @@
 """Per-key usage in memory: counting by key and deployment, taking and merging (a worker's
-report, a failed flush), the bound on entries, a worker's report checked, and the flush loop
-keeping what it could not store."""
+report, a failed flush), the bound on entries, a worker's report checked, the flush loop
+keeping what it could not store, and a reader seeing every count once while a flush writes."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import pytest
@@ -92,3 +93,39 @@ def test_a_flush_that_fails_keeps_the_counts_for_the_next() -> None:
     clock[0] += 10
     asyncio.run(flusher.flush())  # nothing counted: nothing written; pruned once an hour
     assert len(store.added) == 1 and len(store.pruned) == 1
+
+
+def test_a_reader_during_a_flush_sees_each_count_once() -> None:
+    """The flush has taken the counts and its write has not committed: a reader then saw them
+    neither in memory nor in the database. It waits for the flush now, and reads them once."""
+    meter = UsageMeter()
+    written, release = threading.Event(), threading.Event()
+
+    class SlowStore(FakeStore):
+        def add(self, counts: dict[Any, Any], now: float) -> None:
+            written.set()
+            assert release.wait(5)
+            super().add(counts, now)
+
+    store = SlowStore()
+    flusher = UsageFlusher(meter, store, 10, retention_days=2, wall=lambda: 0.0)
+
+    def total(pending: dict[Any, Any]) -> float:
+        stored = sum(c[("k", "echo")][0] for c, _ in store.added if ("k", "echo") in c)
+        return stored + sum(c[0] for c in pending.values())
+
+    async def scenario() -> tuple[float, float]:
+        meter.record("k", "echo", 200, 1.0)
+        flush = asyncio.create_task(flusher.flush())
+        assert await asyncio.to_thread(written.wait, 5)  # taken, not yet stored
+        assert meter.counts == {}
+        meter.record("k", "echo", 200, 2.0)  # counted while the write runs
+        reader = asyncio.create_task(flusher.read(total))
+        await asyncio.sleep(0.05)
+        assert not reader.done()  # it waits for the flush
+        release.set()
+        await flush
+        during = await reader
+        return during, await flusher.read(total)
+
+    assert asyncio.run(scenario()) == (2, 2)

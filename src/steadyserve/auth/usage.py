@@ -7,6 +7,11 @@ key, deployment and UTC day, so usage outlives restarts and sums over every gate
 the database. A flush that fails keeps its counts for the next one; the meter holds at most
 `max_entries` (key, deployment) pairs between flushes and counts what does not fit under
 the key "-" (so totals stay right while the detail is lost, and the loss is logged).
+
+A reader (`UsageFlusher.read`) sees the database and the counts not yet in it under the
+flusher's lock: between a flush taking the counts and its write committing they are in
+neither, and a reader in that window missed them (or, reading the counts before the take and
+the database after the commit, counted them twice).
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..store import DatabaseUnavailable
 
 log = logging.getLogger("steadyserve.usage")
+
+T = TypeVar("T")
 
 OVERFLOW_KEY = "-"
 Counts = list[float]  # [requests, errors (5xx), rejected (4xx), last seen (epoch s)]
@@ -95,6 +102,7 @@ class UsageFlusher:
         self.wall = wall
         self._pruned_at = 0.0
         self._down = False
+        self._lock = asyncio.Lock()  # a flush against a reader (see the module's docstring)
 
     async def run(self) -> None:
         while True:
@@ -104,7 +112,18 @@ class UsageFlusher:
             except Exception:  # never let the loop die: usage would stop being counted
                 log.exception("storing key usage failed; continuing")
 
+    async def read(self, fn: Callable[[dict[tuple[str, str], Counts]], T]) -> T:
+        """`fn(pending)` in a thread, where `pending` is a copy of the counts not yet stored,
+        with no flush between the copy and `fn`'s database read."""
+        async with self._lock:
+            pending = {k: list(v) for k, v in self.meter.counts.items()}
+            return await asyncio.to_thread(fn, pending)
+
     async def flush(self) -> None:
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         counts = self.meter.take()
         if self.meter.overflowed:
             log.warning("key usage: %d requests counted without their key (over %d keys × "

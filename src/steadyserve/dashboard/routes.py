@@ -180,8 +180,7 @@ async def _key_usage(gw: Gateway, now: float) -> list[dict[str, Any]] | None:
         return None
 
     async def read() -> list[dict[str, Any]]:
-        pending = {k: list(v) for k, v in gw.usage.counts.items()}
-        return await asyncio.to_thread(usage_rows, gw, 1, USAGE_SHOWN, pending)
+        return await usage_rows(gw, 1, USAGE_SHOWN)
 
     held = _held(gw).setdefault("keys", Periodic([], USAGE_REFRESH_S))
     got: list[dict[str, Any]] = await _refreshed(held, now, "key usage", read)

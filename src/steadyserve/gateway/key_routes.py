@@ -76,17 +76,25 @@ USAGE_MAX_DAYS = 366
 USAGE_MAX_ROWS = 1000
 
 
-def usage_rows(gw: Gateway, days: int, limit: int,
-               pending: dict[tuple[str, str], list[float]]) -> list[dict[str, Any]]:
+async def usage_rows(gw: Gateway, days: int, limit: int) -> list[dict[str, Any]]:
     """Per key and deployment over the last `days` UTC days (today included): the stored rows
-    plus `pending` (what this gateway counted since its last flush), with each key's name;
-    most requests first. Blocking: call in a thread."""
+    plus what this gateway counted since its last flush, with each key's name; most requests
+    first."""
     flusher = gw.usage_flusher
     if flusher is None:
         raise DependencyUnavailable("key usage lives in the database, which this gateway could "
                                     "not open; see its log", retry_after_s=5)
-    now = time.time()
-    stored = flusher.store.totals(now - (days - 1) * DAY_S, MAX_ROWS)
+    store = flusher.store
+
+    def rows(pending: dict[tuple[str, str], list[float]]) -> list[dict[str, Any]]:
+        return _usage_rows(gw, store.totals(time.time() - (days - 1) * DAY_S, MAX_ROWS),
+                           pending, limit)
+
+    return await flusher.read(rows)
+
+
+def _usage_rows(gw: Gateway, stored: list[dict[str, Any]],
+                pending: dict[tuple[str, str], list[float]], limit: int) -> list[dict[str, Any]]:
     rows = {(r["key_id"], r["deployment"]): r for r in stored}
     for (key_id, deployment), (req, err, rej, seen) in pending.items():
         row = rows.setdefault((key_id, deployment), {
@@ -104,6 +112,4 @@ def usage_rows(gw: Gateway, days: int, limit: int,
 async def key_usage(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
     days = req.query_int("days", 1, USAGE_MAX_DAYS, default=7)
     limit = req.query_int("limit", 1, USAGE_MAX_ROWS, default=100)
-    pending = {k: list(v) for k, v in gw.usage.counts.items()}  # on the loop, which adds to it
-    rows = await asyncio.to_thread(usage_rows, gw, days, limit, pending)
-    return json_response({"days": days, "usage": rows})
+    return json_response({"days": days, "usage": await usage_rows(gw, days, limit)})
