@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .observe.logs import FileSink
 from .policies.balancing import BALANCERS
 
+MAX_CALLEES = 64  # deployments one deployment may call (`calls`)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _RESOURCE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
@@ -137,6 +138,9 @@ class DeploymentConfig:
     # what a rollout over the network may choose: nothing it sends becomes code or environment
     services: tuple[str, ...] = ()  # other service targets a rollout may switch to
     rollout_env: tuple[str, ...] = ()  # environment keys a rollout may set
+    # the deployments its handlers may call (`self.deployment(name)`; auth.childcalls):
+    # its replicas' child calls to any other are refused (403)
+    calls: tuple[str, ...] = ()
     # None: a fixed count (`replicas`); set: `replicas` is the count it starts with, clamped
     autoscale: AutoscaleConfig | None = None
     # what one replica asks the Ray cluster for (backend = "ray"; unused by local replicas)
@@ -213,6 +217,9 @@ class DeploymentConfig:
             if ":" not in target:
                 raise ConfigError(f"deployment {self.name}: services entries must be "
                                   f"'file.py:Class' or 'module:Class', got {target!r}")
+        if len(self.calls) > MAX_CALLEES or len(set(self.calls)) != len(self.calls):
+            raise ConfigError(f"deployment {self.name}: calls lists at most {MAX_CALLEES} "
+                              "deployments, each once")
         for key in self.rollout_env:
             if not _ENV_KEY.fullmatch(key):
                 raise ConfigError(f"deployment {self.name}: rollout_env entries must be "
@@ -775,6 +782,10 @@ class Config:
                               '["0", "1"]')
         names = [d.name for d in self.deployments]
         for d in self.deployments:
+            unknown = [c for c in d.calls if c not in names]
+            if unknown:
+                raise ConfigError(f"deployment {d.name}: calls names {unknown}, which are not "
+                                  f"configured deployments ({names})")
             if d.shadow is not None and d.shadow not in names:
                 raise ConfigError(f"deployment {d.name}: shadow {d.shadow!r} is not a "
                                   f"configured deployment ({names})")

@@ -203,7 +203,8 @@ def load_config(
         for name, table in file["deployments"].items():
             if not isinstance(table, dict):
                 raise ConfigError(f"{config_path}: [deployments.{name}] must be a table")
-            values = _tuples({"name": name, **table}, ("services", "rollout_env"))
+            values = _tuples({"name": name, **table},
+                             ("services", "rollout_env", "calls"))
             if "env" in values:
                 if not isinstance(values["env"], dict):
                     raise ConfigError(f"{config_path}: [deployments.{name}] env must be a table")
@@ -240,7 +241,10 @@ def load_config(
             balancer=flags.get("balancer", "power_of_two"),
         ))
         if "name" not in flags:
-            deployments.append(DeploymentConfig(name=RISK_DEPLOYMENT, service=RISK_SERVICE, replicas=1))
+            # its `assess` pipeline calls the embedder and its own `score`
+            deployments.append(DeploymentConfig(
+                name=RISK_DEPLOYMENT, service=RISK_SERVICE, replicas=1,
+                calls=(DEFAULT_DEPLOYMENT, RISK_DEPLOYMENT)))
 
     return Config(
         deployments=tuple(deployments),

@@ -37,11 +37,13 @@ async def make_gateway() -> AsyncIterator[Factory]:
     async def factory(
         services: dict[str, tuple[type[Service], int]], *, cache: CacheConfig | None = None,
         auth: AuthConfig | None = None, keys: KeyRing | None = None,
-        resilience: ResilienceConfig | None = None, **gateway_overrides: Any,
+        resilience: ResilienceConfig | None = None,
+        calls: dict[str, tuple[str, ...]] | None = None, **gateway_overrides: Any,
     ) -> tuple[Gateway, httpx.AsyncClient, dict[str, InProcessDeployment]]:
         config = Config(
             deployments=tuple(
-                DeploymentConfig(name=name, service=f"tests:{cls.__name__}", replicas=n)
+                DeploymentConfig(name=name, service=f"tests:{cls.__name__}", replicas=n,
+                                 calls=(calls or {}).get(name, ()))
                 for name, (cls, n) in services.items()
             ),
             gateway=GatewayConfig(**{"allowed_hosts": ("gw",), **gateway_overrides}),

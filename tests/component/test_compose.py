@@ -1,14 +1,18 @@
 """Composition in process: handles from sync and async handlers, the parent's request id,
 deadline and credential travel to the child; a loop is cut at max_call_depth; a sync
 self-call with one replica is refused at once; a child never goes back to its caller; a
-cancelled parent cancels its child; gather with and without partial results."""
+cancelled parent cancels its child; gather with and without partial results; a replica acts
+only towards the deployments its own declares, for the requests it was sent."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from typing import Any
+
+import httpx
 
 import steadyserve
 from steadyserve.config import ResilienceConfig
@@ -98,12 +102,17 @@ class Loop(steadyserve.Service):
         return str(self.deployment("loop").recurse(n=0))
 
 
+FRONT_BACK = {"front": (Front, 1), "back": (Back, 1)}
+FRONT_CALLS_BACK = {"front": ("back",)}
+LOOP_CALLS_ITSELF = {"loop": ("loop",)}
+
+
 def backs(deployments: dict) -> list[Back]:
     return [app.service for app in deployments["back"].apps.values()]
 
 
 async def test_sync_and_async_handles_carry_the_request_id(make_gateway: Any) -> None:
-    _, client, deployments = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    _, client, deployments = await make_gateway(FRONT_BACK, calls=FRONT_CALLS_BACK)
     r = await client.post("/v1/deployments/front/sync_pipeline", json={"x": 3},
                           headers={"x-request-id": "parent-1"})
     assert r.status_code == 200 and r.json() == {"y": 12}, r.text
@@ -116,7 +125,7 @@ async def test_sync_and_async_handles_carry_the_request_id(make_gateway: Any) ->
 
 
 async def test_the_childs_deadline_is_what_is_left_of_the_parents(make_gateway: Any) -> None:
-    _, client, _ = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    _, client, _ = await make_gateway(FRONT_BACK, calls=FRONT_CALLS_BACK)
     started = time.monotonic()
     r = await client.post("/v1/deployments/front/wait_on_slow", json={"seconds": 5},
                           headers={"x-request-timeout-ms": "300"})
@@ -126,7 +135,8 @@ async def test_the_childs_deadline_is_what_is_left_of_the_parents(make_gateway: 
 
 
 async def test_a_loop_is_cut_at_max_call_depth(make_gateway: Any) -> None:
-    _, client, _ = await make_gateway({"loop": (Loop, 2)}, max_call_depth=4)
+    _, client, _ = await make_gateway({"loop": (Loop, 2)}, calls=LOOP_CALLS_ITSELF,
+                                      max_call_depth=4)
     r = await client.post("/v1/deployments/loop/recurse", json={"n": 0})
     assert r.status_code == 508, r.text
     assert r.json()["error"]["code"] == "loop_detected"
@@ -134,7 +144,7 @@ async def test_a_loop_is_cut_at_max_call_depth(make_gateway: Any) -> None:
 
 
 async def test_a_sync_self_call_with_one_replica_is_refused_at_once(make_gateway: Any) -> None:
-    _, client, _ = await make_gateway({"loop": (Loop, 1)})
+    _, client, _ = await make_gateway({"loop": (Loop, 1)}, calls=LOOP_CALLS_ITSELF)
     started = time.monotonic()
     r = await client.post("/v1/deployments/loop/sync_self", json={})
     assert r.status_code == 508 and "would wait for itself" in r.json()["error"]["message"]
@@ -142,7 +152,8 @@ async def test_a_sync_self_call_with_one_replica_is_refused_at_once(make_gateway
 
 
 async def test_a_child_is_never_sent_back_to_its_caller(make_gateway: Any) -> None:
-    gateway, client, deployments = await make_gateway({"loop": (Loop, 2)}, max_call_depth=3)
+    gateway, client, deployments = await make_gateway({"loop": (Loop, 2)},
+                                                      calls=LOOP_CALLS_ITSELF, max_call_depth=3)
     apps = deployments["loop"].apps
     order: list[str] = []
     for rid, app in apps.items():
@@ -162,7 +173,7 @@ async def test_a_child_is_never_sent_back_to_its_caller(make_gateway: Any) -> No
 
 
 async def test_credentials_travel_and_limit_the_child(make_gateway: Any) -> None:
-    gateway, client, _ = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    gateway, client, _ = await make_gateway(FRONT_BACK, calls=FRONT_CALLS_BACK)
     h = admin_headers(gateway)
     _, token = make_key(gateway.keys, "infer", deployments=("front",))
     only_front = {"authorization": f"Bearer {token}"}
@@ -171,19 +182,106 @@ async def test_credentials_travel_and_limit_the_child(make_gateway: Any) -> None
     assert r.status_code == 403 and "may not call deployment 'back'" in r.text, r.text
     r = await client.post("/v1/deployments/front/async_pipeline", json={"x": 1}, headers=h)
     assert r.status_code == 200, r.text
-    # the child-call credential alone is no admin key, and forged hops are refused
-    child = {"authorization": f"Bearer {gateway.keys.child_token}"}
+    # the child-call credential alone is no admin key; a forged one is refused
+    child = {"authorization": f"Bearer {gateway.keys.child_token('front')}"}
     assert (await client.get("/v1/admin/keys", headers=child)).status_code == 403
-    r = await client.post("/v1/deployments/back/double", json={"x": 1},
-                          headers={**child, "x-steadyserve-hops": "lots"})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "x-steadyserve-hops"
     r = await client.post("/v1/deployments/back/double", json={"x": 1},
                           headers={"authorization": "Bearer ssc_forged"})
     assert r.status_code == 401
 
 
+async def test_a_replica_acts_only_for_the_requests_it_was_sent(make_gateway: Any) -> None:
+    """What a compromised replica of `front` can do with what it holds: its deployment's
+    token and the grants of the requests sent to it — call `back` (declared) for those
+    requests' keys until their deadlines, no other deployment, no other key, no deeper."""
+    gateway, client, _ = await make_gateway({**FRONT_BACK, "other": (Back, 1)},
+                                            calls=FRONT_CALLS_BACK, max_call_depth=3)
+    user_key, _ = make_key(gateway.keys, "infer")
+    admin = gateway.keys.local_admin
+    assert admin is not None
+    keys, now = gateway.keys, time.time()
+    front = {"authorization": f"Bearer {keys.child_token('front')}"}
+
+    async def call(target: str, headers: dict[str, str]) -> httpx.Response:
+        return await client.post(f"/v1/deployments/{target}/double", json={"x": 1},
+                                 headers=headers)
+
+    grant = keys.grant("front", user_key.id, 0, 10)
+    assert grant is not None
+    r = await call("back", {**front, "x-steadyserve-on-behalf-of": grant})
+    assert r.status_code == 200 and r.json() == {"y": 2}, r.text
+    # a deployment it does not declare: refused, saying where to declare it
+    r = await call("other", {**front, "x-steadyserve-on-behalf-of": grant})
+    assert r.status_code == 403 and "[deployments.front] calls" in r.text, r.text
+    # a deployment that declares nothing; another deployment's token with front's grant
+    other = {"authorization": f"Bearer {keys.child_token('other')}"}
+    r = await call("back", other)
+    assert r.status_code == 403 and "declares no calls" in r.text, r.text
+    r = await call("back", {**other, "x-steadyserve-on-behalf-of": grant})
+    assert r.status_code == 401 and "not issued to deployment 'other'" in r.text, r.text
+    back_grant = keys.grant("back", admin.id, 0, 10)
+    assert back_grant is not None
+    r = await call("back", {**front, "x-steadyserve-on-behalf-of": back_grant})
+    assert r.status_code == 401 and "not issued to deployment 'front'" in r.text, r.text
+    # a key id it made up (the admin key's), an altered depth, an expired grant
+    forged = grant.replace(user_key.id, admin.id, 1)
+    r = await call("back", {**front, "x-steadyserve-on-behalf-of": forged})
+    assert r.status_code == 401, r.text
+    fields = grant.split(".")
+    shallower = ".".join([fields[0], "0" if fields[1] != "0" else "1", *fields[2:]])
+    r = await call("back", {**front, "x-steadyserve-on-behalf-of": shallower})
+    assert r.status_code == 401, r.text
+    stale = keys.grant("front", user_key.id, 0, -60)  # its deadline and slack passed
+    assert stale is not None
+    r = await call("back", {**front, "x-steadyserve-on-behalf-of": stale})
+    assert r.status_code == 401 and "expired" in r.text, r.text
+    # the depth is the grant's: a header cannot make a deep call shallow
+    deep = keys.grant("front", user_key.id, 3, 10)
+    assert deep is not None
+    r = await call("back", {**front, "x-steadyserve-on-behalf-of": deep,
+                            "x-steadyserve-hops": "1"})
+    assert r.status_code == 508, r.text
+    # no grant: a call of its own (setup, a batch), with no key: only while inference is
+    # open to anonymous clients anyway — once keys exist, it is refused
+    r = await call("back", front)
+    assert r.status_code == 401 and "needs an API key" in r.text, r.text
+    # a child call may not use the job queue (a job would outlive the grant)
+    r = await client.post("/v1/jobs/back/double", json={"x": 1},
+                          headers={**front, "x-steadyserve-on-behalf-of": grant})
+    assert r.status_code == 403 and "job queue" in r.text, r.text
+    # a revoked key stops its children, grant or not
+    keys.put(dataclasses.replace(user_key, revoked_at=now))
+    r = await call("back", {**front, "x-steadyserve-on-behalf-of": grant})
+    assert r.status_code == 401 and "no longer valid" in r.text, r.text
+
+
+async def test_only_declared_callers_get_grants(make_gateway: Any) -> None:
+    """A deployment that declares no calls gets no grant (and pays for no HMAC); one that
+    declares them gets one per request, for the client's key."""
+    gateway, client, deployments = await make_gateway(FRONT_BACK, calls=FRONT_CALLS_BACK)
+    seen: dict[str, list[bytes | None]] = {"front": [], "back": []}
+    for name in seen:
+        for address in deployments[name].addresses.values():
+            inner = gateway.transport.apps[address]
+
+            async def spying(scope: Any, receive: Any, send: Any, inner: Any = inner,
+                             name: str = name) -> None:
+                if scope.get("path", "").startswith("/invoke/"):
+                    seen[name].append(dict(scope["headers"]).get(b"x-steadyserve-principal"))
+                await inner(scope, receive, send)
+
+            gateway.transport.apps[address] = spying
+    r = await client.post("/v1/deployments/front/async_pipeline", json={"x": 1},
+                          headers=admin_headers(gateway))
+    assert r.status_code == 200, r.text
+    assert len(seen["front"]) == 1 and seen["front"][0] is not None
+    assert seen["back"] == [None]  # back was called (by front) and declares nothing
+    admin = gateway.keys.local_admin
+    assert admin is not None and seen["front"][0].startswith(f"{admin.id}.0.".encode())
+
+
 async def test_a_cancelled_parent_cancels_its_child(make_gateway: Any) -> None:
-    gateway, _, deployments = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    gateway, _, deployments = await make_gateway(FRONT_BACK, calls=FRONT_CALLS_BACK)
     back = backs(deployments)[0]
     client = HangingUp("/v1/deployments/front/wait_on_slow", {"seconds": 10})
     task = asyncio.ensure_future(gateway(client.scope, client.receive, client.send))
@@ -204,7 +302,7 @@ async def test_a_cancelled_parent_cancels_its_child(make_gateway: Any) -> None:
 
 
 async def test_gather_all_or_partial(make_gateway: Any) -> None:
-    _, client, _ = await make_gateway({"front": (Front, 1), "back": (Back, 1)})
+    _, client, _ = await make_gateway(FRONT_BACK, calls=FRONT_CALLS_BACK)
     r = await client.post("/v1/deployments/front/fan_out", json={"x": 2})
     assert r.status_code == 500 and "back/fail" in r.json()["error"]["message"], r.text
     r = await client.post("/v1/deployments/front/fan_out", json={"x": 2, "partial": True})
@@ -234,7 +332,7 @@ async def test_concurrent_child_calls_are_batched_by_the_childs_batcher(make_gat
                                                                         ) -> None:
     # the parents' admission off: 8 at once must all reach their child calls, whatever the
     # machine's load (admission is tested elsewhere; here the child's batcher is)
-    _, client, deployments = await make_gateway({"front": (Front, 1), "back": (Back, 1)},
+    _, client, deployments = await make_gateway(FRONT_BACK, calls=FRONT_CALLS_BACK,
                                                 resilience=ResilienceConfig(admission=False))
     got = await asyncio.gather(*[client.post("/v1/deployments/front/shout",
                                              json={"text": f"t{i}"}) for i in range(8)])

@@ -71,6 +71,14 @@ class Worker(steadyserve.Service):
         return "x" * size
 
 
+class Relay(steadyserve.Service):
+    """A pipeline: one child call to `svc`."""
+
+    @steadyserve.handler
+    async def relay(self, n: int) -> dict[str, Any]:
+        return await self.deployment("svc").work.acall(n=n)  # type: ignore[no-any-return]
+
+
 Factory = Callable[..., Awaitable[tuple[Gateway, httpx.AsyncClient, JobRunner]]]
 Receiver = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
@@ -82,9 +90,12 @@ async def jobs_gateway(make_gateway: Any, tmp_path: Path) -> AsyncIterator[Facto
     Worker.request_ids = []
 
     async def factory(*, keys: KeyRing | None = None, receiver: Receiver | None = None,
-                      start: bool = True, **overrides: Any,
+                      start: bool = True, relay: bool = False, **overrides: Any,
                       ) -> tuple[Gateway, httpx.AsyncClient, JobRunner]:
-        gw, client, _ = await make_gateway({"svc": (Worker, 2)}, keys=keys)
+        services: dict[str, Any] = {"svc": (Worker, 2)}
+        if relay:
+            services["relay"] = (Relay, 1)
+        gw, client, _ = await make_gateway(services, keys=keys, calls={"relay": ("svc",)})
         cfg = JobsConfig(**{**FAST, **overrides})
         db = Database(f"sqlite:///{tmp_path}/jobs-{len(made)}.db")
         http = httpx.AsyncClient(transport=httpx.MockTransport(receiver)) if receiver else None
@@ -251,6 +262,19 @@ async def test_a_job_is_its_keys_and_an_admins_only(jobs_gateway):
     one = await submit(client, "work", {"n": 1}, idempotency_key="k", authorization=f"Bearer {alice}")
     two = await submit(client, "work", {"n": 1}, idempotency_key="k", authorization=f"Bearer {bob}")
     assert one.status_code == two.status_code == 202 and one.json()["id"] != two.json()["id"]
+
+
+async def test_a_pipeline_job_calls_on_for_the_key_that_submitted_it(jobs_gateway):
+    """The job's run sends its grant for the key that made it: with keys required, the
+    child call acts for that key (it was refused as keyless)."""
+    ring = KeyRing()
+    alice = make_key(ring, "infer")
+    _, client, _ = await jobs_gateway(keys=ring, relay=True)
+    a = {"authorization": f"Bearer {alice}"}
+    r = await client.post("/v1/jobs/relay/relay", json={"n": 4}, headers=a)
+    assert r.status_code == 202, r.text
+    done = await final(client, r.json()["id"], a)
+    assert done["state"] == "succeeded" and done["result"] == {"n": 4, "square": 16}, done
 
 
 async def test_cancel_stops_a_running_job_and_a_queued_one_never_runs(jobs_gateway):

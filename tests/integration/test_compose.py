@@ -30,12 +30,14 @@ def pipeline_config(tmp_path: Path, embedders: int = 2) -> Path:
 [deployments.risk]
 service = "{RISK}"
 replicas = 1
+calls = ["minilm", "risk"]
 [deployments.minilm]
 service = "{SERVICES}:FakeMiniLM"
 replicas = {embedders}
 [deployments.parent]
 service = "{SERVICES}:Parent"
 replicas = 1
+calls = ["child"]
 [deployments.child]
 service = "{SERVICES}:Child"
 replicas = 1

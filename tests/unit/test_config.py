@@ -59,6 +59,9 @@ def test_deployment_name_with_trailing_newline_is_invalid():
         pytest.param(dict(torch_threads=0), "torch_threads must be >= 1", id="torch-threads-0"),
         pytest.param(dict(max_connections_per_replica=0), "max_connections_per_replica",
                      id="max-connections-0"),
+        pytest.param(dict(calls=("a", "a")), "each once", id="calls-twice"),
+        pytest.param(dict(calls=tuple(f"d{i}" for i in range(65))), "at most 64",
+                     id="calls-too-many"),
     ],
 )
 def test_invalid_deployment(kwargs, match):
@@ -142,6 +145,8 @@ def test_supervisor_base_equal_cap_allowed():
                      r"duplicate deployment names: \['a'\]", id="duplicate-names"),
         pytest.param(dict(deployments=(dep(),), log_format="xml"), "log_format", id="bad-log-format"),
         pytest.param(dict(deployments=(dep(),), log_level="trace"), "log_level", id="bad-log-level"),
+        pytest.param(dict(deployments=(dep(name="a", calls=("a", "b")),)),
+                     r"calls names \['b'\], which are not configured", id="calls-unknown"),
     ],
 )
 def test_invalid_config(kwargs, match):
@@ -156,6 +161,11 @@ def test_log_formats_accepted(fmt):
 
 def test_log_level_case_insensitive():
     assert Config(deployments=(dep(),), log_level="WARNING").log_level == "WARNING"
+
+
+def test_a_deployment_calls_those_it_lists_itself_included():
+    config = Config(deployments=(dep(name="a", calls=("b", "a")), dep(name="b")))
+    assert config.deployment("a").calls == ("b", "a") and config.deployment("b").calls == ()
 
 
 def test_config_lookup_and_total_replicas():

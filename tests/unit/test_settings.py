@@ -49,6 +49,7 @@ def test_defaults_without_target_or_file(tmp_path):
     config = load(tmp_path)
     assert [d.name for d in config.deployments] == ["minilm", "risk"]  # the two examples
     assert config.deployments[1].service == RISK_SERVICE
+    assert config.deployments[1].calls == ("minilm", "risk")  # its assess pipeline
     d = config.deployments[0]
     assert (d.name, d.service, d.replicas, d.balancer) == ("minilm", DEFAULT_SERVICE, 2, "power_of_two")
     assert (config.gateway.host, config.gateway.port) == ("127.0.0.1", 8000)
@@ -129,6 +130,24 @@ def test_deployment_env_table_becomes_string_pairs(tmp_path):
     config = load(tmp_path, config_path=str(write(tmp_path, FILE)))
     assert config.deployment("embed").env == (("HF_HOME", "/models"), ("OMP_PROC_BIND", "1"))
     assert config.deployment("rerank").env == ()
+
+
+def test_calls_lists_the_deployments_a_deployment_calls(tmp_path):
+    config = load(tmp_path, config_path=str(write(tmp_path, """
+[deployments.risk]
+service = "app.py:Risk"
+calls = ["minilm", "risk"]
+[deployments.minilm]
+service = "app.py:Embedder"
+""")))
+    assert config.deployment("risk").calls == ("minilm", "risk")
+    assert config.deployment("minilm").calls == ()
+    with pytest.raises(ConfigError, match="not configured deployments"):
+        load(tmp_path, config_path=str(write(tmp_path, """
+[deployments.risk]
+service = "app.py:Risk"
+calls = ["minilm"]
+""")))
 
 
 def test_auto_discovers_steadyserve_toml_in_cwd(tmp_path):

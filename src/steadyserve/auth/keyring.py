@@ -28,12 +28,13 @@ from ..policies.ratelimit import Bucket, take
 from ..store import DatabaseUnavailable
 from ..store.keys import KeyStore
 from ..tasks import cancel_and_wait
+from . import childcalls
 from .keys import LOCAL_ADMIN, ApiKey
 from .tokens import digest, key_id_of, new_token
 
 log = logging.getLogger("steadyserve.auth")
 
-CHILD_TOKEN_PREFIX = "ssc_"  # the child-call credential (never an API key: no id part)
+CHILD_TOKEN_PREFIX = childcalls.TOKEN_PREFIX  # never an API key's: no id part
 
 
 class KeyRing:
@@ -56,6 +57,7 @@ class KeyRing:
         self._bootstrapped = False
         self.local_admin: ApiKey | None = None
         self.admin_token: str | None = None
+        self._child: tuple[str | None, bytes] = (None, b"")  # (admin token, its child secret)
         if admin_key_path is None:
             # no data directory (tests, embedded use): an admin key that lives in memory only
             self._adopt_local_admin(*new_token(random_bytes))
@@ -122,35 +124,60 @@ class KeyRing:
                 log.error("cannot read API keys, keeping the last ones read: %s", exc)
             self._db_down = True
 
-    # child calls (gateway.compose): a replica calling another deployment ---------------------
+    # child calls (gateway.compose, auth.childcalls): a replica calling another deployment --
     @property
-    def child_token(self) -> str | None:
-        """The credential replicas send with their child calls, derived from the local admin
-        key (so every process of this gateway derives the same one and nothing more is
-        stored); None before the admin key is known."""
+    def _child_secret(self) -> bytes | None:
+        """Derived from the local admin key, so every process of this gateway derives the
+        same one and nothing more is stored; None before the admin key is known."""
         if self.admin_token is None:
             return None
-        mac = hmac.new(self.admin_token.encode(), b"steadyserve child calls", "sha256")
-        return CHILD_TOKEN_PREFIX + mac.hexdigest()
+        if self._child[0] != self.admin_token:
+            self._child = (self.admin_token, childcalls.secret_from(self.admin_token))
+        return self._child[1]
 
-    def authenticate_child(self, token: str, on_behalf_of: str | None, now: float
-                           ) -> ApiKey | None:
-        """A child call: the child token proves a replica of this gateway sent it; the key
-        it acts for (`on_behalf_of`, the parent request's key id; None: the parent had no
-        key) must still be valid — a key revoked mid-pipeline stops its children too."""
-        expected = self.child_token
-        if expected is None or not hmac.compare_digest(token.encode(), expected.encode()):
-            raise Unauthorized("unknown child-call credential")
-        if not on_behalf_of:
+    def child_token(self, deployment: str) -> str | None:
+        """The credential `deployment`'s replicas send with their child calls."""
+        secret = self._child_secret
+        return None if secret is None else childcalls.token_for(secret, deployment)
+
+    def grant(self, deployment: str, key_id: str | None, hops: int,
+              remaining_s: float) -> str | None:
+        """What a request sent to `deployment` hands its child calls: its key, its depth and
+        its deadline (`remaining_s` from now), bound to that deployment."""
+        secret = self._child_secret
+        if secret is None:
             return None
-        key = self._keys.get(on_behalf_of)
-        if key is None and self.local_admin is not None and self.local_admin.id == on_behalf_of:
+        return childcalls.issue(secret, deployment, key_id, hops,
+                                self.wall() + remaining_s + childcalls.GRANT_SLACK_S)
+
+    def authenticate_child(self, token: str, grant: str | None, now: float
+                           ) -> tuple[str, ApiKey | None, int]:
+        """A child call: (the calling deployment, the key it acts for, the call's depth).
+        The token says which deployment's replica sent it; the grant, handed to that
+        deployment with a request, says for which key and how deep (none: a call of the
+        deployment's own, outside any request — no key, depth 1). The key must still be
+        valid: a key revoked mid-pipeline stops its children too."""
+        secret = self._child_secret
+        try:
+            if secret is None:
+                raise childcalls.BadCredential("unknown child-call credential")
+            caller = childcalls.caller_of(secret, token)
+            if not grant:
+                return caller, None, 1
+            granted = childcalls.check(secret, caller, grant, now)
+        except childcalls.BadCredential as exc:
+            raise Unauthorized(str(exc)) from None
+        if granted.key_id is None:
+            return caller, None, granted.hops + 1
+        key = self._keys.get(granted.key_id)
+        if key is None and self.local_admin is not None and \
+                self.local_admin.id == granted.key_id:
             key = self.local_admin
         if key is None:
             raise Unauthorized("the parent request's API key is unknown")
         if not key.active(now):
             raise Unauthorized(f"API key ss_{key.id}_… is no longer valid")
-        return key
+        return caller, key, granted.hops + 1
 
     # the request path ----------------------------------------------------------------------
     def authenticate(self, token: str, now: float) -> ApiKey:

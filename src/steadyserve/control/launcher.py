@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,9 +100,10 @@ def _resolved_format(fmt: str) -> str:
 
 
 def replica_env(config: Config, deployment: DeploymentConfig, replica_id: str,
-                base: dict[str, str]) -> dict[str, str]:
+                 base: dict[str, str]) -> dict[str, str]:
     """A replica process's environment: `base`, where services keep their data (the risk
-    example's features and model), the deployment's `env`, and who it is."""
+    example's features and model), the deployment's `env`, who it is, and where its child
+    calls go with which credential (its deployment's own: gateway.compose)."""
     env = dict(base)
     env["STEADYSERVE_DATABASE_URL"] = config.database
     env["STEADYSERVE_DATA_DIR"] = os.path.abspath(config.data_dir)
@@ -110,14 +111,32 @@ def replica_env(config: Config, deployment: DeploymentConfig, replica_id: str,
     env["PYTHONUNBUFFERED"] = "1"
     env["STEADYSERVE_REPLICA_ID"] = replica_id
     env["STEADYSERVE_DEPLOYMENT"] = deployment.name
-    for name in CHILD_CALL_ENV:  # where child calls go, and their credential (compose)
+    for name in CHILD_CALL_ENV:
+        env.pop(name, None)
         if name in os.environ:
             env[name] = os.environ[name]
+    token = _child_token(deployment.name)
+    env.pop("STEADYSERVE_CHILD_TOKEN", None)
+    if token is not None:
+        env["STEADYSERVE_CHILD_TOKEN"] = token
     return env
 
 
-CHILD_CALL_ENV = ("STEADYSERVE_GATEWAY_URL", "STEADYSERVE_GATEWAY_HOST",
-                  "STEADYSERVE_CHILD_TOKEN")
+CHILD_CALL_ENV = ("STEADYSERVE_GATEWAY_URL", "STEADYSERVE_GATEWAY_HOST")
+
+
+def _no_child_token(deployment: str) -> str | None:
+    return None
+
+
+# the gateway process's KeyRing.child_token, set before replicas start (gateway.app); kept out
+# of os.environ, which every replica inherits: each gets its own deployment's token only
+_child_token: Callable[[str], str | None] = _no_child_token
+
+
+def set_child_tokens(source: Callable[[str], str | None]) -> None:
+    global _child_token
+    _child_token = source
 
 
 def replica_argv(config: Config, deployment: DeploymentConfig, replica_id: str, threads: int,

@@ -20,7 +20,6 @@ from ..auth.tokens import key_id_of
 from ..config import Config
 from ..errors import (
     CallDepthExceeded,
-    ClientError,
     Forbidden,
     HostNotAllowed,
     Unauthorized,
@@ -63,6 +62,7 @@ class Access:
         self.keys = keys
         self.wall = wall
         self.cors = frozenset(self.gateway.cors_origins)
+        self._callees = {d.name: frozenset(d.calls) for d in config.deployments}
 
     @property
     def inference_open(self) -> bool:
@@ -122,28 +122,28 @@ class Access:
             raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
         if token.startswith(CHILD_TOKEN_PREFIX):
             req.child = True
-            return self.keys.authenticate_child(
+            req.caller, key, req.hops = self.keys.authenticate_child(
                 token, req.header(b"x-steadyserve-on-behalf-of"), self.wall())
+            return key
         if lenient and key_id_of(token) is None and self.inference_open:
             return None
         return self.keys.authenticate(token, self.wall())
 
     def _check_child(self, req: Request, route: Route) -> None:
-        """A child call (gateway.compose): inference only, and at most max_call_depth deep."""
+        """A child call (gateway.compose): inference only, from a deployment that declares
+        calls, and at most max_call_depth deep (the depth is its grant's, never a header's)."""
         if route.access != "infer":
             raise Forbidden("a child-call credential may call inference routes only")
-        raw = req.header(b"x-steadyserve-hops") or "1"
-        try:
-            hops = int(raw)
-        except ValueError:
-            raise ClientError("X-Steadyserve-Hops must be a whole number",
-                              param="x-steadyserve-hops") from None
+        caller = req.caller or ""
+        req.callees = self._callees.get(caller, frozenset())
+        if not req.callees:
+            raise Forbidden(f"deployment {caller!r} declares no calls: list the deployments "
+                            f"its handlers call in [deployments.{caller}] calls")
         limit = self.gateway.max_call_depth
-        if not 1 <= hops <= limit:
+        if req.hops > limit:
             raise CallDepthExceeded(
-                f"this call is {hops} calls deep: over [gateway] max_call_depth ({limit}); "
+                f"this call is {req.hops} calls deep: over [gateway] max_call_depth ({limit}); "
                 "a deployment that calls itself, or a chain A → B → A, loops", param="hops")
-        req.hops = hops
 
     def _check_origin(self, req: Request) -> None:
         """A browser page from another site may not change state here (CSRF, DNS rebinding);
@@ -188,6 +188,12 @@ class Access:
     # used by routes --------------------------------------------------------------------------
     @staticmethod
     def allow_deployment(req: Request, deployment: str) -> None:
+        """The route's deployment: one the key may call, and for a child call one its
+        calling deployment declares."""
+        if req.child and deployment not in req.callees:
+            raise Forbidden(f"deployment {req.caller!r} may not call deployment "
+                            f"{deployment!r}: add it to [deployments.{req.caller}] calls",
+                            param="model" if req.openai else None)
         key = req.principal
         if key is not None and not key.allows("admin") and not key.may_call(deployment):
             raise Forbidden(f"API key ss_{key.id}_… may not call deployment {deployment!r}",

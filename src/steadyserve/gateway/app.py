@@ -290,6 +290,7 @@ class Gateway:
         # no key ring given (tests, embedded use): keys in memory, an admin key made up now
         self.keys = keys or KeyRing(refresh_s=config.auth.key_refresh_s)
         self.access = Access(config, self.keys)
+        self.dispatcher.grant = self.keys.grant
 
     def prepare(self) -> str | None:
         """Before serving (blocking I/O): read or write the local admin key, load the keys.
@@ -557,16 +558,16 @@ class Gateway:
                 return
 
     def _child_call_env(self) -> None:
-        """Replicas' child calls (steadyserve.compose) come back here, with a credential
-        derived from the admin key: both travel in their environment (control.launcher)."""
+        """Replicas' child calls (steadyserve.compose) come back here, each with its
+        deployment's credential derived from the admin key: both travel in their
+        environment (control.launcher)."""
         host = self.config.host
         host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
         host = f"[{host}]" if ":" in host else host
         os.environ["STEADYSERVE_GATEWAY_URL"] = f"http://{host}:{self.config.port}"
         os.environ["STEADYSERVE_GATEWAY_HOST"] = child_host_header(self.config)
-        token = self.keys.child_token
-        if token is not None:
-            os.environ["STEADYSERVE_CHILD_TOKEN"] = token
+        from ..control import launcher  # the gateway process only (workers start no replicas)
+        launcher.set_child_tokens(self.keys.child_token)
 
     # cache consistency --------------------------------------------------------------------------
     def spawn(self, coro: Awaitable[None], name: str) -> None:

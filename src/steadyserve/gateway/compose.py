@@ -1,11 +1,13 @@
 """Child calls as the gateway sees them (the replica's side: replica.children).
 
-A replica's call to another deployment arrives on the usual routes with the child-call
-credential (auth.keyring.KeyRing.child_token) acting for the parent request's key: it is
-checked like a client's (scope, deployment allow-list; no second rate charge), refused past
-[gateway] max_call_depth (508 loop_detected), admitted on its parent's admission slot (no
-waiting for a slot its own parents hold), and never sent back to the replica that made it
-(which waits for it; a sync caller with no other replica to go to is refused at once).
+A replica's call to another deployment arrives on the usual routes with its deployment's
+child-call token and the grant that came with its parent request (auth.childcalls): only to
+a deployment its own lists in `calls` (403), acting for the parent request's key, checked
+like a client's (scope, deployment allow-list; no second rate charge — the parent paid),
+refused past [gateway] max_call_depth (508 loop_detected), admitted on its parent's
+admission slot (no waiting for a slot its own parents hold), and never sent back to the
+replica that made it (which waits for it; a sync caller with no other replica to go to is
+refused at once).
 Each child call's gateway span is a child of the parent attempt's span (traceparent), and
 `HopStats` keeps its timings for the deployment's status (`child_calls`).
 """

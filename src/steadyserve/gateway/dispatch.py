@@ -99,7 +99,6 @@ from ..policies.quarantine import Quarantine
 from ..policies.retry import RetryBudget, retry_backoff_s
 from ..replica.server import (
     DEADLINE_HEADER,
-    HOPS_HEADER,
     INPUT_KEY_HEADER,
     PRINCIPAL_HEADER,
     PRIORITY_HEADER,
@@ -158,7 +157,7 @@ class CallInfo:
     # request's admission slot; `caller` is the calling replica (not sent back to it)
     child: bool = False
     hops: int = 0
-    principal: str | None = None  # the key id the request acts for (passed to the replica)
+    principal: str | None = None  # the key id it acts for (in its replicas' grants)
     caller: str | None = None
     caller_sync: bool = False  # the caller holds its model thread while it waits
 
@@ -205,6 +204,17 @@ class Dispatcher:
         self.affinity_balance = 1.25
         # holds requests of autoscaled deployments while none of their replicas is ready
         self.activator: Activator | None = None
+        # what a request sent to a deployment that declares calls hands its child calls
+        # (KeyRing.grant: deployment, key id, depth, seconds left); None: nothing
+        self.grant: Callable[[str, str | None, int, float], str | None] | None = None
+
+    def _grant_for(self, d: Deployment, principal: str | None, hops: int,
+                   remaining_s: float) -> str | None:
+        """The grant for a request to `d`: only a deployment that declares calls gets one
+        (an HMAC per attempt; the others pay nothing)."""
+        if self.grant is None or not d.config.calls:
+            return None
+        return self.grant(d.name, principal, hops, remaining_s)
 
     # state ----------------------------------------------------------------------------------
     def state(self, d: Deployment) -> _DeploymentState:
@@ -377,7 +387,8 @@ class Dispatcher:
         headers = [(REQUEST_ID_HEADER, request_id.encode()),
                    (DEADLINE_HEADER, str(int(remaining * 1000)).encode()),
                    (INPUT_KEY_HEADER, key.encode()), (b"content-type", codec.CONTENT_TYPE),
-                   *parent_headers(call.priority, call.hops, call.principal)]
+                   *parent_headers(call.priority,
+                                   self._grant_for(d, call.principal, call.hops, remaining))]
 
         endpoint.outstanding += 1
         up = None
@@ -652,7 +663,7 @@ class Dispatcher:
             (DEADLINE_HEADER, str(int(per_try * 1000)).encode()),
             (INPUT_KEY_HEADER, key.encode()),
             (b"content-type", codec.CONTENT_TYPE),
-            *parent_headers(priority, call_hops, principal),
+            *parent_headers(priority, self._grant_for(d, principal, call_hops, per_try)),
         ]
         if span is not None and trace is not None:
             headers.append((b"traceparent", trace.header(span)))
@@ -866,10 +877,11 @@ class Streamed:
         await self.up.close()
 
 
-def parent_headers(priority: str, hops: int, principal: str | None) -> list[tuple[bytes, bytes]]:
+def parent_headers(priority: str, grant: str | None) -> list[tuple[bytes, bytes]]:
     """What a replica needs to make child calls on this request's behalf (gateway.compose):
-    its admission class, how deep it already is, and the key it acts for."""
-    out = [(PRIORITY_HEADER, priority.encode()), (HOPS_HEADER, str(hops).encode())]
-    if principal is not None:
-        out.append((PRINCIPAL_HEADER, principal.encode()))
+    its admission class, and the grant its child calls hand back (auth.childcalls: the key
+    it acts for, its depth and deadline)."""
+    out = [(PRIORITY_HEADER, priority.encode())]
+    if grant is not None:
+        out.append((PRINCIPAL_HEADER, grant.encode()))
     return out

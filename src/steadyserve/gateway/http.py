@@ -54,6 +54,8 @@ class Request:
     principal: ApiKey | None = None  # the API key that authenticated it, if any
     forwarded: bool = False  # a worker sent it to the gateway process (gateway.worker)
     child: bool = False  # a replica's call to another deployment (gateway.compose)
+    caller: str | None = None  # a child call's: the deployment whose replica made it
+    callees: frozenset[str] = frozenset()  # … and the deployments that one may call
     hops: int = 0  # how many calls deep it is (a client's request: 0)
     _headers: dict[bytes, bytes] | None = None  # first value of each name, built on first use
 

@@ -50,6 +50,7 @@ from ..errors import (
     ClientError,
     Conflict,
     DependencyUnavailable,
+    Forbidden,
     NotFound,
     PayloadTooLarge,
     SteadyError,
@@ -104,6 +105,14 @@ def _job_id(params: dict[str, str]) -> str:
         raise ClientError("a job id is 'job_' and 24 hex digits, as POST /v1/jobs/… answered",
                           param="job")
     return job_id
+
+
+def _not_a_child(req: Request) -> None:
+    """A replica's child call acts for its parent's key only until the parent's deadline
+    (auth.childcalls): a job would outlive it, so the queue is not a child call's to use."""
+    if req.child:
+        raise Forbidden("a child call may not use the job queue: it acts for its parent "
+                        "request's key only until that request's deadline")
 
 
 def _owner(req: Request) -> str:
@@ -182,6 +191,7 @@ def request_hash(deployment: str, handler: str, args_json: bytes) -> str:
 
 
 async def submit_job(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    _not_a_child(req)
     if gw.forward is not None:  # a data-plane worker: the gateway process keeps the queue
         req.forwarded = True
         return await gw.forward(req)  # type: ignore[no-any-return]
@@ -222,6 +232,7 @@ async def get_job(gw: Gateway, req: Request, params: dict[str, str]) -> Response
 
 
 async def cancel_job(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
+    _not_a_child(req)
     if gw.forward is not None:
         req.forwarded = True
         return await gw.forward(req)  # type: ignore[no-any-return]
@@ -462,7 +473,8 @@ class JobRunner:
                                             504)
             value = await self.dispatcher.invoke(
                 d, h, orjson.loads(job["args"]), request_id=f"job-{job['id']}-{job['attempt']}",
-                timeout_s=remaining, priority="batch", call=CallInfo())
+                timeout_s=remaining, priority="batch",
+                call=CallInfo(principal=job["key_id"] or None))  # its children act for it
         except SteadyError as exc:
             kind = classify(exc.status, exc.code, deadline_passed=self.wall() >= deadline_at)
             return kind, None, _error(exc.code, exc.message, exc.status)

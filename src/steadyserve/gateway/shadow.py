@@ -41,8 +41,9 @@ class Shadows:
         self.mismatches: dict[str, deque[dict[str, Any]]] = {}
 
     def mirror(self, d: Deployment, h: Handler, args: dict[str, Any], answer: Any,
-               request_id: str) -> None:
-        """Maybe send this request to `d`'s shadow too (called with the client's answer)."""
+               request_id: str, principal: str | None = None) -> None:
+        """Maybe send this request to `d`'s shadow too (called with the client's answer);
+        its child calls act for the client's key (`principal`), as the request's did."""
         cfg = d.config
         if cfg.shadow is None or self.rng() >= cfg.shadow_share:
             return
@@ -50,10 +51,10 @@ class Shadows:
             self._count(d.name, cfg.shadow, "skipped")
             return
         self.inflight[d.name] = self.inflight.get(d.name, 0) + 1
-        self.gw.spawn(self._run(d, h, args, answer, request_id), f"shadow-{d.name}")
+        self.gw.spawn(self._run(d, h, args, answer, request_id, principal), f"shadow-{d.name}")
 
     async def _run(self, d: Deployment, h: Handler, args: dict[str, Any], answer: Any,
-                   request_id: str) -> None:
+                   request_id: str, principal: str | None) -> None:
         cfg = d.config
         shadow = str(cfg.shadow)
         try:
@@ -65,7 +66,8 @@ class Shadows:
             try:
                 got = await self.gw.dispatcher.invoke(
                     target, handler, args, request_id=f"{request_id}-shadow",
-                    timeout_s=cfg.shadow_timeout_s, priority="batch", call=CallInfo())
+                    timeout_s=cfg.shadow_timeout_s, priority="batch",
+                    call=CallInfo(principal=principal))
             except SteadyError:  # refused, shed, failed, late: the candidate's, not the client's
                 self._count(d.name, shadow, "error")
                 return

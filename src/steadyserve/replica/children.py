@@ -7,11 +7,12 @@ retries within the budget, ejection, the response cache — and carries its pare
     the priority      X-Priority: the parent's admission class
     the request id    <parent id>.<n>: the n-th child call of that request
     the trace         traceparent: the gateway's span of the parent's attempt
-    the credential    the child-call token (derived from the gateway's admin key, in
-                      STEADYSERVE_CHILD_TOKEN) and X-Steadyserve-On-Behalf-Of: the parent's key
-                      id, so the child is allowed exactly what the parent's key allows
-    the depth         X-Steadyserve-Hops: parent's + 1 (the gateway refuses past
-                      max_call_depth: 508 loop_detected)
+    the credential    its deployment's child-call token (STEADYSERVE_CHILD_TOKEN: the
+                      gateway lets it call what `[deployments.NAME] calls` lists) and
+                      X-Steadyserve-On-Behalf-Of: the grant the gateway sent with the parent
+                      request, handed back unchanged — the parent's key (the child is allowed
+                      exactly what that key allows), its depth (the gateway refuses past
+                      max_call_depth: 508 loop_detected) and its deadline (auth.childcalls)
     the caller        X-Steadyserve-Caller (this replica: the gateway sends the call to
                       another one) and whether it holds its model thread while it waits
 
@@ -64,7 +65,6 @@ class ParentCall:
     handler: str
     deadline: float | None = None  # monotonic
     priority: str = "interactive"
-    hops: int = 0
     principal: str | None = None
     traceparent: str | None = None
     sync: bool = True
@@ -175,7 +175,6 @@ class ChildCaller:
             headers.update({
                 "x-request-id": f"{parent.request_id}.{next(parent.counter)}"[:128],
                 "x-priority": parent.priority,
-                "x-steadyserve-hops": str(parent.hops + 1),
                 "x-steadyserve-caller-sync": "1" if parent.sync else "0",
             })
             if parent.principal:
@@ -184,7 +183,6 @@ class ChildCaller:
                 headers["traceparent"] = parent.traceparent
         else:
             budget = timeout_s if timeout_s is not None else DEFAULT_TIMEOUT_S
-            headers["x-steadyserve-hops"] = "1"
         headers["x-request-timeout-ms"] = str(max(1, int(budget * 1000)))
         body = orjson.dumps(args, option=orjson.OPT_SERIALIZE_NUMPY)
         started = self.clock()

@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 
 from .. import codec
 from ..asgi import cancel_on_disconnect
+from ..auth.childcalls import MAX_GRANT_CHARS
 from ..cache.invalidation import MESSAGE_MAX_BYTES, MESSAGE_MAX_TAGS, REPLICA_MAX_TAG_BYTES, check_tags
 from ..cache.readthrough import ReadThroughCollector
 from ..config import MAX_COALESCED_CALLS
@@ -59,7 +60,6 @@ DEADLINE_HEADER = b"x-steadyserve-deadline-ms"  # remaining budget in ms when se
 INPUT_KEY_HEADER = b"x-steadyserve-input-key"  # the gateway's hash of the input (quarantine)
 # the parent request, for the child calls its handler makes (replica.children)
 PRIORITY_HEADER = b"x-priority"
-HOPS_HEADER = b"x-steadyserve-hops"
 PRINCIPAL_HEADER = b"x-steadyserve-principal"
 
 
@@ -303,14 +303,13 @@ class ReplicaApp:
         """The request as its handler's child calls need it (replica.children)."""
         headers = dict(header_list)
         h = self.handlers.get(name)
-        hops = headers.get(HOPS_HEADER, b"0")
         principal = headers.get(PRINCIPAL_HEADER)
         trace = headers.get(b"traceparent")
         return ParentCall(
             request_id=REQUEST_ID.get() or "-", handler=name, deadline=deadline,
             priority=headers.get(PRIORITY_HEADER, b"interactive").decode("ascii", "replace")[:16],
-            hops=int(hops) if hops.isdigit() and len(hops) < 4 else 0,
-            principal=principal.decode("ascii", "replace")[:64] if principal else None,
+            principal=principal.decode("ascii", "replace")[:MAX_GRANT_CHARS] if principal
+            else None,
             traceparent=trace.decode("ascii", "replace")[:128] if trace else None,
             sync=h is not None and h.sync)
 

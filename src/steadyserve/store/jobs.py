@@ -201,7 +201,7 @@ class JobStore:
                 .values(state="running", attempt=c.attempt + 1, claimed_by=holder,
                         lease_until=now + lease_s, started_at=func.coalesce(c.started_at, now))
                 .returning(c.id, c.deployment, c.handler, c.args, c.attempt, c.failures,
-                           c.deadline_at, c.created_at)).mappings().all()
+                           c.deadline_at, c.created_at, c.key_id)).mappings().all()
         return sorted((dict(r) for r in rows), key=lambda r: r["created_at"])
 
     def renew(self, holder: str, ids: Iterable[str], now: float, lease_s: float) -> set[str]:

@@ -52,11 +52,11 @@ async def start_inprocess(
         replica_id = f"{name}-{i}"
         app = ReplicaApp(service_cls(), specs, name=replica_id)
         # child calls (steadyserve.compose) go to this gateway in process, as a real
-        # replica's go over HTTP, with the gateway's child-call credential
+        # replica's go over HTTP, with its deployment's child-call credential
         app.children.transport = httpx.AsyncClient(
             transport=httpx.ASGITransport(app=gateway),  # type: ignore[arg-type]
             base_url=f"http://{child_host_header(gateway.config)}")
-        app.children.token = gateway.keys.child_token
+        app.children.token = gateway.keys.child_token(name)
         await app.start()
         address = Address("inprocess", 10000 + len(transport.apps))
         transport.apps[address] = app

@@ -356,7 +356,8 @@ class RiskScorer(steadyserve.Service):
         deployment's own `score` (batched, cached, on its database features) — then the
         memo's similarity to known scam phrasings raises the score (`with_memo`). Both carry
         this request's deadline, priority and credential; a failing branch fails the request
-        with its error, prefixed with the branch's `deployment/handler: `."""
+        with its error, prefixed with the branch's `deployment/handler: `. The deployment
+        declares both (`calls = ["minilm", "risk"]`); without them `assess` answers 403."""
         memo = transaction.get("memo")
         if not isinstance(memo, str) or not 0 < len(memo) <= MAX_MEMO_CHARS:
             raise ClientError(f"memo must be a non-empty string of at most {MAX_MEMO_CHARS} "
