@@ -129,12 +129,9 @@ async def test_replicas_say_why_they_exited_or_are_ejected_and_the_rollout_shows
     assert plain["rollout"] is None  # no control plane: nothing rolls out
 
     gateway.control = FakeControl()  # type: ignore[assignment]
-    # requests outstanding: this process's own, and a data-plane worker's busy connections
+    # requests outstanding: this process's own, and what the data-plane workers reported
     gateway.membership.deployments["echo"].endpoints[0].outstanding = 2
-    worker_text = (b'steadyserve_upstream_connections{deployment="echo",replica="echo-0",'
-                   b'state="busy"} 3.0\nsteadyserve_upstream_connections{deployment="echo",'
-                   b'replica="echo-0",state="idle"} 7.0\n')
-    gateway.worker_metrics = lambda: [worker_text, b"not metrics {"]
+    gateway.worker_outstanding = lambda: {("echo", "echo-0"): 3, ("other", "echo-0"): 9}
     r = await client.get("/v1/dashboard")
     [echo] = r.json()["deployments"]
     assert echo["replica_counts"] == {"target": 1, "actual": 2, "ready": 1, "starting": 1,

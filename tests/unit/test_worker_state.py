@@ -1,12 +1,13 @@
 """Data-plane workers, without processes: the membership a worker rebuilds from the gateway
-process's state message, the channel's framing and bounds, and /metrics summed over
-processes."""
+process's state message, the channel's framing and bounds, /metrics summed over
+processes, and the requests a worker awaits per replica, checked as they arrive."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,7 +16,8 @@ from steadyserve.config import DeploymentConfig
 from steadyserve.gateway.channel import ChannelClosed, encode, read_message
 from steadyserve.gateway.membership import Endpoint, Membership
 from steadyserve.gateway.transport import Address
-from steadyserve.gateway.worker import apply_state, state_message
+from steadyserve.gateway.worker import apply_state, outstanding_of, state_message
+from steadyserve.gateway.workers import MAX_OUTSTANDING_ROWS, outstanding_from_wire
 from steadyserve.observe.aggregate import summed_registry
 
 INFO = {"service": "Echo", "version": "1",
@@ -137,3 +139,23 @@ def test_metrics_of_several_processes_sum_as_one_gateway() -> None:
     assert samples[("steadyserve_duration_seconds_sum", None)] == pytest.approx(5.55)
     assert samples[("steadyserve_admission_inflight", None)] == 3
     assert "_created" not in text
+
+
+def test_a_worker_reports_what_it_awaits_per_replica_and_the_report_is_checked() -> None:
+    m = control_side()
+    m.add("echo", Endpoint("echo-1", Address("127.0.0.1", 1001)), INFO)
+    _, three = m.deployments["echo"].endpoints
+    three.outstanding = 3  # calls, coalesced calls and open streams: the dispatcher's count
+    wire = outstanding_of(m)
+    assert wire == [["echo", three.replica_id, 3]]  # replicas awaiting nothing are left out
+    assert outstanding_from_wire(encode_decode(wire)) == {("echo", three.replica_id): 3}
+    for bad in ("nope", [["echo", "r"]], [["echo", "r", -1]], [["echo", "r", 1.5]],
+                [["echo", 7, 1]], [["echo", "r", "1"]], [["echo", "r", True]]):
+        assert outstanding_from_wire(bad) == {}, bad
+    many = [["echo", f"r{i}", 1] for i in range(MAX_OUTSTANDING_ROWS + 5)]
+    assert len(outstanding_from_wire(many)) == MAX_OUTSTANDING_ROWS
+
+
+def encode_decode(value: object) -> object:
+    """As it crosses the channel (a JSON line)."""
+    return orjson.loads(encode({"v": value}))["v"]

@@ -10,8 +10,8 @@ latency alike, not on an empty axis.
 
 `batch_sizes` reads the replicas' batch-size histograms out of their merged /metrics text
 (`Gateway.replica_metrics`), summed over each deployment's replicas; the routes fetch it at
-most every few seconds (`Periodic`). `replica_counts` and `busy_connections` give actual
-against target replicas and the requests each replica answers; `jobs_view` shapes the
+most every few seconds (`Periodic`). `replica_counts` gives actual against target
+replicas; `jobs_view` shapes the
 asynchronous jobs section from the queue's counts.
 """
 
@@ -38,7 +38,6 @@ USAGE_REFRESH_S = 10.0  # per-key usage is read from the database at most this o
 JOBS_REFRESH_S = 5.0  # asynchronous jobs are counted in the database at most this often
 JOB_FAILURES_SHOWN = 10  # the newest failed, dead or expired jobs
 JOB_ERROR_CHARS = 300  # of each one's error message
-POOL = "steadyserve_upstream_connections"
 LOOKUPS = "steadyserve_cache_lookups_total"
 USAGE_SHOWN = 10  # the keys with the most requests today
 BATCH_REFRESH_S = 5.0  # the replicas' /metrics are fetched at most this often for the page
@@ -225,26 +224,6 @@ def replica_counts(replicas: Iterable[dict[str, Any]], target: int) -> dict[str,
             out[state] += 1
         else:  # unhealthy, or in backoff after a crash
             out["unhealthy"] += 1
-    return out
-
-
-def busy_connections(texts: Iterable[bytes]) -> dict[tuple[str, str], int]:
-    """{(deployment, replica): busy keep-alive connections} summed over the data-plane
-    workers' last reports (their /metrics text): the requests each replica is answering
-    for them. Only those lines are parsed."""
-    out: dict[tuple[str, str], int] = {}
-    prefix = f"{POOL}{{"
-    for text in texts:
-        for line in text.decode(errors="replace").splitlines():
-            if not line.startswith(prefix) or 'state="busy"' not in line:
-                continue
-            try:
-                [family] = text_string_to_metric_families(line + "\n")
-                [sample] = family.samples
-                key = (sample.labels["deployment"], sample.labels["replica"])
-            except (ValueError, KeyError):
-                continue
-            out[key] = out.get(key, 0) + int(sample.value)
     return out
 
 

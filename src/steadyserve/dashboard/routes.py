@@ -32,7 +32,6 @@ from .data import (
     USAGE_SHOWN,
     Periodic,
     batch_sizes,
-    busy_connections,
     cache_levels,
     history,
     jobs_view,
@@ -101,16 +100,16 @@ async def data(gw: Gateway, req: Request, params: dict[str, str]) -> Response:
                     gw.metrics.registry.collect())
     counters = snapshot(families)
     batches = await _batch_sizes(gw, clock())
-    busy = busy_connections(gw.worker_metrics())  # the data-plane workers' requests
+    theirs = gw.worker_outstanding()  # the data-plane workers' requests
     deployments = []
     for d in gw.membership.deployments.values():
         described = gw.describe(d)
         scale = described.get("autoscale") or {}
         seen = batches.get(d.name, {})
-        # requests awaiting each replica: this process's own, and the workers' (each worker's
-        # last report, ~1 s old) as their busy keep-alive connections
+        # requests awaiting each replica (calls, coalesced or not, and open streams): this
+        # process's own, and the workers' (each worker's last report, ~1 s old)
         mine = {e.replica_id: e.outstanding for e in d.endpoints}
-        replicas = [{**r, "outstanding": mine.get(r["id"], 0) + busy.get((d.name, r["id"]), 0)}
+        replicas = [{**r, "outstanding": mine.get(r["id"], 0) + theirs.get((d.name, r["id"]), 0)}
                     for r in described["replicas"]]
         deployments.append({
             "name": d.name, "version": d.version, "balancer": d.config.balancer,

@@ -283,6 +283,8 @@ class Gateway:
         # gateway process; in the gateway process, the workers' metrics and invalidations
         self.forward: Any = None
         self.worker_metrics: Callable[[], list[bytes]] = list
+        # {(deployment, replica): requests} the data-plane workers await (their last reports)
+        self.worker_outstanding: Callable[[], dict[tuple[str, str], int]] = dict
         self.on_invalidated: Callable[[list[str]], None] | None = None
         self.on_shutdown: list[Callable[[], Awaitable[None]]] = []
         self._observers: dict[tuple[str, str, int, bool], Callable[[float], None]] = {}

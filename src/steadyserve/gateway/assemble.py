@@ -114,6 +114,7 @@ def join_workers(gateway: Gateway, supervisor: Supervisor, pool: WorkerPool) -> 
     gateway.controls.remote_demand = pool.demand
     gateway.controls.fanout = pool.broadcast
     gateway.worker_metrics = pool.metric_texts
+    gateway.worker_outstanding = pool.outstanding
     gateway.on_invalidated = lambda tags: pool.broadcast({"t": "invalidate", "tags": tags})
     gateway.on_shutdown.append(pool.stop)
     if gateway.alerting is not None:

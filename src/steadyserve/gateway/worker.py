@@ -49,6 +49,14 @@ _KEEP_RESPONSE = frozenset({"retry-after", "www-authenticate", "location", "allo
                             "x-steadyserve-cache"})
 
 
+def outstanding_of(membership: Membership) -> list[list[Any]]:
+    """[[deployment, replica, requests], …]: what this worker awaits from each replica now —
+    single calls, calls riding coalesced exchanges and open streams alike (the dashboard's
+    per-replica count; replicas with none are left out)."""
+    return [[name, e.replica_id, e.outstanding]
+            for name, d in membership.deployments.items() for e in d.endpoints if e.outstanding]
+
+
 def apply_state(membership: Membership, transport: Any, file_configs: dict[str, DeploymentConfig],
                 deployments: dict[str, Any]) -> None:
     """Make this worker's membership what the gateway process says it is. Endpoints keep
@@ -166,6 +174,7 @@ class WorkerLink:
                           for name, d in gw.membership.deployments.items()
                           if d.config.autoscale is not None}
                 self.send({"t": "report", "demand": demand,
+                           "outstanding": outstanding_of(gw.membership),
                            "metrics": generate_latest(gw.metrics.registry).decode(),
                            "usage": usage.to_wire(gw.usage.take()),
                            "canary": gw.splits.observations.take(),

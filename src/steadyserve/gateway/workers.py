@@ -8,8 +8,9 @@ connect to. It pushes each worker the whole membership when it connects and afte
 change (coalesced: at most one message per `PUSH_EVERY_S`), the automatic responses' actions
 and invalidations; it takes their reports — demand (added to the autoscaler's), metrics
 (summed into /metrics and the alert engine's samples, so both look as with one process),
-unreachable replicas, held requests asking for a replica, invalidations. A second socket in
-the same directory serves the whole gateway app for the routes workers forward.
+requests awaiting each replica (the dashboard's count), unreachable replicas, held requests
+asking for a replica, invalidations. A second socket in the same directory serves the whole
+gateway app for the routes workers forward.
 
 A worker that dies is started again after a backoff; connections it held are reset (the
 clients' retries, or a balancer in front, send them again), the others go on.
@@ -39,6 +40,7 @@ log = logging.getLogger("steadyserve.workers")
 
 PUSH_EVERY_S = 0.05
 REPORT_STALE_S = 5.0  # a worker's demand and metrics older than this are left out
+MAX_OUTSTANDING_ROWS = 10_000  # replicas one report may count requests for
 STOP_TIMEOUT_S = 5.0
 
 
@@ -51,7 +53,22 @@ class _Worker:
     next_start_at: float = 0.0
     demand: dict[str, float] = field(default_factory=dict)
     metrics: bytes = b""
+    outstanding: dict[tuple[str, str], int] = field(default_factory=dict)
     reported_at: float = 0.0
+
+
+def outstanding_from_wire(rows: Any) -> dict[tuple[str, str], int]:
+    """A worker's `outstanding` report (gateway.worker.outstanding_of), checked: at most
+    `MAX_OUTSTANDING_ROWS` rows of [deployment, replica, count]; anything else is left out."""
+    out: dict[tuple[str, str], int] = {}
+    if not isinstance(rows, list):
+        return out
+    for row in rows[:MAX_OUTSTANDING_ROWS]:
+        if isinstance(row, list) and len(row) == 3 and isinstance(row[0], str) \
+                and isinstance(row[1], str) and type(row[2]) is int \
+                and 0 <= row[2] < 1_000_000_000:
+            out[(row[0], row[1])] = row[2]
+    return out
 
 
 class WorkerPool:
@@ -204,6 +221,7 @@ class WorkerPool:
                             if isinstance(v, int | float) and v >= 0}
             if isinstance(metrics, str):
                 w.metrics = metrics.encode()
+            w.outstanding = outstanding_from_wire(message.get("outstanding"))
             self.gateway.usage.merge(usage.from_wire(message.get("usage"),
                                                      self.gateway.usage.max_entries))
             if self.gateway.recorder is not None:
@@ -240,6 +258,15 @@ class WorkerPool:
     def demand(self, deployment: str) -> float:
         """The workers' reported demand of a deployment (their last time-weighted sample)."""
         return sum(w.demand.get(deployment, 0.0) for w in self._fresh())
+
+    def outstanding(self) -> dict[tuple[str, str], int]:
+        """{(deployment, replica): requests} the workers await, summed over their last
+        reports (each about a second old)."""
+        out: dict[tuple[str, str], int] = {}
+        for w in self._fresh():
+            for key, n in w.outstanding.items():
+                out[key] = out.get(key, 0) + n
+        return out
 
     def metric_texts(self) -> list[bytes]:
         return [w.metrics for w in self._fresh() if w.metrics]
