@@ -267,7 +267,7 @@ async def test_only_declared_callers_get_grants(make_gateway: Any) -> None:
             async def spying(scope: Any, receive: Any, send: Any, inner: Any = inner,
                              name: str = name) -> None:
                 if scope.get("path", "").startswith("/invoke/"):
-                    seen[name].append(dict(scope["headers"]).get(b"x-steadyserve-principal"))
+                    seen[name].append(dict(scope["headers"]).get(b"x-steadyserve-grant"))
                 await inner(scope, receive, send)
 
             gateway.transport.apps[address] = spying

@@ -8,7 +8,7 @@ gateway derives the same one and nothing more is stored):
                 replica is calling. The gateway lets it call the deployments that one
                 declares (`[deployments.NAME] calls`), inference routes only.
     the grant   <key id>.<hops>.<expires ms>.<mac>   sent with each request to a replica of a
-                deployment that declares calls (X-Steadyserve-Principal) and handed back
+                deployment that declares calls (X-Steadyserve-Grant) and handed back
                 unchanged with its child calls (X-Steadyserve-On-Behalf-Of): the key the
                 request acts for (empty: none), how deep it already is, and until when
                 (its deadline). The mac binds them to the deployment it was sent to.

@@ -99,8 +99,8 @@ from ..policies.quarantine import Quarantine
 from ..policies.retry import RetryBudget, retry_backoff_s
 from ..replica.server import (
     DEADLINE_HEADER,
+    GRANT_HEADER,
     INPUT_KEY_HEADER,
-    PRINCIPAL_HEADER,
     PRIORITY_HEADER,
 )
 from .activation import Activator
@@ -883,5 +883,5 @@ def parent_headers(priority: str, grant: str | None) -> list[tuple[bytes, bytes]
     it acts for, its depth and deadline)."""
     out = [(PRIORITY_HEADER, priority.encode())]
     if grant is not None:
-        out.append((PRINCIPAL_HEADER, grant.encode()))
+        out.append((GRANT_HEADER, grant.encode()))
     return out

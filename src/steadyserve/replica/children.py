@@ -65,7 +65,7 @@ class ParentCall:
     handler: str
     deadline: float | None = None  # monotonic
     priority: str = "interactive"
-    principal: str | None = None
+    grant: str | None = None  # the gateway's, handed back with child calls (auth.childcalls)
     traceparent: str | None = None
     sync: bool = True
     children: set[Any] = field(default_factory=set)  # futures of calls in flight
@@ -177,8 +177,8 @@ class ChildCaller:
                 "x-priority": parent.priority,
                 "x-steadyserve-caller-sync": "1" if parent.sync else "0",
             })
-            if parent.principal:
-                headers["x-steadyserve-on-behalf-of"] = parent.principal
+            if parent.grant:
+                headers["x-steadyserve-on-behalf-of"] = parent.grant
             if parent.traceparent:
                 headers["traceparent"] = parent.traceparent
         else:

@@ -60,7 +60,7 @@ DEADLINE_HEADER = b"x-steadyserve-deadline-ms"  # remaining budget in ms when se
 INPUT_KEY_HEADER = b"x-steadyserve-input-key"  # the gateway's hash of the input (quarantine)
 # the parent request, for the child calls its handler makes (replica.children)
 PRIORITY_HEADER = b"x-priority"
-PRINCIPAL_HEADER = b"x-steadyserve-principal"
+GRANT_HEADER = b"x-steadyserve-grant"  # auth.childcalls
 
 
 class _Handler:
@@ -303,13 +303,12 @@ class ReplicaApp:
         """The request as its handler's child calls need it (replica.children)."""
         headers = dict(header_list)
         h = self.handlers.get(name)
-        principal = headers.get(PRINCIPAL_HEADER)
+        grant = headers.get(GRANT_HEADER)
         trace = headers.get(b"traceparent")
         return ParentCall(
             request_id=REQUEST_ID.get() or "-", handler=name, deadline=deadline,
             priority=headers.get(PRIORITY_HEADER, b"interactive").decode("ascii", "replace")[:16],
-            principal=principal.decode("ascii", "replace")[:MAX_GRANT_CHARS] if principal
-            else None,
+            grant=grant.decode("ascii", "replace")[:MAX_GRANT_CHARS] if grant else None,
             traceparent=trace.decode("ascii", "replace")[:128] if trace else None,
             sync=h is not None and h.sync)
 
