@@ -1,7 +1,8 @@
 """Shadow traffic in process: a share of a deployment's requests mirrored to a candidate
 deployment, answers compared and discarded, never changing what the client gets; a
 candidate that is slow does not slow the client, and one over its in-flight bound is
-skipped; outcomes counted in the status and the metrics."""
+skipped; outcomes counted in the status and the metrics; a candidate's child calls act for
+the client's key."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import replace
 from typing import Any
 
 import steadyserve
+from steadyserve.auth.keyring import KeyRing
 
 from .services import Echo
+from .test_access import make_key
 
 
 class Candidate(steadyserve.Service):
@@ -25,6 +28,14 @@ class Candidate(steadyserve.Service):
         if text == "slow":
             time.sleep(0.5)
         return {"text": text * n}
+
+
+class PipelineCandidate(steadyserve.Service):
+    """Gets Echo's answer by calling another deployment."""
+
+    @steadyserve.handler
+    async def echo(self, text: str, n: int = 1) -> dict[str, Any]:
+        return await self.deployment("back").echo.acall(text=text, n=n)  # type: ignore[no-any-return]
 
 
 def shadowed(gateway: Any, **changes: Any) -> None:
@@ -82,3 +93,22 @@ async def test_a_share_of_zero_mirrors_nothing_and_a_failing_candidate_is_an_err
     await settle(gateway)
     counts = gateway.shadows.status(gateway.membership.deployments["echo"])["counts"]
     assert counts == {"match": 0, "mismatch": 0, "error": 1, "skipped": 0}
+
+
+async def test_a_candidates_child_calls_act_for_the_clients_key(make_gateway):
+    """Keys are required: the mirrored request's grant is the client's key (it used to be
+    sent keyless, and the candidate's child calls were refused: every answer an error)."""
+    ring = KeyRing()
+    _, token = make_key(ring, "infer")
+    gateway, client, _ = await make_gateway(
+        {"echo": (Echo, 1), "next": (PipelineCandidate, 1), "back": (Echo, 1)}, keys=ring,
+        calls={"next": ("back",)})
+    shadowed(gateway, shadow_share=1.0)
+    for text in ("a", "b"):
+        r = await client.post("/v1/deployments/echo/echo", json={"text": text},
+                              headers={"authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json() == {"text": text}, r.text
+    await settle(gateway)
+    status = (await client.get("/v1/deployments/echo",
+                               headers={"authorization": f"Bearer {token}"})).json()["shadow"]
+    assert status["counts"] == {"match": 2, "mismatch": 0, "error": 0, "skipped": 0}, status
