@@ -800,12 +800,40 @@ class Config:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"duplicate deployment names: {dupes}")
+        self._check_mirror_loops()
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.log_format not in ("json", "text", "auto"):
             raise ConfigError("log_format must be json, text or auto")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level must be debug, info, warning or error")
+
+    def _check_mirror_loops(self) -> None:
+        """A shadow copy's child calls are requests like any other, mirrored too where they
+        reach a shadowed deployment: a shadow that leads back (through `calls` and other
+        shadows) to the deployment it mirrors would mirror every request again, for ever."""
+        edges = {d.name: [*d.calls, *([d.shadow] if d.shadow else [])] for d in self.deployments}
+        for d in self.deployments:
+            if d.shadow is None:
+                continue
+            came_from: dict[str, str] = {d.shadow: d.name}  # (shadow ≠ name: checked)
+            todo = [d.shadow]
+            while todo:
+                here = todo.pop()
+                for there in edges.get(here, ()):
+                    if there not in came_from:
+                        came_from[there] = here
+                        todo.append(there)
+            if d.name in came_from:
+                path, at = [d.name], came_from[d.name]
+                while at != d.name:
+                    path.append(at)
+                    at = came_from[at]
+                path.append(d.name)
+                raise ConfigError(
+                    f"deployment {d.name}: its shadow leads back to it ({' → '.join(reversed(path))}"
+                    "): every mirrored request would be mirrored again; a shadow candidate may "
+                    "not call the deployment it shadows")
 
     def deployment(self, name: str) -> DeploymentConfig:
         for d in self.deployments:

@@ -168,6 +168,24 @@ def test_a_deployment_calls_those_it_lists_itself_included():
     assert config.deployment("a").calls == ("b", "a") and config.deployment("b").calls == ()
 
 
+@pytest.mark.parametrize(("deployments", "loop"), [
+    ((dep(name="a", shadow="b"), dep(name="b", calls=("a",))), "a → b → a"),
+    ((dep(name="a", shadow="b"), dep(name="b", calls=("c",)), dep(name="c", calls=("a",))),
+     "a → b → c → a"),
+    ((dep(name="a", shadow="b"), dep(name="b", calls=("c",)), dep(name="c", shadow="a")),
+     "a → b → c → a"),
+])
+def test_a_shadow_that_leads_back_to_its_deployment_is_refused(deployments, loop):
+    with pytest.raises(ConfigError, match=f"its shadow leads back to it \\({loop}\\)"):
+        Config(deployments=deployments)
+
+
+def test_a_shadow_that_calls_elsewhere_is_fine():
+    config = Config(deployments=(dep(name="a", shadow="b", calls=("c",)),
+                                 dep(name="b", calls=("c", "b")), dep(name="c")))
+    assert config.deployment("a").shadow == "b"
+
+
 def test_config_lookup_and_total_replicas():
     config = Config(deployments=(dep(name="a", replicas=2), dep(name="b", replicas=3)))
     assert config.deployment("b").replicas == 3
