@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 
 import steadyserve
+from steadyserve.auth.keyring import KeyRing
 from steadyserve.config import CacheConfig
 from steadyserve.gateway.app import Gateway
 from steadyserve.testing import FakeClock
 
 from .conftest import admin_headers
 from .services import fake_vector
+from .test_access import make_key
 
 pytestmark = pytest.mark.asyncio
 
@@ -523,6 +525,49 @@ async def test_stale_while_revalidate_answers_at_once_and_refreshes_once(make_ga
     fresh = await read(key="k")
     assert fresh.headers[CACHE] == "hit" and fresh.json() == {"key": "k", "n": 2}
     assert Counter.calls == 2
+
+
+class Tally(steadyserve.Service):
+    calls: ClassVar[int] = 0
+
+    @steadyserve.handler
+    def count(self, key: str) -> dict[str, Any]:
+        Tally.calls += 1
+        return {"key": key, "n": Tally.calls}
+
+
+class ViaTally(steadyserve.Service):
+    """A cached pipeline: its answer comes from a child call."""
+
+    @steadyserve.handler(cache=True, cache_ttl_s=0.2)
+    async def read(self, key: str) -> dict[str, Any]:
+        return await self.deployment("t").count.acall(key=key)  # type: ignore[no-any-return]
+
+
+async def test_a_background_refresh_calls_on_for_the_key_that_triggered_it(make_gateway):
+    """Keys are required: the refresh's child call acts for the stale read's key (it was
+    sent keyless and refused, so the stale copy was never refreshed)."""
+    ring = KeyRing()
+    _, token = make_key(ring, "infer")
+    gw, client, _ = await make_gateway(
+        {"via": (ViaTally, 1), "t": (Tally, 1)}, keys=ring, calls={"via": ("t",)},
+        cache=CacheConfig(stale_while_revalidate_s=30, stale_if_error_s=0))
+    Tally.calls = 0
+    clock = fake_clock(gw)
+    headers = {"authorization": f"Bearer {token}"}
+
+    async def read() -> httpx.Response:
+        r = await client.post("/v1/deployments/via/read", json={"key": "k"}, headers=headers)
+        assert r.status_code == 200, r.text
+        return r
+
+    assert (await read()).json() == {"key": "k", "n": 1}
+    clock.advance(0.5)
+    assert (await read()).headers[CACHE] == "stale"
+    await background_done(gw)
+    assert gw.cache is not None and gw.cache.counters.refreshes == 1
+    fresh = await read()
+    assert fresh.headers[CACHE] == "hit" and fresh.json() == {"key": "k", "n": 2}
 
 
 async def test_past_the_revalidate_window_a_request_waits_for_upstream(make_gateway):

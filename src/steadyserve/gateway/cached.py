@@ -96,7 +96,9 @@ async def cached_call(gw: DataPlane, req: Request, d: Deployment, h: Handler, ar
                 continue
         todo.setdefault(r.keys[i], []).append(i)
     if refresh:
-        gw.spawn(_revalidate(gw, d, h, r, refresh, tokens), name="cache-revalidate")
+        # the refresh's child calls act for this request's key, at its depth
+        lineage = CallInfo(principal=req.call.principal, hops=req.call.hops)
+        gw.spawn(_revalidate(gw, d, h, r, refresh, tokens, lineage), name="cache-revalidate")
     if todo:
         await _fill(gw, h, r, todo, found, tokens, dispatch, deadline)
     _account(gw, req, d, h, r)
@@ -232,7 +234,7 @@ def _serve_stale(
 
 
 async def _revalidate(gw: DataPlane, d: Deployment, h: Handler, r: _Request, refresh: dict[str, int],
-                      tokens: Tokens) -> None:
+                      tokens: Tokens, call: CallInfo) -> None:
     """stale-while-revalidate: one background call for the stale keys nobody is computing."""
     cache = gw.cache
     assert cache is not None
@@ -242,7 +244,6 @@ async def _revalidate(gw: DataPlane, d: Deployment, h: Handler, r: _Request, ref
         return
     indices = [refresh[k] for k in led]
     args, affinity = _upstream(h, r, indices)
-    call = CallInfo()
     try:
         out = await gw.dispatcher.invoke(
             d, h, args, request_id=f"revalidate-{uuid.uuid4().hex[:12]}",
