@@ -122,6 +122,8 @@ async def test_sync_and_async_handles_carry_the_request_id(make_gateway: Any) ->
     status = (await client.get("/v1/deployments/back")).json()
     assert status["child_calls"]["double"]["calls"] == 3
     assert status["child_calls"]["double"]["max_depth"] == 1
+    assert "calls" not in status  # back declares none; front's status says what it may call
+    assert (await client.get("/v1/deployments/front")).json()["calls"] == ["back"]
 
 
 async def test_the_childs_deadline_is_what_is_left_of_the_parents(make_gateway: Any) -> None:

@@ -661,6 +661,7 @@ class Gateway:
             **({"autoscale": self._autoscale_status(d.name)}
                if d.config.autoscale is not None else {}),
             **({"shadow": self.shadows.status(d)} if d.config.shadow is not None else {}),
+            **({"calls": list(d.config.calls)} if d.config.calls else {}),  # what it may call
             **({"child_calls": {h: stats.to_json() for (name, h), stats in self.hops.items()
                                 if name == d.name}}
                if any(name == d.name for name, _ in self.hops) else {}),
