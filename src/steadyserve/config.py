@@ -809,25 +809,39 @@ class Config:
             raise ConfigError("log_level must be debug, info, warning or error")
 
     def _check_mirror_loops(self) -> None:
-        """A shadow copy's child calls are requests like any other, mirrored too where they
-        reach a shadowed deployment: a shadow that leads back (through `calls` and other
-        shadows) to the deployment it mirrors would mirror every request again, for ever."""
-        edges = {d.name: [*d.calls, *([d.shadow] if d.shadow else [])] for d in self.deployments}
+        """A shadow copy goes to its candidate straight (not mirrored or split again), but its
+        child calls are requests like any other: mirrored where they reach a shadowed
+        deployment, sent to a canary's candidate where it splits. A shadow that leads back
+        that way to the deployment it mirrors would mirror every request again, until
+        max_call_depth: refused. Walked over (deployment, arrived as a shadow copy or a
+        canary's split) states."""
+        by_name = {d.name: d for d in self.deployments}
+
+        def onward(name: str, routed: bool) -> list[tuple[str, bool]]:
+            d = by_name[name]
+            out = [(c, True) for c in d.calls]  # a child call: through the routes
+            if routed and d.shadow is not None:
+                out.append((d.shadow, False))
+            if routed and d.canary is not None:
+                out.append((d.canary.deployment, False))
+            return out
+
         for d in self.deployments:
             if d.shadow is None:
                 continue
-            came_from: dict[str, str] = {d.shadow: d.name}  # (shadow ≠ name: checked)
-            todo = [d.shadow]
-            while todo:
+            start = (d.shadow, False)
+            came_from: dict[tuple[str, bool], tuple[str, bool]] = {start: (d.name, True)}
+            todo = [start]
+            while todo and (d.name, True) not in came_from:
                 here = todo.pop()
-                for there in edges.get(here, ()):
+                for there in onward(*here):
                     if there not in came_from:
                         came_from[there] = here
                         todo.append(there)
-            if d.name in came_from:
-                path, at = [d.name], came_from[d.name]
-                while at != d.name:
-                    path.append(at)
+            if (d.name, True) in came_from:
+                path, at = [d.name], came_from[(d.name, True)]
+                while at != (d.name, True):
+                    path.append(at[0])
                     at = came_from[at]
                 path.append(d.name)
                 raise ConfigError(

@@ -99,11 +99,20 @@ async def test_a_candidates_child_calls_act_for_the_clients_key(make_gateway):
     """Keys are required: the mirrored request's grant is the client's key (it used to be
     sent keyless, and the candidate's child calls were refused: every answer an error)."""
     ring = KeyRing()
-    _, token = make_key(ring, "infer")
-    gateway, client, _ = await make_gateway(
+    key, token = make_key(ring, "infer")
+    gateway, client, deployments = await make_gateway(
         {"echo": (Echo, 1), "next": (PipelineCandidate, 1), "back": (Echo, 1)}, keys=ring,
-        calls={"next": ("back",)})
+        calls={"next": ("back",), "back": ("echo",)})
     shadowed(gateway, shadow_share=1.0)
+    grants: list[bytes] = []
+    [address] = deployments["next"].addresses.values()
+    inner = gateway.transport.apps[address]
+
+    async def spying(scope: Any, receive: Any, send: Any) -> None:
+        grants.append(dict(scope["headers"]).get(b"x-steadyserve-grant", b""))
+        await inner(scope, receive, send)
+
+    gateway.transport.apps[address] = spying
     for text in ("a", "b"):
         r = await client.post("/v1/deployments/echo/echo", json={"text": text},
                               headers={"authorization": f"Bearer {token}"})
@@ -112,3 +121,12 @@ async def test_a_candidates_child_calls_act_for_the_clients_key(make_gateway):
     status = (await client.get("/v1/deployments/echo",
                                headers={"authorization": f"Bearer {token}"})).json()["shadow"]
     assert status["counts"] == {"match": 2, "mismatch": 0, "error": 0, "skipped": 0}, status
+    assert all(g.startswith(f"{key.id}.0.".encode()) for g in grants), grants
+    # a child call (3 deep) to the shadowed deployment: its copy keeps the depth
+    grant = gateway.keys.grant("back", key.id, 2, 10)
+    r = await client.post("/v1/deployments/echo/echo", json={"text": "c"},
+                          headers={"authorization": f"Bearer {gateway.keys.child_token('back')}",
+                                   "x-steadyserve-on-behalf-of": grant})
+    assert r.status_code == 200, r.text
+    await settle(gateway)
+    assert grants[-1].startswith(f"{key.id}.3.".encode()), grants

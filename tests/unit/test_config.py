@@ -8,6 +8,7 @@ import pytest
 
 from steadyserve.config import (
     MAX_COALESCED_CALLS,
+    CanaryConfig,
     Config,
     DeploymentConfig,
     GatewayConfig,
@@ -172,18 +173,27 @@ def test_a_deployment_calls_those_it_lists_itself_included():
     ((dep(name="a", shadow="b"), dep(name="b", calls=("a",))), "a → b → a"),
     ((dep(name="a", shadow="b"), dep(name="b", calls=("c",)), dep(name="c", calls=("a",))),
      "a → b → c → a"),
-    ((dep(name="a", shadow="b"), dep(name="b", calls=("c",)), dep(name="c", shadow="a")),
-     "a → b → c → a"),
+    ((dep(name="a", shadow="b"), dep(name="b", calls=("c",)), dep(name="c", shadow="d"),
+      dep(name="d", calls=("a",))), "a → b → c → d → a"),
+    # a call to c may go to its canary's candidate, which calls a
+    ((dep(name="a", shadow="s"), dep(name="s", calls=("b",)),
+      dep(name="b", canary=CanaryConfig(deployment="c")), dep(name="c", calls=("a",))),
+     "a → s → b → c → a"),
 ])
 def test_a_shadow_that_leads_back_to_its_deployment_is_refused(deployments, loop):
     with pytest.raises(ConfigError, match=f"its shadow leads back to it \\({loop}\\)"):
         Config(deployments=deployments)
 
 
-def test_a_shadow_that_calls_elsewhere_is_fine():
-    config = Config(deployments=(dep(name="a", shadow="b", calls=("c",)),
-                                 dep(name="b", calls=("c", "b")), dep(name="c")))
-    assert config.deployment("a").shadow == "b"
+@pytest.mark.parametrize("deployments", [
+    (dep(name="a", shadow="b", calls=("c",)), dep(name="b", calls=("c", "b")), dep(name="c")),
+    # a shadow copy is not mirrored again: two deployments shadowing each other cannot loop
+    (dep(name="a", shadow="s"), dep(name="s", shadow="a")),
+    # a copy reaching c (shadowed to a) straight is not mirrored: only calls through routes
+    (dep(name="a", shadow="c"), dep(name="c", shadow="a")),
+])
+def test_a_shadow_that_cannot_lead_back_is_fine(deployments):
+    assert Config(deployments=deployments).deployment("a").shadow is not None
 
 
 def test_config_lookup_and_total_replicas():

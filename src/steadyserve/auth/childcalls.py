@@ -11,12 +11,19 @@ gateway derives the same one and nothing more is stored):
                 deployment that declares calls (X-Steadyserve-Grant) and handed back
                 unchanged with its child calls (X-Steadyserve-On-Behalf-Of): the key the
                 request acts for (empty: none), how deep it already is, and until when
-                (its deadline). The mac binds them to the deployment it was sent to.
+                (that attempt's timeout + GRANT_SLACK_S). The mac binds them to the
+                deployment it was sent to.
 
 Why a grant and not the key id: a replica asserting a key id could act for any key — a
-compromised service could call every deployment that any key may, at any depth, at no
-key's rate. With grants it acts only for the keys of requests it was sent, until their
-deadlines, at their depth, and only towards the deployments it declared.
+service with a bug, or one steered by its input, could call every deployment that any key
+may, at any depth, at no key's rate. With grants it acts only for the keys of requests it
+was sent, until their attempts end, at their depth, and only towards the deployments it
+declared. Within that a grant may be used more than once (a handler's several calls), and
+child calls are not charged to the key's rate: the parent request paid.
+
+What it does not contain: code running as the gateway's user can read the data directory,
+and with it the admin key this all derives from. Run services you do not trust under
+another user.
 """
 
 from __future__ import annotations

@@ -152,7 +152,8 @@ async def call(gw: DataPlane, req: Request, d: Deployment, h: Handler, args: dic
     else:
         answer = await _call(gw, req, d, h, args, timeout_s=timeout, priority=priority)
     if d.config.shadow is not None:  # the client's answer first, then (maybe) the mirror
-        gw.shadows.mirror(d, h, args, answer, req.request_id, req.call.principal)
+        gw.shadows.mirror(d, h, args, answer, req.request_id, req.call.principal,
+                         req.call.hops)
     return answer
 
 

@@ -41,9 +41,10 @@ class Shadows:
         self.mismatches: dict[str, deque[dict[str, Any]]] = {}
 
     def mirror(self, d: Deployment, h: Handler, args: dict[str, Any], answer: Any,
-               request_id: str, principal: str | None = None) -> None:
+               request_id: str, principal: str | None = None, hops: int = 0) -> None:
         """Maybe send this request to `d`'s shadow too (called with the client's answer);
-        its child calls act for the client's key (`principal`), as the request's did."""
+        its child calls act for the client's key (`principal`) at the request's depth
+        (`hops`: a mirrored child call's subtree still ends at max_call_depth)."""
         cfg = d.config
         if cfg.shadow is None or self.rng() >= cfg.shadow_share:
             return
@@ -51,10 +52,12 @@ class Shadows:
             self._count(d.name, cfg.shadow, "skipped")
             return
         self.inflight[d.name] = self.inflight.get(d.name, 0) + 1
-        self.gw.spawn(self._run(d, h, args, answer, request_id, principal), f"shadow-{d.name}")
+        self.gw.spawn(self._run(d, h, args, answer, request_id, CallInfo(principal=principal,
+                                                                         hops=hops)),
+                      f"shadow-{d.name}")
 
     async def _run(self, d: Deployment, h: Handler, args: dict[str, Any], answer: Any,
-                   request_id: str, principal: str | None) -> None:
+                   request_id: str, call: CallInfo) -> None:
         cfg = d.config
         shadow = str(cfg.shadow)
         try:
@@ -66,8 +69,7 @@ class Shadows:
             try:
                 got = await self.gw.dispatcher.invoke(
                     target, handler, args, request_id=f"{request_id}-shadow",
-                    timeout_s=cfg.shadow_timeout_s, priority="batch",
-                    call=CallInfo(principal=principal))
+                    timeout_s=cfg.shadow_timeout_s, priority="batch", call=call)
             except SteadyError:  # refused, shed, failed, late: the candidate's, not the client's
                 self._count(d.name, shadow, "error")
                 return
