@@ -11,7 +11,9 @@ the key "-" (so totals stay right while the detail is lost, and the loss is logg
 A reader (`UsageFlusher.read`) sees the database and the counts not yet in it under the
 flusher's lock: between a flush taking the counts and its write committing they are in
 neither, and a reader in that window missed them (or, reading the counts before the take and
-the database after the commit, counted them twice).
+the database after the commit, counted them twice). A reader holds the lock for its one
+database read, which the database's connect and statement timeouts bound; readers are the
+dashboard (at most every 10 s) and the admin usage route.
 """
 
 from __future__ import annotations
