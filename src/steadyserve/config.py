@@ -287,6 +287,9 @@ class GatewayConfig:
     # a replica's calls to other deployments (gateway.compose): chains deeper than this are
     # refused with 508 loop_detected (a deployment calling itself, A → B → A)
     max_call_depth: int = 8
+    # child calls one request's handler may make (per gateway process; auth.childcalls): more
+    # are refused with 429 too_many_child_calls (a handler calling in a loop)
+    max_child_calls_per_request: int = 256
     # calls to one batched handler on one replica started in the same loop turn travel as
     # one exchange (gateway.coalesce): at most this many calls and body bytes; < 2: never
     coalesce_max_items: int = 64
@@ -297,6 +300,9 @@ class GatewayConfig:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if not 1 <= self.max_call_depth <= 64:
             raise ConfigError(f"max_call_depth must be 1..64, got {self.max_call_depth}")
+        if not 1 <= self.max_child_calls_per_request <= 100_000:
+            raise ConfigError("max_child_calls_per_request must be 1..100000, got "
+                              f"{self.max_child_calls_per_request}")
         if not 0 <= self.coalesce_max_items <= MAX_COALESCED_CALLS or self.coalesce_max_bytes < 1024:
             raise ConfigError(f"coalesce_max_items must be 0..{MAX_COALESCED_CALLS} (a replica "
                               f"takes at most {MAX_COALESCED_CALLS} calls in one exchange) and "

@@ -87,6 +87,13 @@ class CallDepthExceeded(ClientError):
     code = "loop_detected"
 
 
+class TooManyChildCalls(ClientError):
+    """A request's handler made more child calls than [gateway] max_child_calls_per_request."""
+
+    status = 429
+    code = "too_many_child_calls"
+
+
 class Forbidden(ClientError):
     """A valid key without the scope or the deployment this route needs."""
 

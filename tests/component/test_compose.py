@@ -70,6 +70,11 @@ class Front(steadyserve.Service):
         return await self.deployment("back").double.acall(x=x)
 
     @steadyserve.handler
+    async def many(self, n: int) -> int:
+        back = self.deployment("back")
+        return sum([(await back.double.acall(x=i))["y"] for i in range(n)])
+
+    @steadyserve.handler
     async def wait_on_slow(self, seconds: float) -> str:
         return str(await self.deployment("back").slow.acall(seconds=seconds))
 
@@ -341,3 +346,17 @@ async def test_concurrent_child_calls_are_batched_by_the_childs_batcher(make_gat
     assert [r.json() for r in got] == [f"T{i}" for i in range(8)]
     batches = backs(deployments)[0].batches
     assert sum(batches) == 8 and max(batches) > 1, batches  # merged, as client requests are
+
+
+async def test_a_request_makes_at_most_max_child_calls_per_request(make_gateway: Any) -> None:
+    """A handler calling in a loop is cut off: each request's grant serves that many calls."""
+    _, client, deployments = await make_gateway(FRONT_BACK, calls=FRONT_CALLS_BACK,
+                                                max_child_calls_per_request=3)
+    r = await client.post("/v1/deployments/front/many", json={"n": 3})
+    assert r.status_code == 200 and r.json() == 6, r.text
+    r = await client.post("/v1/deployments/front/many", json={"n": 5})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_child_calls", r.text
+    assert "max_child_calls_per_request" in r.text
+    assert len(backs(deployments)[0].seen) == 6  # 3 + 3: the 4th call never reached back
+    r = await client.post("/v1/deployments/front/many", json={"n": 2})  # a new request, anew
+    assert r.status_code == 200 and r.json() == 2, r.text

@@ -1,6 +1,6 @@
 """Child-call credentials: a token names its deployment, a grant binds a request's key, depth
 and deadline to the deployment it was sent to; forged, moved, altered and expired ones are
-refused."""
+refused; a grant serves a bounded number of calls."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from steadyserve.auth.childcalls import (
     BadCredential,
     Grant,
+    GrantUses,
     caller_of,
     check,
     issue,
@@ -66,3 +67,20 @@ def test_a_moved_altered_or_expired_grant_is_refused(grant: str, deployment: str
                                                      message: str) -> None:
     with pytest.raises(BadCredential, match=message):
         check(SECRET, deployment, grant, now)
+
+
+def test_a_grant_serves_at_most_the_limit_of_calls() -> None:
+    uses = GrantUses(limit=3)
+    assert [uses.take("g1", 100.0, 0.0) for _ in range(4)] == [True, True, True, False]
+    assert uses.take("g2", 100.0, 0.0)  # another request's grant has its own count
+    assert not uses.take("g1", 100.0, 1.0)  # refused calls are not counted, still refused
+
+
+def test_the_tracked_grants_are_bounded_expired_ones_first() -> None:
+    uses = GrantUses(limit=1, max_entries=3)
+    for g, expires in (("old", 10.0), ("a", 100.0), ("b", 100.0)):
+        assert uses.take(g, expires, 0.0)
+    assert uses.take("c", 100.0, 50.0) and len(uses) == 3  # "old" expired: dropped
+    assert not uses.take("a", 100.0, 50.0)  # still tracked, at its limit
+    assert uses.take("d", 100.0, 50.0) and len(uses) == 3  # none expired: the oldest goes
+    assert uses.take("a", 100.0, 50.0)  # forgotten, so counted again: the bound wins

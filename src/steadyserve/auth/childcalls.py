@@ -18,8 +18,9 @@ Why a grant and not the key id: a replica asserting a key id could act for any k
 service with a bug, or one steered by its input, could call every deployment that any key
 may, at any depth, at no key's rate. With grants it acts only for the keys of requests it
 was sent, until their attempts end, at their depth, and only towards the deployments it
-declared. Within that a grant may be used more than once (a handler's several calls), and
-child calls are not charged to the key's rate: the parent request paid.
+declared. Within that a grant serves a handler's several calls, at most [gateway]
+max_child_calls_per_request of them (`GrantUses`, per gateway process), and child calls are
+not charged to the key's rate: the parent request paid.
 
 What it does not contain: code running as the gateway's user can read the data directory,
 and with it the admin key this all derives from. Run services you do not trust under
@@ -91,3 +92,36 @@ def check(secret: bytes, deployment: str, grant: str, now: float) -> Grant:
         raise BadCredential("X-Steadyserve-On-Behalf-Of has expired: its request's deadline "
                             "passed")
     return Grant(key_id or None, int(hops), expires_at)
+
+
+class GrantUses:
+    """How many child calls each live grant has made (pure: the time is passed in). At most
+    `max_entries` grants are tracked: expired ones are dropped when it is full, then the
+    oldest tracked."""
+
+    def __init__(self, limit: int, max_entries: int = 100_000) -> None:
+        self.limit = limit
+        self.max_entries = max_entries
+        self._uses: dict[str, list[float]] = {}  # grant → [uses, expires_at]
+
+    def take(self, grant: str, expires_at: float, now: float) -> bool:
+        """One more call under `grant`; False (and not counted) past the limit."""
+        entry = self._uses.get(grant)
+        if entry is None:
+            if len(self._uses) >= self.max_entries:
+                self._make_room(now)
+            entry = self._uses[grant] = [0, expires_at]
+        if entry[0] >= self.limit:
+            return False
+        entry[0] += 1
+        return True
+
+    def _make_room(self, now: float) -> None:
+        for grant in [g for g, (_, expires) in self._uses.items() if expires <= now]:
+            del self._uses[grant]
+        while len(self._uses) >= self.max_entries:
+            del self._uses[next(iter(self._uses))]
+
+    def __len__(self) -> int:
+        return len(self._uses)
+

@@ -151,24 +151,24 @@ class KeyRing:
                                 self.wall() + remaining_s + childcalls.GRANT_SLACK_S)
 
     def authenticate_child(self, token: str, grant: str | None, now: float
-                           ) -> tuple[str, ApiKey | None, int]:
-        """A child call: (the calling deployment, the key it acts for, the call's depth).
-        The token says which deployment's replica sent it; the grant, handed to that
-        deployment with a request, says for which key and how deep (none: a call of the
-        deployment's own, outside any request — no key, depth 1). The key must still be
-        valid: a key revoked mid-pipeline stops its children too."""
+                           ) -> tuple[str, ApiKey | None, childcalls.Grant | None]:
+        """A child call: (the calling deployment, the key it acts for, its grant). The token
+        says which deployment's replica sent it; the grant, handed to that deployment with a
+        request, says for which key, how deep and until when (none: a call of the
+        deployment's own, outside any request — no key). The key must still be valid: a
+        key revoked mid-pipeline stops its children too."""
         secret = self._child_secret
         try:
             if secret is None:
                 raise childcalls.BadCredential("unknown child-call credential")
             caller = childcalls.caller_of(secret, token)
             if not grant:
-                return caller, None, 1
+                return caller, None, None
             granted = childcalls.check(secret, caller, grant, now)
         except childcalls.BadCredential as exc:
             raise Unauthorized(str(exc)) from None
         if granted.key_id is None:
-            return caller, None, granted.hops + 1
+            return caller, None, granted
         key = self._keys.get(granted.key_id)
         if key is None and self.local_admin is not None and \
                 self.local_admin.id == granted.key_id:
@@ -177,7 +177,7 @@ class KeyRing:
             raise Unauthorized("the parent request's API key is unknown")
         if not key.active(now):
             raise Unauthorized(f"API key ss_{key.id}_… is no longer valid")
-        return caller, key, granted.hops + 1
+        return caller, key, granted
 
     # the request path ----------------------------------------------------------------------
     def authenticate(self, token: str, now: float) -> ApiKey:

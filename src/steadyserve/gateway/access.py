@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from ..auth.childcalls import GrantUses
 from ..auth.exposure import inference_open
 from ..auth.keyring import CHILD_TOKEN_PREFIX, KeyRing
 from ..auth.keys import ApiKey
@@ -22,6 +23,7 @@ from ..errors import (
     CallDepthExceeded,
     Forbidden,
     HostNotAllowed,
+    TooManyChildCalls,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -63,6 +65,7 @@ class Access:
         self.wall = wall
         self.cors = frozenset(self.gateway.cors_origins)
         self._callees = {d.name: frozenset(d.calls) for d in config.deployments}
+        self.grant_uses = GrantUses(self.gateway.max_child_calls_per_request)
 
     @property
     def inference_open(self) -> bool:
@@ -122,8 +125,16 @@ class Access:
             raise Unauthorized("send the API key as 'Authorization: Bearer <key>'")
         if token.startswith(CHILD_TOKEN_PREFIX):
             req.child = True
-            req.caller, key, req.hops = self.keys.authenticate_child(
-                token, req.header(b"x-steadyserve-on-behalf-of"), self.wall())
+            raw_grant = req.header(b"x-steadyserve-on-behalf-of")
+            now = self.wall()
+            req.caller, key, grant = self.keys.authenticate_child(token, raw_grant, now)
+            req.hops = 1 if grant is None else grant.hops + 1
+            if grant is not None and raw_grant is not None and \
+                    not self.grant_uses.take(raw_grant, grant.expires_at, now):
+                limit = self.gateway.max_child_calls_per_request
+                raise TooManyChildCalls(
+                    f"this request's handler already made {limit} child calls: over [gateway] "
+                    "max_child_calls_per_request")
             return key
         if lenient and key_id_of(token) is None and self.inference_open:
             return None
