@@ -442,6 +442,36 @@ async def test_a_request_that_would_wait_out_its_allowance_is_refused_at_once():
     await cleanup(adm, first)
 
 
+async def test_first_in_line_waits_its_allowance_when_a_slow_moment_inflates_the_estimate():
+    """A round trip of 1 s (a moment's slowness) says one slot every 0.5 s, over the 0.1 s
+    allowance: the first in line still waits (the next slot is its own) and gets the slot
+    freed within its allowance; the one behind it is refused at once; an unfreed allowance
+    still ends in a 503."""
+    clock = FakeClock()
+    adm = admission(clock, queue_interval_s=0.1, interactive_queue_target_s=0.1)
+    measured(adm, 1.0)
+    await adm.acquire("interactive", clock.now + LONG)
+    await adm.acquire("interactive", clock.now + LONG)
+    first = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    assert adm.queued == 1
+    with pytest.raises(Overloaded) as behind:
+        at_once(adm.acquire("interactive", clock.now + LONG))
+    assert behind.value.reason == "at_once"
+    adm.release()
+    await settle()
+    assert first.done() and first.exception() is None
+    late = asyncio.create_task(adm.acquire("interactive", clock.now + LONG))
+    await settle()
+    assert adm.queued == 1
+    await asyncio.sleep(0.15)  # its 0.1 s allowance passes with no slot freed (the timer
+    # runs on the loop's clock): refused, having waited
+    await settle()
+    assert late.done() and isinstance(late.exception(), Overloaded)
+    assert late.exception().reason == "waited"
+    await cleanup(adm)
+
+
 async def test_nothing_measured_yet_means_the_request_queues():
     clock = FakeClock()
     adm = await saturated(clock, queue_interval_s=0.1)

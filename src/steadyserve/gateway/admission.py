@@ -7,6 +7,7 @@ front of the replicas, and a bounded, two-class wait queue with CoDel (`policies
           ├─ queue full ──► an interactive request evicts the newest batch waiter, else 503
           ├─ its expected wait — the waiters ahead of it × round trip / limit (Little's
           │  law) — exceeds its allowance ──► 503 at once, not after waiting it out
+          │  (unless it is first in line and its class calm: it waits its allowance)
           └─ wait ≤ its allowance ──► go or 503: its class's CoDel allowance; for an
              interactive request the calm one unless interactive traffic alone overloads
              (two or more interactive waiters ahead, and interactive arrivals at 90 % or
@@ -172,7 +173,14 @@ class Admission:
             allowance = min(codel.max_wait_s(now), remaining)
             calm = not codel.overloaded
         expected = self._expected_wait_s(priority)
-        if expected > allowance and not patient:
+        # first in line while its class is calm: the next slot is its own, so it waits its
+        # allowance even when the estimate says longer. The estimate is the round trip's
+        # EWMA, which a moment's slowness (a killed replica's retries, a busy CPU) inflates
+        # well past what the next slot takes: refusing at once on it shed a lone request at
+        # light load (1 of ~1,900 in the killed-embedder pipeline test).
+        first = calm and not self.queues["interactive"] and (
+            priority == "interactive" or not self.queues["batch"])
+        if expected > allowance and not patient and not first:
             # it would time out in the queue: say so now. The queue may stay empty meanwhile,
             # yet the demand is there: CoDel must not read the silence as overload ending
             codel.on_enqueue()
