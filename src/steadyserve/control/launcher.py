@@ -100,7 +100,7 @@ def _resolved_format(fmt: str) -> str:
 
 
 def replica_env(config: Config, deployment: DeploymentConfig, replica_id: str,
-                 base: dict[str, str]) -> dict[str, str]:
+                base: dict[str, str]) -> dict[str, str]:
     """A replica process's environment: `base`, where services keep their data (the risk
     example's features and model), the deployment's `env`, who it is, and where its child
     calls go with which credential (its deployment's own: gateway.compose)."""

@@ -129,8 +129,8 @@ class Access:
             now = self.wall()
             req.caller, key, grant = self.keys.authenticate_child(token, raw_grant, now)
             req.hops = 1 if grant is None else grant.hops + 1
-            if grant is not None and raw_grant is not None and \
-                    not self.grant_uses.take(raw_grant, grant.expires_at, now):
+            if grant is not None and not self.grant_uses.take(str(raw_grant), grant.expires_at,
+                                                              now):
                 limit = self.gateway.max_child_calls_per_request
                 raise TooManyChildCalls(
                     f"this request's handler already made {limit} child calls: over [gateway] "
